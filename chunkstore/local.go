@@ -1,0 +1,230 @@
+package chunkstore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Local is a Backend in a directory of the local filesystem. A key is a path
+// below the root, so the Store's keys "chunks/<2 hex>/<id>" spread chunks
+// over 256 directories.
+//
+// Writes are crash-safe: data goes to a temporary file in the target
+// directory, is fdatasync'ed, renamed over the key, and the directory is
+// fsync'ed, so after a crash a key holds its old object or the new one and a
+// Put that returned survives.
+type Local struct {
+	root string
+}
+
+// Directories and files hold backups: only their owner reads them.
+const (
+	localDirMode  = 0o700
+	localFileMode = 0o600
+	localTmpGlob  = ".tmp-*"
+)
+
+// NewLocal opens the directory root as a backend, creating it if missing.
+func NewLocal(root string) (*Local, error) {
+	abs, err := filepath.Abs(root)
+	if err != nil {
+		return nil, fmt.Errorf("repository path %q: %w", root, err)
+	}
+	if err := mkdirDurable(abs); err != nil {
+		return nil, fmt.Errorf("create repository directory %s: %w", abs, translateOSError(err))
+	}
+	return &Local{root: abs}, nil
+}
+
+func (l *Local) Location() string { return l.root }
+
+func (l *Local) path(key string) string { return filepath.Join(l.root, filepath.FromSlash(key)) }
+
+func (l *Local) Put(ctx context.Context, key string, data []byte) error {
+	if err := opCheck(ctx, key); err != nil {
+		return err
+	}
+	if err := l.put(key, data); err != nil {
+		return &KeyError{Op: "put", Key: key, Err: translateOSError(err)}
+	}
+	return nil
+}
+
+func (l *Local) put(key string, data []byte) (err error) {
+	path := l.path(key)
+	dir := filepath.Dir(path)
+	f, err := os.CreateTemp(dir, localTmpGlob)
+	if errors.Is(err, fs.ErrNotExist) {
+		if err = mkdirDurable(dir); err != nil {
+			return err
+		}
+		f, err = os.CreateTemp(dir, localTmpGlob)
+	}
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	defer func() {
+		if err != nil {
+			_ = f.Close()
+			_ = os.Remove(tmp)
+		}
+	}()
+	if err = f.Chmod(localFileMode); err != nil {
+		return err
+	}
+	if _, err = f.Write(data); err != nil {
+		return err
+	}
+	if err = unix.Fdatasync(int(f.Fd())); err != nil {
+		return &os.PathError{Op: "fdatasync", Path: tmp, Err: err}
+	}
+	if err = f.Close(); err != nil {
+		return err
+	}
+	if err = os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return syncDir(dir)
+}
+
+func (l *Local) Get(ctx context.Context, key string) ([]byte, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return nil, err
+	}
+	data, err := os.ReadFile(l.path(key))
+	if err != nil {
+		return nil, &KeyError{Op: "get", Key: key, Err: translateOSError(err)}
+	}
+	return data, nil
+}
+
+func (l *Local) Has(ctx context.Context, key string) (bool, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return false, err
+	}
+	fi, err := os.Stat(l.path(key))
+	switch {
+	case err == nil:
+		return fi.Mode().IsRegular(), nil
+	case errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR):
+		return false, nil
+	default:
+		return false, &KeyError{Op: "has", Key: key, Err: translateOSError(err)}
+	}
+}
+
+func (l *Local) Delete(ctx context.Context, key string) error {
+	if err := opCheck(ctx, key); err != nil {
+		return err
+	}
+	err := os.Remove(l.path(key))
+	if err == nil || errors.Is(err, fs.ErrNotExist) || errors.Is(err, syscall.ENOTDIR) {
+		return nil
+	}
+	return &KeyError{Op: "delete", Key: key, Err: translateOSError(err)}
+}
+
+func (l *Local) List(ctx context.Context, prefix string, fn func(key string) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Walk only the deepest directory the prefix names in full.
+	start := l.root
+	if i := strings.LastIndexByte(prefix, '/'); i >= 0 {
+		start = l.path(prefix[:i])
+	}
+	var fnErr error
+	err := filepath.WalkDir(start, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if path == start && errors.Is(err, fs.ErrNotExist) {
+				return fs.SkipAll // nothing under this prefix
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if strings.HasPrefix(d.Name(), ".") {
+			if d.IsDir() && path != start {
+				return fs.SkipDir
+			}
+			return nil // a temporary file
+		}
+		if !d.Type().IsRegular() {
+			return nil
+		}
+		key := filepath.ToSlash(path[len(l.root)+1:])
+		if !strings.HasPrefix(key, prefix) {
+			return nil
+		}
+		fnErr = fn(key)
+		return fnErr
+	})
+	if err == nil || fnErr != nil || err == ctx.Err() {
+		return err
+	}
+	return &KeyError{Op: "list", Key: prefix, Err: translateOSError(err)}
+}
+
+// mkdirDurable creates dir and any missing parents, fsyncing the parent of
+// each directory it creates so the new entries survive a crash.
+func mkdirDurable(dir string) error {
+	fi, err := os.Stat(dir)
+	if err == nil {
+		if !fi.IsDir() {
+			return &os.PathError{Op: "mkdir", Path: dir, Err: syscall.ENOTDIR}
+		}
+		return nil
+	}
+	if !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	parent := filepath.Dir(dir)
+	if parent != dir {
+		if err := mkdirDurable(parent); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, localDirMode); err != nil && !errors.Is(err, fs.ErrExist) {
+		return err
+	}
+	return syncDir(parent)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// translateOSError maps a filesystem error onto this package's sentinels,
+// keeping the original for its message.
+func translateOSError(err error) error {
+	var sentinel error
+	switch {
+	case errors.Is(err, fs.ErrNotExist), errors.Is(err, syscall.ENOTDIR):
+		sentinel = ErrNotFound
+	case errors.Is(err, fs.ErrPermission), errors.Is(err, syscall.EROFS):
+		sentinel = ErrPermission
+	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+		sentinel = ErrNoSpace
+	default:
+		return err
+	}
+	return fmt.Errorf("%w: %w", sentinel, err)
+}

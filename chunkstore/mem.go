@@ -1,0 +1,99 @@
+package chunkstore
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"sync"
+)
+
+// Mem is a Backend in memory, for unit tests. It copies data in and out, so
+// callers can no more alias its objects than they could a real store's.
+type Mem struct {
+	mu      sync.RWMutex
+	objects map[string][]byte
+}
+
+// NewMem returns an empty in-memory backend.
+func NewMem() *Mem { return &Mem{objects: make(map[string][]byte)} }
+
+func (m *Mem) Location() string { return "mem:" }
+
+func (m *Mem) Put(ctx context.Context, key string, data []byte) error {
+	if err := opCheck(ctx, key); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	m.objects[key] = slices.Clone(data)
+	m.mu.Unlock()
+	return nil
+}
+
+func (m *Mem) Get(ctx context.Context, key string) ([]byte, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return nil, err
+	}
+	m.mu.RLock()
+	data, ok := m.objects[key]
+	m.mu.RUnlock()
+	if !ok {
+		return nil, &KeyError{Op: "get", Key: key, Err: ErrNotFound}
+	}
+	if data == nil {
+		data = []byte{}
+	}
+	return slices.Clone(data), nil
+}
+
+func (m *Mem) Has(ctx context.Context, key string) (bool, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return false, err
+	}
+	m.mu.RLock()
+	_, ok := m.objects[key]
+	m.mu.RUnlock()
+	return ok, nil
+}
+
+func (m *Mem) Delete(ctx context.Context, key string) error {
+	if err := opCheck(ctx, key); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	delete(m.objects, key)
+	m.mu.Unlock()
+	return nil
+}
+
+func (m *Mem) List(ctx context.Context, prefix string, fn func(key string) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	m.mu.RLock()
+	var keys []string
+	for k := range m.objects {
+		if strings.HasPrefix(k, prefix) {
+			keys = append(keys, k)
+		}
+	}
+	m.mu.RUnlock()
+	slices.Sort(keys)
+	for _, k := range keys {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := fn(k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// opCheck is the common entry check of a backend call: a done context or a
+// bad key fail before any work.
+func opCheck(ctx context.Context, key string) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	return CheckKey(key)
+}

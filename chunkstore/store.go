@@ -1,0 +1,232 @@
+package chunkstore
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"sync/atomic"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// Options configure a Store. The zero value is the default.
+type Options struct {
+	// Hasher computes chunk IDs. Default: BLAKE3 (unkeyed).
+	Hasher Hasher
+	// Uncompressed stores new chunks raw instead of with zstd. Reads decode
+	// whatever each object's header says.
+	Uncompressed bool
+	// CompressionLevel for zstd. Default: zstd.SpeedDefault.
+	CompressionLevel zstd.EncoderLevel
+	// CacheBytes bounds the cache of verified plaintexts. 0 means
+	// DefaultCacheBytes; negative disables the cache.
+	CacheBytes int64
+}
+
+// DefaultCacheBytes is the default size of a Store's read cache.
+const DefaultCacheBytes = 256 << 20
+
+// Store keeps content-addressed chunks in a Backend. All methods are safe
+// for concurrent use.
+type Store struct {
+	backend Backend
+	hasher  Hasher
+	codec   *codec
+	cache   *lru
+	flight  flight
+	stats   storeStats
+}
+
+type storeStats struct {
+	puts, dedupHits, zeroPuts         atomic.Int64
+	bytesIn, bytesStored              atomic.Int64
+	gets, cacheHits, backendGets, bad atomic.Int64
+}
+
+// Stats are a Store's counters since it was opened.
+type Stats struct {
+	Puts        int64 // Put calls
+	ZeroPuts    int64 // Puts of an all-zero chunk (nothing stored)
+	DedupHits   int64 // Puts of a chunk the backend already had
+	BytesIn     int64 // plaintext bytes given to Put
+	BytesStored int64 // object bytes written to the backend
+	Gets        int64 // Get calls
+	CacheHits   int64 // Gets answered from the cache
+	BackendGets int64 // objects fetched from the backend
+	Corrupt     int64 // objects that failed verification
+}
+
+// NewStore returns a Store over b.
+func NewStore(b Backend, opts Options) (*Store, error) {
+	if opts.Hasher == nil {
+		opts.Hasher = BLAKE3{}
+	}
+	if opts.CompressionLevel == 0 {
+		opts.CompressionLevel = zstd.SpeedDefault
+	}
+	switch {
+	case opts.CacheBytes == 0:
+		opts.CacheBytes = DefaultCacheBytes
+	case opts.CacheBytes < 0:
+		opts.CacheBytes = 0
+	}
+	compression := CompressionZstd
+	if opts.Uncompressed {
+		compression = CompressionNone
+	}
+	c, err := newCodec(compression, opts.CompressionLevel)
+	if err != nil {
+		return nil, err
+	}
+	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes)}, nil
+}
+
+// Backend returns the backend the store writes to.
+func (s *Store) Backend() Backend { return s.backend }
+
+// Key returns the backend key of a chunk: "chunks/<first 2 hex digits>/<id>".
+func Key(id ID) string {
+	h := id.String()
+	return "chunks/" + h[:2] + "/" + h
+}
+
+// Sum returns the ID data would be stored under, without storing it. An
+// all-zero data has the zero ID.
+func (s *Store) Sum(data []byte) ID {
+	if allZero(data) {
+		return ZeroID
+	}
+	return s.hasher.Sum(data)
+}
+
+// Put stores data as a chunk and returns its ID. An all-zero chunk is not
+// stored and gets the zero ID. A chunk the backend already has is not
+// written again. Put does not keep data after it returns.
+func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
+	s.stats.puts.Add(1)
+	s.stats.bytesIn.Add(int64(len(data)))
+	if len(data) > MaxChunkSize {
+		return ZeroID, fmt.Errorf("put chunk: %d bytes exceeds the maximum chunk size %d", len(data), MaxChunkSize)
+	}
+	id := s.Sum(data)
+	if id.IsZero() {
+		s.stats.zeroPuts.Add(1)
+		return id, nil
+	}
+	key := Key(id)
+	has, err := s.backend.Has(ctx, key)
+	if err != nil {
+		return ZeroID, fmt.Errorf("put chunk %s: %w", id, err)
+	}
+	if has {
+		s.stats.dedupHits.Add(1)
+		return id, nil
+	}
+	obj := s.codec.encode(data)
+	defer bufPool.Put(obj)
+	if err := s.backend.Put(ctx, key, *obj); err != nil {
+		return ZeroID, fmt.Errorf("put chunk %s: %w", id, err)
+	}
+	s.stats.bytesStored.Add(int64(len(*obj)))
+	return id, nil
+}
+
+// Get returns the verified plaintext of chunk id. The returned slice is
+// shared with the cache and other callers: it MUST NOT be modified.
+//
+// A missing chunk is an error matching ErrNotFound; one whose content does
+// not decode or does not hash to id is a *CorruptError (ErrCorrupt), never
+// wrong bytes. Concurrent Gets of one ID share one backend fetch. The zero
+// ID is a hole, never stored: Get of it is an ErrNotFound.
+func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
+	s.stats.gets.Add(1)
+	if id.IsZero() {
+		return nil, fmt.Errorf("get chunk: the zero ID names a hole, which is never stored: %w", ErrNotFound)
+	}
+	if data, ok := s.cache.get(id); ok {
+		s.stats.cacheHits.Add(1)
+		return data, nil
+	}
+	return s.flight.do(ctx, id, func(ctx context.Context) ([]byte, error) {
+		s.stats.backendGets.Add(1)
+		obj, err := s.backend.Get(ctx, Key(id))
+		if err != nil {
+			return nil, fmt.Errorf("get chunk %s: %w", id, err)
+		}
+		data, err := s.open(id, obj)
+		if err != nil {
+			s.stats.bad.Add(1)
+			return nil, err
+		}
+		s.cache.add(id, data)
+		return data, nil
+	})
+}
+
+// open decodes obj and checks that it is chunk id.
+func (s *Store) open(id ID, obj []byte) ([]byte, error) {
+	data, err := s.codec.decode(obj)
+	if err != nil {
+		return nil, &CorruptError{ID: id, Reason: err.Error()}
+	}
+	if got := s.hasher.Sum(data); got != id {
+		return nil, &CorruptError{ID: id, Reason: "content hashes to " + got.String()}
+	}
+	return data, nil
+}
+
+// Has reports whether chunk id is in the backend. The zero ID is always
+// present: it is a hole.
+func (s *Store) Has(ctx context.Context, id ID) (bool, error) {
+	if id.IsZero() {
+		return true, nil
+	}
+	if _, ok := s.cache.get(id); ok {
+		return true, nil
+	}
+	has, err := s.backend.Has(ctx, Key(id))
+	if err != nil {
+		return false, fmt.Errorf("has chunk %s: %w", id, err)
+	}
+	return has, nil
+}
+
+// Delete removes chunk id from the backend and the cache. Deleting a
+// missing chunk is not an error. The caller MUST know that nothing refers
+// to the chunk any more.
+func (s *Store) Delete(ctx context.Context, id ID) error {
+	if id.IsZero() {
+		return nil
+	}
+	s.cache.remove(id)
+	if err := s.backend.Delete(ctx, Key(id)); err != nil {
+		return fmt.Errorf("delete chunk %s: %w", id, err)
+	}
+	return nil
+}
+
+// Stats returns the store's counters.
+func (s *Store) Stats() Stats {
+	return Stats{
+		Puts: s.stats.puts.Load(), ZeroPuts: s.stats.zeroPuts.Load(),
+		DedupHits: s.stats.dedupHits.Load(), BytesIn: s.stats.bytesIn.Load(),
+		BytesStored: s.stats.bytesStored.Load(), Gets: s.stats.gets.Load(),
+		CacheHits: s.stats.cacheHits.Load(), BackendGets: s.stats.backendGets.Load(),
+		Corrupt: s.stats.bad.Load(),
+	}
+}
+
+// zeroBlock is compared against in blocks so the check runs at memequal's
+// vector speed.
+var zeroBlock [64 << 10]byte
+
+func allZero(p []byte) bool {
+	for len(p) > 0 {
+		n := min(len(p), len(zeroBlock))
+		if !bytes.Equal(p[:n], zeroBlock[:n]) {
+			return false
+		}
+		p = p[n:]
+	}
+	return true
+}

@@ -1,0 +1,232 @@
+// Package storetest is the conformance suite every chunkstore.Backend runs,
+// and the suite of chunkstore.Store run over each backend. A backend joins
+// with a few lines:
+//
+//	func TestLocal(t *testing.T) {
+//		storetest.Backend(t, func(t *testing.T) chunkstore.Backend { ... })
+//	}
+//
+// open must return an empty backend each time it is called.
+package storetest
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	mrand "math/rand/v2"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// Opener returns a new, empty backend for one subtest.
+type Opener func(t *testing.T) chunkstore.Backend
+
+// RandomBytes returns n bytes of crypto-random data.
+func RandomBytes(n int) []byte {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return b
+}
+
+// CompressibleBytes returns n bytes that compress well but are not trivial:
+// numbered text lines, as in a log file.
+func CompressibleBytes(n int, seed uint64) []byte {
+	r := mrand.New(mrand.NewPCG(seed, 0))
+	var buf bytes.Buffer
+	for i := 0; buf.Len() < n; i++ {
+		fmt.Fprintf(&buf, "%08d level=info msg=\"request served\" bytes=%d latency_us=%d\n", i, r.IntN(1<<20), r.IntN(5000))
+	}
+	return buf.Bytes()[:n]
+}
+
+func listAll(t *testing.T, b chunkstore.Backend, prefix string) []string {
+	t.Helper()
+	var keys []string
+	require.NoError(t, b.List(context.Background(), prefix, func(k string) error {
+		keys = append(keys, k)
+		return nil
+	}))
+	slices.Sort(keys)
+	return keys
+}
+
+// Backend runs the conformance suite for a chunkstore.Backend.
+func Backend(t *testing.T, open Opener) {
+	ctx := context.Background()
+
+	t.Run("PutGetHasDelete", func(t *testing.T) {
+		b := open(t)
+		data := RandomBytes(1000)
+		require.NoError(t, b.Put(ctx, "volumes/v/volume", data))
+		got, err := b.Get(ctx, "volumes/v/volume")
+		require.NoError(t, err)
+		assert.Equal(t, data, got)
+		has, err := b.Has(ctx, "volumes/v/volume")
+		require.NoError(t, err)
+		assert.True(t, has)
+
+		require.NoError(t, b.Delete(ctx, "volumes/v/volume"))
+		has, err = b.Has(ctx, "volumes/v/volume")
+		require.NoError(t, err)
+		assert.False(t, has)
+		_, err = b.Get(ctx, "volumes/v/volume")
+		assert.ErrorIs(t, err, chunkstore.ErrNotFound)
+		assert.NoError(t, b.Delete(ctx, "volumes/v/volume"), "deleting a missing key is not an error")
+	})
+
+	t.Run("NotFound", func(t *testing.T) {
+		b := open(t)
+		_, err := b.Get(ctx, "chunks/00/missing")
+		assert.ErrorIs(t, err, chunkstore.ErrNotFound)
+		assert.Contains(t, err.Error(), "chunks/00/missing", "the error names the key")
+		has, err := b.Has(ctx, "chunks/00/missing")
+		require.NoError(t, err)
+		assert.False(t, has)
+		// A prefix of a key is not a key.
+		require.NoError(t, b.Put(ctx, "a/b/c", []byte("x")))
+		has, err = b.Has(ctx, "a/b")
+		require.NoError(t, err)
+		assert.False(t, has)
+	})
+
+	t.Run("Overwrite", func(t *testing.T) {
+		b := open(t)
+		one, two := RandomBytes(100), RandomBytes(200)
+		require.NoError(t, b.Put(ctx, "k", one))
+		require.NoError(t, b.Put(ctx, "k", one), "re-put of the same data")
+		got, err := b.Get(ctx, "k")
+		require.NoError(t, err)
+		assert.Equal(t, one, got)
+		require.NoError(t, b.Put(ctx, "k", two), "a manifest may be replaced")
+		got, err = b.Get(ctx, "k")
+		require.NoError(t, err)
+		assert.Equal(t, two, got)
+		assert.Equal(t, []string{"k"}, listAll(t, b, ""))
+	})
+
+	t.Run("Sizes", func(t *testing.T) {
+		b := open(t)
+		for _, n := range []int{0, 1, 4095, 1 << 20, chunkstore.MaxChunkSize + 8} {
+			key := fmt.Sprintf("sizes/%d", n)
+			data := RandomBytes(n)
+			require.NoError(t, b.Put(ctx, key, data))
+			got, err := b.Get(ctx, key)
+			require.NoError(t, err)
+			require.Len(t, got, n)
+			require.True(t, bytes.Equal(data, got), "%d bytes read back differ", n)
+		}
+	})
+
+	t.Run("NoAliasing", func(t *testing.T) {
+		b := open(t)
+		data := []byte("original")
+		require.NoError(t, b.Put(ctx, "k", data))
+		copy(data, "mutated!")
+		got, err := b.Get(ctx, "k")
+		require.NoError(t, err)
+		assert.Equal(t, "original", string(got), "Put must not keep the caller's slice")
+		copy(got, "mutated!")
+		again, err := b.Get(ctx, "k")
+		require.NoError(t, err)
+		assert.Equal(t, "original", string(again), "Get must return the caller's own copy")
+	})
+
+	t.Run("List", func(t *testing.T) {
+		b := open(t)
+		keys := []string{"chunks/aa/1", "chunks/ab/2", "chunks/b0/3", "volumes/v/volume",
+			"volumes/v/snapshots/01", "volumes/v/snapshots/02", "volumes/vx/volume", "config"}
+		for _, k := range keys {
+			require.NoError(t, b.Put(ctx, k, []byte(k)))
+		}
+		assert.Equal(t, sorted(keys), listAll(t, b, ""))
+		assert.Equal(t, []string{"chunks/aa/1", "chunks/ab/2", "chunks/b0/3"}, listAll(t, b, "chunks/"))
+		assert.Equal(t, []string{"chunks/aa/1", "chunks/ab/2"}, listAll(t, b, "chunks/a"), "a prefix may end inside a segment")
+		assert.Equal(t, []string{"volumes/v/snapshots/01", "volumes/v/snapshots/02", "volumes/v/volume"}, listAll(t, b, "volumes/v/"))
+		assert.Empty(t, listAll(t, b, "nothing/"))
+		assert.Empty(t, listAll(t, b, "chunks/zz"))
+
+		stop := errors.New("stop")
+		n := 0
+		err := b.List(ctx, "", func(string) error { n++; return stop })
+		assert.ErrorIs(t, err, stop, "fn's error is returned")
+		assert.Equal(t, 1, n, "fn's error stops the listing")
+	})
+
+	t.Run("InvalidKeys", func(t *testing.T) {
+		b := open(t)
+		for _, k := range []string{"", "/abs", "trailing/", "a//b", "../up", "a/../b", "a/.hidden", "."} {
+			assert.ErrorIs(t, b.Put(ctx, k, []byte("x")), chunkstore.ErrInvalidKey, "Put %q", k)
+			_, err := b.Get(ctx, k)
+			assert.ErrorIs(t, err, chunkstore.ErrInvalidKey, "Get %q", k)
+		}
+		assert.Empty(t, listAll(t, b, ""))
+	})
+
+	t.Run("ConcurrentPutSameKey", func(t *testing.T) {
+		b := open(t)
+		data := RandomBytes(256 << 10)
+		var wg sync.WaitGroup
+		errs := make([]error, 32)
+		for i := range errs {
+			wg.Go(func() { errs[i] = b.Put(ctx, "chunks/ab/same", data) })
+		}
+		wg.Wait()
+		for _, err := range errs {
+			require.NoError(t, err)
+		}
+		got, err := b.Get(ctx, "chunks/ab/same")
+		require.NoError(t, err)
+		assert.True(t, bytes.Equal(data, got))
+		assert.Equal(t, []string{"chunks/ab/same"}, listAll(t, b, ""), "no temporary objects are left")
+	})
+
+	t.Run("ConcurrentDistinctKeys", func(t *testing.T) {
+		b := open(t)
+		var wg sync.WaitGroup
+		const n = 64
+		want := make([][]byte, n)
+		errs := make([]error, n)
+		for i := range n {
+			want[i] = RandomBytes(1000 + i)
+			wg.Go(func() { errs[i] = b.Put(ctx, fmt.Sprintf("chunks/%02x/k%d", i%4, i), want[i]) })
+		}
+		wg.Wait()
+		for i := range n {
+			require.NoError(t, errs[i])
+			got, err := b.Get(ctx, fmt.Sprintf("chunks/%02x/k%d", i%4, i))
+			require.NoError(t, err)
+			require.Equal(t, want[i], got)
+		}
+		assert.Len(t, listAll(t, b, "chunks/"), n)
+	})
+
+	t.Run("CancelledContext", func(t *testing.T) {
+		b := open(t)
+		require.NoError(t, b.Put(ctx, "k", []byte("x")))
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		assert.ErrorIs(t, b.Put(cctx, "new", []byte("x")), context.Canceled)
+		_, err := b.Get(cctx, "k")
+		assert.ErrorIs(t, err, context.Canceled)
+		_, err = b.Has(cctx, "k")
+		assert.ErrorIs(t, err, context.Canceled)
+		assert.ErrorIs(t, b.Delete(cctx, "k"), context.Canceled)
+		assert.ErrorIs(t, b.List(cctx, "", func(string) error { return nil }), context.Canceled)
+		// Nothing happened.
+		assert.Equal(t, []string{"k"}, listAll(t, b, ""))
+	})
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
+}
