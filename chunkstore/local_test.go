@@ -1,0 +1,92 @@
+package chunkstore_test
+
+import (
+	"bytes"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/chunkstore/storetest"
+	"github.com/nbdvault/nbdvault/integration/miniotest"
+)
+
+func TestLocalLayout(t *testing.T) {
+	root := filepath.Join(t.TempDir(), "repo")
+	b, err := chunkstore.NewLocal(root)
+	require.NoError(t, err)
+	s, err := chunkstore.NewStore(b, chunkstore.Options{})
+	require.NoError(t, err)
+	id, err := s.Put(t.Context(), storetest.RandomBytes(4096))
+	require.NoError(t, err)
+
+	hex := id.String()
+	path := filepath.Join(root, "chunks", hex[:2], hex)
+	fi, err := os.Stat(path)
+	require.NoError(t, err, "a chunk lives at chunks/<2 hex>/<id>")
+	assert.Equal(t, fs.FileMode(0o600), fi.Mode().Perm(), "only the owner reads backups")
+	di, err := os.Stat(filepath.Dir(path))
+	require.NoError(t, err)
+	assert.Equal(t, fs.FileMode(0o700), di.Mode().Perm())
+
+	// A temporary file left by a crash is neither listed nor a key.
+	require.NoError(t, os.WriteFile(filepath.Join(root, "chunks", hex[:2], ".tmp-123"), []byte("partial"), 0o600))
+	var keys []string
+	require.NoError(t, b.List(t.Context(), "", func(k string) error { keys = append(keys, k); return nil }))
+	assert.Equal(t, []string{chunkstore.Key(id)}, keys)
+}
+
+func TestLocalRootIsAFile(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	require.NoError(t, os.WriteFile(file, nil, 0o600))
+	_, err := chunkstore.NewLocal(file)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), file)
+}
+
+// TestLocalDiskFull fills a small tmpfs: a Put that does not fit fails with
+// ErrNoSpace, leaves no partial object behind, and what was stored before
+// still reads back.
+func TestLocalDiskFull(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", dir).CombinedOutput(); err != nil {
+		if miniotest.Required() {
+			t.Fatalf("mount a small tmpfs (this test needs root): %v: %s", err, out)
+		}
+		t.Skipf("mount a small tmpfs (this test needs root): %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+
+	b, err := chunkstore.NewLocal(dir)
+	require.NoError(t, err)
+	s, err := chunkstore.NewStore(b, chunkstore.Options{CacheBytes: -1})
+	require.NoError(t, err)
+	first := storetest.RandomBytes(1 << 20)
+	id, err := s.Put(t.Context(), first)
+	require.NoError(t, err)
+
+	var full error
+	for range 8 {
+		if _, full = s.Put(t.Context(), storetest.RandomBytes(1<<20)); full != nil {
+			break
+		}
+	}
+	require.ErrorIs(t, full, chunkstore.ErrNoSpace)
+	assert.Contains(t, full.Error(), "no space left")
+
+	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		require.NoError(t, err)
+		assert.False(t, strings.HasPrefix(d.Name(), ".tmp-"), "temporary file %s left behind", path)
+		return nil
+	})
+	require.NoError(t, err)
+	got, err := s.Get(t.Context(), id)
+	require.NoError(t, err)
+	assert.True(t, bytes.Equal(first, got), "what was stored before the disk filled is intact")
+}
