@@ -27,9 +27,8 @@ type Local struct {
 
 // Directories and files hold backups: only their owner reads them.
 const (
-	localDirMode  = 0o700
-	localFileMode = 0o600
-	localTmpGlob  = ".tmp-*"
+	localDirMode = 0o700
+	localTmpGlob = ".tmp-*" // os.CreateTemp makes files with mode 0600
 )
 
 // NewLocal opens the directory root as a backend, creating it if missing.
@@ -78,9 +77,6 @@ func (l *Local) put(key string, data []byte) (err error) {
 			_ = os.Remove(tmp)
 		}
 	}()
-	if err = f.Chmod(localFileMode); err != nil {
-		return err
-	}
 	if _, err = f.Write(data); err != nil {
 		return err
 	}

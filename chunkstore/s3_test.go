@@ -23,7 +23,7 @@ var (
 	sharedMinio *miniotest.Server
 )
 
-func shared(t *testing.T) *miniotest.Server {
+func shared(t testing.TB) *miniotest.Server {
 	t.Helper()
 	sharedOnce.Do(func() { sharedMinio = miniotest.StartShared(t) })
 	if sharedMinio == nil {

@@ -1,0 +1,244 @@
+package chunkstore_test
+
+import (
+	"encoding/binary"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+	"lukechampine.com/blake3"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/chunkstore/storetest"
+)
+
+// Benchmarks run on 1 MiB chunks of two kinds of data:
+//   - random: incompressible, stored raw;
+//   - binary: a real executable (Go's compiler, or $NBDVAULT_BENCH_DATA),
+//     cut into 1 MiB chunks; zstd shrinks it to about a third.
+//
+// Every benchmark runs its loop on all cores (b.RunParallel), so MB/s is
+// the machine's throughput, not one core's. `make bench` runs them all.
+
+const benchChunk = 1 << 20
+
+type benchData struct {
+	name   string
+	chunks [][]byte
+}
+
+func benchInputs(b *testing.B) []benchData {
+	b.Helper()
+	path := os.Getenv("NBDVAULT_BENCH_DATA")
+	if path == "" {
+		out, err := exec.Command("go", "env", "GOROOT").Output()
+		if err != nil {
+			b.Fatal(err)
+		}
+		path = filepath.Join(strings.TrimSpace(string(out)), "pkg", "tool", "linux_amd64", "compile")
+	}
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		b.Fatalf("benchmark data: %v (set NBDVAULT_BENCH_DATA to a file of a few MiB)", err)
+	}
+	var bin [][]byte
+	for off := 0; off+benchChunk <= len(raw); off += benchChunk {
+		bin = append(bin, raw[off:off+benchChunk])
+	}
+	var rnd [][]byte
+	for range 16 {
+		rnd = append(rnd, storetest.RandomBytes(benchChunk))
+	}
+	return []benchData{{"random", rnd}, {"binary", bin}}
+}
+
+func BenchmarkBLAKE3(b *testing.B) {
+	for _, in := range benchInputs(b) {
+		b.Run(in.name, func(b *testing.B) {
+			b.SetBytes(benchChunk)
+			var next atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				for pb.Next() {
+					_ = blake3.Sum256(in.chunks[int(next.Add(1))%len(in.chunks)])
+				}
+			})
+		})
+	}
+}
+
+func newBenchEncoder(b *testing.B) *zstd.Encoder {
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedDefault), zstd.WithEncoderCRC(false))
+	if err != nil {
+		b.Fatal(err)
+	}
+	return enc
+}
+
+func BenchmarkZstdCompress(b *testing.B) {
+	enc := newBenchEncoder(b)
+	for _, in := range benchInputs(b) {
+		b.Run(in.name, func(b *testing.B) {
+			b.SetBytes(benchChunk)
+			var next atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				dst := make([]byte, 0, 2*benchChunk)
+				for pb.Next() {
+					dst = enc.EncodeAll(in.chunks[int(next.Add(1))%len(in.chunks)], dst[:0])
+				}
+			})
+		})
+	}
+}
+
+func BenchmarkZstdDecompress(b *testing.B) {
+	enc := newBenchEncoder(b)
+	dec, err := zstd.NewReader(nil, zstd.WithDecoderConcurrency(0))
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, in := range benchInputs(b) {
+		var frames [][]byte
+		for _, c := range in.chunks {
+			frames = append(frames, enc.EncodeAll(c, nil))
+		}
+		b.Run(in.name, func(b *testing.B) {
+			b.SetBytes(benchChunk)
+			var next atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				dst := make([]byte, 0, benchChunk)
+				for pb.Next() {
+					dst, err = dec.DecodeAll(frames[int(next.Add(1))%len(frames)], dst[:0])
+					if err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkHashCompress is the CPU work of a Put with no I/O: the ceiling
+// Put is measured against.
+func BenchmarkHashCompress(b *testing.B) {
+	enc := newBenchEncoder(b)
+	for _, in := range benchInputs(b) {
+		b.Run(in.name, func(b *testing.B) {
+			b.SetBytes(benchChunk)
+			var next atomic.Int64
+			b.RunParallel(func(pb *testing.PB) {
+				dst := make([]byte, 0, 2*benchChunk)
+				for pb.Next() {
+					c := in.chunks[int(next.Add(1))%len(in.chunks)]
+					_ = blake3.Sum256(c)
+					dst = enc.EncodeAll(c, dst[:0])
+				}
+			})
+		})
+	}
+}
+
+type benchBackend struct {
+	name string
+	open func(b *testing.B) chunkstore.Backend
+}
+
+func benchBackends() []benchBackend {
+	return []benchBackend{
+		{"mem", func(b *testing.B) chunkstore.Backend { return chunkstore.NewMem() }},
+		{"local", func(b *testing.B) chunkstore.Backend {
+			l, err := chunkstore.NewLocal(b.TempDir())
+			if err != nil {
+				b.Fatal(err)
+			}
+			return l
+		}},
+		{"minio", func(b *testing.B) chunkstore.Backend { return shared(b).Backend(b) }},
+	}
+}
+
+// benchParallelism: goroutines per core for Put and Get, so that one
+// waiting on fsync or the network does not leave a core idle (the uploader
+// runs several workers per core too).
+const benchParallelism = 8
+
+// BenchmarkPut stores new chunks: hash, dedup check, compress, write. Each
+// chunk gets a unique 8-byte stamp so none is a dedup hit.
+func BenchmarkPut(b *testing.B) {
+	inputs := benchInputs(b)
+	for _, be := range benchBackends() {
+		for _, in := range inputs {
+			b.Run(be.name+"/"+in.name, func(b *testing.B) {
+				backend := be.open(b)
+				// Measure the steady state: in a repository past its first
+				// few hundred chunks, every shard directory exists.
+				for shard := range 256 {
+					if err := backend.Put(b.Context(), fmt.Sprintf("chunks/%02x/warm-up", shard), nil); err != nil {
+						b.Fatal(err)
+					}
+				}
+				s, err := chunkstore.NewStore(backend, chunkstore.Options{CacheBytes: -1})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.SetBytes(benchChunk)
+				b.SetParallelism(benchParallelism)
+				b.ResetTimer()
+				var next atomic.Int64
+				b.RunParallel(func(pb *testing.PB) {
+					buf := make([]byte, benchChunk)
+					for pb.Next() {
+						n := next.Add(1)
+						copy(buf, in.chunks[int(n)%len(in.chunks)])
+						binary.LittleEndian.PutUint64(buf, uint64(n))
+						if _, err := s.Put(b.Context(), buf); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+				st := s.Stats()
+				b.ReportMetric(float64(st.BytesStored)/float64(st.BytesIn), "stored/in")
+			})
+		}
+	}
+}
+
+// BenchmarkGet reads stored chunks with the cache off: fetch, decode,
+// verify. The objects are in the page cache (local) or MinIO's.
+func BenchmarkGet(b *testing.B) {
+	inputs := benchInputs(b)
+	for _, be := range benchBackends() {
+		for _, in := range inputs {
+			b.Run(be.name+"/"+in.name, func(b *testing.B) {
+				s, err := chunkstore.NewStore(be.open(b), chunkstore.Options{CacheBytes: -1})
+				if err != nil {
+					b.Fatal(err)
+				}
+				ids := make([]chunkstore.ID, len(in.chunks))
+				for i, c := range in.chunks {
+					if ids[i], err = s.Put(b.Context(), c); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.SetBytes(benchChunk)
+				b.SetParallelism(benchParallelism)
+				b.ResetTimer()
+				var next atomic.Int64
+				b.RunParallel(func(pb *testing.PB) {
+					for pb.Next() {
+						if _, err := s.Get(b.Context(), ids[int(next.Add(1))%len(ids)]); err != nil {
+							b.Error(err)
+							return
+						}
+					}
+				})
+			})
+		}
+	}
+}

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# make bench: every benchmark in one run, results printed and kept in
+# bench-results/ (not committed). docs/benchmarks.md quotes one such run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$(go env GOPATH)/bin:$PATH"
+export NBDVAULT_REQUIRE_TOOLS=1
+out=bench-results
+mkdir -p "$out"
+stamp=$(date -u +%Y%m%dT%H%M%SZ)
+
+echo "== chunkstore: hash, zstd, Put and Get of 1 MiB chunks (local and MinIO)"
+go test -run '^$' -bench . -benchtime "${BENCHTIME:-3s}" ./chunkstore/ | tee "$out/chunkstore-$stamp.txt"
+echo "results in $out/chunkstore-$stamp.txt"

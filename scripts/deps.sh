@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs what the tests and benchmarks need, outside the checkout, so a
+# fresh clone on the same machine reuses it. Idempotent: fast when all is
+# there.
+set -euo pipefail
+
+GOBIN=$(go env GOPATH)/bin
+export GOBIN
+export PATH="$GOBIN:$PATH"
+
+# Pinned versions. MinIO has no tagged Go module: this pseudo-version is a
+# release build from the module proxy (integration/miniotest.Version).
+MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+STATICCHECK_VERSION=v0.8.2
+
+# Debian packages the tests use (mount/umount for the full-disk test).
+APT_PACKAGES=(util-linux)
+
+need_apt=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "deps: installing Debian packages: ${need_apt[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo=sudo
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+
+stamp_dir="${XDG_CACHE_HOME:-$HOME/.cache}/nbdvault"
+mkdir -p "$stamp_dir"
+
+# go_install BIN MODULE@VERSION: install unless this version already is.
+go_install() {
+  local bin=$1 mod=$2 stamp="$stamp_dir/$1.version"
+  if [ -x "$GOBIN/$bin" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$mod" ]; then
+    return
+  fi
+  echo "deps: go install $mod (MinIO builds in a few minutes the first time)"
+  (cd "$stamp_dir" && GOFLAGS=-mod=mod go install "$mod")
+  echo "$mod" >"$stamp"
+}
+
+go_install minio "github.com/minio/minio@$MINIO_VERSION"
+go_install staticcheck "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# gofmt, go vet, staticcheck, and the layering rules of docs/architecture.md.
+set -euo pipefail
+export PATH="$(go env GOPATH)/bin:$PATH"
+fail=0
+
+unformatted=$(gofmt -l $(git ls-files '*.go' 2>/dev/null || find . -name '*.go'))
+if [ -n "$unformatted" ]; then
+  echo "lint: gofmt would change these files (run gofmt -w):"; echo "$unformatted"; fail=1
+fi
+
+go vet ./... || fail=1
+staticcheck ./... || fail=1
+
+# nbdserver/nbd and nbdserver/volume never import each other, directly or
+# through another package; chunkstore imports neither.
+mod=$(go list -m)
+forbid() { # forbid PKG DEP
+  if go list -deps "$mod/$1" | grep -qx "$mod/$2"; then
+    echo "lint: $1 must not import $2 (see docs/architecture.md)"; fail=1
+  fi
+}
+forbid nbdserver/nbd nbdserver/volume
+forbid nbdserver/volume nbdserver/nbd
+forbid chunkstore nbdserver/nbd
+forbid chunkstore nbdserver/volume
+
+exit $fail
