@@ -57,15 +57,25 @@ func benchInputs(b *testing.B) []benchData {
 	return []benchData{{"random", rnd}, {"binary", bin}}
 }
 
+// eachChunk runs fn on the chunks in turn, on every core, counting 1 MiB
+// per call. fn gets a per-goroutine scratch buffer.
+func eachChunk(b *testing.B, chunks [][]byte, fn func(chunk, scratch []byte) []byte) {
+	b.SetBytes(benchChunk)
+	var next atomic.Int64
+	b.RunParallel(func(pb *testing.PB) {
+		scratch := make([]byte, 0, 2*benchChunk)
+		for pb.Next() {
+			scratch = fn(chunks[int(next.Add(1))%len(chunks)], scratch[:0])
+		}
+	})
+}
+
 func BenchmarkBLAKE3(b *testing.B) {
 	for _, in := range benchInputs(b) {
 		b.Run(in.name, func(b *testing.B) {
-			b.SetBytes(benchChunk)
-			var next atomic.Int64
-			b.RunParallel(func(pb *testing.PB) {
-				for pb.Next() {
-					_ = blake3.Sum256(in.chunks[int(next.Add(1))%len(in.chunks)])
-				}
+			eachChunk(b, in.chunks, func(c, scratch []byte) []byte {
+				_ = blake3.Sum256(c)
+				return scratch
 			})
 		})
 	}
@@ -83,14 +93,7 @@ func BenchmarkZstdCompress(b *testing.B) {
 	enc := newBenchEncoder(b)
 	for _, in := range benchInputs(b) {
 		b.Run(in.name, func(b *testing.B) {
-			b.SetBytes(benchChunk)
-			var next atomic.Int64
-			b.RunParallel(func(pb *testing.PB) {
-				dst := make([]byte, 0, 2*benchChunk)
-				for pb.Next() {
-					dst = enc.EncodeAll(in.chunks[int(next.Add(1))%len(in.chunks)], dst[:0])
-				}
-			})
+			eachChunk(b, in.chunks, func(c, scratch []byte) []byte { return enc.EncodeAll(c, scratch) })
 		})
 	}
 }
@@ -107,17 +110,12 @@ func BenchmarkZstdDecompress(b *testing.B) {
 			frames = append(frames, enc.EncodeAll(c, nil))
 		}
 		b.Run(in.name, func(b *testing.B) {
-			b.SetBytes(benchChunk)
-			var next atomic.Int64
-			b.RunParallel(func(pb *testing.PB) {
-				dst := make([]byte, 0, benchChunk)
-				for pb.Next() {
-					dst, err = dec.DecodeAll(frames[int(next.Add(1))%len(frames)], dst[:0])
-					if err != nil {
-						b.Error(err)
-						return
-					}
+			eachChunk(b, frames, func(f, scratch []byte) []byte {
+				out, err := dec.DecodeAll(f, scratch)
+				if err != nil {
+					b.Error(err)
 				}
+				return out
 			})
 		})
 	}
@@ -129,15 +127,9 @@ func BenchmarkHashCompress(b *testing.B) {
 	enc := newBenchEncoder(b)
 	for _, in := range benchInputs(b) {
 		b.Run(in.name, func(b *testing.B) {
-			b.SetBytes(benchChunk)
-			var next atomic.Int64
-			b.RunParallel(func(pb *testing.PB) {
-				dst := make([]byte, 0, 2*benchChunk)
-				for pb.Next() {
-					c := in.chunks[int(next.Add(1))%len(in.chunks)]
-					_ = blake3.Sum256(c)
-					dst = enc.EncodeAll(c, dst[:0])
-				}
+			eachChunk(b, in.chunks, func(c, scratch []byte) []byte {
+				_ = blake3.Sum256(c)
+				return enc.EncodeAll(c, scratch)
 			})
 		})
 	}

@@ -84,6 +84,17 @@ func Binary() (string, error) {
 // Start runs a new MinIO with one empty bucket, stopped at the end of t.
 func Start(t testing.TB) *Server {
 	t.Helper()
+	s := newServer(t, t.TempDir())
+	t.Cleanup(s.Kill)
+	s.start()
+	s.makeBucket()
+	return s
+}
+
+// newServer finds the binary (failing or skipping t when it is missing)
+// and prepares a server whose files live in dir.
+func newServer(t testing.TB, dir string) *Server {
+	t.Helper()
 	bin, err := Binary()
 	if err != nil {
 		if Required() {
@@ -91,21 +102,16 @@ func Start(t testing.TB) *Server {
 		}
 		t.Skip(err)
 	}
-	dir := t.TempDir()
-	s := &Server{
+	return &Server{
+		Endpoint:  freeAddr(t),
+		AccessKey: "nbdvault-" + randomHex(4),
+		SecretKey: randomHex(16),
+		Bucket:    "nbdvault-test",
 		t:         t,
 		bin:       bin,
 		dataDir:   filepath.Join(dir, "data"),
 		logPath:   filepath.Join(dir, "minio.log"),
-		AccessKey: "nbdvault-" + randomHex(4),
-		SecretKey: randomHex(16),
-		Bucket:    "nbdvault-test",
 	}
-	s.Endpoint = freeAddr(t)
-	t.Cleanup(s.Kill)
-	s.start()
-	s.makeBucket()
-	return s
 }
 
 func (s *Server) start() {
@@ -269,23 +275,7 @@ func StartShared(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bin, err := Binary()
-	if err != nil {
-		if Required() {
-			t.Fatal(err)
-		}
-		t.Skip(err)
-	}
-	s := &Server{
-		t:         t,
-		bin:       bin,
-		dataDir:   filepath.Join(dir, "data"),
-		logPath:   filepath.Join(dir, "minio.log"),
-		AccessKey: "nbdvault-" + randomHex(4),
-		SecretKey: randomHex(16),
-		Bucket:    "nbdvault-test",
-	}
-	s.Endpoint = freeAddr(t)
+	s := newServer(t, dir)
 	s.start()
 	s.makeBucket()
 	sharedSrv = s
