@@ -13,8 +13,11 @@ export PATH="$GOBIN:$PATH"
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 STATICCHECK_VERSION=v0.8.2
 
-# Debian packages the tests use (mount/umount for the full-disk test).
-APT_PACKAGES=(util-linux)
+# Debian packages the tests use: mount (full-disk test); the third-party NBD
+# clients and servers (libnbd-bin: nbdinfo, nbdcopy, nbdfuse; qemu-utils:
+# qemu-img, qemu-io, qemu-nbd; nbdkit; fio); fuse3 and e2fsprogs for
+# nbdfuse + mkfs.ext4.
+APT_PACKAGES=(util-linux libnbd-bin fuse3 e2fsprogs qemu-utils nbdkit fio)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
