@@ -1,13 +1,17 @@
 package nbd
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"os"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -28,26 +32,229 @@ type Server struct {
 	HandshakeTimeout time.Duration
 	// Logger gets connection-level events. Default: slog.Default().
 	Logger *slog.Logger
+
+	state serverState
 }
 
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = errors.New("nbd: server closed")
 
+// serverState is the bookkeeping behind a Server's zero value.
+type serverState struct {
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	closing   atomic.Bool
+	active    sync.WaitGroup // connections being served
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+func (s *Server) maxInFlight() int {
+	if s.MaxInFlight > 0 {
+		return s.MaxInFlight
+	}
+	return 64
+}
+
+func (s *Server) shuttingDown() bool { return s.state.closing.Load() }
+
 // Serve accepts connections on l and serves each in its own goroutine. It
 // returns ErrServerClosed after Shutdown or Close, or the listener's error.
-func (s *Server) Serve(l net.Listener) error { panic("not yet") }
+func (s *Server) Serve(l net.Listener) error {
+	st := &s.state
+	st.mu.Lock()
+	if st.closing.Load() {
+		st.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	if st.listeners == nil {
+		st.listeners = make(map[net.Listener]struct{})
+	}
+	st.listeners[l] = struct{}{}
+	st.mu.Unlock()
+	defer func() {
+		st.mu.Lock()
+		delete(st.listeners, l)
+		st.mu.Unlock()
+	}()
+
+	var backoff time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if st.closing.Load() {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.logger().Warn("nbd accept failed; retrying", "error", err, "in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return err
+		}
+		backoff = 0
+		go s.ServeConn(nc)
+	}
+}
 
 // ServeConn serves one connection and returns when it ends.
-func (s *Server) ServeConn(c net.Conn) { panic("not yet") }
+func (s *Server) ServeConn(nc net.Conn) {
+	c := newConn(s, nc)
+	st := &s.state
+	st.mu.Lock()
+	if st.closing.Load() {
+		st.mu.Unlock()
+		nc.Close()
+		return
+	}
+	if st.conns == nil {
+		st.conns = make(map[*conn]struct{})
+	}
+	st.conns[c] = struct{}{}
+	st.active.Add(1)
+	st.mu.Unlock()
+	defer func() {
+		st.mu.Lock()
+		delete(st.conns, c)
+		st.mu.Unlock()
+		st.active.Done()
+	}()
+	c.serve()
+}
 
 // Shutdown stops accepting connections, ends those still negotiating, and
 // lets attached clients' requests in flight finish (new ones get
 // ESHUTDOWN) before closing their connections. If ctx ends first, it
 // closes everything at once and returns ctx's error.
-func (s *Server) Shutdown(ctx context.Context) error { panic("not yet") }
+func (s *Server) Shutdown(ctx context.Context) error {
+	st := &s.state
+	st.mu.Lock()
+	st.closing.Store(true)
+	for l := range st.listeners {
+		l.Close()
+	}
+	for c := range st.conns {
+		c.stop()
+	}
+	st.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { st.active.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		s.Close()
+		<-done
+		return ctx.Err()
+	}
+}
 
 // Close closes every listener and connection at once.
-func (s *Server) Close() error { panic("not yet") }
+func (s *Server) Close() error {
+	st := &s.state
+	st.mu.Lock()
+	st.closing.Store(true)
+	for l := range st.listeners {
+		l.Close()
+	}
+	for c := range st.conns {
+		c.close()
+	}
+	st.mu.Unlock()
+	return nil
+}
+
+// conn is one client connection.
+type conn struct {
+	srv    *Server
+	remote string
+
+	mu           sync.Mutex // guards nc swaps and transmitting
+	nc           net.Conn   // a *tls.Conn after STARTTLS
+	transmitting bool
+	br           *bufio.Reader
+	bw           *bufio.Writer
+}
+
+// Buffer sizes: large enough that a burst of small replies or request
+// headers costs one syscall, small next to the 1 MiB payloads that pass
+// through unbuffered.
+const connBufSize = 64 << 10
+
+func newConn(s *Server, nc net.Conn) *conn {
+	return &conn{
+		srv:    s,
+		remote: nc.RemoteAddr().String(),
+		nc:     nc,
+		br:     bufio.NewReaderSize(nc, connBufSize),
+		bw:     bufio.NewWriterSize(nc, connBufSize),
+	}
+}
+
+func (c *conn) setConn(nc net.Conn) {
+	c.mu.Lock()
+	c.nc = nc
+	c.mu.Unlock()
+	c.br.Reset(nc)
+	c.bw.Reset(nc)
+}
+
+// stop begins a graceful end: a connection still negotiating is closed; one
+// in transmission stops reading requests (its read is interrupted) and
+// closes once the requests in flight are answered.
+func (c *conn) stop() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.transmitting {
+		c.nc.Close()
+		return
+	}
+	_ = c.nc.SetReadDeadline(time.Now())
+}
+
+func (c *conn) close() {
+	c.mu.Lock()
+	nc := c.nc
+	c.mu.Unlock()
+	nc.Close()
+}
+
+func (c *conn) serve() {
+	log := c.srv.logger()
+	defer c.close()
+	_ = c.nc.SetDeadline(c.srv.handshakeDeadline())
+	s, err := c.negotiate()
+	if err != nil {
+		if !errors.Is(err, errAbort) && !errors.Is(err, io.EOF) && !c.srv.shuttingDown() {
+			log.Warn("nbd negotiation failed", "remote", c.remote, "error", err)
+		}
+		return
+	}
+	c.mu.Lock()
+	_ = c.nc.SetDeadline(time.Time{})
+	c.transmitting = true
+	stopping := c.srv.shuttingDown()
+	c.mu.Unlock()
+	if stopping {
+		return
+	}
+	log.Debug("nbd client attached", "remote", c.remote, "export", s.export.Name, "structured", s.structured)
+	if err := c.transmit(s); err != nil && !c.srv.shuttingDown() {
+		log.Warn("nbd connection ended", "remote", c.remote, "export", s.export.Name, "error", err)
+		return
+	}
+	log.Debug("nbd client detached", "remote", c.remote, "export", s.export.Name)
+}
 
 // Listen opens a listener for an address as users write it: "host:port"
 // for TCP, "unix:/path" for a Unix socket (a stale socket file is
