@@ -414,4 +414,3 @@ func (s *Server) handshakeDeadline() time.Time {
 	}
 	return time.Now().Add(d)
 }
-
