@@ -1,10 +1,11 @@
 # make test   installs what the tests need, lints, and runs every test
 # make bench  benchmarks, with the tools users would pick instead
+# make fuzz   fuzzes the NBD server's negotiation and request parsing
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
 
-.PHONY: all build deps lint test bench clean
+.PHONY: all build deps lint test bench fuzz clean
 
 all: build
 
@@ -24,6 +25,12 @@ test: deps lint
 
 bench: deps build
 	scripts/bench.sh
+
+# Longer fuzzing than the seed runs of make test: FUZZTIME per target.
+FUZZTIME ?= 60s
+fuzz:
+	go test -run '^$$' -fuzz FuzzNegotiate -fuzztime $(FUZZTIME) ./nbdserver/nbd/
+	go test -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) ./nbdserver/nbd/
 
 clean:
 	rm -rf bin

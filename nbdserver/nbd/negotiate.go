@@ -91,6 +91,9 @@ func (c *conn) negotiate() (*session, error) {
 			if err := n.replyError(opt, RepErrTooBig, "option data of %d bytes is too long", length); err != nil {
 				return nil, err
 			}
+			if err := c.bw.Flush(); err != nil {
+				return nil, err
+			}
 			continue
 		}
 		data := make([]byte, length)
