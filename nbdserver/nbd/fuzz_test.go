@@ -14,7 +14,9 @@ import (
 // in testdata/fuzz and in seedNegotiate/seedTransmit; `make test` runs
 // them, `make fuzz` explores.
 
-func clientFlagsBytes() []byte { return binary.BigEndian.AppendUint32(nil, FlagCFixedNewstyle|FlagCNoZeroes) }
+func clientFlagsBytes() []byte {
+	return binary.BigEndian.AppendUint32(nil, FlagCFixedNewstyle|FlagCNoZeroes)
+}
 
 func optBytes(opt uint32, data []byte) []byte {
 	b := binary.BigEndian.AppendUint64(nil, MagicOpt)
