@@ -43,7 +43,7 @@ func (c *conn) transmit(s *session) error {
 
 	sem := make(chan struct{}, maxInFlight)
 	var workers sync.WaitGroup
-	readErr := c.readRequests(ctx, s, sem, &workers, replies)
+	readErr := c.readRequests(ctx, s, sem, newBudget(maxBufferedBytes), &workers, replies)
 
 	workers.Wait()
 	close(replies)
@@ -56,7 +56,7 @@ func (c *conn) transmit(s *session) error {
 
 // readRequests reads requests until DISC, EOF, a broken stream or
 // shutdown, and starts a worker for each.
-func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, workers *sync.WaitGroup, replies chan<- reply) error {
+func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, mem *budget, workers *sync.WaitGroup, replies chan<- reply) error {
 	var hdr [RequestHeaderLen]byte
 	size := uint64(s.export.Backend.Size())
 	maxPayload := s.export.maxPayload()
@@ -104,19 +104,34 @@ func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, 
 				continue
 			}
 			sem <- struct{}{}
+			mem.acquire(int64(req.length))
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(c.br, *payload); err != nil {
 				putBuf(payload)
+				mem.release(int64(req.length))
 				<-sem
 				return fmt.Errorf("read write payload: %w", err)
 			}
 		} else {
 			sem <- struct{}{}
+			if req.typ == CmdRead && req.length <= maxPayload {
+				mem.acquire(int64(req.length))
+			}
 		}
 		workers.Add(1)
 		go func() {
 			defer workers.Done()
-			replies <- c.handle(ctx, s, req, payload, size, maxPayload)
+			r := c.handle(ctx, s, req, payload, size, maxPayload)
+			if cost := int64(req.length); req.typ == CmdWrite || (req.typ == CmdRead && req.length <= maxPayload) {
+				free := r.release
+				r.release = func() {
+					if free != nil {
+						free()
+					}
+					mem.release(cost)
+				}
+			}
+			replies <- r
 			<-sem
 		}()
 	}
@@ -454,4 +469,39 @@ func (c *conn) writeReplies(replies <-chan reply, cancel context.CancelFunc) err
 		werr = c.bw.Flush()
 	}
 	return werr
+}
+
+// maxBufferedBytes bounds the READ and WRITE payloads one connection holds
+// at once, so a client cannot make the server allocate MaxInFlight times
+// the maximum payload.
+const maxBufferedBytes = 128 << 20
+
+// budget is a counting semaphore of bytes. One request may always run,
+// however large, so nothing deadlocks on a request above the limit.
+type budget struct {
+	mu          sync.Mutex
+	cond        sync.Cond
+	used, limit int64
+}
+
+func newBudget(limit int64) *budget {
+	b := &budget{limit: limit}
+	b.cond.L = &b.mu
+	return b
+}
+
+func (b *budget) acquire(n int64) {
+	b.mu.Lock()
+	for b.used > 0 && b.used+n > b.limit {
+		b.cond.Wait()
+	}
+	b.used += n
+	b.mu.Unlock()
+}
+
+func (b *budget) release(n int64) {
+	b.mu.Lock()
+	b.used -= n
+	b.cond.Broadcast()
+	b.mu.Unlock()
 }

@@ -391,3 +391,20 @@ func TestTransmitZeroesWithoutZeroer(t *testing.T) {
 	w.request(CmdBlockStatus, 0, 5, 0, 1<<20, nil)
 	assert.Equal(t, []Extent{{1 << 20, 0}}, descriptors(w.structured()[0].payload), "no Extenter: all data")
 }
+
+func TestBudget(t *testing.T) {
+	b := newBudget(100)
+	b.acquire(150) // alone, a request above the limit still runs
+	acquired := make(chan struct{})
+	go func() { b.acquire(10); close(acquired) }()
+	select {
+	case <-acquired:
+		t.Fatal("acquired past the limit")
+	case <-time.After(50 * time.Millisecond): // nothing to wait on: it must stay blocked
+	}
+	b.release(150)
+	<-acquired
+	b.acquire(90)
+	b.release(100)
+	assert.Zero(t, b.used)
+}
