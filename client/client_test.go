@@ -45,6 +45,13 @@ var backends = []backend{
 	{name: "qemu-nbd-simple", simple: true, opts: Options{SimpleReplies: true}, start: func(t *testing.T) string {
 		return startQemuNBD(t)
 	}},
+	{name: "nbdvault-mem", start: func(t *testing.T) string {
+		return startNbdvault(t, nbd.NewMem(exportSize))
+	}},
+	{name: "nbdvault-file", start: nbdvaultFile},
+	{name: "nbdvault-simple", simple: true, opts: Options{SimpleReplies: true}, start: func(t *testing.T) string {
+		return startNbdvault(t, nbd.NewMem(exportSize))
+	}},
 }
 
 // forEachBackend runs test against a fresh server of each backend.
@@ -245,7 +252,8 @@ func TestBlockStatusAfterTrimAndZero(t *testing.T) {
 		"nbdkit-file": func(t *testing.T) string {
 			return startNbdkit(t, "file", sparseFile(t, t.TempDir(), exportSize))
 		},
-		"qemu-nbd": func(t *testing.T) string { return startQemuNBD(t, "--discard=unmap") },
+		"qemu-nbd":      func(t *testing.T) string { return startQemuNBD(t, "--discard=unmap") },
+		"nbdvault-file": nbdvaultFile,
 	}
 	for name, start := range servers {
 		t.Run(name, func(t *testing.T) {

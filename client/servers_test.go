@@ -11,7 +11,9 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -23,6 +25,8 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
 // This file runs real third-party NBD servers for the tests: nbdkit and
@@ -55,6 +59,45 @@ func startNbdkit(t *testing.T, args ...string) string {
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	startServer(t, sock, "nbdkit", append([]string{"--foreground", "--exit-with-parent", "--unix", sock}, args...)...)
 	return "unix:" + sock
+}
+
+// startNbdvault serves b with nbdvault's own server, in this process, as
+// the default export "" and returns its address for Dial.
+func startNbdvault(t *testing.T, b nbd.Backend) string {
+	t.Helper()
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	l, err := nbd.Listen("unix:" + sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &nbd.Server{
+		Exports: nbd.NewExportMap(&nbd.Export{Name: "", Description: "nbdvault test export", Backend: b}),
+		Logger:  slog.New(slog.DiscardHandler),
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(l) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		if err := <-done; !errors.Is(err, nbd.ErrServerClosed) {
+			t.Errorf("Serve: %v", err)
+		}
+	})
+	return "unix:" + sock
+}
+
+// nbdvaultFile serves a new sparse file of exportSize bytes with
+// nbdvault's server.
+func nbdvaultFile(t *testing.T) string {
+	f, err := nbd.OpenFile(sparseFile(t, t.TempDir(), exportSize), false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	return startNbdvault(t, f)
 }
 
 // startQemuNBD serves a new sparse raw image of exportSize bytes with
