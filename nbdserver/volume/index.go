@@ -36,25 +36,33 @@ func span(level int) uint64 { return uint64(1) << (indexFanoutBits * level) }
 
 // lookupIndex returns the ID of chunk c in the index rooted at root.
 func lookupIndex(ctx context.Context, s chunkStore, root chunkstore.ID, c uint64) (chunkstore.ID, error) {
+	id, _, err := lookupRun(ctx, s, root, c)
+	return id, err
+}
+
+// lookupRun is lookupIndex that also says, when chunk c is a hole, where
+// the hole it lies in ends at least (the end of the empty subtree found).
+func lookupRun(ctx context.Context, s chunkStore, root chunkstore.ID, c uint64) (chunkstore.ID, uint64, error) {
 	if c >= MaxChunks {
-		return chunkstore.ZeroID, fmt.Errorf("chunk %d beyond the index's %d", c, MaxChunks)
+		return chunkstore.ZeroID, 0, fmt.Errorf("chunk %d beyond the index's %d", c, MaxChunks)
 	}
 	id := root
 	for level := indexLevels - 1; level >= 0; level-- {
 		if id.IsZero() {
-			return id, nil
+			covered := span(level + 1) // chunks under the empty entry
+			return id, (c/covered + 1) * covered, nil
 		}
 		page, err := s.Get(ctx, id)
 		if err != nil {
-			return chunkstore.ZeroID, fmt.Errorf("index page %s: %w", id, err)
+			return chunkstore.ZeroID, 0, fmt.Errorf("index page %s: %w", id, err)
 		}
 		if len(page) != pageLen {
-			return chunkstore.ZeroID, fmt.Errorf("index page %s: %d bytes, want %d", id, len(page), pageLen)
+			return chunkstore.ZeroID, 0, fmt.Errorf("index page %s: %d bytes, want %d: %w", id, len(page), pageLen, chunkstore.ErrCorrupt)
 		}
 		slot := (c / span(level)) % indexFanout
 		copy(id[:], page[slot*uint64(idLen):])
 	}
-	return id, nil
+	return id, c + 1, nil
 }
 
 // chunkRange is [first, end) of chunk numbers.

@@ -109,10 +109,15 @@ type segment struct {
 // its CRC) is cut off; damage anywhere else is ErrLogCorrupt. Record data
 // passed to fn is only valid during the call.
 func OpenLog(dir string, fn func(Record, Pos) error) (*Log, error) {
+	return openLog(dir, 1, fn)
+}
+
+// openLog is OpenLog where an empty log starts at sequence number first.
+func openLog(dir string, first uint64, fn func(Record, Pos) error) (*Log, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	l := &Log{dir: dir, nextSeq: 1}
+	l := &Log{dir: dir, nextSeq: first}
 	l.syncC.L = &l.syncMu
 	names, err := segmentNames(dir)
 	if err != nil {
@@ -169,7 +174,7 @@ func (l *Log) replaySegment(first uint64, last bool, fn func(Record, Pos) error)
 		return nil, err
 	}
 	seg := &segment{first: first, f: f}
-	if first != l.nextSeq && !(l.nextSeq == 1 && len(l.segs) == 0) {
+	if first != l.nextSeq && len(l.segs) > 0 {
 		f.Close()
 		return nil, fmt.Errorf("%w: segment %s starts at record %d, expected %d", ErrLogCorrupt, path, first, l.nextSeq)
 	}
@@ -280,13 +285,22 @@ func (l *Log) newSegment() error {
 // not nil, runs under the append lock after the record is written, so
 // what it records (an extent map) follows log order.
 func (l *Log) Append(rec Record, apply func(seq uint64, pos Pos)) (uint64, Pos, error) {
-	if len(rec.Data) > maxRecordData {
-		return 0, Pos{}, fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData)
-	}
+	return l.AppendFunc(rec, nil, apply)
+}
+
+// AppendFunc is Append where data, if not nil, makes the record's data
+// from its sequence number (a mark whose ID includes it).
+func (l *Log) AppendFunc(rec Record, data func(seq uint64) []byte, apply func(seq uint64, pos Pos)) (uint64, Pos, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.broken != nil {
 		return 0, Pos{}, l.broken
+	}
+	if data != nil {
+		rec.Data = data(l.nextSeq)
+	}
+	if len(rec.Data) > maxRecordData {
+		return 0, Pos{}, fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData)
 	}
 	seg := l.segs[len(l.segs)-1]
 	rec.Seq = l.nextSeq
@@ -444,6 +458,21 @@ func (l *Log) RemoveBefore(seq uint64) error {
 		return err
 	}
 	return syncDir(l.dir)
+}
+
+// Reset deletes every segment and starts the log again at sequence
+// number next. For a log whose every record the repository already holds.
+func (l *Log) Reset(next uint64) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, s := range l.segs {
+		s.f.Close()
+		if err := os.Remove(segmentPath(l.dir, s.first)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	l.segs, l.size, l.nextSeq = nil, 0, next
+	return l.newSegment()
 }
 
 // Size is the bytes the log holds on disk.

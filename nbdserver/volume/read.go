@@ -1,0 +1,242 @@
+package volume
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// piece says where one run of a read comes from.
+type piece struct {
+	off, length int64
+	src         pieceSource
+	pos         Pos // for fromLog
+}
+
+type pieceSource uint8
+
+const (
+	fromBase pieceSource = iota // the view's index
+	fromLog                     // log data at pos
+	fromZero                    // a zero record
+)
+
+// view is what a read sees: an index root and the layers above it, newest
+// last. Layers are read-only to readers: the open one only grows under
+// v.mu, which plan holds.
+type view struct {
+	root   chunkstore.ID
+	layers []*layer
+}
+
+// headView is the live head: the base and every layer.
+func (v *Volume) headView() view {
+	return view{root: v.base.Root, layers: v.layers}
+}
+
+// snapshotView is what snapshot id holds: its own index once sealed, else
+// the base and the layers up to its mark. Called with v.mu held.
+func (v *Volume) snapshotView(id string) (view, error) {
+	for _, s := range v.snaps {
+		if s.ID != id && s.Label != id {
+			continue
+		}
+		if s.sealed {
+			return view{root: s.Root}, nil
+		}
+		for i, l := range v.layers {
+			if l.mark != nil && l.mark.ID == s.ID {
+				return view{root: v.base.Root, layers: v.layers[:i+1]}, nil
+			}
+		}
+		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
+	}
+	return view{}, fmt.Errorf("snapshot %q of volume %q: %w", id, v.cfg.Name, ErrNoSnapshot)
+}
+
+// plan resolves [off, off+n) in vw into pieces, newest layer first, in
+// offset order. Called with v.mu held (shared).
+func (vw view) plan(off, n int64) []piece {
+	var out []piece
+	var resolve func(off, n int64, top int)
+	resolve = func(off, n int64, top int) {
+		if n <= 0 {
+			return
+		}
+		if top < 0 {
+			out = append(out, piece{off: off, length: n, src: fromBase})
+			return
+		}
+		at := off
+		vw.layers[top].extents.visit(off, n, func(x extent) bool {
+			resolve(at, x.off-at, top-1)
+			p := piece{off: x.off, length: x.length, src: fromLog, pos: x.pos}
+			if x.zero {
+				p.src = fromZero
+			}
+			out = append(out, p)
+			at = x.end()
+			return true
+		})
+		resolve(at, off+n-at, top-1)
+	}
+	resolve(off, n, len(vw.layers)-1)
+	return out
+}
+
+// ReadAt fills p with the head's bytes at off.
+func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	vw := v.headView()
+	pieces := vw.plan(off, int64(len(p)))
+	v.mu.RUnlock()
+	return v.read(ctx, vw.root, pieces, p, off)
+}
+
+// ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
+// label).
+func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	vw, err := v.snapshotView(id)
+	var pieces []piece
+	if err == nil {
+		pieces = vw.plan(off, int64(len(p)))
+	}
+	v.mu.RUnlock()
+	if err != nil {
+		return err
+	}
+	return v.read(ctx, vw.root, pieces, p, off)
+}
+
+// read carries out a plan. Holding gcMu keeps the log segments it reads
+// from being deleted by a seal that finished after the plan was made.
+func (v *Volume) read(ctx context.Context, root chunkstore.ID, pieces []piece, p []byte, off int64) error {
+	v.gcMu.RLock()
+	defer v.gcMu.RUnlock()
+	for _, pc := range pieces {
+		dst := p[pc.off-off : pc.off-off+pc.length]
+		switch pc.src {
+		case fromZero:
+			clear(dst)
+		case fromLog:
+			if err := v.log.ReadAt(dst, pc.pos); err != nil {
+				return fmt.Errorf("volume %q: read log: %w", v.cfg.Name, err)
+			}
+		case fromBase:
+			if err := v.readIndex(ctx, root, dst, pc.off); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// readIndex fills dst with the bytes at off of the index rooted at root.
+func (v *Volume) readIndex(ctx context.Context, root chunkstore.ID, dst []byte, off int64) error {
+	cs := v.cfg.ChunkSize
+	if root.IsZero() {
+		clear(dst)
+		return nil
+	}
+	for len(dst) > 0 {
+		c, in := off/cs, off%cs
+		n := min(int64(len(dst)), cs-in)
+		id, err := lookupIndex(ctx, v.store, root, uint64(c))
+		if err != nil {
+			return fmt.Errorf("volume %q: %w", v.cfg.Name, err)
+		}
+		if id.IsZero() {
+			clear(dst[:n])
+		} else {
+			data, err := v.store.Get(ctx, id)
+			if err != nil {
+				return fmt.Errorf("volume %q chunk %d: %w", v.cfg.Name, c, err)
+			}
+			if int64(len(data)) != cs {
+				return fmt.Errorf("volume %q chunk %d (%s): %d bytes, want %d: %w", v.cfg.Name, c, id, len(data), cs, chunkstore.ErrCorrupt)
+			}
+			copy(dst[:n], data[in:])
+		}
+		dst, off = dst[n:], off+n
+	}
+	return nil
+}
+
+// Extent is a run of the volume with one allocation state.
+type Extent struct {
+	Length int64
+	// Zero is true for a range known to read as zeros and not stored
+	// (a hole).
+	Zero bool
+}
+
+// Extents describes [off, off+n) of the head (or of snapshot id, if not
+// empty) as runs of data and holes.
+func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
+	if err := v.checkRange(off, n); err != nil {
+		return nil, err
+	}
+	v.mu.RLock()
+	vw := v.headView()
+	var err error
+	if snapshotID != "" {
+		vw, err = v.snapshotView(snapshotID)
+	}
+	var pieces []piece
+	if err == nil {
+		pieces = vw.plan(off, n)
+	}
+	v.mu.RUnlock()
+	if err != nil {
+		return nil, err
+	}
+	var out []Extent
+	add := func(length int64, zero bool) {
+		if k := len(out) - 1; k >= 0 && out[k].Zero == zero {
+			out[k].Length += length
+			return
+		}
+		out = append(out, Extent{Length: length, Zero: zero})
+	}
+	cs := v.cfg.ChunkSize
+	for _, pc := range pieces {
+		switch pc.src {
+		case fromZero:
+			add(pc.length, true)
+		case fromLog:
+			add(pc.length, false)
+		case fromBase:
+			for o, end := pc.off, pc.off+pc.length; o < end; {
+				c := o / cs
+				id, next, err := lookupRun(ctx, v.store, vw.root, uint64(c))
+				if err != nil {
+					return nil, fmt.Errorf("volume %q: %w", v.cfg.Name, err)
+				}
+				// A hole may cover a whole empty subtree: skip it at once.
+				k := min(end, int64(next)*cs) - o
+				add(k, id.IsZero())
+				o += k
+			}
+		}
+	}
+	return out, nil
+}
+
+// Snapshots lists the volume's snapshots, oldest first.
+func (v *Volume) Snapshots() []SnapshotInfo {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	out := make([]SnapshotInfo, 0, len(v.snaps))
+	for _, s := range v.snaps {
+		out = append(out, SnapshotInfo{ID: s.ID, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed})
+	}
+	return out
+}

@@ -1,0 +1,213 @@
+package volume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"runtime"
+	"sync"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// uploadWorkers is how many chunks a seal builds and stores at once: more
+// than the cores, since a Put waits on fsync or the network.
+var uploadWorkers = 4 * runtime.GOMAXPROCS(0)
+
+// SealNext stores the oldest closed layer in the repository: every chunk it
+// touched, the index pages that changed, then the manifest; then it drops
+// the layer and frees the log segments nothing else needs. It reports
+// whether there was a layer to seal.
+func (v *Volume) SealNext(ctx context.Context) (bool, error) {
+	v.sealMu.Lock()
+	defer v.sealMu.Unlock()
+	v.mu.RLock()
+	l := v.layers[0]
+	base := v.base
+	v.mu.RUnlock()
+	if l.mark == nil {
+		return false, nil
+	}
+
+	// A closed layer never changes, so it is read without v.mu.
+	touched, zeros := l.chunkWork(v.cfg.ChunkSize)
+	points, err := v.buildChunks(ctx, base.Root, l, touched)
+	if err != nil {
+		return false, err
+	}
+	root, err := updateIndex(ctx, v.store, base.Root, indexUpdate{zeros: zeros, points: points})
+	if err != nil {
+		return false, fmt.Errorf("volume %q: update index: %w", v.cfg.Name, err)
+	}
+	m := Manifest{
+		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
+		Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
+	}
+	if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, m.Kind, m.ID), m); err != nil {
+		return false, fmt.Errorf("volume %q: write manifest: %w", v.cfg.Name, err)
+	}
+
+	v.mu.Lock()
+	v.base = m
+	v.layers = v.layers[1:]
+	for _, s := range v.snaps {
+		if s.ID == m.ID {
+			s.Manifest, s.sealed = m, true
+		}
+	}
+	v.mu.Unlock()
+
+	v.gcMu.Lock()
+	err = v.log.RemoveBefore(m.Seq + 1)
+	v.gcMu.Unlock()
+	return true, err
+}
+
+// chunkWork lists the chunks a layer changes: touched chunks (any data, or
+// a zero that covers only part of them), in order and unique, and ranges
+// of whole chunks it zeroes, sorted and disjoint from the touched ones.
+func (l *layer) chunkWork(cs int64) ([]uint64, []chunkRange) {
+	var touched []uint64
+	var zeros []chunkRange
+	touch := func(c uint64) {
+		if n := len(touched); n == 0 || touched[n-1] < c {
+			touched = append(touched, c)
+		}
+	}
+	l.extents.t.Ascend(func(x extent) bool {
+		first, last := uint64(x.off/cs), uint64((x.end()-1)/cs)
+		if !x.zero {
+			for c := first; c <= last; c++ {
+				touch(c)
+			}
+			return true
+		}
+		// Whole chunks inside the zero become holes; the ends, if
+		// partial, are touched.
+		whole0, whole1 := uint64((x.off+cs-1)/cs), uint64(x.end()/cs)
+		if x.off%cs != 0 {
+			touch(first)
+		}
+		if whole0 < whole1 {
+			if n := len(zeros); n > 0 && zeros[n-1].end == whole0 {
+				zeros[n-1].end = whole1
+			} else {
+				zeros = append(zeros, chunkRange{whole0, whole1})
+			}
+		}
+		if x.end()%cs != 0 {
+			touch(last)
+		}
+		return true
+	})
+	return touched, zeros
+}
+
+// buildChunks makes the new content of each touched chunk (the old chunk
+// overlaid with the layer) and stores it, on several workers. Chunks that
+// end up all zeros become holes.
+func (v *Volume) buildChunks(ctx context.Context, root chunkstore.ID, l *layer, touched []uint64) ([]pointUpdate, error) {
+	points := make([]pointUpdate, len(touched))
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var (
+		wg       sync.WaitGroup
+		firstErr error
+		errOnce  sync.Once
+		next     = make(chan int)
+	)
+	fail := func(err error) {
+		errOnce.Do(func() { firstErr = err; cancel() })
+	}
+	for range min(uploadWorkers, len(touched)) {
+		wg.Go(func() {
+			buf := make([]byte, v.cfg.ChunkSize)
+			for i := range next {
+				id, err := v.buildChunk(ctx, root, l, touched[i], buf)
+				if err != nil {
+					fail(err)
+					continue
+				}
+				points[i] = pointUpdate{c: touched[i], id: id}
+			}
+		})
+	}
+feed:
+	for i := range touched {
+		select {
+		case next <- i:
+		case <-ctx.Done():
+			break feed
+		}
+	}
+	close(next)
+	wg.Wait()
+	if firstErr != nil {
+		return nil, firstErr
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	return points, nil
+}
+
+func (v *Volume) buildChunk(ctx context.Context, root chunkstore.ID, l *layer, c uint64, buf []byte) (chunkstore.ID, error) {
+	cs := v.cfg.ChunkSize
+	start := int64(c) * cs
+	if err := v.readIndex(ctx, root, buf, start); err != nil {
+		return chunkstore.ZeroID, err
+	}
+	var err error
+	l.extents.visit(start, cs, func(x extent) bool {
+		dst := buf[x.off-start : x.end()-start]
+		if x.zero {
+			clear(dst)
+			return true
+		}
+		err = v.log.ReadAt(dst, x.pos)
+		return err == nil
+	})
+	if err != nil {
+		return chunkstore.ZeroID, fmt.Errorf("volume %q chunk %d: read log: %w", v.cfg.Name, c, err)
+	}
+	id, err := v.store.Put(ctx, buf)
+	if err != nil {
+		return chunkstore.ZeroID, fmt.Errorf("volume %q chunk %d: %w", v.cfg.Name, c, err)
+	}
+	return id, nil
+}
+
+// SealAll seals every closed layer, oldest first.
+func (v *Volume) SealAll(ctx context.Context) error {
+	for {
+		ok, err := v.SealNext(ctx)
+		if err != nil || !ok {
+			return err
+		}
+	}
+}
+
+// Pending is the number of closed layers waiting to be sealed.
+func (v *Volume) Pending() int {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return len(v.layers) - 1
+}
+
+// LogSize is the bytes of write log the volume holds.
+func (v *Volume) LogSize() int64 { return v.log.Size() }
+
+// Close syncs and closes the write log. Unsealed layers stay in it and are
+// replayed by the next Open.
+func (v *Volume) Close() error {
+	v.sealMu.Lock()
+	defer v.sealMu.Unlock()
+	err := v.log.Sync()
+	if cerr := v.log.Close(); err == nil {
+		err = cerr
+	}
+	if errors.Is(err, ErrVolumeClosed) {
+		return nil
+	}
+	return err
+}

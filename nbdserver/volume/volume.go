@@ -1,0 +1,301 @@
+package volume
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// Errors of the volume API.
+var (
+	ErrExists       = errors.New("already exists")
+	ErrNoVolume     = errors.New("no such volume")
+	ErrNoSnapshot   = errors.New("no such snapshot")
+	ErrOutOfRange   = errors.New("beyond the end of the volume")
+	ErrLabelTaken   = errors.New("label already used by another snapshot of this volume")
+	ErrVolumeClosed = errors.New("volume closed")
+)
+
+// Volume is one volume's live state on the server: the newest sealed index
+// in the repository (base) plus the layers of its write log. Its methods
+// are safe for concurrent use.
+type Volume struct {
+	cfg   Config
+	repo  chunkstore.Backend
+	store *chunkstore.Store
+	log   *Log
+
+	// mu guards layers, base and snaps. Lock order: log append lock, then mu.
+	mu     sync.RWMutex
+	layers []*layer // closed layers oldest first, then the open one
+	base   Manifest // newest sealed manifest; zero Root and Seq when none
+	snaps  []*snapshot
+
+	// gcMu is held shared by reads of log data and exclusively while
+	// sealed segments are deleted.
+	gcMu sync.RWMutex
+	// sealMu makes seals run one at a time, oldest layer first.
+	sealMu sync.Mutex
+}
+
+// layer is the log records between two marks: what they wrote, as an
+// extent map, and the mark that closed it (nil while open).
+type layer struct {
+	extents *extentMap
+	mark    *mark
+}
+
+// mark is the payload of a RecordMark.
+type mark struct {
+	ID    string    `json:"id"`
+	Kind  Kind      `json:"kind"`
+	Label string    `json:"label,omitempty"`
+	Time  time.Time `json:"time"`
+	seq   uint64
+}
+
+type snapshot struct {
+	Manifest      // Root and Seq are set once sealed
+	sealed   bool // its manifest is in the repository
+}
+
+// SnapshotInfo describes a snapshot for listing.
+type SnapshotInfo struct {
+	ID     string
+	Label  string
+	Time   time.Time
+	Size   int64
+	Sealed bool
+}
+
+// Create writes a new volume's record to the repository and opens it.
+func Create(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Store, stateDir string, cfg Config) (*Volume, error) {
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = DefaultChunkSize
+	}
+	if cfg.Created.IsZero() {
+		cfg.Created = time.Now().UTC()
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	has, err := repo.Has(ctx, volumeKey(cfg.Name))
+	if err != nil {
+		return nil, err
+	}
+	if has {
+		return nil, fmt.Errorf("volume %q: %w", cfg.Name, ErrExists)
+	}
+	if err := putJSON(ctx, repo, volumeKey(cfg.Name), cfg); err != nil {
+		return nil, fmt.Errorf("create volume %q: %w", cfg.Name, err)
+	}
+	return Open(ctx, repo, store, stateDir, cfg.Name)
+}
+
+// Open opens volume name: its record and manifests from the repository,
+// then its write log in stateDir, replaying what the newest manifest does
+// not cover. With no log (a lost state folder) the volume opens at its
+// newest manifest.
+func Open(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Store, stateDir, name string) (*Volume, error) {
+	v := &Volume{repo: repo, store: store}
+	if err := getJSON(ctx, repo, volumeKey(name), &v.cfg); err != nil {
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			return nil, fmt.Errorf("volume %q: %w", name, ErrNoVolume)
+		}
+		return nil, err
+	}
+	if err := v.cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("volume record %s: %w", volumeKey(name), err)
+	}
+	for _, kind := range []Kind{KindSnapshot, KindCheckpoint} {
+		ms, err := listManifests(ctx, repo, name, kind)
+		if err != nil {
+			return nil, err
+		}
+		for _, m := range ms {
+			if m.Seq > v.base.Seq {
+				v.base = m
+			}
+			if kind == KindSnapshot {
+				v.snaps = append(v.snaps, &snapshot{Manifest: m, sealed: true})
+			}
+		}
+	}
+	v.layers = []*layer{{extents: newExtentMap()}}
+	replay := func(r Record, pos Pos) error {
+		if r.Seq <= v.base.Seq {
+			return nil // in the repository already
+		}
+		return v.apply(r, pos)
+	}
+	dir := filepath.Join(stateDir, "volumes", name, "log")
+	log, err := openLog(dir, v.base.Seq+1, replay)
+	if err != nil {
+		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
+	}
+	v.log = log
+	if log.NextSeq() <= v.base.Seq {
+		// The log is older than the repository (a state folder restored
+		// from backup): everything in it is covered.
+		if err := log.Reset(v.base.Seq + 1); err != nil {
+			log.Close()
+			return nil, err
+		}
+	} else if err := log.RemoveBefore(v.base.Seq + 1); err != nil {
+		log.Close()
+		return nil, err
+	}
+	v.sortSnaps()
+	return v, nil
+}
+
+func (v *Volume) sortSnaps() {
+	slices.SortFunc(v.snaps, func(a, b *snapshot) int { return cmpUint(a.Seq, b.Seq) })
+}
+
+// apply records r in the open layer. It runs under the log's append lock
+// (or during replay), so layers see records in log order.
+func (v *Volume) apply(r Record, pos Pos) error {
+	v.mu.Lock()
+	defer v.mu.Unlock()
+	open := v.layers[len(v.layers)-1]
+	switch r.Type {
+	case RecordWrite:
+		open.extents.insert(extent{off: r.Offset, length: r.Length, pos: pos})
+	case RecordZero:
+		open.extents.insert(extent{off: r.Offset, length: r.Length, zero: true})
+	case RecordMark:
+		var m mark
+		if err := json.Unmarshal(r.Data, &m); err != nil {
+			return fmt.Errorf("%w: mark record %d: %v", ErrLogCorrupt, r.Seq, err)
+		}
+		m.seq = r.Seq
+		open.mark = &m
+		v.layers = append(v.layers, &layer{extents: newExtentMap()})
+		if m.Kind == KindSnapshot {
+			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{
+				ID: m.ID, Kind: m.Kind, Volume: v.cfg.Name, Label: m.Label, Time: m.Time,
+				Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Seq: m.seq,
+			}})
+		}
+	}
+	return nil
+}
+
+// Config returns the volume's configuration.
+func (v *Volume) Config() Config { return v.cfg }
+
+// Size is the volume's size in bytes.
+func (v *Volume) Size() int64 { return v.cfg.Size }
+
+func (v *Volume) checkRange(off, n int64) error {
+	if off < 0 || n < 0 || off > v.cfg.Size || n > v.cfg.Size-off {
+		return fmt.Errorf("%d+%d of volume %q (%d bytes): %w", off, n, v.cfg.Name, v.cfg.Size, ErrOutOfRange)
+	}
+	return nil
+}
+
+// WriteAt writes p at off. With fua it returns once p is durable.
+func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	if err := v.checkRange(off, int64(len(p))); err != nil {
+		return err
+	}
+	for len(p) > 0 { // records are bounded; large writes take several
+		n := min(len(p), maxRecordData)
+		if err := v.append(Record{Type: RecordWrite, Offset: off, Length: int64(n), Data: p[:n]}); err != nil {
+			return err
+		}
+		p, off = p[n:], off+int64(n)
+	}
+	if fua {
+		return v.log.Sync()
+	}
+	return nil
+}
+
+// Zero makes [off, off+n) read as zeros, at the cost of one record
+// whatever n is (TRIM and WRITE_ZEROES).
+func (v *Volume) Zero(ctx context.Context, off, n int64) error {
+	if err := v.checkRange(off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	return v.append(Record{Type: RecordZero, Offset: off, Length: n})
+}
+
+func (v *Volume) append(r Record) error {
+	var applyErr error
+	_, _, err := v.log.Append(r, func(seq uint64, pos Pos) {
+		r.Seq = seq
+		applyErr = v.apply(r, pos)
+	})
+	if err != nil {
+		return err
+	}
+	return applyErr
+}
+
+// Flush returns once every write that completed before it is durable.
+func (v *Volume) Flush(ctx context.Context) error { return v.log.Sync() }
+
+// Snapshot marks the head: the snapshot holds every write completed before
+// the call and none after. It is readable at once and sealed once the
+// uploader has stored it. The label, if any, must be unique in the volume.
+func (v *Volume) Snapshot(ctx context.Context, label string) (SnapshotInfo, error) {
+	return v.mark(KindSnapshot, label)
+}
+
+// Checkpoint closes the open layer so the uploader can store it, if it has
+// any writes. It returns whether it did.
+func (v *Volume) Checkpoint(ctx context.Context) (bool, error) {
+	v.mu.RLock()
+	empty := v.layers[len(v.layers)-1].extents.len() == 0
+	v.mu.RUnlock()
+	if empty {
+		return false, nil
+	}
+	_, err := v.mark(KindCheckpoint, "")
+	return err == nil, err
+}
+
+func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
+	if label != "" {
+		v.mu.RLock()
+		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label })
+		v.mu.RUnlock()
+		if taken {
+			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
+		}
+	}
+	m := mark{Kind: kind, Label: label, Time: time.Now().UTC()}
+	var applyErr error
+	_, _, err := v.log.AppendFunc(Record{Type: RecordMark}, func(seq uint64) []byte {
+		m.ID = snapshotID(m.Time, seq)
+		data, _ := json.Marshal(m)
+		return data
+	}, func(seq uint64, pos Pos) {
+		data, _ := json.Marshal(m)
+		applyErr = v.apply(Record{Type: RecordMark, Seq: seq, Data: data}, pos)
+	})
+	if err == nil {
+		err = applyErr
+	}
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	// The mark is durable before its ID is handed out, and the next layer
+	// starts in a segment of its own.
+	if _, err := v.log.Rotate(); err != nil {
+		return SnapshotInfo{}, err
+	}
+	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: v.cfg.Size}, nil
+}

@@ -1,0 +1,277 @@
+package volume
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// model is the reference a volume is checked against: the head's bytes and
+// each snapshot's.
+type model struct {
+	head  []byte
+	snaps map[string][]byte
+}
+
+type rig struct {
+	t        *testing.T
+	repo     chunkstore.Backend
+	store    *chunkstore.Store
+	stateDir string
+	v        *Volume
+	m        model
+	r        *rand.Rand
+}
+
+func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed uint64) *rig {
+	store, err := chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20})
+	require.NoError(t, err)
+	g := &rig{t: t, repo: repo, store: store, stateDir: t.TempDir(),
+		m: model{head: make([]byte, size), snaps: map[string][]byte{}}, r: rand.New(rand.NewPCG(seed, 7))}
+	g.v, err = Create(context.Background(), repo, store, g.stateDir, Config{Name: "vol", Size: size, ChunkSize: chunkSize})
+	require.NoError(t, err)
+	t.Cleanup(func() { g.v.Close() })
+	return g
+}
+
+func (g *rig) reopen() {
+	require.NoError(g.t, g.v.Close())
+	v, err := Open(context.Background(), g.repo, g.store, g.stateDir, "vol")
+	require.NoError(g.t, err)
+	g.v = v
+}
+
+// check reads the head (and, with snaps, every snapshot) back, whole and
+// in random pieces, and compares them with the model.
+func (g *rig) check(what string, snaps bool) {
+	ctx := context.Background()
+	got := make([]byte, len(g.m.head))
+	require.NoError(g.t, g.v.ReadAt(ctx, got, 0))
+	require.True(g.t, bytes.Equal(g.m.head, got), "%s: head differs at %d", what, firstDiff(g.m.head, got))
+	for id, want := range g.m.snaps {
+		if !snaps {
+			break
+		}
+		require.NoError(g.t, g.v.ReadSnapshotAt(ctx, id, got, 0))
+		require.True(g.t, bytes.Equal(want, got), "%s: snapshot %s differs at %d", what, id, firstDiff(want, got))
+	}
+	off := g.r.Int64N(int64(len(got)))
+	n := 1 + g.r.Int64N(int64(len(got))-off)
+	part := make([]byte, n)
+	require.NoError(g.t, g.v.ReadAt(ctx, part, off))
+	require.True(g.t, bytes.Equal(g.m.head[off:off+n], part), "%s: head %d+%d", what, off, n)
+	// Extents: whatever is a hole reads as zeros.
+	exts, err := g.v.Extents(ctx, "", 0, int64(len(got)))
+	require.NoError(g.t, err)
+	pos := int64(0)
+	for _, e := range exts {
+		if e.Zero {
+			require.True(g.t, allZeros(g.m.head[pos:pos+e.Length]), "%s: a hole at %d+%d holds data", what, pos, e.Length)
+		}
+		pos += e.Length
+	}
+	require.Equal(g.t, int64(len(got)), pos, "extents cover the volume")
+}
+
+func allZeros(p []byte) bool { return bytes.Count(p, []byte{0}) == len(p) }
+
+func firstDiff(a, b []byte) int {
+	for i := range min(len(a), len(b)) {
+		if a[i] != b[i] {
+			return i
+		}
+	}
+	return min(len(a), len(b))
+}
+
+// step does one random operation.
+func (g *rig) step() string {
+	ctx := context.Background()
+	size := int64(len(g.m.head))
+	cs := g.v.cfg.ChunkSize
+	switch op := g.r.IntN(100); {
+	case op < 45: // write: small, chunk-sized, or spanning chunks
+		off := g.r.Int64N(size)
+		n := 1 + g.r.Int64N(min(size-off, []int64{4096, cs, 3 * cs}[g.r.IntN(3)]))
+		p := make([]byte, n)
+		if g.r.IntN(4) == 0 {
+			copy(p, bytes.Repeat([]byte("same data "), int(n/10)+1)) // dedupable
+		} else {
+			for i := range p {
+				p[i] = byte(g.r.Uint32())
+			}
+		}
+		require.NoError(g.t, g.v.WriteAt(ctx, p, off, g.r.IntN(5) == 0))
+		copy(g.m.head[off:], p)
+		return fmt.Sprintf("write %d+%d", off, n)
+	case op < 55: // zero, sometimes huge
+		off := g.r.Int64N(size)
+		n := 1 + g.r.Int64N(size-off)
+		require.NoError(g.t, g.v.Zero(ctx, off, n))
+		clear(g.m.head[off : off+n])
+		return fmt.Sprintf("zero %d+%d", off, n)
+	case op < 62:
+		require.NoError(g.t, g.v.Flush(ctx))
+		return "flush"
+	case op < 70:
+		label := ""
+		if g.r.IntN(2) == 0 {
+			label = fmt.Sprintf("label-%d", g.r.Uint32())
+		}
+		s, err := g.v.Snapshot(ctx, label)
+		require.NoError(g.t, err)
+		g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+		if label != "" {
+			g.m.snaps[label] = g.m.snaps[s.ID]
+		}
+		return "snapshot " + s.ID
+	case op < 76:
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(g.t, err)
+		return "checkpoint"
+	case op < 88:
+		_, err := g.v.SealNext(ctx)
+		require.NoError(g.t, err)
+		return "seal"
+	case op < 94:
+		g.reopen()
+		return "reopen"
+	default:
+		// A crash: the process dies without Close. Everything written is
+		// in the page cache, so all of it comes back.
+		v, err := Open(ctx, g.repo, g.store, g.stateDir, "vol")
+		require.NoError(g.t, err)
+		g.v.log.Close()
+		g.v = v
+		return "crash"
+	}
+}
+
+func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds int) {
+	for seed := range uint64(seeds) {
+		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			cs := int64(MinChunkSize)
+			size := 16*cs + int64(seed)*777 // not a whole number of chunks
+			g := newRig(t, repo(t), size, cs, seed)
+			var ops []string
+			for i := range 120 {
+				ops = append(ops, g.step())
+				if len(ops) > 8 {
+					ops = ops[1:]
+				}
+				g.check(fmt.Sprintf("seed %d after %v", seed, ops), i%10 == 9)
+			}
+			require.NoError(t, g.v.SealAll(context.Background()))
+			g.check("after sealing everything", true)
+			for _, s := range g.v.Snapshots() {
+				assert.True(t, s.Sealed, "snapshot %s sealed", s.ID)
+			}
+		})
+	}
+}
+
+func TestVolumeModelMem(t *testing.T) {
+	runModel(t, func(*testing.T) chunkstore.Backend { return chunkstore.NewMem() }, 6)
+}
+
+func TestVolumeModelLocal(t *testing.T) {
+	runModel(t, func(t *testing.T) chunkstore.Backend {
+		b, err := chunkstore.NewLocal(filepath.Join(t.TempDir(), "repo"))
+		require.NoError(t, err)
+		return b
+	}, 3)
+}
+
+// TestVolumeLostStateOpensAtLastSeal deletes the state folder: the volume
+// opens at its newest sealed manifest.
+func TestVolumeLostStateOpensAtLastSeal(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 8*MinChunkSize, MinChunkSize, 1)
+	data := bytes.Repeat([]byte{7}, 3*MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, data, 1000, false))
+	_, err := g.v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NoError(t, g.v.WriteAt(ctx, []byte("lost"), 0, true)) // never sealed
+	require.NoError(t, g.v.Close())
+	require.NoError(t, os.RemoveAll(g.stateDir))
+
+	v, err := Open(ctx, g.repo, g.store, g.stateDir, "vol")
+	require.NoError(t, err)
+	g.v = v
+	got := make([]byte, 8*MinChunkSize)
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	want := make([]byte, 8*MinChunkSize)
+	copy(want[1000:], data)
+	assert.True(t, bytes.Equal(want, got), "the head is the last checkpoint")
+	require.NoError(t, v.WriteAt(ctx, []byte("new"), 0, true))
+	require.NoError(t, v.Close())
+	v, err = Open(ctx, g.repo, g.store, g.stateDir, "vol")
+	require.NoError(t, err)
+	g.v = v
+	require.NoError(t, v.ReadAt(ctx, got[:3], 0))
+	assert.Equal(t, "new", string(got[:3]), "writes after the restart replay: the log continues past the manifest's sequence")
+}
+
+func TestVolumeDedupAndZeroChunks(t *testing.T) {
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	g := newRig(t, mem, 64*MinChunkSize, MinChunkSize, 1)
+	same := randomBytes(8 * MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, same, 0, false))
+	require.NoError(t, g.v.WriteAt(ctx, same, 32*MinChunkSize, false))
+	require.NoError(t, g.v.WriteAt(ctx, make([]byte, 8*MinChunkSize), 16*MinChunkSize, false))
+	_, err := g.v.Snapshot(ctx, "one")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	// 8 distinct data chunks; the second copy and the zeros cost nothing;
+	// plus three index pages.
+	assert.Equal(t, 8+3, objects(t, mem))
+	exts, err := g.v.Extents(ctx, "one", 0, 64*MinChunkSize)
+	require.NoError(t, err)
+	assert.Equal(t, []Extent{
+		{8 * MinChunkSize, false}, {24 * MinChunkSize, true}, {8 * MinChunkSize, false}, {24 * MinChunkSize, true},
+	}, exts)
+}
+
+func TestVolumeErrors(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	assert.ErrorIs(t, g.v.WriteAt(ctx, []byte{1}, 4*MinChunkSize, false), ErrOutOfRange)
+	assert.ErrorIs(t, g.v.ReadAt(ctx, make([]byte, 2), 4*MinChunkSize-1), ErrOutOfRange)
+	assert.ErrorIs(t, g.v.ReadSnapshotAt(ctx, "nope", make([]byte, 1), 0), ErrNoSnapshot)
+	_, err := g.v.Snapshot(ctx, "x")
+	require.NoError(t, err)
+	_, err = g.v.Snapshot(ctx, "x")
+	assert.ErrorIs(t, err, ErrLabelTaken)
+	_, err = Create(ctx, g.repo, g.store, g.stateDir, Config{Name: "vol", Size: 1 << 20})
+	assert.ErrorIs(t, err, ErrExists)
+	_, err = Open(ctx, g.repo, g.store, g.stateDir, "other")
+	assert.ErrorIs(t, err, ErrNoVolume)
+	for _, bad := range []Config{
+		{Name: "a/b", Size: 1 << 20},
+		{Name: "v", Size: 1 << 20, ChunkSize: 3 << 20},
+		{Name: "v", Size: 1 << 20, ChunkSize: 32 << 10},
+		{Name: "v", Size: 65 << 40},
+		{Name: "v", Size: 0},
+	} {
+		_, err := Create(ctx, g.repo, g.store, g.stateDir, bad)
+		assert.Error(t, err, "%+v", bad)
+	}
+	v, err := Create(ctx, g.repo, g.store, t.TempDir(), Config{Name: "big", Size: MaxSize})
+	require.NoError(t, err, "a 64 TiB volume is created at once")
+	exts, err := v.Extents(ctx, "", 0, MaxSize)
+	require.NoError(t, err)
+	assert.Equal(t, []Extent{{MaxSize, true}}, exts)
+	require.NoError(t, v.Zero(ctx, 0, MaxSize))
+	v.Close()
+}
