@@ -293,6 +293,10 @@ func (l *Log) Append(rec Record, apply func(seq uint64, pos Pos)) (uint64, Pos, 
 func (l *Log) AppendFunc(rec Record, data func(seq uint64) []byte, apply func(seq uint64, pos Pos)) (uint64, Pos, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	return l.appendLocked(rec, data, apply)
+}
+
+func (l *Log) appendLocked(rec Record, data func(seq uint64) []byte, apply func(seq uint64, pos Pos)) (uint64, Pos, error) {
 	if l.broken != nil {
 		return 0, Pos{}, l.broken
 	}
@@ -385,22 +389,38 @@ func (l *Log) Sync() error {
 	return nil
 }
 
-// Rotate makes the log durable and starts a new segment for the records
-// that follow, so the records before can later be removed as whole files.
-// It returns the first sequence number of the new segment.
-func (l *Log) Rotate() (uint64, error) {
-	if err := l.Sync(); err != nil {
-		return 0, err
-	}
+// AppendMark appends a mark record (see AppendFunc) and, still under the
+// append lock, makes the log durable and starts a new segment: the
+// records before the mark and those after never share a segment, so a
+// sealed layer is freed by deleting whole files. The fdatasync holds other
+// appends back; marks are rare.
+func (l *Log) AppendMark(data func(seq uint64) []byte, apply func(seq uint64, pos Pos)) (uint64, error) {
+	var seq uint64
+	var err error
+	l.withAppendLock(func() {
+		seq, _, err = l.appendLocked(Record{Type: RecordMark}, data, apply)
+		if err != nil {
+			return
+		}
+		for _, s := range l.segs {
+			if s.dirty {
+				if e := unix.Fdatasync(int(s.f.Fd())); e != nil {
+					l.broken = fmt.Errorf("write log: %w", &fs.PathError{Op: "fdatasync", Path: s.f.Name(), Err: e})
+					err = l.broken
+					return
+				}
+				s.dirty = false
+			}
+		}
+		err = l.newSegment()
+	})
+	return seq, err
+}
+
+func (l *Log) withAppendLock(fn func()) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	if cur := l.segs[len(l.segs)-1]; cur.size == 0 {
-		return cur.first, nil
-	}
-	if err := l.newSegment(); err != nil {
-		return 0, err
-	}
-	return l.nextSeq, nil
+	fn()
 }
 
 // ReadAt reads data of a record at pos (plus an offset into it).

@@ -127,33 +127,33 @@ func TestLogTornTail(t *testing.T) {
 	}
 }
 
-func TestLogRotateRemoveAndCorruption(t *testing.T) {
+func TestLogMarksRemoveAndCorruption(t *testing.T) {
 	dir := t.TempDir()
 	l, _ := replayAll(t, dir)
 	for i := range 3 {
 		_, _, err := l.Append(Record{Type: RecordWrite, Offset: int64(i), Length: 3, Data: []byte("abc")}, nil)
 		require.NoError(t, err)
-		next, err := l.Rotate()
+		seq, err := l.AppendMark(func(seq uint64) []byte { return []byte(fmt.Sprint(seq)) }, nil)
 		require.NoError(t, err)
-		assert.EqualValues(t, i+2, next)
+		assert.EqualValues(t, 2*i+2, seq)
 	}
-	_, err := l.Rotate()
-	require.NoError(t, err, "rotating an empty segment is a no-op")
 	names, err := segmentNames(dir)
 	require.NoError(t, err)
-	assert.Equal(t, []uint64{1, 2, 3, 4}, names)
+	assert.Equal(t, []uint64{1, 3, 5, 7}, names, "every mark starts a new segment")
 
-	require.NoError(t, l.RemoveBefore(3))
+	require.NoError(t, l.RemoveBefore(5))
 	names, _ = segmentNames(dir)
-	assert.Equal(t, []uint64{3, 4}, names)
+	assert.Equal(t, []uint64{5, 7}, names)
 	require.NoError(t, l.Close())
 	l, recs := replayAll(t, dir)
-	require.Len(t, recs, 1)
-	assert.EqualValues(t, 3, recs[0].Seq)
+	require.Len(t, recs, 2)
+	assert.EqualValues(t, 5, recs[0].Seq)
+	assert.Equal(t, RecordMark, recs[1].Type)
+	assert.Equal(t, "6", string(recs[1].Data), "the mark's data is made from its sequence number")
 	l.Close()
 
 	// Damage in a segment that is not the last is not a torn write.
-	f, err := os.OpenFile(segmentPath(dir, 3), os.O_RDWR, 0)
+	f, err := os.OpenFile(segmentPath(dir, 5), os.O_RDWR, 0)
 	require.NoError(t, err)
 	_, err = f.WriteAt([]byte{0xff}, recordHeaderLen)
 	require.NoError(t, err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 )
@@ -24,27 +25,19 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 	v.mu.RLock()
 	l := v.layers[0]
 	base := v.base
+	closed := l.mark != nil // the open layer gets its mark under mu
 	v.mu.RUnlock()
-	if l.mark == nil {
+	if !closed {
 		return false, nil
 	}
 
 	// A closed layer never changes, so it is read without v.mu.
-	touched, zeros := l.chunkWork(v.cfg.ChunkSize)
-	points, err := v.buildChunks(ctx, base.Root, l, touched)
+	m, err := v.storeLayer(ctx, base, l)
 	if err != nil {
+		v.mu.Lock()
+		v.sealErr = err
+		v.mu.Unlock()
 		return false, err
-	}
-	root, err := updateIndex(ctx, v.store, base.Root, indexUpdate{zeros: zeros, points: points})
-	if err != nil {
-		return false, fmt.Errorf("volume %q: update index: %w", v.cfg.Name, err)
-	}
-	m := Manifest{
-		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
-		Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
-	}
-	if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, m.Kind, m.ID), m); err != nil {
-		return false, fmt.Errorf("volume %q: write manifest: %w", v.cfg.Name, err)
 	}
 
 	v.mu.Lock()
@@ -55,12 +48,42 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 			s.Manifest, s.sealed = m, true
 		}
 	}
+	v.lastSeal, v.sealErr = time.Now(), nil
 	v.mu.Unlock()
 
 	v.gcMu.Lock()
 	err = v.log.RemoveBefore(m.Seq + 1)
 	v.gcMu.Unlock()
+	// Wake writers waiting for room only now that the room exists: woken
+	// earlier, one could look, find the log still full, and wait for a
+	// seal that never comes.
+	v.mu.Lock()
+	close(v.sealed)
+	v.sealed = make(chan struct{})
+	v.mu.Unlock()
 	return true, err
+}
+
+// storeLayer writes layer l over base to the repository and returns the
+// manifest it wrote.
+func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manifest, error) {
+	touched, zeros := l.chunkWork(v.cfg.ChunkSize)
+	points, err := v.buildChunks(ctx, base.Root, l, touched)
+	if err != nil {
+		return Manifest{}, err
+	}
+	root, err := updateIndex(ctx, v.store, base.Root, indexUpdate{zeros: zeros, points: points})
+	if err != nil {
+		return Manifest{}, fmt.Errorf("volume %q: update index: %w", v.cfg.Name, err)
+	}
+	m := Manifest{
+		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
+		Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
+	}
+	if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, m.Kind, m.ID), m); err != nil {
+		return Manifest{}, fmt.Errorf("volume %q: write manifest: %w", v.cfg.Name, err)
+	}
+	return m, nil
 }
 
 // chunkWork lists the chunks a layer changes: touched chunks (any data, or

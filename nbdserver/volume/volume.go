@@ -27,12 +27,15 @@ var (
 // in the repository (base) plus the layers of its write log. Its methods
 // are safe for concurrent use.
 type Volume struct {
+	env   *Env
 	cfg   Config
 	repo  chunkstore.Backend
 	store *chunkstore.Store
 	log   *Log
 
-	// mu guards layers, base and snaps. Lock order: log append lock, then mu.
+	// mu guards layers, base and snaps. Lock order: the log's lock, then
+	// mu (apply runs under the log's append lock): never call into the
+	// log while holding mu.
 	mu     sync.RWMutex
 	layers []*layer // closed layers oldest first, then the open one
 	base   Manifest // newest sealed manifest; zero Root and Seq when none
@@ -43,6 +46,13 @@ type Volume struct {
 	gcMu sync.RWMutex
 	// sealMu makes seals run one at a time, oldest layer first.
 	sealMu sync.Mutex
+
+	// The uploader: kick wakes Run; sealed is closed and replaced after
+	// every seal, waking writers held back by a full log. Guarded by mu.
+	kick     chan struct{}
+	sealed   chan struct{}
+	lastSeal time.Time
+	sealErr  error // the last seal's failure, until one succeeds
 }
 
 // layer is the log records between two marks: what they wrote, as an
@@ -50,6 +60,7 @@ type Volume struct {
 type layer struct {
 	extents *extentMap
 	mark    *mark
+	since   time.Time // when its first record was applied; zero while empty
 }
 
 // mark is the payload of a RecordMark.
@@ -75,8 +86,38 @@ type SnapshotInfo struct {
 	Sealed bool
 }
 
+// Env is where volumes live: the repository, the chunk store over it, the
+// server's state folder, and the limits the engine keeps.
+type Env struct {
+	Repo     chunkstore.Backend
+	Store    *chunkstore.Store
+	StateDir string
+	// CheckpointInterval: after a write, Run makes a checkpoint at most
+	// this long after it, bounding how far the repository lags the
+	// volume. Default 30s.
+	CheckpointInterval time.Duration
+	// LogLimit: past this many bytes of write log, writes wait for the
+	// uploader. Default 8 GiB.
+	LogLimit int64
+}
+
+func (e *Env) checkpointInterval() time.Duration {
+	if e.CheckpointInterval > 0 {
+		return e.CheckpointInterval
+	}
+	return 30 * time.Second
+}
+
+func (e *Env) logLimit() int64 {
+	if e.LogLimit > 0 {
+		return e.LogLimit
+	}
+	return 8 << 30
+}
+
 // Create writes a new volume's record to the repository and opens it.
-func Create(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Store, stateDir string, cfg Config) (*Volume, error) {
+func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
+	repo := env.Repo
 	if cfg.ChunkSize == 0 {
 		cfg.ChunkSize = DefaultChunkSize
 	}
@@ -96,15 +137,16 @@ func Create(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Stor
 	if err := putJSON(ctx, repo, volumeKey(cfg.Name), cfg); err != nil {
 		return nil, fmt.Errorf("create volume %q: %w", cfg.Name, err)
 	}
-	return Open(ctx, repo, store, stateDir, cfg.Name)
+	return Open(ctx, env, cfg.Name)
 }
 
 // Open opens volume name: its record and manifests from the repository,
 // then its write log in stateDir, replaying what the newest manifest does
 // not cover. With no log (a lost state folder) the volume opens at its
 // newest manifest.
-func Open(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Store, stateDir, name string) (*Volume, error) {
-	v := &Volume{repo: repo, store: store}
+func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
+	repo := env.Repo
+	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{})}
 	if err := getJSON(ctx, repo, volumeKey(name), &v.cfg); err != nil {
 		if errors.Is(err, chunkstore.ErrNotFound) {
 			return nil, fmt.Errorf("volume %q: %w", name, ErrNoVolume)
@@ -135,7 +177,7 @@ func Open(ctx context.Context, repo chunkstore.Backend, store *chunkstore.Store,
 		}
 		return v.apply(r, pos)
 	}
-	dir := filepath.Join(stateDir, "volumes", name, "log")
+	dir := filepath.Join(env.StateDir, "volumes", name, "log")
 	log, err := openLog(dir, v.base.Seq+1, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
@@ -166,6 +208,9 @@ func (v *Volume) apply(r Record, pos Pos) error {
 	v.mu.Lock()
 	defer v.mu.Unlock()
 	open := v.layers[len(v.layers)-1]
+	if r.Type != RecordMark && open.since.IsZero() {
+		open.since = time.Now()
+	}
 	switch r.Type {
 	case RecordWrite:
 		open.extents.insert(extent{off: r.Offset, length: r.Length, pos: pos})
@@ -208,6 +253,9 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 		return err
 	}
 	for len(p) > 0 { // records are bounded; large writes take several
+		if err := v.waitForRoom(ctx); err != nil {
+			return err
+		}
 		n := min(len(p), maxRecordData)
 		if err := v.append(Record{Type: RecordWrite, Offset: off, Length: int64(n), Data: p[:n]}); err != nil {
 			return err
@@ -278,7 +326,7 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	}
 	m := mark{Kind: kind, Label: label, Time: time.Now().UTC()}
 	var applyErr error
-	_, _, err := v.log.AppendFunc(Record{Type: RecordMark}, func(seq uint64) []byte {
+	_, err := v.log.AppendMark(func(seq uint64) []byte {
 		m.ID = snapshotID(m.Time, seq)
 		data, _ := json.Marshal(m)
 		return data
@@ -292,10 +340,8 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	if err != nil {
 		return SnapshotInfo{}, err
 	}
-	// The mark is durable before its ID is handed out, and the next layer
-	// starts in a segment of its own.
-	if _, err := v.log.Rotate(); err != nil {
-		return SnapshotInfo{}, err
-	}
+	// AppendMark made the mark durable before its ID is handed out, and
+	// started the next layer in a segment of its own.
+	v.nudge()
 	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: v.cfg.Size}, nil
 }

@@ -37,15 +37,17 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 	require.NoError(t, err)
 	g := &rig{t: t, repo: repo, store: store, stateDir: t.TempDir(),
 		m: model{head: make([]byte, size), snaps: map[string][]byte{}}, r: rand.New(rand.NewPCG(seed, 7))}
-	g.v, err = Create(context.Background(), repo, store, g.stateDir, Config{Name: "vol", Size: size, ChunkSize: chunkSize})
+	g.v, err = Create(context.Background(), g.env(), Config{Name: "vol", Size: size, ChunkSize: chunkSize})
 	require.NoError(t, err)
 	t.Cleanup(func() { g.v.Close() })
 	return g
 }
 
+func (g *rig) env() *Env { return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir} }
+
 func (g *rig) reopen() {
 	require.NoError(g.t, g.v.Close())
-	v, err := Open(context.Background(), g.repo, g.store, g.stateDir, "vol")
+	v, err := Open(context.Background(), g.env(), "vol")
 	require.NoError(g.t, err)
 	g.v = v
 }
@@ -148,7 +150,7 @@ func (g *rig) step() string {
 	default:
 		// A crash: the process dies without Close. Everything written is
 		// in the page cache, so all of it comes back.
-		v, err := Open(ctx, g.repo, g.store, g.stateDir, "vol")
+		v, err := Open(ctx, g.env(), "vol")
 		require.NoError(g.t, err)
 		g.v.log.Close()
 		g.v = v
@@ -205,7 +207,7 @@ func TestVolumeLostStateOpensAtLastSeal(t *testing.T) {
 	require.NoError(t, g.v.Close())
 	require.NoError(t, os.RemoveAll(g.stateDir))
 
-	v, err := Open(ctx, g.repo, g.store, g.stateDir, "vol")
+	v, err := Open(ctx, g.env(), "vol")
 	require.NoError(t, err)
 	g.v = v
 	got := make([]byte, 8*MinChunkSize)
@@ -215,7 +217,7 @@ func TestVolumeLostStateOpensAtLastSeal(t *testing.T) {
 	assert.True(t, bytes.Equal(want, got), "the head is the last checkpoint")
 	require.NoError(t, v.WriteAt(ctx, []byte("new"), 0, true))
 	require.NoError(t, v.Close())
-	v, err = Open(ctx, g.repo, g.store, g.stateDir, "vol")
+	v, err = Open(ctx, g.env(), "vol")
 	require.NoError(t, err)
 	g.v = v
 	require.NoError(t, v.ReadAt(ctx, got[:3], 0))
@@ -253,9 +255,9 @@ func TestVolumeErrors(t *testing.T) {
 	require.NoError(t, err)
 	_, err = g.v.Snapshot(ctx, "x")
 	assert.ErrorIs(t, err, ErrLabelTaken)
-	_, err = Create(ctx, g.repo, g.store, g.stateDir, Config{Name: "vol", Size: 1 << 20})
+	_, err = Create(ctx, g.env(), Config{Name: "vol", Size: 1 << 20})
 	assert.ErrorIs(t, err, ErrExists)
-	_, err = Open(ctx, g.repo, g.store, g.stateDir, "other")
+	_, err = Open(ctx, g.env(), "other")
 	assert.ErrorIs(t, err, ErrNoVolume)
 	for _, bad := range []Config{
 		{Name: "a/b", Size: 1 << 20},
@@ -264,10 +266,10 @@ func TestVolumeErrors(t *testing.T) {
 		{Name: "v", Size: 65 << 40},
 		{Name: "v", Size: 0},
 	} {
-		_, err := Create(ctx, g.repo, g.store, g.stateDir, bad)
+		_, err := Create(ctx, g.env(), bad)
 		assert.Error(t, err, "%+v", bad)
 	}
-	v, err := Create(ctx, g.repo, g.store, t.TempDir(), Config{Name: "big", Size: MaxSize})
+	v, err := Create(ctx, &Env{Repo: g.repo, Store: g.store, StateDir: t.TempDir()}, Config{Name: "big", Size: MaxSize})
 	require.NoError(t, err, "a 64 TiB volume is created at once")
 	exts, err := v.Extents(ctx, "", 0, MaxSize)
 	require.NoError(t, err)

@@ -1,0 +1,109 @@
+package volume
+
+import (
+	"context"
+	"time"
+)
+
+// nudge wakes Run without waiting.
+func (v *Volume) nudge() {
+	select {
+	case v.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Run is the volume's uploader: it makes a checkpoint once the open layer
+// has held writes for CheckpointInterval (or the log passes half its
+// limit), and seals closed layers as they come. A failed seal is retried
+// with backoff; Status reports it. Run returns when ctx ends. Writes past
+// LogLimit wait for it, so it must be running while the volume takes
+// writes.
+func (v *Volume) Run(ctx context.Context) {
+	interval := v.env.checkpointInterval()
+	tick := time.NewTicker(min(max(interval/4, 10*time.Millisecond), time.Second))
+	defer tick.Stop()
+	backoff := time.Duration(0)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-v.kick:
+		case <-tick.C:
+		}
+		logSize := v.log.Size() // not under mu: the lock order is log, then mu
+		v.mu.RLock()
+		open := v.layers[len(v.layers)-1]
+		due := !open.since.IsZero() && (time.Since(open.since) >= interval || logSize >= v.env.logLimit()/2)
+		v.mu.RUnlock()
+		if due {
+			_, _ = v.Checkpoint(ctx) // a failure shows in the next seal's
+		}
+		if err := v.SealAll(ctx); err != nil {
+			if ctx.Err() != nil {
+				return
+			}
+			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(backoff):
+			}
+			v.nudge()
+			continue
+		}
+		backoff = 0
+	}
+}
+
+// waitForRoom holds a writer back while the log is at its limit, until a
+// seal frees segments or ctx ends.
+func (v *Volume) waitForRoom(ctx context.Context) error {
+	for {
+		// Take the channel before looking at the size: a seal that frees
+		// room after the look closes this channel, so no wakeup is lost.
+		v.mu.RLock()
+		sealed := v.sealed
+		v.mu.RUnlock()
+		if v.log.Size() < v.env.logLimit() {
+			return nil
+		}
+		// Make sure there is a closed layer for the uploader to free.
+		if _, err := v.Checkpoint(ctx); err != nil {
+			return err
+		}
+		v.nudge()
+		select {
+		case <-sealed:
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// Status is what the volume reports about its upload.
+type Status struct {
+	LogBytes      int64
+	PendingLayers int // closed layers waiting to be sealed
+	// Lag is how long the oldest write the repository does not hold yet
+	// has waited; zero when the repository holds everything.
+	Lag      time.Duration
+	LastSeal time.Time
+	// SealError is the last seal's failure, until a seal succeeds.
+	SealError error
+}
+
+// Status reports the volume's upload state.
+func (v *Volume) Status() Status {
+	st := Status{LogBytes: v.log.Size()} // before mu: the lock order is log, then mu
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	st.PendingLayers, st.LastSeal, st.SealError = len(v.layers)-1, v.lastSeal, v.sealErr
+	for _, l := range v.layers {
+		if !l.since.IsZero() {
+			st.Lag = time.Since(l.since)
+			break
+		}
+	}
+	return st
+}
