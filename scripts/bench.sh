@@ -12,3 +12,7 @@ stamp=$(date -u +%Y%m%dT%H%M%SZ)
 echo "== chunkstore: hash, zstd, Put and Get of 1 MiB chunks (local and MinIO)"
 go test -run '^$' -bench . -benchtime "${BENCHTIME:-3s}" ./chunkstore/ | tee "$out/chunkstore-$stamp.txt"
 echo "results in $out/chunkstore-$stamp.txt"
+
+echo "== NBD: nbdvault's server next to qemu-nbd and nbdkit (nbdcopy, fio)"
+go run ./integration/nbdbench | tee "$out/nbd-$stamp.md"
+echo "results in $out/nbd-$stamp.md"
