@@ -1,0 +1,165 @@
+// Package nbdserver is the backup server: it serves volumes over NBD (a
+// volume's head as VOL, each snapshot read-only as VOL@SNAP), and will hold
+// the listeners, admin API and metrics (issue #5). It is where
+// nbdserver/nbd and nbdserver/volume meet; neither imports the other.
+package nbdserver
+
+import (
+	"context"
+	"errors"
+	"slices"
+	"strings"
+	"sync"
+
+	"github.com/nbdvault/nbdvault/nbdserver/nbd"
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
+)
+
+// Exports offers volumes to an nbd.Server: "VOL" is the writable head,
+// "VOL@SNAP" a snapshot (by ID or label), read-only.
+type Exports struct {
+	mu    sync.RWMutex
+	heads map[string]*nbd.Export
+	vols  map[string]*volume.Volume
+}
+
+// NewExports returns an empty set of exports.
+func NewExports() *Exports {
+	return &Exports{heads: map[string]*nbd.Export{}, vols: map[string]*volume.Volume{}}
+}
+
+// Add offers v.
+func (e *Exports) Add(v *volume.Volume) {
+	name := v.Config().Name
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.vols[name] = v
+	e.heads[name] = &nbd.Export{
+		Name:           name,
+		Description:    "nbdvault volume " + name,
+		Backend:        head{v},
+		PreferredBlock: 4096,
+	}
+}
+
+// Remove stops offering volume name to new clients.
+func (e *Exports) Remove(name string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	delete(e.vols, name)
+	delete(e.heads, name)
+}
+
+// Lookup implements nbd.Exports.
+func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
+	volName, snap, isSnap := strings.Cut(name, "@")
+	e.mu.RLock()
+	h, ok := e.heads[volName]
+	v := e.vols[volName]
+	e.mu.RUnlock()
+	if !ok || !isSnap {
+		return h, ok
+	}
+	for _, s := range v.Snapshots() {
+		if s.ID == snap || (s.Label != "" && s.Label == snap) {
+			return snapshotExport(v, s), true
+		}
+	}
+	return nil, false
+}
+
+func snapshotExport(v *volume.Volume, s volume.SnapshotInfo) *nbd.Export {
+	name := v.Config().Name + "@" + s.ID
+	desc := "snapshot " + s.ID + " of " + v.Config().Name
+	if s.Label != "" {
+		desc += " (" + s.Label + ")"
+	}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID}, ReadOnly: true, PreferredBlock: 4096}
+}
+
+// List implements nbd.Exports: every head, then every snapshot.
+func (e *Exports) List() []*nbd.Export {
+	e.mu.RLock()
+	var out []*nbd.Export
+	var vols []*volume.Volume
+	for name, h := range e.heads {
+		out = append(out, h)
+		vols = append(vols, e.vols[name])
+	}
+	e.mu.RUnlock()
+	for _, v := range vols {
+		for _, s := range v.Snapshots() {
+			out = append(out, snapshotExport(v, s))
+		}
+	}
+	slices.SortFunc(out, func(a, b *nbd.Export) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+// head serves a volume's head.
+type head struct{ v *volume.Volume }
+
+func (h head) Size() int64 { return h.v.Size() }
+func (h head) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return nbdErr(h.v.ReadAt(ctx, p, off))
+}
+func (h head) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
+	return nbdErr(h.v.WriteAt(ctx, p, off, fua))
+}
+func (h head) Flush(ctx context.Context) error { return nbdErr(h.v.Flush(ctx)) }
+func (h head) Trim(ctx context.Context, off, n int64) error {
+	return nbdErr(h.v.Zero(ctx, off, n))
+}
+
+// Zero writes one zero record whatever the range; the volume never
+// allocates, so noHole cannot be honoured and the range stays a hole that
+// reads as zeros (what NBD asks of a server without NO_HOLE support).
+func (h head) Zero(ctx context.Context, off, n int64, _ bool) error {
+	return nbdErr(h.v.Zero(ctx, off, n))
+}
+func (h head) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
+	return extents(h.v.Extents(ctx, "", off, n))
+}
+
+// snapshot serves one snapshot, read-only.
+type snapshot struct {
+	v  *volume.Volume
+	id string
+}
+
+func (s snapshot) Size() int64 { return s.v.Size() }
+func (s snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
+	return nbdErr(s.v.ReadSnapshotAt(ctx, s.id, p, off))
+}
+func (s snapshot) WriteAt(context.Context, []byte, int64, bool) error { return nbd.ErrReadOnly }
+func (s snapshot) Flush(context.Context) error                        { return nil }
+func (s snapshot) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
+	return extents(s.v.Extents(ctx, s.id, off, n))
+}
+
+func extents(in []volume.Extent, err error) ([]nbd.Extent, error) {
+	if err != nil {
+		return nil, nbdErr(err)
+	}
+	out := make([]nbd.Extent, len(in))
+	for i, e := range in {
+		out[i].Length = e.Length
+		if e.Zero {
+			out[i].Flags = nbd.StateHole | nbd.StateZero
+		}
+	}
+	return out, nil
+}
+
+// nbdErr maps the volume's errors to the ones nbd turns into error codes.
+func nbdErr(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, volume.ErrOutOfRange):
+		return errors.Join(nbd.ErrInvalid, err)
+	case errors.Is(err, volume.ErrNoSnapshot):
+		return errors.Join(nbd.ErrInvalid, err)
+	}
+	return err
+}
