@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
 // Local is a Backend in a directory of the local filesystem. A key is a path
@@ -89,7 +91,7 @@ func (l *Local) put(key string, data []byte) (err error) {
 	if err = os.Rename(tmp, path); err != nil {
 		return err
 	}
-	return syncDir(dir)
+	return fsync.Dir(dir)
 }
 
 func (l *Local) Get(ctx context.Context, key string) ([]byte, error) {
@@ -193,19 +195,7 @@ func mkdirDurable(dir string) error {
 	if err := os.Mkdir(dir, localDirMode); err != nil && !errors.Is(err, fs.ErrExist) {
 		return err
 	}
-	return syncDir(parent)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
+	return fsync.Dir(parent)
 }
 
 // translateOSError maps a filesystem error onto this package's sentinels,

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,19 +17,7 @@ import (
 
 // One MinIO serves the conformance suites; every subtest gets its own
 // prefix. Tests that kill MinIO start their own.
-var (
-	sharedOnce  sync.Once
-	sharedMinio *miniotest.Server
-)
-
-func shared(t testing.TB) *miniotest.Server {
-	t.Helper()
-	sharedOnce.Do(func() { sharedMinio = miniotest.StartShared(t) })
-	if sharedMinio == nil {
-		t.Fatal("shared MinIO failed to start (see the first test that tried)")
-	}
-	return sharedMinio
-}
+func shared(t testing.TB) *miniotest.Server { return miniotest.StartShared(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()

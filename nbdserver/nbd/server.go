@@ -138,10 +138,7 @@ func (s *Server) ServeConn(nc net.Conn) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	st := &s.state
 	st.mu.Lock()
-	st.closing.Store(true)
-	for l := range st.listeners {
-		l.Close()
-	}
+	st.stopAccepting()
 	for c := range st.conns {
 		c.stop()
 	}
@@ -163,15 +160,21 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() error {
 	st := &s.state
 	st.mu.Lock()
-	st.closing.Store(true)
-	for l := range st.listeners {
-		l.Close()
-	}
+	st.stopAccepting()
 	for c := range st.conns {
 		c.close()
 	}
 	st.mu.Unlock()
 	return nil
+}
+
+// stopAccepting marks the server closing and closes its listeners. Called
+// with mu held.
+func (st *serverState) stopAccepting() {
+	st.closing.Store(true)
+	for l := range st.listeners {
+		l.Close()
+	}
 }
 
 // conn is one client connection.

@@ -171,13 +171,7 @@ func (w *wire) attach(name string, structured bool) (uint64, uint16) {
 }
 
 func (w *wire) request(typ, flags uint16, cookie, off uint64, length uint32, payload []byte) {
-	b := binary.BigEndian.AppendUint32(nil, MagicRequest)
-	b = binary.BigEndian.AppendUint16(b, flags)
-	b = binary.BigEndian.AppendUint16(b, typ)
-	b = binary.BigEndian.AppendUint64(b, cookie)
-	b = binary.BigEndian.AppendUint64(b, off)
-	b = binary.BigEndian.AppendUint32(b, length)
-	w.write(append(b, payload...))
+	w.write(reqBytes(typ, flags, cookie, off, length, payload))
 }
 
 // simple reads a simple reply, and data of n bytes when its error is 0.

@@ -19,6 +19,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
 // A log is a directory of segment files, each a run of records:
@@ -271,7 +273,7 @@ func (l *Log) newSegment() error {
 	if err != nil {
 		return err
 	}
-	if err := syncDir(l.dir); err != nil {
+	if err := fsync.Dir(l.dir); err != nil {
 		f.Close()
 		os.Remove(path)
 		return err
@@ -477,7 +479,7 @@ func (l *Log) RemoveBefore(seq uint64) error {
 	if err != nil {
 		return err
 	}
-	return syncDir(l.dir)
+	return fsync.Dir(l.dir)
 }
 
 // Reset deletes every segment and starts the log again at sequence
@@ -553,16 +555,4 @@ func pwriteAll(f *os.File, bufs [][]byte, off int64) error {
 			}
 		}
 	}
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	err = d.Sync()
-	if cerr := d.Close(); err == nil {
-		err = cerr
-	}
-	return err
 }

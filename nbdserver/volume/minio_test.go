@@ -2,7 +2,6 @@ package volume
 
 import (
 	"os"
-	"sync"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -10,20 +9,6 @@ import (
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/integration/miniotest"
 )
-
-var (
-	minioOnce sync.Once
-	minioSrv  *miniotest.Server
-)
-
-func sharedMinio(t *testing.T) *miniotest.Server {
-	t.Helper()
-	minioOnce.Do(func() { minioSrv = miniotest.StartShared(t) })
-	if minioSrv == nil {
-		t.Fatal("shared MinIO failed to start (see the first test that tried)")
-	}
-	return minioSrv
-}
 
 func TestMain(m *testing.M) {
 	code := m.Run()
@@ -34,7 +19,7 @@ func TestMain(m *testing.M) {
 // TestVolumeModelMinIO runs the model test with the repository in a real
 // MinIO, through the retrying S3 backend the server uses.
 func TestVolumeModelMinIO(t *testing.T) {
-	m := sharedMinio(t)
+	m := miniotest.StartShared(t)
 	runModel(t, func(t *testing.T) chunkstore.Backend {
 		b := m.Backend(t)
 		require.NotNil(t, b)
