@@ -1,9 +1,12 @@
 package volume
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"os/exec"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -11,6 +14,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/integration/miniotest"
 )
 
 // eventually polls cond until it holds or the deadline passes: Run works
@@ -132,4 +136,56 @@ func TestRunReportsAndRecoversFromSealErrors(t *testing.T) {
 	repo.fail.Store(false)
 	eventually(t, 10*time.Second, func() bool { st := v.Status(); return st.Lag == 0 && st.SealError == nil },
 		"the upload catches up once the repository is back")
+}
+
+// TestStateDiskFull puts the state folder on a 4 MiB tmpfs: a write that
+// does not fit fails with ENOSPC (which NBD reports as ENOSPC), nothing
+// written before is lost, and once the uploader frees the log, writes
+// succeed again.
+func TestStateDiskFull(t *testing.T) {
+	dir := t.TempDir()
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", dir).CombinedOutput(); err != nil {
+		if miniotest.Required() {
+			t.Fatalf("mount a small tmpfs (this test needs root): %v: %s", err, out)
+		}
+		t.Skipf("mount a small tmpfs (this test needs root): %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: dir, CheckpointInterval: time.Hour}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 64 << 20})
+	require.NoError(t, err)
+	t.Cleanup(func() { v.Close() })
+
+	want := make([]byte, 64<<20)
+	var full error
+	n := 0
+	for ; n < 64; n++ {
+		p := randomBytes(256 << 10)
+		if full = v.WriteAt(ctx, p, int64(n)<<18, false); full != nil {
+			break
+		}
+		copy(want[n<<18:], p)
+	}
+	require.ErrorIs(t, full, syscall.ENOSPC, "the write that does not fit says why")
+	require.NoError(t, v.Flush(ctx), "what was written before is still durable")
+	got := make([]byte, len(want))
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(want, got), "nothing written before the disk filled is lost")
+
+	// The uploader frees the log; writes go on.
+	_, err = v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	p := randomBytes(256 << 10)
+	require.NoError(t, v.WriteAt(ctx, p, int64(n)<<18, true))
+	copy(want[n<<18:], p)
+	require.NoError(t, v.Close())
+	v, err = Open(ctx, env, "v")
+	require.NoError(t, err)
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(want, got), "after a restart the volume holds every write that succeeded")
 }
