@@ -3,6 +3,7 @@ package chunkstore
 import (
 	"context"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -10,8 +11,10 @@ import (
 // Mem is a Backend in memory, for unit tests. It copies data in and out, so
 // callers can no more alias its objects than they could a real store's.
 type Mem struct {
-	mu      sync.RWMutex
-	objects map[string][]byte
+	mu       sync.RWMutex
+	objects  map[string][]byte
+	versions map[string]string // for PutIf; empty for plain Puts
+	seq      uint64
 }
 
 // NewMem returns an empty in-memory backend.
@@ -25,6 +28,11 @@ func (m *Mem) Put(ctx context.Context, key string, data []byte) error {
 	}
 	m.mu.Lock()
 	m.objects[key] = slices.Clone(data)
+	m.seq++
+	if m.versions == nil {
+		m.versions = map[string]string{}
+	}
+	m.versions[key] = strconv.FormatUint(m.seq, 10)
 	m.mu.Unlock()
 	return nil
 }
@@ -61,6 +69,7 @@ func (m *Mem) Delete(ctx context.Context, key string) error {
 	}
 	m.mu.Lock()
 	delete(m.objects, key)
+	delete(m.versions, key)
 	m.mu.Unlock()
 	return nil
 }

@@ -122,3 +122,31 @@ func (r *Retry) List(ctx context.Context, prefix string, fn func(key string) err
 		})
 	}, func() bool { return !delivered })
 }
+
+// GetVersion and PutIf pass through to a Versioned backend, retried like
+// the rest. A PutIf whose answer was lost and is retried finds its own
+// write and reports ErrPrecondition: callers treat that as having lost
+// the race, the safe side.
+func (r *Retry) GetVersion(ctx context.Context, key string) (data []byte, version string, err error) {
+	v, ok := AsVersioned(r.next)
+	if !ok {
+		return nil, "", fmt.Errorf("%s: conditional writes: %w", r.next.Location(), errors.ErrUnsupported)
+	}
+	err = r.do(ctx, func() error {
+		data, version, err = v.GetVersion(ctx, key)
+		return err
+	})
+	return data, version, err
+}
+
+func (r *Retry) PutIf(ctx context.Context, key string, data []byte, match string) (version string, err error) {
+	v, ok := AsVersioned(r.next)
+	if !ok {
+		return "", fmt.Errorf("%s: conditional writes: %w", r.next.Location(), errors.ErrUnsupported)
+	}
+	err = r.do(ctx, func() error {
+		version, err = v.PutIf(ctx, key, data, match)
+		return err
+	})
+	return version, err
+}

@@ -118,6 +118,46 @@ func (s *S3) Put(ctx context.Context, key string, data []byte) error {
 	return s.translate("put", key, err)
 }
 
+// GetVersion returns the object and its ETag.
+func (s *S3) GetVersion(ctx context.Context, key string) ([]byte, string, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return nil, "", err
+	}
+	body, info, _, err := s.core.GetObject(ctx, s.bucket, s.prefix+key, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, "", s.translate("get", key, err)
+	}
+	defer body.Close()
+	data, err := io.ReadAll(body)
+	if err != nil {
+		return nil, "", s.translate("get", key, err)
+	}
+	return data, info.ETag, nil
+}
+
+// PutIf is a conditional PUT: If-None-Match: * to create, If-Match: ETag
+// to replace. S3 and MinIO answer 412 when the condition fails.
+func (s *S3) PutIf(ctx context.Context, key string, data []byte, match string) (string, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return "", err
+	}
+	opts := minio.PutObjectOptions{ContentType: "application/octet-stream"}
+	if match == "" {
+		opts.SetMatchETagExcept("*")
+	} else {
+		opts.SetMatchETag(match)
+	}
+	info, err := s.core.PutObject(ctx, s.bucket, s.prefix+key, bytes.NewReader(data), int64(len(data)), "", "", opts)
+	if err != nil {
+		err = s.translate("put-if", key, err)
+		if errors.Is(err, ErrNotFound) { // If-Match on a missing key
+			err = &KeyError{Op: "put-if", Key: key, Err: ErrPrecondition}
+		}
+		return "", err
+	}
+	return info.ETag, nil
+}
+
 func (s *S3) Get(ctx context.Context, key string) ([]byte, error) {
 	if err := opCheck(ctx, key); err != nil {
 		return nil, err
@@ -209,6 +249,8 @@ func (s *S3) translate(op, key string, err error) error {
 			resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusUnauthorized:
 			sentinel = ErrPermission
 			err = fmt.Errorf("%w (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)", err)
+		case resp.Code == "PreconditionFailed" || resp.StatusCode == http.StatusPreconditionFailed:
+			sentinel = ErrPrecondition
 		case resp.Code == "XMinioStorageFull":
 			sentinel = ErrNoSpace
 		case resp.Code == "SlowDown" || resp.Code == "RequestTimeout" || resp.Code == "InternalError" ||

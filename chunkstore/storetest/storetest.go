@@ -18,6 +18,7 @@ import (
 	mrand "math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -206,6 +207,45 @@ func Backend(t *testing.T, open Opener) {
 			require.Equal(t, want[i], got)
 		}
 		assert.Len(t, listAll(t, b, "chunks/"), n)
+	})
+
+	t.Run("ConditionalPut", func(t *testing.T) {
+		b := open(t)
+		v, ok := chunkstore.AsVersioned(b)
+		require.True(t, ok, "every backend takes conditional writes (the lease needs them)")
+		v1, err := v.PutIf(ctx, "locks/server", []byte("a"), "")
+		require.NoError(t, err, "create if absent")
+		_, err = v.PutIf(ctx, "locks/server", []byte("b"), "")
+		require.ErrorIs(t, err, chunkstore.ErrPrecondition, "create if absent, but it exists")
+		data, got, err := v.GetVersion(ctx, "locks/server")
+		require.NoError(t, err)
+		assert.Equal(t, "a", string(data))
+		assert.Equal(t, v1, got)
+		v2, err := v.PutIf(ctx, "locks/server", []byte("b"), v1)
+		require.NoError(t, err, "replace the version read")
+		assert.NotEqual(t, v1, v2)
+		_, err = v.PutIf(ctx, "locks/server", []byte("c"), v1)
+		require.ErrorIs(t, err, chunkstore.ErrPrecondition, "replace a version that is gone")
+		data, _, err = v.GetVersion(ctx, "locks/server")
+		require.NoError(t, err)
+		assert.Equal(t, "b", string(data), "a failed conditional write changes nothing")
+		_, err = v.PutIf(ctx, "locks/other", []byte("x"), v2)
+		require.ErrorIs(t, err, chunkstore.ErrPrecondition, "replace a key that does not exist")
+
+		// Many racing creators: exactly one wins.
+		var wg sync.WaitGroup
+		var wins atomic.Int32
+		for i := range 8 {
+			wg.Go(func() {
+				if _, err := v.PutIf(ctx, "locks/race", []byte{byte(i)}, ""); err == nil {
+					wins.Add(1)
+				} else {
+					assert.ErrorIs(t, err, chunkstore.ErrPrecondition)
+				}
+			})
+		}
+		wg.Wait()
+		assert.EqualValues(t, 1, wins.Load())
 	})
 
 	t.Run("CancelledContext", func(t *testing.T) {
