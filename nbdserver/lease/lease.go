@@ -1,0 +1,192 @@
+// Package lease keeps one server writing a repository at a time. The lease
+// is an object (locks/server) naming its holder and when it expires,
+// created with create-if-absent and renewed with compare-and-swap
+// (chunkstore.Versioned: conditional PUTs on S3), so two servers can never
+// both believe they hold it. A lease not renewed before it expires may be
+// taken over; its old holder learns so at its next renewal.
+package lease
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// Key is where the lease lives in the repository.
+const Key = "locks/server"
+
+// DefaultTTL is how long a lease lasts unless renewed. Keep renews it every
+// third of that.
+const DefaultTTL = 30 * time.Second
+
+// Holder describes a lease's owner.
+type Holder struct {
+	ID      string    `json:"id"` // random, one per Acquire
+	Host    string    `json:"host"`
+	PID     int       `json:"pid"`
+	Started time.Time `json:"started"`
+	Expires time.Time `json:"expires"`
+}
+
+// HeldError says who holds the lease. It matches ErrHeld.
+type HeldError struct{ Holder Holder }
+
+// ErrHeld: another server holds the repository's lease.
+var ErrHeld = errors.New("the repository is in use by another server")
+
+// ErrLost: the lease was taken over (it expired before a renewal).
+var ErrLost = errors.New("the repository lease was lost to another server")
+
+func (e *HeldError) Error() string {
+	h := e.Holder
+	return fmt.Sprintf("the repository is in use by the nbdvault server on %s (pid %d, since %s, lease until %s): stop that server, or wait for its lease to expire",
+		h.Host, h.PID, h.Started.Format(time.RFC3339), h.Expires.Format(time.RFC3339))
+}
+
+func (e *HeldError) Is(target error) bool { return target == ErrHeld }
+
+// Lease is a held lease.
+type Lease struct {
+	backend chunkstore.Backend
+	store   chunkstore.Versioned
+	ttl     time.Duration
+
+	mu      sync.Mutex
+	me      Holder
+	version string
+}
+
+// Acquire takes the repository's lease for ttl (DefaultTTL if zero), or
+// returns a *HeldError naming the server that holds it.
+func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lease, error) {
+	store, ok := chunkstore.AsVersioned(b)
+	if !ok {
+		return nil, fmt.Errorf("repository %s takes no conditional writes, so it cannot hold a lease", b.Location())
+	}
+	if ttl <= 0 {
+		ttl = DefaultTTL
+	}
+	host, _ := os.Hostname()
+	id := make([]byte, 8)
+	_, _ = rand.Read(id)
+	now := time.Now().UTC()
+	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, PID: os.Getpid(), Started: now}}
+
+	for range 5 { // each round loses only to another server that moved first
+		l.me.Expires = time.Now().UTC().Add(ttl)
+		ver, err := store.PutIf(ctx, Key, l.encode(), "")
+		if err == nil {
+			l.version = ver
+			return l, nil
+		}
+		if !errors.Is(err, chunkstore.ErrPrecondition) {
+			return nil, fmt.Errorf("take the repository lease: %w", err)
+		}
+		data, cur, err := store.GetVersion(ctx, Key)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			continue // released meanwhile
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read the repository lease: %w", err)
+		}
+		var h Holder
+		if err := json.Unmarshal(data, &h); err != nil {
+			return nil, fmt.Errorf("the repository lease %s is unreadable (%v): remove it if no server runs", Key, err)
+		}
+		if time.Now().Before(h.Expires) {
+			return nil, &HeldError{Holder: h}
+		}
+		// Expired: take it over, unless someone else already did.
+		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
+		if err == nil {
+			l.version = ver
+			return l, nil
+		}
+		if !errors.Is(err, chunkstore.ErrPrecondition) {
+			return nil, fmt.Errorf("take over the expired repository lease: %w", err)
+		}
+	}
+	return nil, fmt.Errorf("take the repository lease: %w (it keeps changing hands)", ErrHeld)
+}
+
+func (l *Lease) encode() []byte {
+	data, _ := json.Marshal(l.me)
+	return data
+}
+
+// Holder returns who the lease names (this server).
+func (l *Lease) Holder() Holder {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.me
+}
+
+// Renew extends the lease by its TTL. ErrLost means another server took it
+// over: this one must stop writing the repository.
+func (l *Lease) Renew(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	prev := l.me.Expires
+	l.me.Expires = time.Now().UTC().Add(l.ttl)
+	ver, err := l.store.PutIf(ctx, Key, l.encode(), l.version)
+	if err != nil {
+		l.me.Expires = prev
+		if errors.Is(err, chunkstore.ErrPrecondition) {
+			return ErrLost
+		}
+		return fmt.Errorf("renew the repository lease: %w", err)
+	}
+	l.version = ver
+	return nil
+}
+
+// Keep renews the lease every third of its TTL until ctx ends (nil) or the
+// lease is lost (ErrLost). Renewals that fail for other reasons are retried
+// until the lease would expire, which counts as lost.
+func (l *Lease) Keep(ctx context.Context) error {
+	t := time.NewTicker(l.ttl / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		err := l.Renew(ctx)
+		switch {
+		case err == nil:
+		case errors.Is(err, ErrLost):
+			return err
+		case ctx.Err() != nil:
+			return nil
+		case time.Now().After(l.Holder().Expires):
+			return fmt.Errorf("%w: no renewal succeeded before it expired (last: %v)", ErrLost, err)
+		}
+	}
+}
+
+// Release gives the lease up, if this server still holds it.
+func (l *Lease) Release(ctx context.Context) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	data, cur, err := l.store.GetVersion(ctx, Key)
+	if errors.Is(err, chunkstore.ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("release the repository lease: %w", err)
+	}
+	var h Holder
+	if json.Unmarshal(data, &h) != nil || h.ID != l.me.ID || cur != l.version {
+		return nil // not ours any more
+	}
+	return l.backend.Delete(ctx, Key)
+}

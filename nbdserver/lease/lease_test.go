@@ -1,0 +1,120 @@
+package lease
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/integration/miniotest"
+)
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	miniotest.StopShared()
+	os.Exit(code)
+}
+
+func backends(t *testing.T) map[string]func(t *testing.T) chunkstore.Backend {
+	return map[string]func(t *testing.T) chunkstore.Backend{
+		"mem": func(*testing.T) chunkstore.Backend { return chunkstore.NewMem() },
+		"local": func(t *testing.T) chunkstore.Backend {
+			b, err := chunkstore.NewLocal(filepath.Join(t.TempDir(), "repo"))
+			require.NoError(t, err)
+			return chunkstore.NewRetry(b, chunkstore.RetryPolicy{})
+		},
+		"minio": func(t *testing.T) chunkstore.Backend {
+			return chunkstore.NewRetry(miniotest.StartShared(t).Backend(t), chunkstore.RetryPolicy{})
+		},
+	}
+}
+
+func TestLease(t *testing.T) {
+	for name, open := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			b := open(t)
+			first, err := Acquire(ctx, b, time.Minute)
+			require.NoError(t, err)
+
+			_, err = Acquire(ctx, b, time.Minute)
+			require.ErrorIs(t, err, ErrHeld, "a second server is refused")
+			var held *HeldError
+			require.ErrorAs(t, err, &held)
+			assert.Equal(t, first.Holder().ID, held.Holder.ID)
+			host, _ := os.Hostname()
+			assert.Contains(t, err.Error(), host, "the error names the holder's host")
+			assert.Contains(t, err.Error(), "pid", "and its process")
+
+			before := first.Holder().Expires
+			require.NoError(t, first.Renew(ctx))
+			assert.True(t, first.Holder().Expires.After(before), "a renewal extends the lease")
+
+			require.NoError(t, first.Release(ctx))
+			second, err := Acquire(ctx, b, time.Minute)
+			require.NoError(t, err, "a released lease is free")
+			require.NoError(t, second.Release(ctx))
+		})
+	}
+}
+
+func TestLeaseExpiryAndTakeover(t *testing.T) {
+	for name, open := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			ctx := context.Background()
+			b := open(t)
+			stale, err := Acquire(ctx, b, 100*time.Millisecond)
+			require.NoError(t, err)
+			time.Sleep(150 * time.Millisecond) // let it expire unrenewed
+			fresh, err := Acquire(ctx, b, time.Minute)
+			require.NoError(t, err, "an expired lease is taken over")
+			assert.ErrorIs(t, stale.Renew(ctx), ErrLost, "its old holder learns at its next renewal")
+			require.NoError(t, stale.Release(ctx), "releasing a lost lease leaves the new holder's alone")
+			_, err = Acquire(ctx, b, time.Minute)
+			assert.ErrorIs(t, err, ErrHeld)
+			require.NoError(t, fresh.Renew(ctx))
+		})
+	}
+}
+
+func TestLeaseRace(t *testing.T) {
+	for name, open := range backends(t) {
+		t.Run(name, func(t *testing.T) {
+			b := open(t)
+			var wg sync.WaitGroup
+			var won atomic.Int32
+			for range 8 {
+				wg.Go(func() {
+					if _, err := Acquire(context.Background(), b, time.Minute); err == nil {
+						won.Add(1)
+					} else {
+						assert.ErrorIs(t, err, ErrHeld)
+					}
+				})
+			}
+			wg.Wait()
+			assert.EqualValues(t, 1, won.Load(), "exactly one of eight racing servers gets the lease")
+		})
+	}
+}
+
+func TestKeep(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	b := chunkstore.NewMem()
+	l, err := Acquire(ctx, b, 90*time.Millisecond)
+	require.NoError(t, err)
+	done := make(chan error, 1)
+	go func() { done <- l.Keep(ctx) }()
+	time.Sleep(300 * time.Millisecond) // three TTLs: Keep must have renewed
+	_, err = Acquire(context.Background(), b, time.Minute)
+	require.ErrorIs(t, err, ErrHeld, "a kept lease does not expire")
+	cancel()
+	require.NoError(t, <-done)
+}
