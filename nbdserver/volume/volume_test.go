@@ -277,3 +277,63 @@ func TestVolumeErrors(t *testing.T) {
 	require.NoError(t, v.Zero(ctx, 0, MaxSize))
 	v.Close()
 }
+
+// repoBytes sums the sizes of the chunk objects in a local repository.
+func repoBytes(t *testing.T, root string) (n int64, objects int) {
+	t.Helper()
+	err := filepath.WalkDir(filepath.Join(root, "chunks"), func(_ string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		fi, err := d.Info()
+		if err == nil {
+			n += fi.Size()
+			objects++
+		}
+		return err
+	})
+	require.NoError(t, err)
+	return n, objects
+}
+
+// TestDedupAndCompressionInTheRepository writes the same 64 MiB at two
+// offsets (stored once) and 64 MiB of log text (stored compressed), and
+// measures what the local repository holds.
+func TestDedupAndCompressionInTheRepository(t *testing.T) {
+	ctx := context.Background()
+	root := filepath.Join(t.TempDir(), "repo")
+	repo, err := chunkstore.NewLocal(root)
+	require.NoError(t, err)
+	store, err := chunkstore.NewStore(repo, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: repo, Store: store, StateDir: t.TempDir()}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 512 << 20})
+	require.NoError(t, err)
+	defer v.Close()
+
+	data := randomBytes(64 << 20)
+	require.NoError(t, v.WriteAt(ctx, data, 0, false))
+	require.NoError(t, v.WriteAt(ctx, data, 256<<20, false))
+	_, err = v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	stored, objects := repoBytes(t, root)
+	assert.Equal(t, 64+3, objects, "64 chunks stored once, plus a leaf, an inner page and a root")
+	assert.Less(t, stored, int64(65<<20), "the second copy costs nothing: %d bytes stored for 128 MiB written", stored)
+
+	var text bytes.Buffer
+	for i := 0; text.Len() < 64<<20; i++ {
+		fmt.Fprintf(&text, "%09d level=info msg=\"backup streamed\" volume=db bytes=%d\n", i, i*4096%1000003)
+	}
+	require.NoError(t, v.WriteAt(ctx, text.Bytes()[:64<<20], 128<<20, false))
+	_, err = v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	after, _ := repoBytes(t, root)
+	assert.Less(t, after-stored, int64(16<<20), "64 MiB of log text takes under a quarter of its size: %d bytes", after-stored)
+	t.Logf("random 2 x 64 MiB: %d bytes stored; log text 64 MiB: %d bytes stored", stored, after-stored)
+
+	got := make([]byte, 64<<20)
+	require.NoError(t, v.ReadAt(ctx, got, 256<<20))
+	assert.True(t, bytes.Equal(data, got))
+}
