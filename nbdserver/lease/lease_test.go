@@ -108,11 +108,11 @@ func TestLeaseRace(t *testing.T) {
 func TestKeep(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	b := chunkstore.NewMem()
-	l, err := Acquire(ctx, b, 90*time.Millisecond)
+	l, err := Acquire(ctx, b, 600*time.Millisecond)
 	require.NoError(t, err)
 	done := make(chan error, 1)
 	go func() { done <- l.Keep(ctx) }()
-	time.Sleep(300 * time.Millisecond) // three TTLs: Keep must have renewed
+	time.Sleep(2 * time.Second) // over three TTLs: Keep must have renewed
 	_, err = Acquire(context.Background(), b, time.Minute)
 	require.ErrorIs(t, err, ErrHeld, "a kept lease does not expire")
 	cancel()
