@@ -105,6 +105,9 @@ func (s *Store) Sum(data []byte) ID {
 func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 	s.stats.puts.Add(1)
 	s.stats.bytesIn.Add(int64(len(data)))
+	if err := ctx.Err(); err != nil {
+		return ZeroID, err
+	}
 	if len(data) > MaxChunkSize {
 		return ZeroID, fmt.Errorf("put chunk: %d bytes exceeds the maximum chunk size %d", len(data), MaxChunkSize)
 	}
@@ -140,6 +143,10 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 // ID is a hole, never stored: Get of it is an ErrNotFound.
 func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
 	s.stats.gets.Add(1)
+	if err := ctx.Err(); err != nil {
+		// A done context fails the call even when the chunk is at hand.
+		return nil, err
+	}
 	if id.IsZero() {
 		return nil, fmt.Errorf("get chunk: the zero ID names a hole, which is never stored: %w", ErrNotFound)
 	}
@@ -178,6 +185,9 @@ func (s *Store) open(id ID, obj []byte) ([]byte, error) {
 // Has reports whether chunk id is in the backend. The zero ID is always
 // present: it is a hole.
 func (s *Store) Has(ctx context.Context, id ID) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
 	if id.IsZero() {
 		return true, nil
 	}
