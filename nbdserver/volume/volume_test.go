@@ -337,3 +337,39 @@ func TestDedupAndCompressionInTheRepository(t *testing.T) {
 	require.NoError(t, v.ReadAt(ctx, got, 256<<20))
 	assert.True(t, bytes.Equal(data, got))
 }
+
+func TestDeleteSnapshot(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 8*MinChunkSize, MinChunkSize, 1)
+	first := randomBytes(MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, first, 0, false))
+	old, err := g.v.Snapshot(ctx, "old")
+	require.NoError(t, err)
+	second := randomBytes(MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, second, 0, false))
+	newest, err := g.v.Snapshot(ctx, "newest")
+	require.NoError(t, err)
+
+	assert.ErrorIs(t, g.v.DeleteSnapshot(ctx, "newest"), ErrNotSealed, "an unsealed snapshot is refused")
+	require.NoError(t, g.v.SealAll(ctx))
+	assert.ErrorIs(t, g.v.DeleteSnapshot(ctx, "nope"), ErrNoSnapshot)
+
+	require.NoError(t, g.v.DeleteSnapshot(ctx, old.ID))
+	assert.ErrorIs(t, g.v.ReadSnapshotAt(ctx, "old", make([]byte, 1), 0), ErrNoSnapshot)
+	_, err = g.v.Snapshot(ctx, "old")
+	require.NoError(t, err, "a deleted snapshot's label is free again")
+	require.NoError(t, g.v.SealAll(ctx))
+
+	// Deleting the newest sealed snapshot must not lose the head on restart.
+	require.NoError(t, g.v.DeleteSnapshot(ctx, "old"))
+	require.NoError(t, g.v.DeleteSnapshot(ctx, newest.ID))
+	assert.Empty(t, g.v.Snapshots())
+	g.reopen()
+	got := make([]byte, MinChunkSize)
+	require.NoError(t, g.v.ReadAt(ctx, got, 0))
+	assert.Equal(t, second, got, "the head survives deleting every snapshot and a restart")
+	assert.Empty(t, g.v.Snapshots(), "deleted snapshots stay deleted after a restart")
+	ms, err := listManifests(ctx, g.repo, "vol", KindSnapshot)
+	require.NoError(t, err)
+	assert.Empty(t, ms)
+}
