@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"io/fs"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,7 +13,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/chunkstore/storetest"
-	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 func TestLocalLayout(t *testing.T) {
@@ -54,14 +53,7 @@ func TestLocalRootIsAFile(t *testing.T) {
 // ErrNoSpace, leaves no partial object behind, and what was stored before
 // still reads back.
 func TestLocalDiskFull(t *testing.T) {
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", dir).CombinedOutput(); err != nil {
-		if miniotest.Required() {
-			t.Fatalf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-		}
-		t.Skipf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", dir).Run() })
+	dir := testenv.Tmpfs(t, "4m")
 
 	b, err := chunkstore.NewLocal(dir)
 	require.NoError(t, err)

@@ -27,6 +27,7 @@ import (
 	"github.com/minio/minio-go/v7/pkg/credentials"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 // Version is the MinIO module version `make deps` installs.
@@ -50,9 +51,7 @@ type Server struct {
 }
 
 // Required reports whether a missing tool must fail the test run.
-func Required() bool {
-	return os.Getenv("CI") != "" || os.Getenv("NBDVAULT_REQUIRE_TOOLS") != ""
-}
+func Required() bool { return testenv.Required() }
 
 // Binary returns the path of the minio binary, or an error saying how to
 // install it.
@@ -97,10 +96,7 @@ func newServer(t testing.TB, dir string) *Server {
 	t.Helper()
 	bin, err := Binary()
 	if err != nil {
-		if Required() {
-			t.Fatal(err)
-		}
-		t.Skip(err)
+		testenv.Unavailable(t, err)
 	}
 	return &Server{
 		Endpoint:  freeAddr(t),

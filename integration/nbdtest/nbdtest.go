@@ -17,12 +17,12 @@ import (
 	"path/filepath"
 	"testing"
 
-	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 // Required reports whether a missing tool or privilege must fail the test
 // run instead of skipping the test.
-func Required() bool { return miniotest.Required() }
+func Required() bool { return testenv.Required() }
 
 // packages names the Debian package that provides each tool the tests run.
 var packages = map[string]string{
@@ -100,10 +100,7 @@ func Tools(t testing.TB, names ...string) map[string]string {
 // kernel feature) is not there: a failure if Required(), a skip otherwise.
 func Unavailable(t testing.TB, err error) {
 	t.Helper()
-	if Required() {
-		t.Fatal(err)
-	}
-	t.Skip(err)
+	testenv.Unavailable(t, err)
 }
 
 // RequireRoot ends t (see Unavailable) unless the test runs as root.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sync"
 	"syscall"
@@ -15,7 +14,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 func randomBytes(n int) []byte {
@@ -201,14 +200,7 @@ func TestLogConcurrentAppendSync(t *testing.T) {
 // TestLogDiskFull fills a small tmpfs: the append that does not fit fails
 // with ENOSPC, leaves no partial record, and every earlier record replays.
 func TestLogDiskFull(t *testing.T) {
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", dir).CombinedOutput(); err != nil {
-		if miniotest.Required() {
-			t.Fatalf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-		}
-		t.Skipf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+	dir := testenv.Tmpfs(t, "2m")
 	logDir := filepath.Join(dir, "log")
 	l, _ := replayAll(t, logDir)
 	t.Cleanup(func() { l.Close() })

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"os/exec"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -14,7 +13,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
-	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 // eventually polls cond until it holds or the deadline passes: Run works
@@ -143,14 +142,7 @@ func TestRunReportsAndRecoversFromSealErrors(t *testing.T) {
 // written before is lost, and once the uploader frees the log, writes
 // succeed again.
 func TestStateDiskFull(t *testing.T) {
-	dir := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", dir).CombinedOutput(); err != nil {
-		if miniotest.Required() {
-			t.Fatalf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-		}
-		t.Skipf("mount a small tmpfs (this test needs root): %v: %s", err, out)
-	}
-	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
+	dir := testenv.Tmpfs(t, "4m")
 	ctx := context.Background()
 	mem := chunkstore.NewMem()
 	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
