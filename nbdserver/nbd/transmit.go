@@ -103,26 +103,26 @@ func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, 
 				replies <- c.errorReply(s, req, errno, msg)
 				continue
 			}
-			sem <- struct{}{}
-			mem.acquire(int64(req.length))
+		}
+		sem <- struct{}{}
+		// Payload buffers count against the connection's budget from
+		// here until their reply is written.
+		cost := payloadCost(req, maxPayload)
+		mem.acquire(cost)
+		if req.typ == CmdWrite {
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(c.br, *payload); err != nil {
 				putBuf(payload)
-				mem.release(int64(req.length))
+				mem.release(cost)
 				<-sem
 				return fmt.Errorf("read write payload: %w", err)
-			}
-		} else {
-			sem <- struct{}{}
-			if req.typ == CmdRead && req.length <= maxPayload {
-				mem.acquire(int64(req.length))
 			}
 		}
 		workers.Add(1)
 		go func() {
 			defer workers.Done()
 			r := c.handle(ctx, s, req, payload, size, maxPayload)
-			if cost := int64(req.length); req.typ == CmdWrite || (req.typ == CmdRead && req.length <= maxPayload) {
+			if cost > 0 {
 				free := r.release
 				r.release = func() {
 					if free != nil {
@@ -135,6 +135,16 @@ func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, 
 			<-sem
 		}()
 	}
+}
+
+// payloadCost is the buffer a request holds while it runs: its payload
+// for a WRITE (already checked against maxPayload), its data for a READ
+// that will be served. Nothing for the rest.
+func payloadCost(req request, maxPayload uint32) int64 {
+	if req.typ == CmdWrite || (req.typ == CmdRead && req.length <= maxPayload) {
+		return int64(req.length)
+	}
+	return 0
 }
 
 // checkWrite validates a WRITE before its payload is read.
@@ -491,6 +501,9 @@ func newBudget(limit int64) *budget {
 }
 
 func (b *budget) acquire(n int64) {
+	if n == 0 {
+		return // requests without payload never wait for buffers
+	}
 	b.mu.Lock()
 	for b.used > 0 && b.used+n > b.limit {
 		b.cond.Wait()
@@ -500,6 +513,9 @@ func (b *budget) acquire(n int64) {
 }
 
 func (b *budget) release(n int64) {
+	if n == 0 {
+		return
+	}
 	b.mu.Lock()
 	b.used -= n
 	b.cond.Broadcast()

@@ -408,3 +408,12 @@ func TestBudget(t *testing.T) {
 	b.release(100)
 	assert.Zero(t, b.used)
 }
+
+func TestBudgetZeroNeverWaits(t *testing.T) {
+	b := newBudget(100)
+	b.acquire(150) // over the limit
+	b.acquire(0)   // a FLUSH must not wait for buffers it does not use
+	b.release(0)
+	b.release(150)
+	assert.Zero(t, b.used)
+}
