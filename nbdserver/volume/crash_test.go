@@ -21,8 +21,8 @@ import (
 	"github.com/nbdvault/nbdvault/chunkstore"
 )
 
-// The crash test runs a writer in a child process (this test binary, run
-// as TestCrashChild) and kills it with SIGKILL at random moments, while it
+// The crash test runs a writer in a child process (this test binary, which
+// TestMain turns into crashChild) and kills it with SIGKILL at random moments, while it
 // writes, flushes, snapshots and uploads. After each kill the parent opens
 // the volume and checks that every flushed write is there, that what
 // survived is a prefix of the writes (no write lost before a later one
@@ -58,43 +58,38 @@ func crashEnv(dir string) *Env {
 	return &Env{Repo: repo, Store: store, StateDir: filepath.Join(dir, "state"), CheckpointInterval: 30 * time.Millisecond}
 }
 
-// TestCrashChild is the writer; it runs only inside TestCrashKill9.
-func TestCrashChild(t *testing.T) {
-	dir := os.Getenv("NBDVAULT_CRASH_DIR")
-	if dir == "" {
-		t.Skip("the child half of TestCrashKill9")
-	}
+// crashChild is the writer TestCrashKill9 kills. TestMain runs it, instead
+// of the tests, when NBDVAULT_CRASH_DIR is set; it never returns.
+func crashChild(dir string) {
 	round, _ := strconv.ParseUint(os.Getenv("NBDVAULT_CRASH_ROUND"), 10, 64)
 	ctx := context.Background()
-	v, err := Open(ctx, crashEnv(dir), "crash")
-	if err != nil {
-		fmt.Println("error", err)
+	out := bufio.NewWriter(os.Stdout)
+	fail := func(err error) {
+		fmt.Fprintln(out, "error", err)
+		out.Flush()
 		os.Exit(1)
 	}
+	v, err := Open(ctx, crashEnv(dir), "crash")
+	if err != nil {
+		fail(err)
+	}
 	go v.Run(ctx)
-	out := bufio.NewWriter(os.Stdout)
 	for i := uint64(1); ; i++ {
 		block, data := crashWrite(round, i)
 		if err := v.WriteAt(ctx, data, block*crashBlock, false); err != nil {
-			fmt.Fprintln(out, "error", err)
-			out.Flush()
-			os.Exit(1)
+			fail(err)
 		}
 		switch {
 		case i%97 == 0:
 			s, err := v.Snapshot(ctx, "")
 			if err != nil {
-				fmt.Fprintln(out, "error", err)
-				out.Flush()
-				os.Exit(1)
+				fail(err)
 			}
 			fmt.Fprintln(out, "snapshot", s.ID, i)
 			out.Flush()
 		case i%13 == 0:
 			if err := v.Flush(ctx); err != nil {
-				fmt.Fprintln(out, "error", err)
-				out.Flush()
-				os.Exit(1)
+				fail(err)
 			}
 			fmt.Fprintln(out, "flushed", i)
 			out.Flush()
@@ -116,7 +111,7 @@ func TestCrashKill9(t *testing.T) {
 	snaps := map[string][]byte{}
 
 	for round := uint64(1); round <= 8; round++ {
-		cmd := exec.Command(os.Args[0], "-test.run=^TestCrashChild$", "-test.v=false")
+		cmd := exec.Command(os.Args[0])
 		cmd.Env = append(os.Environ(), "NBDVAULT_CRASH_DIR="+dir, fmt.Sprint("NBDVAULT_CRASH_ROUND=", round))
 		stdout, err := cmd.StdoutPipe()
 		require.NoError(t, err)

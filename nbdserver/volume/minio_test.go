@@ -11,6 +11,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if dir := os.Getenv("NBDVAULT_CRASH_DIR"); dir != "" {
+		crashChild(dir) // the child process of TestCrashKill9
+	}
 	code := m.Run()
 	miniotest.StopShared()
 	os.Exit(code)
