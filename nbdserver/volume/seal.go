@@ -177,8 +177,14 @@ feed:
 func (v *Volume) buildChunk(ctx context.Context, root chunkstore.ID, l *layer, c uint64, buf []byte) (chunkstore.ID, error) {
 	cs := v.cfg.ChunkSize
 	start := int64(c) * cs
-	if err := v.readIndex(ctx, root, buf, start); err != nil {
-		return chunkstore.ZeroID, err
+	// A chunk the layer rewrites whole needs nothing of the old one:
+	// reading it (from S3, say) would be wasted.
+	covered := int64(0)
+	l.extents.visit(start, cs, func(x extent) bool { covered += x.length; return true })
+	if covered < cs {
+		if err := v.readIndex(ctx, root, buf, start); err != nil {
+			return chunkstore.ZeroID, err
+		}
 	}
 	var err error
 	l.extents.visit(start, cs, func(x extent) bool {

@@ -373,3 +373,30 @@ func TestDeleteSnapshot(t *testing.T) {
 	require.NoError(t, err)
 	assert.Empty(t, ms)
 }
+
+// A seal does not read old chunks that the layer rewrites whole.
+func TestSealSkipsChunksRewrittenWhole(t *testing.T) {
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{CacheBytes: -1})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 16 * MinChunkSize, ChunkSize: MinChunkSize})
+	require.NoError(t, err)
+	defer v.Close()
+	for round := range 2 {
+		require.NoError(t, v.WriteAt(ctx, randomBytes(8*MinChunkSize), 0, false))
+		require.NoError(t, v.WriteAt(ctx, randomBytes(100), 8*MinChunkSize+10, false)) // one partial chunk
+		before := store.Stats().BackendGets
+		_, err = v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.NoError(t, v.SealAll(ctx))
+		gets := store.Stats().BackendGets - before
+		if round == 1 {
+			// The partial chunk's old content and the index pages on its
+			// path (3 lookups) and the update's path (3 pages); none of
+			// the 8 whole chunks.
+			assert.LessOrEqual(t, gets, int64(3+1+3), "gets in the second seal")
+		}
+	}
+}
