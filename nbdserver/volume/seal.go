@@ -216,13 +216,6 @@ func (v *Volume) SealAll(ctx context.Context) error {
 	}
 }
 
-// Pending is the number of closed layers waiting to be sealed.
-func (v *Volume) Pending() int {
-	v.mu.RLock()
-	defer v.mu.RUnlock()
-	return len(v.layers) - 1
-}
-
 // LogSize is the bytes of write log the volume holds.
 func (v *Volume) LogSize() int64 { return v.log.Size() }
 
