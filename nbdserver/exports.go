@@ -74,7 +74,7 @@ func snapshotExport(v *volume.Volume, s volume.SnapshotInfo) *nbd.Export {
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -123,11 +123,12 @@ func (h head) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
 
 // snapshot serves one snapshot, read-only.
 type snapshot struct {
-	v  *volume.Volume
-	id string
+	v    *volume.Volume
+	id   string
+	size int64 // the volume's when the snapshot was taken
 }
 
-func (s snapshot) Size() int64 { return s.v.Size() }
+func (s snapshot) Size() int64 { return s.size }
 func (s snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 	return nbdErr(s.v.ReadSnapshotAt(ctx, s.id, p, off))
 }

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
 	"slices"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -52,3 +54,74 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.mu.Unlock()
 	return nil
 }
+
+// Delete deletes volume name, which must not be open: its write log, its
+// record, then its snapshots and checkpoints. Chunks stay until garbage
+// collection exists. Each step is safe to repeat, so a delete cut short
+// by a crash or an unreachable repository is finished by running it again;
+// until then the name cannot be used for a new volume.
+//
+// The log goes first: once the record is gone nothing may replay it into
+// a new volume of the same name.
+func Delete(ctx context.Context, env *Env, name string) error {
+	if err := ValidName(name); err != nil {
+		return err
+	}
+	has, err := env.Repo.Has(ctx, volumeKey(name))
+	if err != nil {
+		return fmt.Errorf("delete volume %q: %w", name, err)
+	}
+	if !has {
+		left, err := leftovers(ctx, env, name)
+		if err != nil {
+			return fmt.Errorf("delete volume %q: %w", name, err)
+		}
+		if left == "" {
+			return fmt.Errorf("volume %q: %w", name, ErrNoVolume)
+		}
+	}
+	if err := os.RemoveAll(env.stateDir(name)); err != nil {
+		return fmt.Errorf("delete volume %q: remove its write log: %w", name, err)
+	}
+	if err := env.Repo.Delete(ctx, volumeKey(name)); err != nil {
+		return fmt.Errorf("delete volume %q: %w", name, err)
+	}
+	var keys []string
+	if err := env.Repo.List(ctx, volumePrefix(name), func(k string) error {
+		keys = append(keys, k)
+		return nil
+	}); err != nil {
+		return fmt.Errorf("delete volume %q: list its snapshots: %w", name, err)
+	}
+	for _, k := range keys {
+		if err := env.Repo.Delete(ctx, k); err != nil {
+			return fmt.Errorf("delete volume %q: %s: %w", name, k, err)
+		}
+	}
+	return nil
+}
+
+// leftovers names something that volume name left in the repository or
+// the state folder, or returns "" when there is nothing.
+func leftovers(ctx context.Context, env *Env, name string) (string, error) {
+	var found string
+	err := env.Repo.List(ctx, volumePrefix(name), func(k string) error {
+		found = k
+		return errStopList
+	})
+	if err != nil && !errors.Is(err, errStopList) {
+		return "", err
+	}
+	if found != "" {
+		return "repository object " + found, nil
+	}
+	switch _, err := os.Stat(env.stateDir(name)); {
+	case err == nil:
+		return "state folder " + env.stateDir(name), nil
+	case !errors.Is(err, fs.ErrNotExist):
+		return "", err
+	}
+	return "", nil
+}
+
+var errStopList = errors.New("stop listing")

@@ -32,11 +32,20 @@ const (
 
 var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 
+// ValidName says what is wrong with a volume name, if anything.
+func ValidName(name string) error {
+	if !nameRE.MatchString(name) {
+		return fmt.Errorf("volume name %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", name)
+	}
+	return nil
+}
+
 // Validate checks a volume's configuration and says what is wrong.
 func (c Config) Validate() error {
+	if err := ValidName(c.Name); err != nil {
+		return err
+	}
 	switch {
-	case !nameRE.MatchString(c.Name):
-		return fmt.Errorf("volume name %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", c.Name)
 	case c.ChunkSize < MinChunkSize || c.ChunkSize > MaxChunkSize || c.ChunkSize&(c.ChunkSize-1) != 0:
 		return fmt.Errorf("chunk size %d: want a power of two from 64 KiB to 16 MiB", c.ChunkSize)
 	case c.Size <= 0 || c.Size > MaxSize:
@@ -72,10 +81,13 @@ type Manifest struct {
 	Parent string `json:"parent,omitempty"`
 }
 
-func volumeKey(name string) string { return "volumes/" + name + "/volume" }
+func volumeKey(name string) string { return volumePrefix(name) + "volume" }
+
+// volumePrefix is where everything of volume name is in the repository.
+func volumePrefix(name string) string { return "volumes/" + name + "/" }
 
 func manifestPrefix(name string, kind Kind) string {
-	return "volumes/" + name + "/" + string(kind) + "s/"
+	return volumePrefix(name) + string(kind) + "s/"
 }
 
 func manifestKey(name string, kind Kind, id string) string { return manifestPrefix(name, kind) + id }

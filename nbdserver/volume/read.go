@@ -28,11 +28,12 @@ const (
 type view struct {
 	root   chunkstore.ID
 	layers []*layer
+	size   int64
 }
 
 // headView is the live head: the base and every layer.
 func (v *Volume) headView() view {
-	return view{root: v.base.Root, layers: v.layers}
+	return view{root: v.base.Root, layers: v.layers, size: v.size.Load()}
 }
 
 // snapshotView is what snapshot id holds: its own index once sealed, else
@@ -43,11 +44,11 @@ func (v *Volume) snapshotView(id string) (view, error) {
 			continue
 		}
 		if s.sealed {
-			return view{root: s.Root}, nil
+			return view{root: s.Root, size: s.Size}, nil
 		}
 		for i, l := range v.layers {
 			if l.mark != nil && l.mark.ID == s.ID {
-				return view{root: v.base.Root, layers: v.layers[:i+1]}, nil
+				return view{root: v.base.Root, layers: v.layers[:i+1], size: s.Size}, nil
 			}
 		}
 		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
@@ -100,11 +101,11 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
-	if err := v.checkRange(off, int64(len(p))); err != nil {
-		return err
-	}
 	v.mu.RLock()
 	vw, err := v.snapshotView(id)
+	if err == nil {
+		err = v.checkRangeOf(id, vw.size, off, int64(len(p)))
+	}
 	var pieces []piece
 	if err == nil {
 		pieces = vw.plan(off, int64(len(p)))
@@ -181,14 +182,14 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
-	if err := v.checkRange(off, n); err != nil {
-		return nil, err
-	}
 	v.mu.RLock()
 	vw := v.headView()
 	var err error
 	if snapshotID != "" {
 		vw, err = v.snapshotView(snapshotID)
+	}
+	if err == nil {
+		err = v.checkRangeOf(snapshotID, vw.size, off, n)
 	}
 	var pieces []piece
 	if err == nil {

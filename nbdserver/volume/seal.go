@@ -78,7 +78,7 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	}
 	m := Manifest{
 		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
-		Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
+		Size: l.mark.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
 	}
 	if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, m.Kind, m.ID), m); err != nil {
 		return Manifest{}, fmt.Errorf("volume %q: write manifest: %w", v.cfg.Name, err)

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -21,6 +22,7 @@ var (
 	ErrOutOfRange   = errors.New("beyond the end of the volume")
 	ErrLabelTaken   = errors.New("label already used by another snapshot of this volume")
 	ErrVolumeClosed = errors.New("volume closed")
+	ErrShrink       = errors.New("volumes can grow but not shrink")
 )
 
 // Volume is one volume's live state on the server: the newest sealed index
@@ -28,7 +30,8 @@ var (
 // are safe for concurrent use.
 type Volume struct {
 	env   *Env
-	cfg   Config
+	cfg   Config // Size is stale after Grow: size has the current one
+	size  atomic.Int64
 	repo  chunkstore.Backend
 	store *chunkstore.Store
 	log   *Log
@@ -46,6 +49,8 @@ type Volume struct {
 	gcMu sync.RWMutex
 	// sealMu makes seals run one at a time, oldest layer first.
 	sealMu sync.Mutex
+	// growMu makes Grows run one at a time.
+	growMu sync.Mutex
 
 	// The uploader: kick wakes Run; sealed is closed and replaced after
 	// every seal, waking writers held back by a full log. Guarded by mu.
@@ -69,7 +74,10 @@ type mark struct {
 	Kind  Kind      `json:"kind"`
 	Label string    `json:"label,omitempty"`
 	Time  time.Time `json:"time"`
-	seq   uint64
+	// Size is the volume's size when the mark was made; a volume can grow
+	// after it. Zero in marks of older logs: then the volume's size.
+	Size int64 `json:"size,omitempty"`
+	seq  uint64
 }
 
 type snapshot struct {
@@ -108,6 +116,11 @@ func (e *Env) checkpointInterval() time.Duration {
 	return 30 * time.Second
 }
 
+// stateDir is where volume name keeps its write log.
+func (e *Env) stateDir(name string) string {
+	return filepath.Join(e.StateDir, "volumes", name)
+}
+
 func (e *Env) logLimit() int64 {
 	if e.LogLimit > 0 {
 		return e.LogLimit
@@ -134,6 +147,13 @@ func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 	if has {
 		return nil, fmt.Errorf("volume %q: %w", cfg.Name, ErrExists)
 	}
+	// Without its record, anything left under the name is from a delete
+	// that did not finish; a new volume must not pick it up.
+	if left, err := leftovers(ctx, env, cfg.Name); err != nil {
+		return nil, err
+	} else if left != "" {
+		return nil, fmt.Errorf("volume %q: %w: %s is left from a delete that did not finish; delete the volume again to remove it", cfg.Name, ErrExists, left)
+	}
 	if err := putJSON(ctx, repo, volumeKey(cfg.Name), cfg); err != nil {
 		return nil, fmt.Errorf("create volume %q: %w", cfg.Name, err)
 	}
@@ -145,6 +165,9 @@ func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 // not cover. With no log (a lost state folder) the volume opens at its
 // newest manifest.
 func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
+	if err := ValidName(name); err != nil {
+		return nil, err
+	}
 	repo := env.Repo
 	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{})}
 	if err := getJSON(ctx, repo, volumeKey(name), &v.cfg); err != nil {
@@ -156,6 +179,7 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 	if err := v.cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("volume record %s: %w", volumeKey(name), err)
 	}
+	v.size.Store(v.cfg.Size)
 	for _, kind := range []Kind{KindSnapshot, KindCheckpoint} {
 		ms, err := listManifests(ctx, repo, name, kind)
 		if err != nil {
@@ -177,7 +201,7 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 		}
 		return v.apply(r, pos)
 	}
-	dir := filepath.Join(env.StateDir, "volumes", name, "log")
+	dir := filepath.Join(env.stateDir(name), "log")
 	log, err := openLog(dir, v.base.Seq+1, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
@@ -222,12 +246,15 @@ func (v *Volume) apply(r Record, pos Pos) error {
 			return fmt.Errorf("%w: mark record %d: %v", ErrLogCorrupt, r.Seq, err)
 		}
 		m.seq = r.Seq
+		if m.Size == 0 {
+			m.Size = v.size.Load()
+		}
 		open.mark = &m
 		v.layers = append(v.layers, &layer{extents: newExtentMap()})
 		if m.Kind == KindSnapshot {
 			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{
 				ID: m.ID, Kind: m.Kind, Volume: v.cfg.Name, Label: m.Label, Time: m.Time,
-				Size: v.cfg.Size, ChunkSize: v.cfg.ChunkSize, Seq: m.seq,
+				Size: m.Size, ChunkSize: v.cfg.ChunkSize, Seq: m.seq,
 			}})
 		}
 	}
@@ -235,16 +262,58 @@ func (v *Volume) apply(r Record, pos Pos) error {
 }
 
 // Config returns the volume's configuration.
-func (v *Volume) Config() Config { return v.cfg }
+func (v *Volume) Config() Config {
+	c := v.cfg
+	c.Size = v.size.Load()
+	return c
+}
 
 // Size is the volume's size in bytes.
-func (v *Volume) Size() int64 { return v.cfg.Size }
+func (v *Volume) Size() int64 { return v.size.Load() }
 
-func (v *Volume) checkRange(off, n int64) error {
-	if off < 0 || n < 0 || off > v.cfg.Size || n > v.cfg.Size-off {
-		return fmt.Errorf("%d+%d of volume %q (%d bytes): %w", off, n, v.cfg.Name, v.cfg.Size, ErrOutOfRange)
+// Grow makes the volume size bytes long; what it adds reads as zeros.
+// The new size is in the repository before any write can reach past the
+// old end. Snapshots keep the size they were taken at. Clients see the
+// new size when they next connect. Growing to the current size does
+// nothing; shrinking is refused with ErrShrink.
+func (v *Volume) Grow(ctx context.Context, size int64) error {
+	v.growMu.Lock()
+	defer v.growMu.Unlock()
+	old := v.size.Load()
+	switch {
+	case size == old:
+		return nil
+	case size < old:
+		return fmt.Errorf("volume %q is %d bytes, asked for %d: %w (make a new volume and copy into it)", v.cfg.Name, old, size, ErrShrink)
 	}
+	cfg := v.cfg
+	cfg.Size = size
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if err := putJSON(ctx, v.repo, volumeKey(cfg.Name), cfg); err != nil {
+		return fmt.Errorf("grow volume %q: %w", cfg.Name, err)
+	}
+	v.size.Store(size)
 	return nil
+}
+
+// checkRange checks [off, off+n) against the head's size.
+func (v *Volume) checkRange(off, n int64) error {
+	return v.checkRangeOf("", v.size.Load(), off, n)
+}
+
+// checkRangeOf checks [off, off+n) against size, the size of snapshot snap
+// (or of the head when snap is empty).
+func (v *Volume) checkRangeOf(snap string, size, off, n int64) error {
+	if off >= 0 && n >= 0 && off <= size && n <= size-off {
+		return nil
+	}
+	what := fmt.Sprintf("volume %q", v.cfg.Name)
+	if snap != "" {
+		what = fmt.Sprintf("snapshot %s of volume %q", snap, v.cfg.Name)
+	}
+	return fmt.Errorf("%d+%d of %s (%d bytes): %w", off, n, what, size, ErrOutOfRange)
 }
 
 // WriteAt writes p at off. With fua it returns once p is durable.
@@ -328,6 +397,10 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	var applyErr error
 	_, err := v.log.AppendMark(func(seq uint64) []byte {
 		m.ID = snapshotID(m.Time, seq)
+		// Under the log's append lock: a write past the old end of a
+		// volume that grew is in the log after Grow, so this sees the size
+		// it fits in.
+		m.Size = v.size.Load()
 		data, _ := json.Marshal(m)
 		return data
 	}, func(seq uint64, pos Pos) {
@@ -343,5 +416,5 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	// AppendMark made the mark durable before its ID is handed out, and
 	// started the next layer in a segment of its own.
 	v.nudge()
-	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: v.cfg.Size}, nil
+	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: m.Size}, nil
 }

@@ -63,8 +63,10 @@ func (g *rig) check(what string, snaps bool) {
 		if !snaps {
 			break
 		}
+		got := make([]byte, len(want))
 		require.NoError(g.t, g.v.ReadSnapshotAt(ctx, id, got, 0))
 		require.True(g.t, bytes.Equal(want, got), "%s: snapshot %s differs at %d", what, id, firstDiff(want, got))
+		require.ErrorIs(g.t, g.v.ReadSnapshotAt(ctx, id, got[:1], int64(len(want))), ErrOutOfRange, "%s: snapshot %s reads past its size", what, id)
 	}
 	off := g.r.Int64N(int64(len(got)))
 	n := 1 + g.r.Int64N(int64(len(got))-off)
@@ -144,9 +146,14 @@ func (g *rig) step() string {
 		_, err := g.v.SealNext(ctx)
 		require.NoError(g.t, err)
 		return "seal"
-	case op < 94:
+	case op < 93:
 		g.reopen()
 		return "reopen"
+	case op < 96: // grow by a few chunks and an odd number of bytes
+		n := g.r.Int64N(3*cs) + 1
+		require.NoError(g.t, g.v.Grow(ctx, size+n))
+		g.m.head = append(g.m.head, make([]byte, n)...)
+		return fmt.Sprintf("grow %d+%d", size, n)
 	default:
 		// A crash: the process dies without Close. Everything written is
 		// in the page cache, so all of it comes back.

@@ -1,0 +1,142 @@
+package volume
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+func TestGrow(t *testing.T) {
+	ctx := context.Background()
+	cs := int64(MinChunkSize)
+	old := 3*cs + 100 // the last chunk is partial
+	g := newRig(t, chunkstore.NewMem(), old, cs, 1)
+	tail := bytes.Repeat([]byte{0xAB}, 100)
+	require.NoError(t, g.v.WriteAt(ctx, tail, old-100, false))
+	// Not sealed: replaying its mark must give it its own size, not the
+	// volume's.
+	before, err := g.v.Snapshot(ctx, "before")
+	require.NoError(t, err)
+
+	assert.ErrorIs(t, g.v.WriteAt(ctx, []byte{1}, old, false), ErrOutOfRange)
+	assert.ErrorIs(t, g.v.Grow(ctx, old-1), ErrShrink)
+	assert.Error(t, g.v.Grow(ctx, MaxSize+1))
+	require.NoError(t, g.v.Grow(ctx, old), "growing to the same size does nothing")
+
+	grown := 5*cs + 7
+	require.NoError(t, g.v.Grow(ctx, grown))
+	assert.Equal(t, grown, g.v.Size())
+	assert.Equal(t, grown, g.v.Config().Size)
+	got := make([]byte, grown-old+100)
+	require.NoError(t, g.v.ReadAt(ctx, got, old-100))
+	assert.Equal(t, tail, got[:100], "the old end keeps its data")
+	assert.True(t, allZeros(got[100:]), "what grew reads as zeros")
+
+	require.NoError(t, g.v.WriteAt(ctx, []byte("past the old end"), grown-16, true))
+	after, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	assert.Equal(t, old, before.Size)
+	assert.Equal(t, grown, after.Size)
+	assert.ErrorIs(t, g.v.ReadSnapshotAt(ctx, before.ID, make([]byte, 1), old), ErrOutOfRange,
+		"a snapshot keeps the size it was taken at")
+
+	check := func(what string) {
+		t.Helper()
+		assert.Equal(t, grown, g.v.Size(), what)
+		sizes := map[string]int64{}
+		for _, s := range g.v.Snapshots() {
+			sizes[s.ID] = s.Size
+		}
+		assert.Equal(t, map[string]int64{before.ID: old, after.ID: grown}, sizes, what)
+		p := make([]byte, 16)
+		require.NoError(t, g.v.ReadSnapshotAt(ctx, after.ID, p, grown-16), what)
+		assert.Equal(t, "past the old end", string(p), what)
+	}
+	check("before reopening")
+	g.reopen() // the unsealed snapshot comes back from the log with its size
+	check("after replaying the log")
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NoError(t, g.v.Close())
+	g.stateDir = t.TempDir() // the state folder is lost
+	g.v, err = Open(ctx, g.env(), "vol")
+	require.NoError(t, err)
+	check("from the repository alone")
+}
+
+func TestDeleteVolume(t *testing.T) {
+	ctx := context.Background()
+	repo := chunkstore.NewMem()
+	g := newRig(t, repo, 4*MinChunkSize, MinChunkSize, 1)
+	require.NoError(t, g.v.WriteAt(ctx, bytes.Repeat([]byte("old data"), 1000), 0, true))
+	_, err := g.v.Snapshot(ctx, "s")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NoError(t, g.v.WriteAt(ctx, []byte("in the log only"), 0, true))
+	require.NoError(t, g.v.Close())
+
+	require.NoError(t, Delete(ctx, g.env(), "vol"))
+	_, err = Open(ctx, g.env(), "vol")
+	assert.ErrorIs(t, err, ErrNoVolume)
+	assert.ErrorIs(t, Delete(ctx, g.env(), "vol"), ErrNoVolume)
+	assert.Empty(t, keysUnder(t, repo, "volumes/"), "nothing of the volume is left in the repository")
+	_, err = os.Stat(g.env().stateDir("vol"))
+	assert.ErrorIs(t, err, os.ErrNotExist, "its write log is gone")
+	assert.Error(t, Delete(ctx, g.env(), "../x"), "a name that is not a volume name")
+
+	// A new volume of the same name starts empty: nothing of the old
+	// one's log or snapshots comes back.
+	g.v, err = Create(ctx, g.env(), Config{Name: "vol", Size: 4 * MinChunkSize, ChunkSize: MinChunkSize})
+	require.NoError(t, err)
+	assert.Empty(t, g.v.Snapshots())
+	p := make([]byte, 8000)
+	require.NoError(t, g.v.ReadAt(ctx, p, 0))
+	assert.True(t, allZeros(p))
+	require.NoError(t, g.v.Close())
+}
+
+// A delete cut short leaves the name unusable until it is run again.
+func TestDeleteVolumeCutShort(t *testing.T) {
+	ctx := context.Background()
+	repo := chunkstore.NewMem()
+	g := newRig(t, repo, 4*MinChunkSize, MinChunkSize, 1)
+	_, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NoError(t, g.v.Close())
+	env := g.env()
+
+	// Cut after the record went: the snapshot manifests are left.
+	require.NoError(t, repo.Delete(ctx, volumeKey("vol")))
+	require.NoError(t, os.RemoveAll(env.stateDir("vol")))
+	_, err = Create(ctx, env, Config{Name: "vol", Size: MinChunkSize})
+	require.ErrorIs(t, err, ErrExists)
+	assert.Contains(t, err.Error(), "delete the volume again")
+	require.NoError(t, Delete(ctx, env, "vol"))
+
+	// A write log with no volume in the repository.
+	require.NoError(t, os.MkdirAll(env.stateDir("vol")+"/log", 0o700))
+	_, err = Create(ctx, env, Config{Name: "vol", Size: MinChunkSize})
+	require.ErrorIs(t, err, ErrExists)
+	assert.Contains(t, err.Error(), env.stateDir("vol"))
+	require.NoError(t, Delete(ctx, env, "vol"))
+
+	v, err := Create(ctx, env, Config{Name: "vol", Size: MinChunkSize})
+	require.NoError(t, err)
+	require.NoError(t, v.Close())
+}
+
+func keysUnder(t *testing.T, b chunkstore.Backend, prefix string) []string {
+	t.Helper()
+	var keys []string
+	require.NoError(t, b.List(context.Background(), prefix, func(k string) error {
+		keys = append(keys, k)
+		return nil
+	}))
+	return keys
+}
