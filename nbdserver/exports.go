@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 	"github.com/nbdvault/nbdvault/nbdserver/volume"
@@ -18,6 +19,7 @@ import (
 // Exports offers volumes to an nbd.Server: "VOL" is the writable head,
 // "VOL@SNAP" a snapshot (by ID or label), read-only.
 type Exports struct {
+	m     *metrics // nil: not counted
 	mu    sync.RWMutex
 	heads map[string]*nbd.Export
 	vols  map[string]*volume.Volume
@@ -37,7 +39,7 @@ func (e *Exports) Add(v *volume.Volume) {
 	e.heads[name] = &nbd.Export{
 		Name:           name,
 		Description:    "nbdvault volume " + name,
-		Backend:        head{v},
+		Backend:        head{v, e.m.export(name)},
 		PreferredBlock: 4096,
 	}
 }
@@ -48,6 +50,7 @@ func (e *Exports) Remove(name string) {
 	defer e.mu.Unlock()
 	delete(e.vols, name)
 	delete(e.heads, name)
+	e.m.forget(name)
 }
 
 // Lookup implements nbd.Exports.
@@ -62,19 +65,19 @@ func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
 	}
 	for _, s := range v.Snapshots() {
 		if s.ID == snap || (s.Label != "" && s.Label == snap) {
-			return snapshotExport(v, s), true
+			return e.snapshotExport(v, s), true
 		}
 	}
 	return nil, false
 }
 
-func snapshotExport(v *volume.Volume, s volume.SnapshotInfo) *nbd.Export {
+func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo) *nbd.Export {
 	name := v.Config().Name + "@" + s.ID
 	desc := "snapshot " + s.ID + " of " + v.Config().Name
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, e.m.export(name)}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -89,7 +92,7 @@ func (e *Exports) List() []*nbd.Export {
 	e.mu.RUnlock()
 	for _, v := range vols {
 		for _, s := range v.Snapshots() {
-			out = append(out, snapshotExport(v, s))
+			out = append(out, e.snapshotExport(v, s))
 		}
 	}
 	slices.SortFunc(out, func(a, b *nbd.Export) int { return strings.Compare(a.Name, b.Name) })
@@ -97,28 +100,51 @@ func (e *Exports) List() []*nbd.Export {
 }
 
 // head serves a volume's head.
-type head struct{ v *volume.Volume }
+type head struct {
+	v *volume.Volume
+	m *exportMetrics
+}
 
 func (h head) Size() int64 { return h.v.Size() }
 func (h head) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return nbdErr(h.v.ReadAt(ctx, p, off))
+	start := time.Now()
+	err := h.v.ReadAt(ctx, p, off)
+	h.m.done(opRead, len(p), start, err)
+	return nbdErr(err)
 }
 func (h head) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
-	return nbdErr(h.v.WriteAt(ctx, p, off, fua))
+	start := time.Now()
+	err := h.v.WriteAt(ctx, p, off, fua)
+	h.m.done(opWrite, len(p), start, err)
+	return nbdErr(err)
 }
-func (h head) Flush(ctx context.Context) error { return nbdErr(h.v.Flush(ctx)) }
+func (h head) Flush(ctx context.Context) error {
+	start := time.Now()
+	err := h.v.Flush(ctx)
+	h.m.done(opFlush, 0, start, err)
+	return nbdErr(err)
+}
 func (h head) Trim(ctx context.Context, off, n int64) error {
-	return nbdErr(h.v.Zero(ctx, off, n))
+	start := time.Now()
+	err := h.v.Zero(ctx, off, n)
+	h.m.done(opTrim, 0, start, err)
+	return nbdErr(err)
 }
 
 // Zero writes one zero record whatever the range; the volume never
 // allocates, so noHole cannot be honoured and the range stays a hole that
 // reads as zeros (what NBD asks of a server without NO_HOLE support).
 func (h head) Zero(ctx context.Context, off, n int64, _ bool) error {
-	return nbdErr(h.v.Zero(ctx, off, n))
+	start := time.Now()
+	err := h.v.Zero(ctx, off, n)
+	h.m.done(opZero, 0, start, err)
+	return nbdErr(err)
 }
 func (h head) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
-	return extents(h.v.Extents(ctx, "", off, n))
+	start := time.Now()
+	ext, err := h.v.Extents(ctx, "", off, n)
+	h.m.done(opBlockStatus, 0, start, err)
+	return extents(ext, err)
 }
 
 // snapshot serves one snapshot, read-only.
@@ -126,16 +152,23 @@ type snapshot struct {
 	v    *volume.Volume
 	id   string
 	size int64 // the volume's when the snapshot was taken
+	m    *exportMetrics
 }
 
 func (s snapshot) Size() int64 { return s.size }
 func (s snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
-	return nbdErr(s.v.ReadSnapshotAt(ctx, s.id, p, off))
+	start := time.Now()
+	err := s.v.ReadSnapshotAt(ctx, s.id, p, off)
+	s.m.done(opRead, len(p), start, err)
+	return nbdErr(err)
 }
 func (s snapshot) WriteAt(context.Context, []byte, int64, bool) error { return nbd.ErrReadOnly }
 func (s snapshot) Flush(context.Context) error                        { return nil }
 func (s snapshot) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
-	return extents(s.v.Extents(ctx, s.id, off, n))
+	start := time.Now()
+	ext, err := s.v.Extents(ctx, s.id, off, n)
+	s.m.done(opBlockStatus, 0, start, err)
+	return extents(ext, err)
 }
 
 func extents(in []volume.Extent, err error) ([]nbd.Extent, error) {

@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"github.com/urfave/cli/v2"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
 // version is set at build time with -ldflags "-X main.version=…".
@@ -24,6 +26,12 @@ func newApp() *cli.App {
 			"deduplicated, compressed chunks in a local directory or S3, with\n" +
 			"instant snapshots restored by mounting them.",
 		HideHelpCommand: true,
+		Commands: []*cli.Command{
+			serveCommand(),
+			volumeCommand(),
+			snapshotCommand(),
+			statusCommand(),
+		},
 		// Errors are printed and mapped to exit codes in main, not here.
 		ExitErrHandler: func(*cli.Context, error) {},
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
@@ -34,16 +42,22 @@ func newApp() *cli.App {
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := newApp().RunContext(ctx, os.Args)
+	app := newApp()
+	err := app.RunContext(ctx, flagsFirst(app, os.Args))
 	stop()
 	os.Exit(exitCode(err))
 }
 
 // Exit codes, one place for all of them (docs/cli.md lists them).
 const (
-	exitOK      = 0
-	exitFailure = 1 // any error not listed below
-	exitUsage   = 2 // a wrong flag or argument
+	exitOK          = 0
+	exitFailure     = 1 // any error not listed below
+	exitUsage       = 2 // a wrong flag or argument
+	exitNotFound    = 3 // no such volume or snapshot
+	exitAuth        = 4 // the server refused the token
+	exitUnreachable = 5 // no server answered
+	exitConflict    = 6 // it exists already, or is not sealed yet
+	exitInterrupted = 130
 )
 
 // exitCode prints err as one line and maps it to the process exit code.
@@ -51,13 +65,25 @@ func exitCode(err error) int {
 	if err == nil {
 		return exitOK
 	}
-	var ec cli.ExitCoder
-	if errors.As(err, &ec) {
-		if msg := err.Error(); msg != "" {
-			fmt.Fprintln(os.Stderr, "nbdvault:", msg)
-		}
-		return ec.ExitCode()
+	if msg := err.Error(); msg != "" {
+		fmt.Fprintln(os.Stderr, "nbdvault:", msg)
 	}
-	fmt.Fprintln(os.Stderr, "nbdvault:", err)
+	var ec cli.ExitCoder
+	switch {
+	case errors.As(err, &ec):
+		return ec.ExitCode()
+	case errors.Is(err, api.ErrInvalid):
+		return exitUsage
+	case errors.Is(err, api.ErrNotFound):
+		return exitNotFound
+	case errors.Is(err, api.ErrUnauthorized):
+		return exitAuth
+	case errors.Is(err, api.ErrUnreachable):
+		return exitUnreachable
+	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed):
+		return exitConflict
+	case errors.Is(err, context.Canceled):
+		return exitInterrupted
+	}
 	return exitFailure
 }

@@ -251,9 +251,14 @@ func timeCommand(ctx context.Context, args []string) (time.Duration, error) {
 
 // fioResult is the read or write side of fio's job.
 type fioResult struct {
-	IOPS float64
-	IOs  int64
+	IOPS  float64
+	IOs   int64
+	Bytes int64         // bytes read or written
+	Time  time.Duration // fio's runtime of the job
 }
+
+// MBps is the job's throughput in MB/s (10^6 bytes).
+func (r fioResult) MBps() float64 { return mbps(r.Bytes, r.Time) }
 
 // runFio runs fio with JSON output and returns the job's read or write
 // side.
@@ -283,11 +288,13 @@ type fioOutput struct {
 type fioRW struct {
 	IOPS      float64 `json:"iops"`
 	TotalIOs  int64   `json:"total_ios"`
+	IOBytes   int64   `json:"io_bytes"`
 	RuntimeMS int64   `json:"runtime"`
 }
 
 // parseFio reads the result of fio's single job from its JSON output,
-// which some versions precede with lines of text.
+// which some versions precede with lines of text. rw is the job's --rw:
+// read and randread report the read side, the others the write side.
 func parseFio(out []byte, rw string) (fioResult, error) {
 	i := bytes.IndexByte(out, '{')
 	if i < 0 {
@@ -305,13 +312,14 @@ func parseFio(out []byte, rw string) (fioResult, error) {
 		return fioResult{}, fmt.Errorf("fio job %s: error %d", j.Jobname, j.Error)
 	}
 	side := j.Write
-	if rw == "randread" {
+	if rw == "randread" || rw == "read" {
 		side = j.Read
 	}
-	if side.TotalIOs == 0 || side.IOPS <= 0 {
+	if side.TotalIOs == 0 || side.IOPS <= 0 || side.RuntimeMS <= 0 {
 		return fioResult{}, fmt.Errorf("fio job %s did no %s I/O", j.Jobname, rw)
 	}
-	return fioResult{IOPS: side.IOPS, IOs: side.TotalIOs}, nil
+	return fioResult{IOPS: side.IOPS, IOs: side.TotalIOs, Bytes: side.IOBytes,
+		Time: time.Duration(side.RuntimeMS) * time.Millisecond}, nil
 }
 
 // advertised summarises what the server offers the clients (nbdinfo), the

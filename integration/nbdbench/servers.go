@@ -14,7 +14,11 @@ import (
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
-var allServers = []string{"nbdvault", "qemu-nbd", "nbdkit"}
+// allServers are the servers the benchmark knows, in their default order.
+// "nbdvault" is nbdvault's NBD server over a raw file (nbd.File), which
+// measures the protocol layer; "volume" is the same server over a volume's
+// head (write log, uploader, repository), which is what users run.
+var allServers = []string{"nbdvault", "volume", "qemu-nbd", "nbdkit"}
 
 // serverArgs is the command line of an external server: each tool's
 // defaults for a plain raw file, plus what the benchmark needs to reach it.
@@ -51,16 +55,24 @@ func nbdvaultCmdline(file, sock string) string {
 // server is a running NBD server.
 type server struct {
 	cmdline string
-	pid     int // of the external process; 0 for nbdvault, in this one
+	pid     int // of the external process; 0 for nbdvault and volume, in this one
+	// vol is the volume behind the "volume" server; nil for the others.
+	vol *volumeServer
 	// alive returns an error if the server has exited.
 	alive func() error
 	// stop stops the server and reports how it ended.
 	stop func() error
 }
 
-func startServer(ctx context.Context, name, file, sock, logPath string) (*server, error) {
-	if name == "nbdvault" {
+// startServer starts server name on the Unix socket sock. file is the raw
+// target file of the servers that use one; the volume keeps its
+// repository and state in work instead.
+func startServer(ctx context.Context, name, file, work, sock, logPath string, size int64) (*server, error) {
+	switch name {
+	case "nbdvault":
 		return startNbdvault(file, sock, logPath)
+	case "volume":
+		return startVolume(ctx, work, sock, logPath, size)
 	}
 	return startExternal(ctx, serverArgs(name, file, sock), sock, logPath)
 }

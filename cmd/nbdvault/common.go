@@ -1,0 +1,156 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+// Defaults of the embedded configuration: everything in ./nbdvault-data,
+// NBD on the standard port, the admin API next to it, loopback only.
+const (
+	defaultData   = "nbdvault-data"
+	defaultListen = "127.0.0.1:10809"
+	defaultAdmin  = "127.0.0.1:10810"
+	tokenFileName = "admin-token"
+)
+
+// Flags every command that talks to a server takes.
+var (
+	serverFlag = &cli.StringFlag{
+		Name: "server", Value: "http://" + defaultAdmin, EnvVars: []string{"NBDVAULT_SERVER"},
+		Usage: "the server's admin API `URL`",
+	}
+	tokenFlag = &cli.StringFlag{
+		Name: "token", EnvVars: []string{"NBDVAULT_TOKEN"},
+		Usage: "the admin API `token` (default: read from DATA/" + tokenFileName + ", where serve writes it)",
+	}
+	dataFlag = &cli.StringFlag{
+		Name: "data", Value: defaultData, EnvVars: []string{"NBDVAULT_DATA"},
+		Usage: "the server's data `folder`, where a CLI on the server's host finds the token",
+	}
+	clientFlags = []cli.Flag{serverFlag, tokenFlag, dataFlag}
+)
+
+// adminClient returns a client for the server the flags name.
+func adminClient(c *cli.Context) (*api.Client, error) {
+	token := c.String(tokenFlag.Name)
+	if token == "" {
+		path := filepath.Join(c.String(dataFlag.Name), tokenFileName)
+		data, err := os.ReadFile(path)
+		switch {
+		case errors.Is(err, os.ErrNotExist):
+			return nil, usageErrorf("no admin token: %s does not exist (pass --token or NBDVAULT_TOKEN, or --data with the server's data folder)", path)
+		case err != nil:
+			return nil, fmt.Errorf("reading the admin token: %w", err)
+		}
+		token = strings.TrimSpace(string(data))
+	}
+	cl, err := api.NewClient(c.String(serverFlag.Name), token)
+	if err != nil {
+		return nil, usageErrorf("%v", err)
+	}
+	return cl, nil
+}
+
+// nbdAddress is where a client reaches the server's NBD listener: the
+// first address the server listens on, with an unspecified host (0.0.0.0,
+// ::) replaced by the admin API's host.
+func nbdAddress(ctx context.Context, cl *api.Client) (string, error) {
+	st, err := cl.Status(ctx)
+	if err != nil {
+		return "", err
+	}
+	if len(st.NBD) == 0 {
+		return "", errors.New("the server has no NBD listener")
+	}
+	addr := st.NBD[0]
+	if strings.HasPrefix(addr, "unix:") {
+		return addr, nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("the server's NBD address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		u, err := url.Parse(cl.Server())
+		if err != nil {
+			return "", err
+		}
+		host = u.Hostname()
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
+// splitSnapshot splits VOL@SNAP.
+func splitSnapshot(arg string) (vol, snap string, err error) {
+	vol, snap, ok := strings.Cut(arg, "@")
+	if !ok || vol == "" || snap == "" {
+		return "", "", usageErrorf("%q: want VOLUME@SNAPSHOT, where SNAPSHOT is an ID or a label", arg)
+	}
+	return vol, snap, nil
+}
+
+// parseSize reads a size in bytes: a number with an optional binary unit
+// K, M, G, T or P (powers of 1024; KiB, MB… are read the same).
+func parseSize(s string) (int64, error) {
+	t := strings.ToUpper(strings.TrimSpace(s))
+	t = strings.TrimSuffix(strings.TrimSuffix(t, "B"), "I")
+	shift := 0
+	if n := len(t); n > 0 {
+		if i := strings.IndexByte("KMGTP", t[n-1]); i >= 0 {
+			shift = 10 * (i + 1)
+			t = t[:n-1]
+		}
+	}
+	n, err := strconv.ParseInt(t, 10, 64)
+	if err != nil || n <= 0 || n > (1<<62)>>shift {
+		return 0, usageErrorf("size %q: want a positive number with an optional unit K, M, G, T (powers of 1024), e.g. 20G", s)
+	}
+	return n << shift, nil
+}
+
+// formatSize prints n bytes with a binary unit.
+func formatSize(n int64) string {
+	const units = "KMGTP"
+	if n < 1024 {
+		return fmt.Sprintf("%d B", n)
+	}
+	f, i := float64(n)/1024, 0
+	for f >= 1024 && i < len(units)-1 {
+		f /= 1024
+		i++
+	}
+	return fmt.Sprintf("%.1f %ciB", f, units[i])
+}
+
+// usageErrorf is a wrong flag or argument: exit code 2.
+func usageErrorf(format string, args ...any) error {
+	return cli.Exit(fmt.Sprintf(format, args...), exitUsage)
+}
+
+// needArgs checks the number of positional arguments.
+func needArgs(c *cli.Context, n int, names string) error {
+	if c.NArg() != n {
+		return usageErrorf("%s: want %s, got %d argument(s) (see nbdvault %s --help)", c.Command.FullName(), names, c.NArg(), c.Command.FullName())
+	}
+	return nil
+}
+
+// sizeFlag reads a required size flag.
+func sizeFlag(c *cli.Context, name string) (int64, error) {
+	if !c.IsSet(name) {
+		return 0, usageErrorf("%s: --%s is required, e.g. --%s 20G", c.Command.FullName(), name, name)
+	}
+	return parseSize(c.String(name))
+}

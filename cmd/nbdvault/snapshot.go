@@ -1,0 +1,140 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"text/tabwriter"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+func snapshotCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "snapshot",
+		Usage: "take, list and delete snapshots",
+		Subcommands: []*cli.Command{
+			{
+				Name: "create", Usage: "snapshot a volume now; prints the snapshot's ID", ArgsUsage: "VOLUME",
+				Flags: append([]cli.Flag{
+					&cli.StringFlag{Name: "label", Usage: "a `name` for the snapshot, unique in the volume"},
+					&cli.BoolFlag{Name: "wait", Usage: "return once the snapshot is sealed (uploaded)"},
+				}, clientFlags...),
+				Action: snapshotCreate,
+			},
+			{Name: "list", Usage: "list a volume's snapshots", ArgsUsage: "VOLUME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: snapshotList},
+			{Name: "delete", Usage: "delete a sealed snapshot", ArgsUsage: "VOLUME@SNAPSHOT", Flags: clientFlags, Action: snapshotDelete},
+		},
+	}
+}
+
+func snapshotCreate(c *cli.Context) error {
+	if err := needArgs(c, 1, "VOLUME"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	vol := c.Args().First()
+	s, err := cl.CreateSnapshot(c.Context, vol, c.String("label"))
+	if err != nil {
+		return err
+	}
+	if c.Bool("wait") {
+		p := newProgress("sealing "+vol+"@"+s.ID, -1)
+		_, err = cl.WaitSealed(c.Context, vol, s.ID, func(v api.Volume) {
+			if v.Status != nil {
+				p.note(fmt.Sprintf("%s left to upload", formatSize(v.Status.PendingBytes)))
+			}
+		})
+		p.finish()
+		if err != nil {
+			return fmt.Errorf("snapshot %s@%s was taken, but waiting for its seal failed: %w", vol, s.ID, err)
+		}
+	}
+	fmt.Println(s.ID)
+	return nil
+}
+
+func snapshotList(c *cli.Context) error {
+	if err := needArgs(c, 1, "VOLUME"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	ss, err := cl.Snapshots(c.Context, c.Args().First())
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(ss)
+	}
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "ID\tLABEL\tTIME\tSIZE\tSTATE")
+	for _, s := range ss {
+		state := "uploading"
+		if s.Sealed {
+			state = "sealed"
+		}
+		label := s.Label
+		if label == "" {
+			label = "-"
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.ID, label, s.Time.Local().Format("2006-01-02 15:04:05"), formatSize(s.Size), state)
+	}
+	return w.Flush()
+}
+
+func snapshotDelete(c *cli.Context) error {
+	if err := needArgs(c, 1, "VOLUME@SNAPSHOT"); err != nil {
+		return err
+	}
+	vol, snap, err := splitSnapshot(c.Args().First())
+	if err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	if err := cl.DeleteSnapshot(c.Context, vol, snap); err != nil {
+		return err
+	}
+	fmt.Printf("deleted snapshot %s@%s\n", vol, snap)
+	return nil
+}
+
+func statusCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "status",
+		Usage: "show the server and, per volume, what waits to be uploaded",
+		Flags: append([]cli.Flag{jsonFlag}, clientFlags...),
+		Action: func(c *cli.Context) error {
+			if err := needArgs(c, 0, "no arguments"); err != nil {
+				return err
+			}
+			cl, err := adminClient(c)
+			if err != nil {
+				return err
+			}
+			st, err := cl.Status(c.Context)
+			if err != nil {
+				return err
+			}
+			if c.Bool("json") {
+				return printJSON(st)
+			}
+			fmt.Printf("server %s (nbdvault %s)\nrepository %s\nNBD on %v\n\n", cl.Server(), st.Version, st.Repository, st.NBD)
+			if len(st.Volumes) == 0 {
+				fmt.Println("no volumes yet: nbdvault volume create NAME --size 20G")
+				return nil
+			}
+			printVolumes(st.Volumes)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"text/tabwriter"
+	"time"
+
+	"github.com/urfave/cli/v2"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print JSON (the admin API's) instead of a table"}
+
+func volumeCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "volume",
+		Usage: "create, list, show, resize and delete volumes",
+		Subcommands: []*cli.Command{
+			{
+				Name: "create", Usage: "create a volume", ArgsUsage: "NAME",
+				Flags: append([]cli.Flag{
+					&cli.StringFlag{Name: "size", Usage: "the volume's `size` (required), e.g. 20G (K, M, G, T: powers of 1024)"},
+					&cli.StringFlag{Name: "chunk-size", Value: "1M", Usage: "chunk `size`, a power of two from 64K to 16M"},
+				}, clientFlags...),
+				Action: volumeCreate,
+			},
+			{Name: "list", Usage: "list volumes", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: volumeList},
+			{Name: "show", Usage: "show a volume", ArgsUsage: "NAME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: volumeShow},
+			{
+				Name: "resize", Usage: "grow a volume (clients see the new size when they reconnect)", ArgsUsage: "NAME",
+				Flags:  append([]cli.Flag{&cli.StringFlag{Name: "size", Usage: "the new `size`, e.g. 40G (required)"}}, clientFlags...),
+				Action: volumeResize,
+			},
+			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Flags: clientFlags, Action: volumeDelete},
+		},
+	}
+}
+
+func volumeCreate(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	size, err := sizeFlag(c, "size")
+	if err != nil {
+		return err
+	}
+	chunk, err := parseSize(c.String("chunk-size"))
+	if err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	v, err := cl.CreateVolume(c.Context, api.CreateVolume{Name: c.Args().First(), Size: size, ChunkSize: chunk})
+	if err != nil {
+		return err
+	}
+	fmt.Printf("created volume %s: %s, chunks of %s\n", v.Name, formatSize(v.Size), formatSize(v.ChunkSize))
+	return nil
+}
+
+func volumeList(c *cli.Context) error {
+	if err := needArgs(c, 0, "no arguments"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	vs, err := cl.Volumes(c.Context)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(vs)
+	}
+	printVolumes(vs)
+	return nil
+}
+
+// printVolumes prints volumes with their upload state as a table.
+func printVolumes(vs []api.Volume) {
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(w, "NAME\tSIZE\tTO UPLOAD\tLAST CHECKPOINT\tLAST SEALED SNAPSHOT\tUPLOAD")
+	for _, v := range vs {
+		st := v.Status
+		if st == nil {
+			st = &api.VolumeStatus{}
+		}
+		last := "never"
+		if st.LastSeal != nil {
+			last = time.Since(*st.LastSeal).Round(time.Second).String() + " ago"
+		}
+		snap := st.LastSealedSnapshot
+		if snap == "" {
+			snap = "-"
+		}
+		upload := "ok"
+		if st.SealError != "" {
+			upload = "FAILING: " + st.SealError
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(st.PendingBytes), last, snap, upload)
+	}
+	w.Flush()
+}
+
+func volumeShow(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	v, err := cl.Volume(c.Context, c.Args().First())
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(v)
+	}
+	printVolumes([]api.Volume{v})
+	return nil
+}
+
+func volumeResize(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	size, err := sizeFlag(c, "size")
+	if err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	v, err := cl.ResizeVolume(c.Context, c.Args().First(), size)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("volume %s is now %s; clients see it when they reconnect\n", v.Name, formatSize(v.Size))
+	return nil
+}
+
+func volumeDelete(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	if err := cl.DeleteVolume(c.Context, c.Args().First()); err != nil {
+		return err
+	}
+	fmt.Printf("deleted volume %s\n", c.Args().First())
+	return nil
+}
+
+func printJSON(v any) error {
+	enc := json.NewEncoder(os.Stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,283 @@
+package nbdserver
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+	"github.com/nbdvault/nbdvault/nbdserver/lease"
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
+)
+
+// adminHandler is the admin API (docs/api.md) and /metrics, all behind
+// the token.
+func (s *Server) adminHandler() http.Handler {
+	mux := http.NewServeMux()
+	handle := func(pattern string, h func(r *http.Request) (int, any, error)) {
+		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			status, out, err := h(r)
+			if err != nil {
+				writeError(w, err)
+				if status := apiError(err).Status; status >= 500 {
+					s.log.Warn("admin request failed", "method", r.Method, "path", r.URL.Path, "error", err)
+				}
+				return
+			}
+			writeJSON(w, status, out)
+		})
+	}
+	handle("GET /v1/status", s.getStatus)
+	handle("GET /v1/volumes", s.listVolumes)
+	handle("POST /v1/volumes", s.createVolume)
+	handle("GET /v1/volumes/{vol}", s.getVolume)
+	handle("PATCH /v1/volumes/{vol}", s.resizeVolume)
+	handle("DELETE /v1/volumes/{vol}", s.deleteVolume)
+	handle("GET /v1/volumes/{vol}/snapshots", s.listSnapshots)
+	handle("POST /v1/volumes/{vol}/snapshots", s.createSnapshot)
+	handle("GET /v1/volumes/{vol}/snapshots/{snap}", s.getSnapshot)
+	handle("DELETE /v1/volumes/{vol}/snapshots/{snap}", s.deleteSnapshot)
+	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeError(w, api.Errorf(api.ErrNotFound, "no such API endpoint: %s %s (see docs/api.md)", r.Method, r.URL.Path))
+	})
+	return s.authorize(mux)
+}
+
+// authorize refuses requests without the token.
+func (s *Server) authorize(next http.Handler) http.Handler {
+	want := []byte("Bearer " + s.token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := []byte(r.Header.Get("Authorization"))
+		if subtle.ConstantTimeCompare(got, want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="nbdvault"`)
+			writeError(w, api.Errorf(api.ErrUnauthorized,
+				"the server refused the admin token: pass the one in the server's data folder (%s) with --token or NBDVAULT_TOKEN", TokenFile))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	if v == nil {
+		w.WriteHeader(status)
+		return
+	}
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		status, data = http.StatusInternalServerError, []byte(`{"code":"internal","error":"encoding the answer failed"}`)
+	}
+	w.WriteHeader(status)
+	w.Write(append(data, '\n'))
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	e := apiError(err)
+	writeJSON(w, e.Status, e)
+}
+
+// apiError maps the server's errors to the API's codes.
+func apiError(err error) *api.Error {
+	var e *api.Error
+	if errors.As(err, &e) {
+		return e
+	}
+	code := api.ErrInternal
+	switch {
+	case errors.Is(err, volume.ErrNoVolume), errors.Is(err, volume.ErrNoSnapshot):
+		code = api.ErrNotFound
+	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken):
+		code = api.ErrExists
+	case errors.Is(err, volume.ErrNotSealed):
+		code = api.ErrNotSealed
+	case errors.Is(err, volume.ErrShrink), errors.Is(err, errInvalid):
+		code = api.ErrInvalid
+	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost), errors.Is(err, context.DeadlineExceeded):
+		code = api.ErrUnavailable
+	}
+	return api.Errorf(code, "%v", err)
+}
+
+var errInvalid = errors.New("invalid request")
+
+// decode reads a JSON body into v.
+func decode(r *http.Request, v any) error {
+	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		return fmt.Errorf("%w: the body is not the JSON this endpoint takes: %v", errInvalid, err)
+	}
+	return nil
+}
+
+func (s *Server) getStatus(r *http.Request) (int, any, error) {
+	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: []api.Volume{}}
+	for _, v := range s.Volumes() {
+		st.Volumes = append(st.Volumes, volumeInfo(v))
+	}
+	return http.StatusOK, st, nil
+}
+
+func (s *Server) listVolumes(r *http.Request) (int, any, error) {
+	out := []api.Volume{}
+	for _, v := range s.Volumes() {
+		out = append(out, volumeInfo(v))
+	}
+	return http.StatusOK, out, nil
+}
+
+func (s *Server) getVolume(r *http.Request) (int, any, error) {
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, volumeInfo(v), nil
+}
+
+func (s *Server) createVolume(r *http.Request) (int, any, error) {
+	var req api.CreateVolume
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	cfg := volume.Config{Name: req.Name, Size: req.Size, ChunkSize: req.ChunkSize}
+	if cfg.ChunkSize == 0 {
+		cfg.ChunkSize = volume.DefaultChunkSize
+	}
+	if err := cfg.Validate(); err != nil {
+		return 0, nil, fmt.Errorf("%w: %v", errInvalid, err)
+	}
+	v, err := s.CreateVolume(r.Context(), cfg)
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusCreated, volumeInfo(v), nil
+}
+
+func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
+	var req api.ResizeVolume
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := v.Grow(r.Context(), req.Size); err != nil {
+		if strings.Contains(err.Error(), "volume size") { // Config.Validate's
+			err = fmt.Errorf("%w: %v", errInvalid, err)
+		}
+		return 0, nil, err
+	}
+	s.log.Info("volume resized", "volume", v.Config().Name, "size", v.Size())
+	return http.StatusOK, volumeInfo(v), nil
+}
+
+func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
+	if err := s.DeleteVolume(r.Context(), r.PathValue("vol")); err != nil {
+		return 0, nil, err
+	}
+	return http.StatusNoContent, nil, nil
+}
+
+func (s *Server) listSnapshots(r *http.Request) (int, any, error) {
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	out := []api.Snapshot{}
+	for _, si := range v.Snapshots() {
+		out = append(out, snapshotInfo(v, si))
+	}
+	return http.StatusOK, out, nil
+}
+
+func (s *Server) getSnapshot(r *http.Request) (int, any, error) {
+	v, si, err := s.snapshotOf(r.PathValue("vol"), r.PathValue("snap"))
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, snapshotInfo(v, si), nil
+}
+
+func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
+	var req api.CreateSnapshot
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return 0, nil, err
+		}
+	}
+	if strings.Contains(req.Label, "@") || strings.TrimSpace(req.Label) != req.Label {
+		return 0, nil, fmt.Errorf("%w: label %q: no '@' and no leading or trailing spaces", errInvalid, req.Label)
+	}
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	si, err := v.Snapshot(r.Context(), req.Label)
+	if err != nil {
+		return 0, nil, err
+	}
+	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label)
+	return http.StatusCreated, snapshotInfo(v, si), nil
+}
+
+func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
+	v, si, err := s.snapshotOf(r.PathValue("vol"), r.PathValue("snap"))
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := v.DeleteSnapshot(r.Context(), si.ID); err != nil {
+		return 0, nil, err
+	}
+	s.metrics.forget(v.Config().Name + "@" + si.ID)
+	s.log.Info("snapshot deleted", "volume", v.Config().Name, "id", si.ID)
+	return http.StatusNoContent, nil, nil
+}
+
+// snapshotOf finds snapshot snap (an ID or a label) of volume vol.
+func (s *Server) snapshotOf(vol, snap string) (*volume.Volume, volume.SnapshotInfo, error) {
+	v, err := s.volumeOf(vol)
+	if err != nil {
+		return nil, volume.SnapshotInfo{}, err
+	}
+	for _, si := range v.Snapshots() {
+		if si.ID == snap || (si.Label != "" && si.Label == snap) {
+			return v, si, nil
+		}
+	}
+	return nil, volume.SnapshotInfo{}, fmt.Errorf("snapshot %q of volume %q: %w (nbdvault snapshot list %s shows them)", snap, vol, volume.ErrNoSnapshot, vol)
+}
+
+func volumeInfo(v *volume.Volume) api.Volume {
+	cfg := v.Config()
+	st := v.Status()
+	vs := &api.VolumeStatus{PendingBytes: st.LogBytes, PendingSnapshots: st.PendingLayers, LagSeconds: st.Lag.Seconds()}
+	if !st.LastSeal.IsZero() {
+		t := st.LastSeal.UTC()
+		vs.LastSeal = &t
+	}
+	if st.SealError != nil {
+		vs.SealError = st.SealError.Error()
+	}
+	for _, si := range v.Snapshots() {
+		if si.Sealed {
+			vs.LastSealedSnapshot = si.ID
+		}
+	}
+	return api.Volume{Name: cfg.Name, Size: cfg.Size, ChunkSize: cfg.ChunkSize, Created: cfg.Created, Status: vs}
+}
+
+func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
+	return api.Snapshot{Volume: v.Config().Name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size, Sealed: si.Sealed}
+}
+

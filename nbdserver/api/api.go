@@ -1,0 +1,113 @@
+// Package api is the nbdvault server's admin API: the JSON it speaks over
+// HTTP and a client for it. docs/api.md describes the same for people.
+//
+// Every request carries the server's token as "Authorization: Bearer
+// TOKEN". Errors come back as an Error with an HTTP status and a Code.
+package api
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Volume is a volume and, in listings and shows, its upload state.
+type Volume struct {
+	Name      string        `json:"name"`
+	Size      int64         `json:"size"`
+	ChunkSize int64         `json:"chunk_size"`
+	Created   time.Time     `json:"created"`
+	Status    *VolumeStatus `json:"status,omitempty"`
+}
+
+// VolumeStatus is how far the repository is behind a volume's head.
+type VolumeStatus struct {
+	// PendingBytes is the write log the volume holds on the server's
+	// disk: what the repository does not hold yet (log segments leave
+	// once uploaded).
+	PendingBytes int64 `json:"pending_bytes"`
+	// PendingSnapshots counts snapshots and checkpoints taken but not
+	// yet sealed.
+	PendingSnapshots int `json:"pending_snapshots"`
+	// LagSeconds is how long the oldest write the repository does not
+	// hold yet has waited (the recovery point if the server's disk were
+	// lost now); 0 when it holds everything.
+	LagSeconds float64 `json:"lag_seconds"`
+	// LastSeal is when the last snapshot or checkpoint was sealed.
+	LastSeal *time.Time `json:"last_seal,omitempty"`
+	// LastSealedSnapshot is the newest sealed snapshot's ID, if any.
+	LastSealedSnapshot string `json:"last_sealed_snapshot,omitempty"`
+	// SealError is the last upload's failure, until one succeeds.
+	SealError string `json:"seal_error,omitempty"`
+}
+
+// Snapshot is one snapshot of a volume.
+type Snapshot struct {
+	Volume string    `json:"volume"`
+	ID     string    `json:"id"`
+	Label  string    `json:"label,omitempty"`
+	Time   time.Time `json:"time"`
+	Size   int64     `json:"size"`
+	// Sealed: uploaded; it no longer depends on the server's disk.
+	Sealed bool `json:"sealed"`
+}
+
+// Status is the server's state: where it keeps data, where it serves NBD,
+// and every volume with its upload state.
+type Status struct {
+	Version    string   `json:"version"`
+	Repository string   `json:"repository"`
+	NBD        []string `json:"nbd"` // listen addresses: host:port or unix:/path
+	Volumes    []Volume `json:"volumes"`
+}
+
+// CreateVolume is the body of POST /v1/volumes.
+type CreateVolume struct {
+	Name      string `json:"name"`
+	Size      int64  `json:"size"`
+	ChunkSize int64  `json:"chunk_size,omitempty"`
+}
+
+// ResizeVolume is the body of PATCH /v1/volumes/{name}.
+type ResizeVolume struct {
+	Size int64 `json:"size"`
+}
+
+// CreateSnapshot is the body of POST /v1/volumes/{name}/snapshots.
+type CreateSnapshot struct {
+	Label string `json:"label,omitempty"`
+}
+
+// Error is what the server answers when a request fails.
+type Error struct {
+	Status  int    `json:"-"` // the HTTP status
+	Code    string `json:"code"`
+	Message string `json:"error"`
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Is lets errors.Is match an *Error against the sentinels below by Code.
+func (e *Error) Is(target error) bool {
+	var t *Error
+	return errors.As(target, &t) && t.Code == e.Code
+}
+
+// Error codes, with the sentinels to test for them with errors.Is.
+var (
+	ErrUnauthorized = &Error{Code: "unauthorized", Status: 401}
+	ErrNotFound     = &Error{Code: "not_found", Status: 404}
+	ErrExists       = &Error{Code: "exists", Status: 409}
+	ErrNotSealed    = &Error{Code: "not_sealed", Status: 409}
+	ErrInvalid      = &Error{Code: "invalid", Status: 400}
+	ErrUnavailable  = &Error{Code: "unavailable", Status: 503}
+	ErrInternal     = &Error{Code: "internal", Status: 500}
+)
+
+// Errorf makes an error with code's code and status.
+func Errorf(code *Error, format string, args ...any) *Error {
+	return &Error{Status: code.Status, Code: code.Code, Message: fmt.Sprintf(format, args...)}
+}
+
+// ErrUnreachable: no server answered at the address.
+var ErrUnreachable = errors.New("cannot reach the nbdvault server")

@@ -1,0 +1,170 @@
+package api
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Client talks to a server's admin API.
+type Client struct {
+	base  *url.URL
+	token string
+	http  *http.Client
+}
+
+// NewClient returns a client for the server at base (e.g.
+// http://127.0.0.1:10810) that sends token.
+func NewClient(base, token string) (*Client, error) {
+	u, err := url.Parse(base)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("server address %q: want http://HOST:PORT or https://HOST:PORT", base)
+	}
+	return &Client{base: u, token: token, http: &http.Client{Timeout: 5 * time.Minute}}, nil
+}
+
+// Server is the address the client talks to.
+func (c *Client) Server() string { return c.base.String() }
+
+// Status returns the server's state and every volume's.
+func (c *Client) Status(ctx context.Context) (Status, error) {
+	var st Status
+	return st, c.do(ctx, "GET", "/v1/status", nil, &st)
+}
+
+// Volumes lists the volumes with their upload state.
+func (c *Client) Volumes(ctx context.Context) ([]Volume, error) {
+	var vs []Volume
+	return vs, c.do(ctx, "GET", "/v1/volumes", nil, &vs)
+}
+
+// Volume returns one volume with its upload state.
+func (c *Client) Volume(ctx context.Context, name string) (Volume, error) {
+	var v Volume
+	return v, c.do(ctx, "GET", "/v1/volumes/"+url.PathEscape(name), nil, &v)
+}
+
+// CreateVolume creates a volume.
+func (c *Client) CreateVolume(ctx context.Context, req CreateVolume) (Volume, error) {
+	var v Volume
+	return v, c.do(ctx, "POST", "/v1/volumes", req, &v)
+}
+
+// ResizeVolume grows a volume to size bytes.
+func (c *Client) ResizeVolume(ctx context.Context, name string, size int64) (Volume, error) {
+	var v Volume
+	return v, c.do(ctx, "PATCH", "/v1/volumes/"+url.PathEscape(name), ResizeVolume{Size: size}, &v)
+}
+
+// DeleteVolume deletes a volume and its snapshots.
+func (c *Client) DeleteVolume(ctx context.Context, name string) error {
+	return c.do(ctx, "DELETE", "/v1/volumes/"+url.PathEscape(name), nil, nil)
+}
+
+// Snapshots lists a volume's snapshots, oldest first.
+func (c *Client) Snapshots(ctx context.Context, vol string) ([]Snapshot, error) {
+	var ss []Snapshot
+	return ss, c.do(ctx, "GET", "/v1/volumes/"+url.PathEscape(vol)+"/snapshots", nil, &ss)
+}
+
+// Snapshot returns snapshot snap (an ID or a label) of volume vol.
+func (c *Client) Snapshot(ctx context.Context, vol, snap string) (Snapshot, error) {
+	var s Snapshot
+	return s, c.do(ctx, "GET", snapshotPath(vol, snap), nil, &s)
+}
+
+// CreateSnapshot takes a snapshot of volume vol's head.
+func (c *Client) CreateSnapshot(ctx context.Context, vol, label string) (Snapshot, error) {
+	var s Snapshot
+	return s, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/snapshots", CreateSnapshot{Label: label}, &s)
+}
+
+// DeleteSnapshot deletes a sealed snapshot.
+func (c *Client) DeleteSnapshot(ctx context.Context, vol, snap string) error {
+	return c.do(ctx, "DELETE", snapshotPath(vol, snap), nil, nil)
+}
+
+// WaitSealed polls until snapshot snap of vol is sealed, calling progress
+// (if not nil) with the volume's state after every poll.
+func (c *Client) WaitSealed(ctx context.Context, vol, snap string, progress func(Volume)) (Snapshot, error) {
+	for {
+		s, err := c.Snapshot(ctx, vol, snap)
+		if err != nil || s.Sealed {
+			return s, err
+		}
+		if progress != nil {
+			if v, err := c.Volume(ctx, vol); err == nil {
+				progress(v)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return s, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func snapshotPath(vol, snap string) string {
+	return "/v1/volumes/" + url.PathEscape(vol) + "/snapshots/" + url.PathEscape(snap)
+}
+
+func (c *Client) do(ctx context.Context, method, path string, in, out any) error {
+	var body io.Reader
+	if in != nil {
+		data, err := json.Marshal(in)
+		if err != nil {
+			return err
+		}
+		body = bytes.NewReader(data)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimSuffix(c.base.String(), "/")+path, body)
+	if err != nil {
+		return err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	req.Header.Set("Authorization", "Bearer "+c.token)
+	resp, err := c.http.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return fmt.Errorf("%w at %s: %v (is `nbdvault serve` running there? set --server or NBDVAULT_SERVER)", ErrUnreachable, c.base, unwrapURLError(err))
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return fmt.Errorf("%s %s: reading the answer: %w", method, path, err)
+	}
+	if resp.StatusCode >= 300 {
+		e := &Error{Status: resp.StatusCode}
+		if json.Unmarshal(data, e) != nil || e.Code == "" {
+			return fmt.Errorf("%s %s: server answered %s: %.200s", method, path, resp.Status, data)
+		}
+		return e
+	}
+	if out == nil {
+		return nil
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("%s %s: the server's answer is not what this client understands: %w", method, path, err)
+	}
+	return nil
+}
+
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}

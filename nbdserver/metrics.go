@@ -1,0 +1,231 @@
+package nbdserver
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// metrics are the server's Prometheus metrics, served at /metrics on the
+// admin listener. docs/operations.md lists them.
+type metrics struct {
+	reg        *prometheus.Registry
+	nbdOps     *prometheus.CounterVec
+	nbdBytes   *prometheus.CounterVec
+	nbdErrors  *prometheus.CounterVec
+	nbdSeconds *prometheus.HistogramVec
+	repoOps    *prometheus.CounterVec
+	repoErrors *prometheus.CounterVec
+}
+
+func newMetrics(s *Server) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	exp := []string{"export", "op"}
+	m.nbdOps = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdvault_nbd_requests_total",
+		Help: "NBD requests served, by export (VOL, or VOL@snapshot for every snapshot) and operation."}, exp)
+	m.nbdBytes = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdvault_nbd_bytes_total",
+		Help: "Bytes read and written over NBD, by export and operation."}, exp)
+	m.nbdErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdvault_nbd_errors_total",
+		Help: "NBD requests that failed, by export and operation."}, exp)
+	m.nbdSeconds = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "nbdvault_nbd_request_seconds",
+		Help:    "Time to serve an NBD request, by export and operation.",
+		Buckets: prometheus.ExponentialBuckets(10e-6, 4, 10)}, exp)
+	repo := []string{"op"}
+	m.repoOps = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdvault_repository_requests_total",
+		Help: "Requests to the repository (object store), by operation."}, repo)
+	m.repoErrors = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "nbdvault_repository_errors_total",
+		Help: "Repository requests that failed (after retries), by operation; a missing object is not counted."}, repo)
+	m.reg.MustRegister(m.nbdOps, m.nbdBytes, m.nbdErrors, m.nbdSeconds, m.repoOps, m.repoErrors,
+		&stateCollector{s: s}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// exportMetrics are one export's counters, resolved once so a request
+// costs no label lookups.
+type exportMetrics struct {
+	ops, bytes, errs [numOps]prometheus.Counter
+	secs             [numOps]prometheus.Observer
+}
+
+type op int
+
+const (
+	opRead op = iota
+	opWrite
+	opFlush
+	opTrim
+	opZero
+	opBlockStatus
+	numOps
+)
+
+var opNames = [numOps]string{"read", "write", "flush", "trim", "zero", "block_status"}
+
+func (m *metrics) export(name string) *exportMetrics {
+	if m == nil {
+		return nil
+	}
+	em := &exportMetrics{}
+	for o := range numOps {
+		l := prometheus.Labels{"export": name, "op": opNames[o]}
+		em.ops[o], em.bytes[o], em.errs[o] = m.nbdOps.With(l), m.nbdBytes.With(l), m.nbdErrors.With(l)
+		em.secs[o] = m.nbdSeconds.With(l)
+	}
+	return em
+}
+
+// forget drops an export's series (a deleted volume or snapshot).
+func (m *metrics) forget(name string) {
+	if m == nil {
+		return
+	}
+	l := prometheus.Labels{"export": name}
+	m.nbdOps.DeletePartialMatch(l)
+	m.nbdBytes.DeletePartialMatch(l)
+	m.nbdErrors.DeletePartialMatch(l)
+	m.nbdSeconds.DeletePartialMatch(l)
+}
+
+// done records a request of op that moved n bytes and started at start.
+func (em *exportMetrics) done(o op, n int, start time.Time, err error) {
+	if em == nil {
+		return
+	}
+	em.ops[o].Inc()
+	if n > 0 {
+		em.bytes[o].Add(float64(n))
+	}
+	if err != nil {
+		em.errs[o].Inc()
+	}
+	em.secs[o].Observe(time.Since(start).Seconds())
+}
+
+// stateCollector reports the volumes' upload state and the chunk store's
+// counters at scrape time.
+type stateCollector struct{ s *Server }
+
+var (
+	descSize = prometheus.NewDesc("nbdvault_volume_size_bytes",
+		"The volume's size.", []string{"volume"}, nil)
+	descPending = prometheus.NewDesc("nbdvault_volume_pending_bytes",
+		"Write log the volume holds on the server's disk that the repository does not hold yet (the upload queue).", []string{"volume"}, nil)
+	descPendingSnaps = prometheus.NewDesc("nbdvault_volume_pending_snapshots",
+		"Snapshots and checkpoints taken but not yet sealed.", []string{"volume"}, nil)
+	descLag = prometheus.NewDesc("nbdvault_volume_lag_seconds",
+		"Age of the oldest write the repository does not hold yet; 0 when it holds all.", []string{"volume"}, nil)
+	descSinceSeal = prometheus.NewDesc("nbdvault_volume_seconds_since_checkpoint",
+		"Seconds since the volume's last snapshot or checkpoint was sealed (since the server started if none was).", []string{"volume"}, nil)
+	descSealFailing = prometheus.NewDesc("nbdvault_volume_upload_failing",
+		"1 while the volume's uploads fail (see the server log), else 0.", []string{"volume"}, nil)
+	descChunkPuts = prometheus.NewDesc("nbdvault_chunks_stored_total",
+		"Chunks written to the repository (new content).", nil, nil)
+	descChunkDedup = prometheus.NewDesc("nbdvault_chunks_deduplicated_total",
+		"Chunks the repository already had, so not uploaded again.", nil, nil)
+	descChunkBytesIn = prometheus.NewDesc("nbdvault_chunk_bytes_in_total",
+		"Plaintext bytes of chunks given to the store.", nil, nil)
+	descChunkBytesStored = prometheus.NewDesc("nbdvault_chunk_bytes_stored_total",
+		"Bytes uploaded to the repository for chunks, after compression.", nil, nil)
+	descCacheHits = prometheus.NewDesc("nbdvault_chunk_cache_hits_total",
+		"Chunk reads answered from the cache.", nil, nil)
+	descChunkGets = prometheus.NewDesc("nbdvault_chunk_fetches_total",
+		"Chunks fetched from the repository.", nil, nil)
+	descCorrupt = prometheus.NewDesc("nbdvault_chunks_corrupt_total",
+		"Chunks that failed verification against their ID.", nil, nil)
+)
+
+func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
+		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt} {
+		ch <- d
+	}
+}
+
+func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	counter := func(d *prometheus.Desc, v int64) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	for _, v := range c.s.Volumes() {
+		name := v.Config().Name
+		st := v.Status()
+		gauge(descSize, float64(v.Size()), name)
+		gauge(descPending, float64(st.LogBytes), name)
+		gauge(descPendingSnaps, float64(st.PendingLayers), name)
+		gauge(descLag, st.Lag.Seconds(), name)
+		since := c.s.started
+		if !st.LastSeal.IsZero() {
+			since = st.LastSeal
+		}
+		gauge(descSinceSeal, time.Since(since).Seconds(), name)
+		failing := 0.0
+		if st.SealError != nil {
+			failing = 1
+		}
+		gauge(descSealFailing, failing, name)
+	}
+	if c.s.store != nil {
+		st := c.s.store.Stats()
+		counter(descChunkPuts, st.Puts-st.DedupHits-st.ZeroPuts)
+		counter(descChunkDedup, st.DedupHits)
+		counter(descChunkBytesIn, st.BytesIn)
+		counter(descChunkBytesStored, st.BytesStored)
+		counter(descCacheHits, st.CacheHits)
+		counter(descChunkGets, st.BackendGets)
+		counter(descCorrupt, st.Corrupt)
+	}
+}
+
+// countRequests wraps the repository so its requests are counted.
+func (m *metrics) countRequests(b chunkstore.Backend) chunkstore.Backend {
+	c := &countingBackend{Backend: b}
+	for i, name := range []string{"put", "get", "has", "delete", "list"} {
+		c.ops[i] = m.repoOps.WithLabelValues(name)
+		c.errs[i] = m.repoErrors.WithLabelValues(name)
+	}
+	return c
+}
+
+type countingBackend struct {
+	chunkstore.Backend
+	ops, errs [5]prometheus.Counter
+}
+
+func (c *countingBackend) Unwrap() chunkstore.Backend { return c.Backend }
+
+func (c *countingBackend) count(i int, err error) error {
+	c.ops[i].Inc()
+	if err != nil && !errors.Is(err, chunkstore.ErrNotFound) && !errors.Is(err, context.Canceled) {
+		c.errs[i].Inc()
+	}
+	return err
+}
+
+func (c *countingBackend) Put(ctx context.Context, key string, data []byte) error {
+	return c.count(0, c.Backend.Put(ctx, key, data))
+}
+
+func (c *countingBackend) Get(ctx context.Context, key string) ([]byte, error) {
+	data, err := c.Backend.Get(ctx, key)
+	return data, c.count(1, err)
+}
+
+func (c *countingBackend) Has(ctx context.Context, key string) (bool, error) {
+	ok, err := c.Backend.Has(ctx, key)
+	return ok, c.count(2, err)
+}
+
+func (c *countingBackend) Delete(ctx context.Context, key string) error {
+	return c.count(3, c.Backend.Delete(ctx, key))
+}
+
+func (c *countingBackend) List(ctx context.Context, prefix string, fn func(string) error) error {
+	return c.count(4, c.Backend.List(ctx, prefix, fn))
+}

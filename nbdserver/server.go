@@ -1,0 +1,437 @@
+package nbdserver
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/lease"
+	"github.com/nbdvault/nbdvault/nbdserver/nbd"
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
+)
+
+// Options configure a Server. Data is the only one it needs.
+type Options struct {
+	// Data is the server's folder: the volumes' write logs (state/), the
+	// admin token, and the repository (repo/) when Repo is empty.
+	Data string
+	// Repo is the repository's location (a path, file://… or s3://…).
+	Repo string
+	// Listen are the NBD addresses: host:port or unix:/path.
+	Listen []string
+	// Admin is the admin API's host:port; empty for none.
+	Admin  string
+	Logger *slog.Logger
+	// Passed to every volume; zero takes the engine's defaults.
+	CheckpointInterval time.Duration
+	LogLimit           int64
+	// CacheBytes bounds the chunk cache (chunkstore's default when 0).
+	CacheBytes int64
+	// LeaseTTL is how long the repository lease lasts unrenewed.
+	LeaseTTL time.Duration
+	Version  string
+}
+
+// TokenFile is the admin token's file name in the data folder.
+const TokenFile = "admin-token"
+
+// Server is a running nbdvault server: one repository, its volumes, the
+// NBD listeners that serve them and the admin API that manages them.
+type Server struct {
+	opts    Options
+	log     *slog.Logger
+	repo    chunkstore.Backend
+	store   *chunkstore.Store
+	env     *volume.Env
+	lease   *lease.Lease
+	token   string
+	exports *Exports
+	nbd     *nbd.Server
+	metrics *metrics
+
+	nbdListeners []net.Listener
+	adminL       net.Listener
+	started      time.Time
+
+	// mu guards vols and serializes creating and deleting volumes.
+	mu   sync.Mutex
+	vols map[string]*served
+	// runCtx is what volume uploaders run under until shutdown.
+	runCtx  context.Context
+	stopRun context.CancelFunc
+}
+
+// served is an open volume and its uploader.
+type served struct {
+	v    *volume.Volume
+	stop context.CancelFunc
+	done chan struct{}
+}
+
+// Open readies a server: it takes the repository's lease (refusing if
+// another server holds it), checks or writes the repository's config,
+// opens every volume (replaying write logs), and opens the listeners.
+// Serve then serves until its context ends.
+func Open(ctx context.Context, opts Options) (_ *Server, err error) {
+	if opts.Data == "" {
+		return nil, errors.New("no data folder")
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.Default()
+	}
+	if err := os.MkdirAll(filepath.Join(opts.Data, "state"), 0o700); err != nil {
+		return nil, fmt.Errorf("data folder: %w", err)
+	}
+	if opts.Repo == "" {
+		opts.Repo = filepath.Join(opts.Data, "repo")
+	}
+	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, exports: NewExports(), started: time.Now()}
+	s.runCtx, s.stopRun = context.WithCancel(context.Background())
+	defer func() {
+		if err != nil {
+			s.closeAll(context.Background())
+		}
+	}()
+
+	if s.repo, err = chunkstore.Open(opts.Repo); err != nil {
+		return nil, fmt.Errorf("repository: %w", err)
+	}
+	s.metrics = newMetrics(s)
+	s.exports.m = s.metrics
+	s.repo = s.metrics.countRequests(s.repo)
+	if s.lease, err = lease.Acquire(ctx, s.repo, opts.LeaseTTL); err != nil {
+		return nil, fmt.Errorf("repository %s: %w", s.repo.Location(), err)
+	}
+	if err := checkRepoConfig(ctx, s.repo); err != nil {
+		return nil, err
+	}
+	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
+		return nil, err
+	}
+	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: opts.CacheBytes}); err != nil {
+		return nil, err
+	}
+	s.env = &volume.Env{
+		Repo: s.repo, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
+		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit,
+	}
+	names, err := listVolumes(ctx, s.repo)
+	if err != nil {
+		return nil, fmt.Errorf("repository %s: list volumes: %w", s.repo.Location(), err)
+	}
+	for _, name := range names {
+		v, err := volume.Open(ctx, s.env, name)
+		if err != nil {
+			return nil, fmt.Errorf("open volume %q: %w", name, err)
+		}
+		s.serveLocked(v) // no lock yet: nothing else sees s
+		st := v.Status()
+		s.log.Info("volume opened", "volume", name, "size", v.Size(), "pending_bytes", st.LogBytes, "pending_snapshots", st.PendingLayers)
+	}
+
+	s.nbd = &nbd.Server{Exports: s.exports, Logger: s.log.With("part", "nbd")}
+	for _, addr := range opts.Listen {
+		l, err := nbd.Listen(addr)
+		if err != nil {
+			return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
+		}
+		s.nbdListeners = append(s.nbdListeners, l)
+	}
+	if opts.Admin != "" {
+		if s.adminL, err = net.Listen("tcp", opts.Admin); err != nil {
+			return nil, fmt.Errorf("admin listener %s: %w", opts.Admin, err)
+		}
+	}
+	return s, nil
+}
+
+// serveLocked starts v's uploader and offers it over NBD. Called with
+// s.mu held.
+func (s *Server) serveLocked(v *volume.Volume) {
+	ctx, stop := context.WithCancel(s.runCtx)
+	sv := &served{v: v, stop: stop, done: make(chan struct{})}
+	go func() {
+		defer close(sv.done)
+		v.Run(ctx)
+	}()
+	s.vols[v.Config().Name] = sv
+	s.exports.Add(v)
+}
+
+// NBDAddrs are the addresses the NBD listeners got (a port 0 resolved).
+func (s *Server) NBDAddrs() []string {
+	var out []string
+	for _, l := range s.nbdListeners {
+		if l.Addr().Network() == "unix" {
+			out = append(out, "unix:"+l.Addr().String())
+		} else {
+			out = append(out, l.Addr().String())
+		}
+	}
+	return out
+}
+
+// AdminAddr is the admin API's address, or "" without one.
+func (s *Server) AdminAddr() string {
+	if s.adminL == nil {
+		return ""
+	}
+	return s.adminL.Addr().String()
+}
+
+// Repository is the repository's location.
+func (s *Server) Repository() string { return s.repo.Location() }
+
+// Serve serves NBD and the admin API until ctx ends, then shuts down:
+// requests in flight finish, write logs are synced, uploaders stop
+// between objects and the lease is released. It returns early with an
+// error if a listener fails or the repository lease is lost.
+func (s *Server) Serve(ctx context.Context) error {
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var wg sync.WaitGroup
+	fail := func(err error) { cancel(err) }
+	for _, l := range s.nbdListeners {
+		wg.Go(func() {
+			if err := s.nbd.Serve(l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+				fail(fmt.Errorf("NBD listener %s: %w", l.Addr(), err))
+			}
+		})
+	}
+	var hs *http.Server
+	if s.adminL != nil {
+		hs = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second,
+			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+		wg.Go(func() {
+			if err := hs.Serve(s.adminL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				fail(fmt.Errorf("admin listener %s: %w", s.adminL.Addr(), err))
+			}
+		})
+	}
+	wg.Go(func() {
+		if err := s.lease.Keep(ctx); err != nil {
+			fail(fmt.Errorf("%w: another server took this repository over; stopping so that only one writes it", err))
+		}
+	})
+	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.vols))
+	<-ctx.Done()
+	err := context.Cause(ctx)
+	if errors.Is(err, context.Canceled) {
+		err = nil // asked to stop
+	} else {
+		s.log.Error("stopping", "error", err)
+	}
+	s.log.Info("shutting down: finishing requests in flight")
+	drain, cancelDrain := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancelDrain()
+	if hs != nil {
+		_ = hs.Shutdown(drain)
+	}
+	if derr := s.nbd.Shutdown(drain); derr != nil {
+		s.log.Warn("NBD clients did not finish in time; their connections were closed", "error", derr)
+	}
+	wg.Wait()
+	if cerr := s.closeAll(drain); err == nil {
+		err = cerr
+	}
+	s.log.Info("stopped")
+	return err
+}
+
+// closeAll stops the uploaders, closes the volumes (syncing their logs)
+// and releases the lease. Unsealed snapshots stay in the logs and are
+// uploaded after the next start.
+func (s *Server) closeAll(ctx context.Context) error {
+	s.stopRun()
+	s.mu.Lock()
+	vols := s.vols
+	s.vols = map[string]*served{}
+	s.mu.Unlock()
+	var errs []error
+	for name, sv := range vols {
+		<-sv.done
+		if err := sv.v.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("volume %q: %w", name, err))
+		}
+	}
+	for _, l := range s.nbdListeners {
+		l.Close()
+	}
+	if s.adminL != nil {
+		s.adminL.Close()
+	}
+	if s.lease != nil {
+		if err := s.lease.Release(ctx); err != nil {
+			s.log.Warn("could not release the repository lease; the next server waits until it expires", "error", err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// volumeOf returns the served volume name or ErrNoVolume naming those
+// that exist.
+func (s *Server) volumeOf(name string) (*volume.Volume, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sv, ok := s.vols[name]; ok {
+		return sv.v, nil
+	}
+	names := make([]string, 0, len(s.vols))
+	for n := range s.vols {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	have := "there are no volumes"
+	if len(names) > 0 {
+		have = "volumes: " + strings.Join(names, ", ")
+	}
+	return nil, fmt.Errorf("volume %q: %w (%s)", name, volume.ErrNoVolume, have)
+}
+
+// CreateVolume creates a volume and serves it.
+func (s *Server) CreateVolume(ctx context.Context, cfg volume.Config) (*volume.Volume, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := volume.ValidName(cfg.Name); err != nil {
+		return nil, err
+	}
+	if _, ok := s.vols[cfg.Name]; ok {
+		return nil, fmt.Errorf("volume %q: %w", cfg.Name, volume.ErrExists)
+	}
+	v, err := volume.Create(ctx, s.env, cfg)
+	if err != nil {
+		return nil, err
+	}
+	s.serveLocked(v)
+	s.log.Info("volume created", "volume", cfg.Name, "size", v.Size(), "chunk_size", v.Config().ChunkSize)
+	return v, nil
+}
+
+// DeleteVolume stops serving a volume and deletes it with its snapshots.
+// Clients still attached to it get I/O errors.
+func (s *Server) DeleteVolume(ctx context.Context, name string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if sv, ok := s.vols[name]; ok {
+		s.exports.Remove(name)
+		sv.stop()
+		<-sv.done
+		delete(s.vols, name)
+		if err := sv.v.Close(); err != nil {
+			s.log.Warn("closing a volume being deleted", "volume", name, "error", err)
+		}
+	}
+	if err := volume.Delete(ctx, s.env, name); err != nil {
+		return err
+	}
+	s.log.Info("volume deleted", "volume", name)
+	return nil
+}
+
+// Volumes returns the served volumes, by name.
+func (s *Server) Volumes() []*volume.Volume {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([]*volume.Volume, 0, len(s.vols))
+	for _, sv := range s.vols {
+		out = append(out, sv.v)
+	}
+	slices.SortFunc(out, func(a, b *volume.Volume) int { return strings.Compare(a.Config().Name, b.Config().Name) })
+	return out
+}
+
+// listVolumes returns the names of the volumes in the repository: those
+// with a record (volumes/NAME/volume).
+func listVolumes(ctx context.Context, repo chunkstore.Backend) ([]string, error) {
+	var names []string
+	err := repo.List(ctx, "volumes/", func(k string) error {
+		parts := strings.Split(k, "/")
+		if len(parts) == 3 && parts[2] == "volume" {
+			names = append(names, parts[1])
+		}
+		return nil
+	})
+	slices.Sort(names)
+	return names, err
+}
+
+// repoConfig is the repository's "config" object.
+type repoConfig struct {
+	Format  int       `json:"format"`
+	ChunkID string    `json:"chunk_id"`
+	Created time.Time `json:"created"`
+}
+
+const (
+	repoFormat  = 1
+	repoChunkID = "blake3-256"
+)
+
+// checkRepoConfig writes a new repository's config, or checks that an
+// existing one is a format this server reads.
+func checkRepoConfig(ctx context.Context, repo chunkstore.Backend) error {
+	data, err := repo.Get(ctx, "config")
+	if errors.Is(err, chunkstore.ErrNotFound) {
+		data, _ := json.MarshalIndent(repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC()}, "", "  ")
+		if err := repo.Put(ctx, "config", append(data, '\n')); err != nil {
+			return fmt.Errorf("repository %s: write its config: %w", repo.Location(), err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("repository %s: read its config: %w", repo.Location(), err)
+	}
+	var c repoConfig
+	if err := json.Unmarshal(data, &c); err != nil {
+		return fmt.Errorf("repository %s: its config is unreadable (%v): is this an nbdvault repository?", repo.Location(), err)
+	}
+	if c.Format != repoFormat || c.ChunkID != repoChunkID {
+		return fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads format %d with %s: use the nbdvault release that wrote it",
+			repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
+	}
+	return nil
+}
+
+// loadToken reads the admin token, making one (mode 0600) on first start.
+func loadToken(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err == nil {
+		tok := strings.TrimSpace(string(data))
+		if len(tok) < 16 {
+			return "", fmt.Errorf("admin token %s is too short; delete it and a new one is made", path)
+		}
+		return tok, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	b := make([]byte, 32)
+	_, _ = rand.Read(b)
+	tok := hex.EncodeToString(b)
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	if _, err := f.WriteString(tok + "\n"); err != nil {
+		f.Close()
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	return tok, f.Close()
+}
