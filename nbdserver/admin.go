@@ -280,4 +280,3 @@ func volumeInfo(v *volume.Volume) api.Volume {
 func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
 	return api.Snapshot{Volume: v.Config().Name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size, Sealed: si.Sealed}
 }
-

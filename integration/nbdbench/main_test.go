@@ -18,18 +18,24 @@ func TestParseFio(t *testing.T) {
       "jobname" : "randwrite",
       "error" : 0,
       "read" : {"iops" : 0.000000, "total_ios" : 0, "runtime" : 0},
-      "write" : {"iops" : 116416.194602, "total_ios" : 349365, "runtime" : 3001}
+      "write" : {"iops" : 116416.194602, "total_ios" : 349365, "io_bytes" : 1431001088, "runtime" : 3001}
     }
   ]
 }`)
 	r, err := parseFio(out, "randwrite")
-	if err != nil || r != (fioResult{IOPS: 116416.194602, IOs: 349365}) {
+	if err != nil || r != (fioResult{IOPS: 116416.194602, IOs: 349365, Bytes: 1431001088, Time: 3001 * time.Millisecond}) {
 		t.Fatalf("parseFio(randwrite) = %+v, %v", r, err)
+	}
+	if got := r.MBps(); got < 476.8 || got > 476.9 {
+		t.Errorf("MBps = %v, want 476.84", got)
+	}
+	if _, err := parseFio(out, "read"); err == nil {
+		t.Fatal("parseFio(read) of a write-only job: no error")
 	}
 	if _, err := parseFio(out, "randread"); err == nil {
 		t.Fatal("parseFio(randread) of a write-only job: no error")
 	}
-	if _, err := parseFio([]byte(`{"jobs":[{"jobname":"x","error":5,"write":{"iops":1,"total_ios":1}}]}`), "randwrite"); err == nil {
+	if _, err := parseFio([]byte(`{"jobs":[{"jobname":"x","error":5,"write":{"iops":1,"total_ios":1,"runtime":1}}]}`), "randwrite"); err == nil {
 		t.Fatal("parseFio of a job with an error: no error")
 	}
 	if _, err := parseFio([]byte("fio: engine nbd not loadable"), "randread"); err == nil {
@@ -69,11 +75,24 @@ func TestReportTable(t *testing.T) {
 	if want := "| sequential read, nbdcopy NBD → null: (MB/s) | 2000 | 1000 | 4000 | 0.50 | 2.00 |"; lines[3] != want {
 		t.Errorf("row %q, want %q", lines[3], want)
 	}
-	if want := "| 4 KiB random write, fio QD32 (IOPS) | – | – | – | – | – |"; lines[4] != want {
+	if want := "| 1 MiB sequential write, fio QD32 (MB/s) | – | – | – | – | – |"; lines[4] != want {
 		t.Errorf("row %q, want %q", lines[4], want)
 	}
 	if len(lines) != 2+len(workloads) {
 		t.Errorf("%d lines, want %d", len(lines), 2+len(workloads))
+	}
+
+	// The volume gets ratio columns of its own.
+	r.servers = []string{"volume", "qemu-nbd", "nbdkit"}
+	r.results["volume"] = map[string][]float64{"seqwrite": {500}}
+	b.Reset()
+	r.writeTable(&b)
+	lines = strings.Split(strings.TrimSpace(b.String()), "\n")
+	if want := "| workload | volume | qemu-nbd | nbdkit | volume/nbdkit | volume/qemu-nbd |"; lines[0] != want {
+		t.Errorf("header %q, want %q", lines[0], want)
+	}
+	if want := "| sequential write, nbdcopy file → NBD (MB/s) | 500 | 450 (400–500) | 1000 (1000–1000) | 0.50 | 1.11 |"; lines[2] != want {
+		t.Errorf("row %q, want %q", lines[2], want)
 	}
 }
 
