@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
 	"strings"
 	"syscall"
@@ -76,9 +77,18 @@ func shellQuote(args []string) string {
 // At the timeout the command's whole process group is killed.
 func Run(t testing.TB, timeout time.Duration, name string, args ...string) *Result {
 	t.Helper()
+	return RunEnv(t, timeout, nil, name, args...)
+}
+
+// RunEnv is Run with env (KEY=VALUE) added to this process's environment.
+func RunEnv(t testing.TB, timeout time.Duration, env []string, name string, args ...string) *Result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, name, args...)
+	if env != nil {
+		cmd.Env = append(os.Environ(), env...)
+	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
