@@ -142,7 +142,7 @@ func usageErrorf(format string, args ...any) error {
 // needArgs checks the number of positional arguments.
 func needArgs(c *cli.Context, n int, names string) error {
 	if c.NArg() != n {
-		return usageErrorf("%s: want %s, got %d argument(s) (see nbdvault %s --help)", c.Command.FullName(), names, c.NArg(), c.Command.FullName())
+		return usageErrorf("%s: want %s, got %d argument(s) (see nbdvault %s --help)", commandPath(c), names, c.NArg(), commandPath(c))
 	}
 	return nil
 }
@@ -150,7 +150,18 @@ func needArgs(c *cli.Context, n int, names string) error {
 // sizeFlag reads a required size flag.
 func sizeFlag(c *cli.Context, name string) (int64, error) {
 	if !c.IsSet(name) {
-		return 0, usageErrorf("%s: --%s is required, e.g. --%s 20G", c.Command.FullName(), name, name)
+		return 0, usageErrorf("%s: --%s is required, e.g. --%s 20G", commandPath(c), name, name)
 	}
 	return parseSize(c.String(name))
+}
+
+// commandPath is the command being run as typed, e.g. "volume create".
+func commandPath(c *cli.Context) string {
+	var names []string
+	for _, ctx := range c.Lineage() {
+		if ctx.Command != nil && ctx.Command.Name != "" && ctx.Command.Name != c.App.Name {
+			names = append([]string{ctx.Command.Name}, names...)
+		}
+	}
+	return strings.Join(names, " ")
 }

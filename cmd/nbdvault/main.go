@@ -18,7 +18,7 @@ import (
 var version = "dev"
 
 func newApp() *cli.App {
-	return &cli.App{
+	app := &cli.App{
 		Name:    "nbdvault",
 		Usage:   "block-level streaming backup server",
 		Version: version,
@@ -37,6 +37,22 @@ func newApp() *cli.App {
 		OnUsageError: func(_ *cli.Context, err error, _ bool) error {
 			return cli.Exit(err.Error()+" (see nbdvault --help)", exitUsage)
 		},
+	}
+	for _, c := range app.Commands {
+		onUsageError(c)
+	}
+	return app
+}
+
+// onUsageError makes a wrong flag of command c (and its subcommands) one
+// line naming the command's help, with the usage exit code, instead of
+// urfave/cli's help dump.
+func onUsageError(c *cli.Command) {
+	c.OnUsageError = func(ctx *cli.Context, err error, _ bool) error {
+		return cli.Exit(fmt.Sprintf("%v (see nbdvault %s --help)", err, commandPath(ctx)), exitUsage)
+	}
+	for _, sub := range c.Subcommands {
+		onUsageError(sub)
 	}
 }
 

@@ -148,6 +148,9 @@ func (s *Server) running() bool {
 	}
 }
 
+// PID is the server process's.
+func (s *Server) PID() int { return s.cmd.Process.Pid }
+
 // Log is what the server printed.
 func (s *Server) Log() string {
 	b, _ := os.ReadFile(s.log)
