@@ -14,7 +14,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -29,8 +31,11 @@ const DefaultTTL = 30 * time.Second
 
 // Holder describes a lease's owner.
 type Holder struct {
-	ID      string    `json:"id"` // random, one per Acquire
-	Host    string    `json:"host"`
+	ID   string `json:"id"` // random, one per Acquire
+	Host string `json:"host"`
+	// Machine is /etc/machine-id, when there is one: with Host it tells
+	// whether PID is a process on this machine.
+	Machine string    `json:"machine,omitempty"`
 	PID     int       `json:"pid"`
 	Started time.Time `json:"started"`
 	Expires time.Time `json:"expires"`
@@ -78,7 +83,7 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 	id := make([]byte, 8)
 	_, _ = rand.Read(id)
 	now := time.Now().UTC()
-	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, PID: os.Getpid(), Started: now}}
+	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, Machine: machineID(), PID: os.Getpid(), Started: now}}
 
 	for range 5 { // each round loses only to another server that moved first
 		l.me.Expires = time.Now().UTC().Add(ttl)
@@ -101,10 +106,12 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 		if err := json.Unmarshal(data, &h); err != nil {
 			return nil, fmt.Errorf("the repository lease %s is unreadable (%v): remove it if no server runs", Key, err)
 		}
-		if time.Now().Before(h.Expires) {
+		if time.Now().Before(h.Expires) && !l.me.outlived(h) {
 			return nil, &HeldError{Holder: h}
 		}
-		// Expired: take it over, unless someone else already did.
+		// Expired, or its holder died on this machine (a restart after a
+		// crash need not wait for the lease to run out): take it over,
+		// unless someone else already did.
 		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
 		if err == nil {
 			l.version = ver
@@ -189,4 +196,26 @@ func (l *Lease) Release(ctx context.Context) error {
 		return nil // not ours any more
 	}
 	return l.backend.Delete(ctx, Key)
+}
+
+// machineID is this machine's /etc/machine-id, or "" without one.
+func machineID() string {
+	for _, p := range []string{"/etc/machine-id", "/var/lib/dbus/machine-id"} {
+		if b, err := os.ReadFile(p); err == nil {
+			if id := strings.TrimSpace(string(b)); id != "" {
+				return id
+			}
+		}
+	}
+	return ""
+}
+
+// outlived reports whether h was a process on the same machine as me that
+// no longer exists. Anything uncertain (no machine ID, another host, a
+// process that exists or cannot be checked) says no.
+func (me Holder) outlived(h Holder) bool {
+	if me.Machine == "" || h.Machine != me.Machine || h.Host != me.Host || h.PID <= 0 || h.PID == me.PID {
+		return false
+	}
+	return errors.Is(syscall.Kill(h.PID, 0), syscall.ESRCH)
 }

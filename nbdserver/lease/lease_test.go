@@ -2,7 +2,9 @@ package lease
 
 import (
 	"context"
+	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"sync"
 	"sync/atomic"
@@ -117,4 +119,42 @@ func TestKeep(t *testing.T) {
 	require.ErrorIs(t, err, ErrHeld, "a kept lease does not expire")
 	cancel()
 	require.NoError(t, <-done)
+}
+
+// A lease whose holder died on this machine is taken over at once, as a
+// restart after a crash needs; one held by a live process, or by a process
+// on another machine, is not.
+func TestLeaseOfADeadProcess(t *testing.T) {
+	ctx := context.Background()
+	me := Holder{Host: "h", Machine: machineID(), PID: os.Getpid()}
+	if me.Machine == "" {
+		t.Fatal("this machine has no /etc/machine-id: the test needs one")
+	}
+	dead := exec.Command("true")
+	require.NoError(t, dead.Run())
+	host, _ := os.Hostname()
+	for _, c := range []struct {
+		name     string
+		holder   Holder
+		takeover bool
+	}{
+		{"dead here", Holder{Host: host, Machine: me.Machine, PID: dead.Process.Pid}, true},
+		{"alive here", Holder{Host: host, Machine: me.Machine, PID: os.Getppid()}, false},
+		{"dead elsewhere", Holder{Host: host, Machine: "another-machine", PID: dead.Process.Pid}, false},
+		{"no machine ID", Holder{Host: host, PID: dead.Process.Pid}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			b := chunkstore.NewMem()
+			c.holder.ID, c.holder.Started, c.holder.Expires = "x", time.Now(), time.Now().Add(time.Hour)
+			data, _ := json.Marshal(c.holder)
+			require.NoError(t, b.Put(ctx, Key, data))
+			l, err := Acquire(ctx, b, time.Minute)
+			if c.takeover {
+				require.NoError(t, err)
+				require.NoError(t, l.Release(ctx))
+			} else {
+				require.ErrorIs(t, err, ErrHeld)
+			}
+		})
+	}
 }
