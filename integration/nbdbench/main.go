@@ -302,6 +302,7 @@ func benchServer(ctx context.Context, cfg config, rep *report, name, src, text, 
 		}
 	}()
 	r := &serverRun{ctx: ctx, cfg: cfg, rep: rep, name: name, srv: srv, sock: sock, uri: exportURI(sock, "bench")}
+	defer r.endWatch() // a phase that failed left it running
 	if srv.vol != nil {
 		r.cmds = append(r.cmds, "# in process, untimed, before every head phase: v.Checkpoint(ctx), then v.Status() polled until PendingLayers == 0")
 	}
@@ -388,10 +389,7 @@ func (r *serverRun) done() error {
 	if err != nil {
 		return err
 	}
-	if r.watch != nil {
-		r.activity = r.watch.end()
-		r.watch = nil
-	}
+	r.endWatch()
 	o := r.rep.other[r.name]
 	o.add(r.before, after)
 	r.rep.other[r.name] = o
@@ -400,6 +398,15 @@ func (r *serverRun) done() error {
 	r.other = phase.share(r.rep.cpus)
 	r.serverCPU = after.server - r.before.server
 	return nil
+}
+
+// endWatch stops watching the volume's uploader, if a watch runs, and
+// keeps what it saw.
+func (r *serverRun) endWatch() {
+	if r.watch != nil {
+		r.activity = r.watch.end()
+		r.watch = nil
+	}
 }
 
 // settle drops the page cache and waits cfg.settle, if the run drops

@@ -43,7 +43,8 @@ func (r *report) writeVolume(w io.Writer) {
 		"What the uploader did during the timed head phases (a phase that writes past half the log limit has the uploader sealing while it runs, and past the limit writes wait for it):\n\n")
 	fmt.Fprintf(w, "| workload | layers sealed during the phase | largest write log (MiB) |\n|---|---:|---:|\n")
 	for _, wl := range workloads {
-		fmt.Fprintf(w, "| %s | %s | %s |\n", wl.title, formatCell(res["seals:"+wl.key]), formatCell(res["maxlog:"+wl.key]))
+		title, _, _ := strings.Cut(wl.title, " (")
+		fmt.Fprintf(w, "| %s | %s | %s |\n", title, formatCell(res["seals:"+wl.key]), formatCell(res["maxlog:"+wl.key]))
 	}
 
 	fmt.Fprintf(w, "\nThen, for the volume only: the whole head overwritten with %d MiB of compressible text-like data (untimed: `nbdcopy --flush`; lines of words drawn at random from a made-up vocabulary of 2048, every 4 KiB block headed by its own label, so no two chunks are alike), the page cache dropped (so the seal reads the write log from disk), a snapshot, and the time from `Snapshot()` returning until the running uploader had sealed it. "+
