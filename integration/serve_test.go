@@ -2,11 +2,9 @@ package integration
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -206,5 +204,13 @@ func getMetrics(t *testing.T, s *servertest.Server) string {
 
 func allZero(p []byte) bool { return bytes.Count(p, []byte{0}) == len(p) }
 
-var _ = rand.IntN
-var _ = context.Background
+
+// TestServeUnreachableRepository: a repository that cannot be reached
+// stops the start with an error that names it and says what to check.
+func TestServeUnreachableRepository(t *testing.T) {
+	r := nbdtest.Run(t, 2*time.Minute, servertest.Binary(t), "serve", "--data", t.TempDir(),
+		"--repo", "s3://bucket/prefix?endpoint=127.0.0.1:1&tls=false", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "cannot start: repository s3://bucket/prefix", "%s", r)
+	assert.Contains(t, r.Stderr, "check that the object store is up", "%s", r)
+}

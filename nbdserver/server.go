@@ -112,7 +112,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	s.metrics = newMetrics(s)
 	s.exports.m = s.metrics
 	s.repo = s.metrics.countRequests(s.repo)
+	s.log.Info("opening the repository", "repository", s.repo.Location())
 	if s.lease, err = lease.Acquire(ctx, s.repo, opts.LeaseTTL); err != nil {
+		if errors.Is(err, chunkstore.ErrUnavailable) {
+			return nil, fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then start again", s.repo.Location(), err)
+		}
 		return nil, fmt.Errorf("repository %s: %w", s.repo.Location(), err)
 	}
 	if err := checkRepoConfig(ctx, s.repo); err != nil {
@@ -127,6 +131,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	s.env = &volume.Env{
 		Repo: s.repo, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit,
+		Logger: s.log.With("part", "upload"),
 	}
 	names, err := listVolumes(ctx, s.repo)
 	if err != nil {

@@ -44,6 +44,9 @@ func (v *Volume) Run(ctx context.Context) {
 				return
 			}
 			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
+			if l := v.env.Logger; l != nil {
+				l.Warn("upload failed; retrying", "volume", v.cfg.Name, "error", err, "in", backoff)
+			}
 			select {
 			case <-ctx.Done():
 				return
@@ -51,6 +54,9 @@ func (v *Volume) Run(ctx context.Context) {
 			}
 			v.nudge()
 			continue
+		}
+		if l := v.env.Logger; l != nil && backoff > 0 {
+			l.Info("upload works again", "volume", v.cfg.Name)
 		}
 		backoff = 0
 	}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -107,6 +108,8 @@ type Env struct {
 	// LogLimit: past this many bytes of write log, writes wait for the
 	// uploader. Default 8 GiB.
 	LogLimit int64
+	// Logger, if set, hears of upload failures and recoveries.
+	Logger *slog.Logger
 }
 
 func (e *Env) checkpointInterval() time.Duration {
