@@ -99,7 +99,7 @@ func newServer(t testing.TB, dir string) *Server {
 		testenv.Unavailable(t, err)
 	}
 	return &Server{
-		Endpoint:  freeAddr(t),
+		Endpoint:  testenv.FreeAddr(t),
 		AccessKey: "nbdvault-" + randomHex(4),
 		SecretKey: randomHex(16),
 		Bucket:    "nbdvault-test",
@@ -120,7 +120,7 @@ func (s *Server) start() {
 	defer logf.Close()
 	cmd := exec.Command(s.bin, "server", "--quiet",
 		"--address", s.Endpoint,
-		"--console-address", freeAddr(s.t),
+		"--console-address", testenv.FreeAddr(s.t),
 		"--certs-dir", filepath.Join(filepath.Dir(s.dataDir), "certs"),
 		s.dataDir)
 	cmd.Env = append(os.Environ(),
@@ -235,15 +235,6 @@ func (s *Server) Backend(t testing.TB) *chunkstore.S3 {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 func randomHex(n int) string {

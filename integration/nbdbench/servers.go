@@ -91,33 +91,9 @@ func startNbdvault(file, sock, logPath string) (*server, error) {
 		Exports: nbd.NewExportMap(&nbd.Export{Name: "bench", Backend: b}),
 		Logger:  slog.New(slog.NewTextHandler(logFile, nil)), // as the others' stderr, to a log file
 	}
-	l, err := nbd.Listen("unix:" + sock)
+	alive, stop, err := serveInProcess(srv, sock, func() error { return errors.Join(b.Close(), logFile.Close()) })
 	if err != nil {
-		b.Close()
-		logFile.Close()
 		return nil, err
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	alive := func() error {
-		select {
-		case err := <-served:
-			served <- err
-			return fmt.Errorf("nbd.Server.Serve returned early: %v", err)
-		default:
-			return nil
-		}
-	}
-	stop := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		serr := srv.Shutdown(ctx)
-		err := <-served
-		served <- err
-		if !errors.Is(err, nbd.ErrServerClosed) {
-			serr = errors.Join(serr, fmt.Errorf("nbd.Server.Serve: %v", err))
-		}
-		return errors.Join(serr, b.Close(), logFile.Close())
 	}
 	return &server{cmdline: nbdvaultCmdline(file, sock), alive: alive, stop: stop}, nil
 }
@@ -197,4 +173,37 @@ func startExternal(ctx context.Context, args []string, sock, logPath string) (*s
 		return failed("failed on SIGTERM")
 	}
 	return &server{cmdline: shellJoin(args), pid: cmd.Process.Pid, alive: alive, stop: stop}, nil
+}
+
+// serveInProcess serves srv on the Unix socket sock, and returns the
+// alive and stop functions of a server. release frees what the server
+// uses; it runs when stop is called, or at once if listening fails.
+func serveInProcess(srv *nbd.Server, sock string, release func() error) (alive, stop func() error, err error) {
+	l, err := nbd.Listen("unix:" + sock)
+	if err != nil {
+		return nil, nil, errors.Join(err, release())
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+	alive = func() error {
+		select {
+		case err := <-served:
+			served <- err
+			return fmt.Errorf("nbd.Server.Serve returned early: %v", err)
+		default:
+			return nil
+		}
+	}
+	stop = func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		serr := srv.Shutdown(ctx)
+		err := <-served
+		served <- err
+		if !errors.Is(err, nbd.ErrServerClosed) {
+			serr = errors.Join(serr, fmt.Errorf("nbd.Server.Serve: %v", err))
+		}
+		return errors.Join(serr, release())
+	}
+	return alive, stop, nil
 }

@@ -185,33 +185,9 @@ func startVolume(ctx context.Context, work, sock, logPath string, size int64) (*
 		Exports: vs.exports,
 		Logger:  slog.New(slog.NewTextHandler(logFile, nil)),
 	}
-	l, err := nbd.Listen("unix:" + sock)
+	alive, stop, err := serveInProcess(srv, sock, func() error { return errors.Join(vs.close(), logFile.Close()) })
 	if err != nil {
-		vs.close()
-		logFile.Close()
 		return nil, err
-	}
-	served := make(chan error, 1)
-	go func() { served <- srv.Serve(l) }()
-	alive := func() error {
-		select {
-		case err := <-served:
-			served <- err
-			return fmt.Errorf("nbd.Server.Serve returned early: %v", err)
-		default:
-			return nil
-		}
-	}
-	stop := func() error {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		serr := srv.Shutdown(ctx)
-		err := <-served
-		served <- err
-		if !errors.Is(err, nbd.ErrServerClosed) {
-			serr = errors.Join(serr, fmt.Errorf("nbd.Server.Serve: %v", err))
-		}
-		return errors.Join(serr, vs.close(), logFile.Close())
 	}
 	return &server{cmdline: volumeCmdline(repoDir, stateDir, sock, size), alive: alive, stop: stop, vol: vs}, nil
 }

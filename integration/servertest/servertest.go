@@ -6,7 +6,6 @@ package servertest
 
 import (
 	"fmt"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -19,6 +18,7 @@ import (
 	"time"
 
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
 var (
@@ -82,7 +82,7 @@ func Start(t testing.TB, opts Options) *Server {
 		opts.Data = filepath.Join(t.TempDir(), "data")
 	}
 	s := &Server{t: t, bin: Binary(t), opts: opts, Data: opts.Data,
-		Admin: "http://" + freeAddr(t), NBD: freeAddr(t), log: filepath.Join(t.TempDir(), "serve.log")}
+		Admin: "http://" + testenv.FreeAddr(t), NBD: testenv.FreeAddr(t), log: filepath.Join(t.TempDir(), "serve.log")}
 	t.Cleanup(func() {
 		if s.running() {
 			s.Stop()
@@ -217,13 +217,4 @@ func tail(s string, n int) string {
 		return "..." + s[len(s)-n:]
 	}
 	return s
-}
-
-func freeAddr(t testing.TB) string {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }

@@ -5,6 +5,7 @@ package testenv
 
 import (
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"testing"
@@ -39,4 +40,16 @@ func Tmpfs(t testing.TB, size string) string {
 	// Lazy: files a failed test left open must not keep it mounted.
 	t.Cleanup(func() { _ = exec.Command("umount", "-l", dir).Run() })
 	return dir
+}
+
+// FreeAddr returns a loopback TCP address that was free a moment ago, for
+// a server the test starts.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
