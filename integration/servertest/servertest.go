@@ -51,6 +51,13 @@ func Binary(t testing.TB) string {
 	return binPath
 }
 
+// Cleanup removes the binary Binary built; TestMain calls it at the end.
+func Cleanup() {
+	if binPath != "" {
+		os.RemoveAll(filepath.Dir(binPath))
+	}
+}
+
 // Options say how to start a server. All are optional.
 type Options struct {
 	Data string   // data folder; a new temporary one if empty
