@@ -204,7 +204,6 @@ func getMetrics(t *testing.T, s *servertest.Server) string {
 
 func allZero(p []byte) bool { return bytes.Count(p, []byte{0}) == len(p) }
 
-
 // TestServeUnreachableRepository: a repository that cannot be reached
 // stops the start with an error that names it and says what to check.
 func TestServeUnreachableRepository(t *testing.T) {
