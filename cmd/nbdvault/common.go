@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -10,9 +11,12 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -40,7 +44,24 @@ var (
 		Usage: "the server's data `folder`, where a CLI on the server's host finds the token",
 	}
 	clientFlags = []cli.Flag{serverFlag, tokenFlag, dataFlag}
+
+	// nbdFlag is for the commands that open exports over NBD (restore,
+	// import, mount): where the server's NBD listener is, when the
+	// address the server reports is not the one this host reaches it by
+	// (NAT, a tunnel, a socket mounted elsewhere).
+	nbdFlag = &cli.StringFlag{
+		Name: "nbd", EnvVars: []string{"NBDVAULT_NBD"},
+		Usage: "the server's NBD `address`, HOST:PORT or unix:/PATH (default: the first one the server reports)",
+	}
 )
+
+// nbdAddressOf is the --nbd flag if set, else nbdAddress.
+func nbdAddressOf(c *cli.Context, cl *api.Client) (string, error) {
+	if addr := c.String(nbdFlag.Name); addr != "" {
+		return addr, nil
+	}
+	return nbdAddress(c.Context, cl)
+}
 
 // adminClient returns a client for the server the flags name.
 func adminClient(c *cli.Context) (*api.Client, error) {
@@ -90,6 +111,139 @@ func nbdAddress(ctx context.Context, cl *api.Client) (string, error) {
 		host = u.Hostname()
 	}
 	return net.JoinHostPort(host, port), nil
+}
+
+// dialExport opens export on the NBD server at addr, for restore and
+// import.
+func dialExport(ctx context.Context, addr, export string) (*client.Conn, error) {
+	conn, err := client.Dial(ctx, addr, client.Options{Export: export})
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, fmt.Errorf("cannot open %s over NBD at %s: %w (is that the server's NBD address from this host? --nbd HOST:PORT sets it)", export, addr, err)
+	}
+	return conn, nil
+}
+
+// closeExport ends an NBD connection; a server that does not answer
+// within a few seconds is cut off, since what was needed is done or failed.
+func closeExport(conn *client.Conn) {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = conn.Shutdown(ctx)
+}
+
+// group runs goroutines that share a context, cancelled when the first
+// of them fails; Wait returns that first error. It is x/sync/errgroup's
+// idea in the few lines restore and import need.
+type group struct {
+	wg     sync.WaitGroup
+	cancel context.CancelCauseFunc
+	once   sync.Once
+	err    error
+}
+
+func newGroup(ctx context.Context) (*group, context.Context) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	return &group{cancel: cancel}, ctx
+}
+
+// Go runs f in a new goroutine.
+func (g *group) Go(f func() error) {
+	g.wg.Go(func() {
+		if err := f(); err != nil {
+			g.once.Do(func() {
+				g.err = err
+				g.cancel(err)
+			})
+		}
+	})
+}
+
+// Wait waits for every goroutine and returns the first error.
+func (g *group) Wait() error {
+	g.wg.Wait()
+	g.cancel(nil)
+	return g.err
+}
+
+// requestSize is the length of the NBD requests restore and import send:
+// the volume's chunk size, so that each asks the server for whole chunks,
+// capped by the export's maximum payload, in whole minimum blocks.
+func requestSize(conn *client.Conn, chunkSize int64) int64 {
+	minBlock, _, maxPayload := conn.BlockSizes()
+	n := min(chunkSize, int64(maxPayload))
+	if n <= 0 {
+		n = 1 << 20
+	}
+	return max(n/int64(minBlock)*int64(minBlock), int64(minBlock))
+}
+
+// inFlight is how many requests restore and import keep in flight: at
+// least 16; more with small chunks, about 32 MiB of payload, up to the 64
+// the server runs at once on one connection.
+func inFlight(requestSize int64) int {
+	return int(min(max((32<<20)/requestSize, 16), 64))
+}
+
+// bufPool hands out at most max buffers of size bytes, made as needed:
+// what bounds the memory of a pipeline. get is for one goroutine only;
+// put never blocks.
+type bufPool struct {
+	free      chan []byte
+	made, max int
+	size      int64
+}
+
+func newBufPool(max int, size int64) *bufPool {
+	return &bufPool{free: make(chan []byte, max), max: max, size: size}
+}
+
+// get returns a buffer of full size, waiting for one to come back once
+// max are out.
+func (b *bufPool) get(ctx context.Context) ([]byte, error) {
+	select {
+	case buf := <-b.free:
+		return buf, nil
+	default:
+	}
+	if b.made < b.max {
+		b.made++
+		return make([]byte, b.size), nil
+	}
+	select {
+	case buf := <-b.free:
+		return buf, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+// put gives back a buffer from get (any length: it is restored to full).
+func (b *bufPool) put(buf []byte) { b.free <- buf[:cap(buf)] }
+
+// zeros is a block of zeros, never written to.
+var zeros = make([]byte, 1<<20)
+
+// isZero reports whether p is all zeros.
+func isZero(p []byte) bool {
+	for len(p) > 0 {
+		k := min(len(p), len(zeros))
+		if !bytes.Equal(p[:k], zeros[:k]) {
+			return false
+		}
+		p = p[k:]
+	}
+	return true
+}
+
+// stopProgress ends p's display after a failure: a bar stays as it
+// stood, and the error printed next starts on a line of its own.
+func stopProgress(p *progress) {
+	if p.bar != nil {
+		_ = p.bar.Exit()
+	}
 }
 
 // splitSnapshot splits VOL@SNAP.

@@ -31,6 +31,10 @@ func newApp() *cli.App {
 			volumeCommand(),
 			snapshotCommand(),
 			statusCommand(),
+			restoreCommand(),
+			importCommand(),
+			mountCommand(),
+			umountCommand(),
 		},
 		// Errors are printed and mapped to exit codes in main, not here.
 		ExitErrHandler: func(*cli.Context, error) {},
