@@ -58,6 +58,8 @@ func TestCLIErrors(t *testing.T) {
 		{"shrink", []string{"volume", "resize", "web", "--size", "1M"}, nil, exitUsage, "grow but not shrink"},
 		{"not VOL@SNAP", []string{"snapshot", "delete", "web"}, nil, exitUsage, "want VOLUME@SNAPSHOT"},
 		{"unknown flag", []string{"volume", "list", "--colour"}, nil, exitUsage, "colour"},
+		{"unknown command", []string{"volum", "list"}, nil, exitUsage, `nbdvault: no command "volum"`},
+		{"unknown subcommand", []string{"volume", "lst"}, nil, exitUsage, `nbdvault volume: no command "lst"`},
 		{"unreachable", []string{"status"}, []string{"NBDVAULT_SERVER=http://127.0.0.1:1"}, exitUnreachable, "cannot reach the nbdvault server at http://127.0.0.1:1"},
 	}
 	for _, c := range cases {
@@ -212,4 +214,23 @@ func TestServeUnreachableRepository(t *testing.T) {
 	assert.Equal(t, 1, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stderr, "cannot start: repository s3://bucket/prefix", "%s", r)
 	assert.Contains(t, r.Stderr, "check that the object store is up", "%s", r)
+}
+
+// TestStateFolderBelongsToItsRepository: write logs are never replayed
+// into another repository's volumes.
+func TestStateFolderBelongsToItsRepository(t *testing.T) {
+	data := filepath.Join(t.TempDir(), "data")
+	s := servertest.Start(t, servertest.Options{Data: data})
+	s.MustCLI("volume", "create", "web", "--size", "1M")
+	require.Equal(t, 0, s.Stop())
+
+	other := filepath.Join(t.TempDir(), "other-repo")
+	r := nbdtest.Run(t, time.Minute, servertest.Binary(t), "serve", "--data", data, "--repo", other,
+		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "holds the write logs of repository", "%s", r)
+	assert.Contains(t, r.Stderr, "--data", "says what to do: %s", r)
+
+	s.Restart() // its own repository still starts
+	s.MustCLI("volume", "show", "web")
 }

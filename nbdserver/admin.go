@@ -27,7 +27,7 @@ func (s *Server) adminHandler() http.Handler {
 			status, out, err := h(r)
 			if err != nil {
 				writeError(w, err)
-				if status := apiError(err).Status; status >= 500 {
+				if status := apiError(err).Status; status >= 500 && r.Context().Err() == nil {
 					s.log.Warn("admin request failed", "method", r.Method, "path", r.URL.Path, "error", err)
 				}
 				return
@@ -96,13 +96,17 @@ func apiError(err error) *api.Error {
 	switch {
 	case errors.Is(err, volume.ErrNoVolume), errors.Is(err, volume.ErrNoSnapshot):
 		code = api.ErrNotFound
-	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken):
+	case errors.Is(err, volume.ErrVolumeClosed):
+		code = api.ErrNotFound
+		err = fmt.Errorf("%w (it is being deleted, or the server is stopping)", err)
+	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken), errors.Is(err, errBusy):
 		code = api.ErrExists
 	case errors.Is(err, volume.ErrNotSealed):
 		code = api.ErrNotSealed
-	case errors.Is(err, volume.ErrShrink), errors.Is(err, errInvalid):
+	case errors.Is(err, volume.ErrShrink), errors.Is(err, volume.ErrInvalid), errors.Is(err, errInvalid):
 		code = api.ErrInvalid
-	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost), errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStopping):
 		code = api.ErrUnavailable
 	}
 	return api.Errorf(code, "%v", err)
@@ -154,7 +158,7 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 		cfg.ChunkSize = volume.DefaultChunkSize
 	}
 	if err := cfg.Validate(); err != nil {
-		return 0, nil, fmt.Errorf("%w: %v", errInvalid, err)
+		return 0, nil, err
 	}
 	v, err := s.CreateVolume(r.Context(), cfg)
 	if err != nil {
@@ -173,9 +177,6 @@ func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	if err := v.Grow(r.Context(), req.Size); err != nil {
-		if strings.Contains(err.Error(), "volume size") { // Config.Validate's
-			err = fmt.Errorf("%w: %v", errInvalid, err)
-		}
 		return 0, nil, err
 	}
 	s.log.Info("volume resized", "volume", v.Config().Name, "size", v.Size())

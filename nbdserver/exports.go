@@ -65,19 +65,26 @@ func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
 	}
 	for _, s := range v.Snapshots() {
 		if s.ID == snap || (s.Label != "" && s.Label == snap) {
-			return e.snapshotExport(v, s), true
+			return e.snapshotExport(v, s, true), true
 		}
 	}
 	return nil, false
 }
 
-func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo) *nbd.Export {
+// snapshotExport makes snapshot s of v an export; served ones count in
+// the metrics, listed ones do not (a listing would make series for every
+// snapshot).
+func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served bool) *nbd.Export {
 	name := v.Config().Name + "@" + s.ID
+	var m *exportMetrics
+	if served {
+		m = e.m.export(name)
+	}
 	desc := "snapshot " + s.ID + " of " + v.Config().Name
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, e.m.export(name)}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -92,7 +99,7 @@ func (e *Exports) List() []*nbd.Export {
 	e.mu.RUnlock()
 	for _, v := range vols {
 		for _, s := range v.Snapshots() {
-			out = append(out, e.snapshotExport(v, s))
+			out = append(out, e.snapshotExport(v, s, false))
 		}
 	}
 	slices.SortFunc(out, func(a, b *nbd.Export) int { return strings.Compare(a.Name, b.Name) })

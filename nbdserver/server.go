@@ -66,9 +66,14 @@ type Server struct {
 	adminL       net.Listener
 	started      time.Time
 
-	// mu guards vols and serializes creating and deleting volumes.
+	// mu guards vols, busy and closing; it is never held across I/O.
 	mu   sync.Mutex
 	vols map[string]*served
+	// busy names volumes being created or deleted: one change at a time
+	// per name, while the rest of the API goes on.
+	busy map[string]bool
+	// closing is set once shutdown begins: no more volumes are made.
+	closing bool
 	// runCtx is what volume uploaders run under until shutdown.
 	runCtx  context.Context
 	stopRun context.CancelFunc
@@ -98,11 +103,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if opts.Repo == "" {
 		opts.Repo = filepath.Join(opts.Data, "repo")
 	}
-	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, exports: NewExports(), started: time.Now()}
+	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now()}
 	s.runCtx, s.stopRun = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
-			s.closeAll(context.Background())
+			s.closeAll()
 		}
 	}()
 
@@ -119,7 +124,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		}
 		return nil, fmt.Errorf("repository %s: %w", s.repo.Location(), err)
 	}
-	if err := checkRepoConfig(ctx, s.repo); err != nil {
+	rc, err := checkRepoConfig(ctx, s.repo)
+	if err != nil {
+		return nil, err
+	}
+	if err := bindState(filepath.Join(opts.Data, "state"), rc.ID, s.repo.Location()); err != nil {
 		return nil, err
 	}
 	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
@@ -219,19 +228,27 @@ func (s *Server) Serve(ctx context.Context) error {
 	var hs *http.Server
 	if s.adminL != nil {
 		hs = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second,
-			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+			ReadTimeout: time.Minute, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 		wg.Go(func() {
 			if err := hs.Serve(s.adminL); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				fail(fmt.Errorf("admin listener %s: %w", s.adminL.Addr(), err))
 			}
 		})
 	}
-	wg.Go(func() {
-		if err := s.lease.Keep(ctx); err != nil {
-			fail(fmt.Errorf("%w: another server took this repository over; stopping so that only one writes it", err))
+	// The lease is kept until closeAll has stopped every write to the
+	// repository, not just until shutdown begins.
+	leaseCtx, stopLease := context.WithCancel(context.Background())
+	leaseDone := make(chan struct{})
+	go func() {
+		defer close(leaseDone)
+		if err := s.lease.Keep(leaseCtx); err != nil {
+			// Another server may write the repository now: stop writing
+			// it at once, before the drain.
+			s.stopRun()
+			fail(fmt.Errorf("%w: another server took this repository over; stopped uploading and stopping so that only one writes it", err))
 		}
-	})
-	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.vols))
+	}()
+	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.Volumes()))
 	<-ctx.Done()
 	err := context.Cause(ctx)
 	if errors.Is(err, context.Canceled) {
@@ -239,17 +256,31 @@ func (s *Server) Serve(ctx context.Context) error {
 	} else {
 		s.log.Error("stopping", "error", err)
 	}
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
 	s.log.Info("shutting down: finishing requests in flight")
-	drain, cancelDrain := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancelDrain()
+	// The admin API and NBD drain side by side, each on its own budget.
+	var drains sync.WaitGroup
 	if hs != nil {
-		_ = hs.Shutdown(drain)
+		drains.Go(func() {
+			c, done := context.WithTimeout(context.Background(), 10*time.Second)
+			defer done()
+			_ = hs.Shutdown(c)
+		})
 	}
-	if derr := s.nbd.Shutdown(drain); derr != nil {
-		s.log.Warn("NBD clients did not finish in time; their connections were closed", "error", derr)
-	}
+	drains.Go(func() {
+		c, done := context.WithTimeout(context.Background(), 30*time.Second)
+		defer done()
+		if derr := s.nbd.Shutdown(c); derr != nil {
+			s.log.Warn("NBD clients did not finish in time; their connections were closed", "error", derr)
+		}
+	})
+	drains.Wait()
 	wg.Wait()
-	if cerr := s.closeAll(drain); err == nil {
+	stopLease()
+	<-leaseDone
+	if cerr := s.closeAll(); err == nil {
 		err = cerr
 	}
 	s.log.Info("stopped")
@@ -259,9 +290,10 @@ func (s *Server) Serve(ctx context.Context) error {
 // closeAll stops the uploaders, closes the volumes (syncing their logs)
 // and releases the lease. Unsealed snapshots stay in the logs and are
 // uploaded after the next start.
-func (s *Server) closeAll(ctx context.Context) error {
+func (s *Server) closeAll() error {
 	s.stopRun()
 	s.mu.Lock()
+	s.closing = true
 	vols := s.vols
 	s.vols = map[string]*served{}
 	s.mu.Unlock()
@@ -279,6 +311,8 @@ func (s *Server) closeAll(ctx context.Context) error {
 		s.adminL.Close()
 	}
 	if s.lease != nil {
+		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
+		defer done()
 		if err := s.lease.Release(ctx); err != nil {
 			s.log.Warn("could not release the repository lease; the next server waits until it expires", "error", err)
 		}
@@ -306,19 +340,60 @@ func (s *Server) volumeOf(name string) (*volume.Volume, error) {
 	return nil, fmt.Errorf("volume %q: %w (%s)", name, volume.ErrNoVolume, have)
 }
 
-// CreateVolume creates a volume and serves it.
-func (s *Server) CreateVolume(ctx context.Context, cfg volume.Config) (*volume.Volume, error) {
+// changeTimeout bounds a volume create or delete. Once begun, a change
+// goes on when the client that asked for it goes away: cut short, it
+// would leave half a volume.
+const changeTimeout = 5 * time.Minute
+
+// reserve marks name busy for a create or delete, refusing when another
+// change of it is under way or the server is stopping.
+func (s *Server) reserve(name string) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	switch {
+	case s.closing:
+		return fmt.Errorf("volume %q: %w: the server is stopping", name, errStopping)
+	case s.busy[name]:
+		return fmt.Errorf("volume %q: %w: another create or delete of it is under way", name, errBusy)
+	}
+	s.busy[name] = true
+	return nil
+}
+
+func (s *Server) release(name string) {
+	s.mu.Lock()
+	delete(s.busy, name)
+	s.mu.Unlock()
+}
+
+var (
+	errStopping = errors.New("unavailable")
+	errBusy     = errors.New("busy")
+)
+
+// CreateVolume creates a volume and serves it.
+func (s *Server) CreateVolume(ctx context.Context, cfg volume.Config) (*volume.Volume, error) {
 	if err := volume.ValidName(cfg.Name); err != nil {
 		return nil, err
 	}
-	if _, ok := s.vols[cfg.Name]; ok {
+	if err := s.reserve(cfg.Name); err != nil {
+		return nil, err
+	}
+	defer s.release(cfg.Name)
+	if _, err := s.volumeOf(cfg.Name); err == nil {
 		return nil, fmt.Errorf("volume %q: %w", cfg.Name, volume.ErrExists)
 	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), changeTimeout)
+	defer cancel()
 	v, err := volume.Create(ctx, s.env, cfg)
 	if err != nil {
 		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing { // shutdown began meanwhile: closeAll will not see it
+		v.Close()
+		return nil, fmt.Errorf("volume %q: %w: created, but the server is stopping; it is served after the next start", cfg.Name, errStopping)
 	}
 	s.serveLocked(v)
 	s.log.Info("volume created", "volume", cfg.Name, "size", v.Size(), "chunk_size", v.Config().ChunkSize)
@@ -326,15 +401,34 @@ func (s *Server) CreateVolume(ctx context.Context, cfg volume.Config) (*volume.V
 }
 
 // DeleteVolume stops serving a volume and deletes it with its snapshots.
-// Clients still attached to it get I/O errors.
+// Clients still attached get errors for anything but reads of data
+// already uploaded.
 func (s *Server) DeleteVolume(ctx context.Context, name string) error {
+	if err := volume.ValidName(name); err != nil {
+		return err
+	}
+	if err := s.reserve(name); err != nil {
+		return err
+	}
+	defer s.release(name)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), changeTimeout)
+	defer cancel()
+	// Ask the repository first: if it cannot answer, the volume stays
+	// served as it was.
+	if _, err := s.repo.Has(ctx, "config"); err != nil {
+		return fmt.Errorf("delete volume %q: %w", name, err)
+	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
-	if sv, ok := s.vols[name]; ok {
+	sv, ok := s.vols[name]
+	delete(s.vols, name)
+	s.mu.Unlock()
+	if ok {
+		for _, si := range sv.v.Snapshots() {
+			s.metrics.forget(name + "@" + si.ID)
+		}
 		s.exports.Remove(name)
 		sv.stop()
 		<-sv.done
-		delete(s.vols, name)
 		if err := sv.v.Close(); err != nil {
 			s.log.Warn("closing a volume being deleted", "volume", name, "error", err)
 		}
@@ -377,6 +471,7 @@ func listVolumes(ctx context.Context, repo chunkstore.Backend) ([]string, error)
 type repoConfig struct {
 	Format  int       `json:"format"`
 	ChunkID string    `json:"chunk_id"`
+	ID      string    `json:"id"` // random: ties a state folder to its repository
 	Created time.Time `json:"created"`
 }
 
@@ -386,28 +481,75 @@ const (
 )
 
 // checkRepoConfig writes a new repository's config, or checks that an
-// existing one is a format this server reads.
-func checkRepoConfig(ctx context.Context, repo chunkstore.Backend) error {
-	data, err := repo.Get(ctx, "config")
-	if errors.Is(err, chunkstore.ErrNotFound) {
-		data, _ := json.MarshalIndent(repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC()}, "", "  ")
-		if err := repo.Put(ctx, "config", append(data, '\n')); err != nil {
-			return fmt.Errorf("repository %s: write its config: %w", repo.Location(), err)
-		}
-		return nil
-	}
-	if err != nil {
-		return fmt.Errorf("repository %s: read its config: %w", repo.Location(), err)
-	}
+// existing one is a format this server reads. Called with the lease held.
+func checkRepoConfig(ctx context.Context, repo chunkstore.Backend) (repoConfig, error) {
 	var c repoConfig
-	if err := json.Unmarshal(data, &c); err != nil {
-		return fmt.Errorf("repository %s: its config is unreadable (%v): is this an nbdvault repository?", repo.Location(), err)
+	data, err := repo.Get(ctx, "config")
+	switch {
+	case errors.Is(err, chunkstore.ErrNotFound):
+		c = repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC()}
+	case err != nil:
+		return c, fmt.Errorf("repository %s: read its config: %w", repo.Location(), err)
+	default:
+		if err := json.Unmarshal(data, &c); err != nil {
+			return c, fmt.Errorf("repository %s: its config is unreadable (%v): is this an nbdvault repository?", repo.Location(), err)
+		}
+		if c.Format != repoFormat || c.ChunkID != repoChunkID {
+			return c, fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads format %d with %s: use the nbdvault release that wrote it",
+				repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
+		}
+		if c.ID != "" {
+			return c, nil
+		}
 	}
-	if c.Format != repoFormat || c.ChunkID != repoChunkID {
-		return fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads format %d with %s: use the nbdvault release that wrote it",
-			repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
+	c.ID = randomHex(16) // a new repository, or one from before IDs
+	data, _ = json.MarshalIndent(c, "", "  ")
+	if err := repo.Put(ctx, "config", append(data, '\n')); err != nil {
+		return c, fmt.Errorf("repository %s: write its config: %w", repo.Location(), err)
+	}
+	return c, nil
+}
+
+// bindState ties the state folder to the repository with ID id: write
+// logs replayed into another repository's volumes would corrupt them.
+func bindState(dir, id, location string) error {
+	path := filepath.Join(dir, "repository")
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return writeFileSync(path, []byte(id+"\n"))
+	case err != nil:
+		return fmt.Errorf("state folder: %w", err)
+	}
+	if have := strings.TrimSpace(string(data)); have != id {
+		return fmt.Errorf("the state folder %s holds the write logs of repository %s, not of %s (repository %s): "+
+			"start with the data folder (--data) that goes with this repository, or move %s away if its repository is gone for good",
+			dir, have, location, id, dir)
 	}
 	return nil
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// writeFileSync creates path with data, mode 0600, and syncs it.
+func writeFileSync(path string, data []byte) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
 
 // loadToken reads the admin token, making one (mode 0600) on first start.
@@ -423,20 +565,9 @@ func loadToken(path string) (string, error) {
 	if !errors.Is(err, os.ErrNotExist) {
 		return "", fmt.Errorf("admin token: %w", err)
 	}
-	b := make([]byte, 32)
-	_, _ = rand.Read(b)
-	tok := hex.EncodeToString(b)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
+	tok := randomHex(32)
+	if err := writeFileSync(path, []byte(tok+"\n")); err != nil {
 		return "", fmt.Errorf("admin token: %w", err)
 	}
-	if _, err := f.WriteString(tok + "\n"); err != nil {
-		f.Close()
-		return "", fmt.Errorf("admin token: %w", err)
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return "", fmt.Errorf("admin token: %w", err)
-	}
-	return tok, f.Close()
+	return tok, nil
 }

@@ -65,7 +65,7 @@ func nbdAddressOf(c *cli.Context, cl *api.Client) (string, error) {
 
 // adminClient returns a client for the server the flags name.
 func adminClient(c *cli.Context) (*api.Client, error) {
-	token := c.String(tokenFlag.Name)
+	token := strings.TrimSpace(c.String(tokenFlag.Name))
 	if token == "" {
 		path := filepath.Join(c.String(dataFlag.Name), tokenFileName)
 		data, err := os.ReadFile(path)

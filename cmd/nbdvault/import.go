@@ -99,7 +99,7 @@ func importVolume(c *cli.Context) error {
 	sp := newProgress("sealing "+vol+"@"+s.ID, -1)
 	_, err = cl.WaitSealed(ctx, vol, s.ID, func(v api.Volume) {
 		if v.Status != nil {
-			sp.note(formatSize(v.Status.PendingBytes) + " left to upload")
+			sp.note(sealNote(v.Status))
 		}
 	})
 	if err != nil {

@@ -45,6 +45,7 @@ func newApp() *cli.App {
 	for _, c := range app.Commands {
 		onUsageError(c)
 	}
+	app.Action = unknownCommand
 	return app
 }
 
@@ -58,10 +59,34 @@ func onUsageError(c *cli.Command) {
 	for _, sub := range c.Subcommands {
 		onUsageError(sub)
 	}
+	if len(c.Subcommands) > 0 && c.Action == nil {
+		c.Action = unknownCommand
+	}
+}
+
+// unknownCommand is the action of the app and of command groups: help
+// when given nothing, a usage error naming the unknown command otherwise
+// (urfave/cli would exit 3, which here means "not found").
+func unknownCommand(c *cli.Context) error {
+	if c.NArg() == 0 {
+		if c.Command != nil && c.Command.Name != "" {
+			return cli.ShowSubcommandHelp(c)
+		}
+		return cli.ShowAppHelp(c)
+	}
+	where := "nbdvault"
+	if p := commandPath(c); p != "" {
+		where += " " + p
+	}
+	return usageErrorf("%s: no command %q (see %s --help)", where, c.Args().First(), where)
 }
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal kills at once, as users expect
+	}()
 	app := newApp()
 	err := app.RunContext(ctx, flagsFirst(app, os.Args))
 	stop()

@@ -424,12 +424,22 @@ func orNone(s string) string {
 // noReplay are the options that mount a file system without replaying its
 // journal. A crash-consistent snapshot of a mounted file system needs
 // that replay, which the kernel refuses to do on a read-only device.
-var noReplay = map[string]string{"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,norecovery"}
+var noReplay = map[string]string{"ext3": "ro,noload", "ext4": "ro,noload", "xfs": "ro,nouuid,norecovery"}
+
+// roOptions are the read-only mount options for a file system type. XFS
+// refuses a second file system with the same UUID, which two snapshots
+// of one volume (or a snapshot next to its mounted original) have.
+func roOptions(fsType string) string {
+	if fsType == "xfs" {
+		return "ro,nouuid"
+	}
+	return "ro"
+}
 
 // mountFS mounts the loop device on DIR read-only, without journal
 // replay if a plain read-only mount is refused.
 func (st *mountState) mountFS(ctx context.Context, mount, fsType string) error {
-	opts := "ro"
+	opts := roOptions(fsType)
 	out, err := runStep(ctx, mount, "-t", fsType, "-o", opts, st.Loop, st.Dir)
 	if err != nil && noReplay[fsType] != "" && ctx.Err() == nil {
 		opts = noReplay[fsType]

@@ -91,7 +91,8 @@ func (p *progress) lineLocked() string {
 	}
 	s += fmt.Sprintf(", %s/s", formatSize(int64(rate)))
 	if p.total > 0 && rate > 0 && p.done < p.total {
-		s += fmt.Sprintf(", %s left", (time.Duration(float64(p.total-p.done)/rate) * time.Second / time.Second).Round(time.Second))
+		left := time.Duration(float64(p.total-p.done) / rate * float64(time.Second))
+		s += fmt.Sprintf(", %s left", left.Round(time.Second))
 	}
 	if p.noteStr != "" {
 		s += ", " + p.noteStr

@@ -46,7 +46,7 @@ func snapshotCreate(c *cli.Context) error {
 		p := newProgress("sealing "+vol+"@"+s.ID, -1)
 		_, err = cl.WaitSealed(c.Context, vol, s.ID, func(v api.Volume) {
 			if v.Status != nil {
-				p.note(fmt.Sprintf("%s left to upload", formatSize(v.Status.PendingBytes)))
+				p.note(sealNote(v.Status))
 			}
 		})
 		p.finish()
@@ -137,4 +137,13 @@ func statusCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// sealNote says how an upload goes, and why it does not when it fails.
+func sealNote(st *api.VolumeStatus) string {
+	s := formatSize(st.PendingBytes) + " left to upload"
+	if st.SealError != "" {
+		s += "; uploads are failing, retrying: " + st.SealError
+	}
+	return s
 }

@@ -138,6 +138,10 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		var ue *url.Error
+		if errors.As(err, &ue) && ue.Timeout() {
+			return fmt.Errorf("%s %s: the server at %s did not answer in time: %v", method, path, c.base, ue.Err)
+		}
 		return fmt.Errorf("%w at %s: %v (is `nbdvault serve` running there? set --server or NBDVAULT_SERVER)", ErrUnreachable, c.base, unwrapURLError(err))
 	}
 	defer resp.Body.Close()

@@ -33,9 +33,12 @@ const DefaultTTL = 30 * time.Second
 type Holder struct {
 	ID   string `json:"id"` // random, one per Acquire
 	Host string `json:"host"`
-	// Machine is /etc/machine-id, when there is one: with Host it tells
-	// whether PID is a process on this machine.
+	// Machine (/etc/machine-id), Boot (the kernel's boot ID) and PIDNS
+	// (the PID namespace) tell, with Host, whether PID names a process
+	// this server can see: the same machine, boot and namespace.
 	Machine string    `json:"machine,omitempty"`
+	Boot    string    `json:"boot,omitempty"`
+	PIDNS   string    `json:"pidns,omitempty"`
 	PID     int       `json:"pid"`
 	Started time.Time `json:"started"`
 	Expires time.Time `json:"expires"`
@@ -83,7 +86,7 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 	id := make([]byte, 8)
 	_, _ = rand.Read(id)
 	now := time.Now().UTC()
-	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, Machine: machineID(), PID: os.Getpid(), Started: now}}
+	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, Machine: machineID(), Boot: bootID(), PIDNS: pidNamespace(), PID: os.Getpid(), Started: now}}
 
 	for range 5 { // each round loses only to another server that moved first
 		l.me.Expires = time.Now().UTC().Add(ttl)
@@ -167,7 +170,11 @@ func (l *Lease) Keep(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		err := l.Renew(ctx)
+		// A renewal that ends after the lease expired is worthless: give
+		// it until then, so a hung store is noticed in time.
+		rctx, cancel := context.WithDeadline(ctx, l.Holder().Expires)
+		err := l.Renew(rctx)
+		cancel()
 		switch {
 		case err == nil:
 		case errors.Is(err, ErrLost):
@@ -210,11 +217,27 @@ func machineID() string {
 	return ""
 }
 
-// outlived reports whether h was a process on the same machine as me that
-// no longer exists. Anything uncertain (no machine ID, another host, a
-// process that exists or cannot be checked) says no.
+// bootID is the kernel's random ID of this boot, or "".
+func bootID() string {
+	b, _ := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	return strings.TrimSpace(string(b))
+}
+
+// pidNamespace names this process's PID namespace (e.g.
+// "pid:[4026531836]"), or "".
+func pidNamespace() string {
+	ns, _ := os.Readlink("/proc/self/ns/pid")
+	return ns
+}
+
+// outlived reports whether h was a process, in the same machine, boot and
+// PID namespace as me, that no longer exists. Anything uncertain (an ID
+// missing or different, another host, a process that exists or cannot be
+// checked) says no.
 func (me Holder) outlived(h Holder) bool {
-	if me.Machine == "" || h.Machine != me.Machine || h.Host != me.Host || h.PID <= 0 || h.PID == me.PID {
+	if me.Machine == "" || me.Boot == "" || me.PIDNS == "" ||
+		h.Machine != me.Machine || h.Boot != me.Boot || h.PIDNS != me.PIDNS ||
+		h.Host != me.Host || h.PID <= 0 || h.PID == me.PID {
 		return false
 	}
 	return errors.Is(syscall.Kill(h.PID, 0), syscall.ESRCH)

@@ -126,9 +126,9 @@ func TestKeep(t *testing.T) {
 // on another machine, is not.
 func TestLeaseOfADeadProcess(t *testing.T) {
 	ctx := context.Background()
-	me := Holder{Host: "h", Machine: machineID(), PID: os.Getpid()}
-	if me.Machine == "" {
-		t.Fatal("this machine has no /etc/machine-id: the test needs one")
+	me := Holder{Machine: machineID(), Boot: bootID(), PIDNS: pidNamespace()}
+	if me.Machine == "" || me.Boot == "" || me.PIDNS == "" {
+		t.Fatalf("this machine lacks /etc/machine-id, a boot ID or /proc/self/ns/pid (%+v): the test needs them", me)
 	}
 	dead := exec.Command("true")
 	require.NoError(t, dead.Run())
@@ -138,10 +138,12 @@ func TestLeaseOfADeadProcess(t *testing.T) {
 		holder   Holder
 		takeover bool
 	}{
-		{"dead here", Holder{Host: host, Machine: me.Machine, PID: dead.Process.Pid}, true},
-		{"alive here", Holder{Host: host, Machine: me.Machine, PID: os.Getppid()}, false},
-		{"dead elsewhere", Holder{Host: host, Machine: "another-machine", PID: dead.Process.Pid}, false},
-		{"no machine ID", Holder{Host: host, PID: dead.Process.Pid}, false},
+		{"dead here", Holder{Host: host, Machine: me.Machine, Boot: me.Boot, PIDNS: me.PIDNS, PID: dead.Process.Pid}, true},
+		{"alive here", Holder{Host: host, Machine: me.Machine, Boot: me.Boot, PIDNS: me.PIDNS, PID: os.Getppid()}, false},
+		{"dead on another machine", Holder{Host: host, Machine: "another-machine", Boot: me.Boot, PIDNS: me.PIDNS, PID: dead.Process.Pid}, false},
+		{"dead before a reboot", Holder{Host: host, Machine: me.Machine, Boot: "another-boot", PIDNS: me.PIDNS, PID: dead.Process.Pid}, false},
+		{"dead in another PID namespace", Holder{Host: host, Machine: me.Machine, Boot: me.Boot, PIDNS: "pid:[1]", PID: dead.Process.Pid}, false},
+		{"no machine ID", Holder{Host: host, Boot: me.Boot, PIDNS: me.PIDNS, PID: dead.Process.Pid}, false},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := chunkstore.NewMem()

@@ -182,11 +182,12 @@ type conn struct {
 	srv    *Server
 	remote string
 
-	mu           sync.Mutex // guards nc swaps and transmitting
-	nc           net.Conn   // a *tls.Conn after STARTTLS
-	transmitting bool
-	br           *bufio.Reader
-	bw           *bufio.Writer
+	mu             sync.Mutex // guards nc swaps, transmitting and cancelRequests
+	nc             net.Conn   // a *tls.Conn after STARTTLS
+	transmitting   bool
+	cancelRequests context.CancelFunc // of the requests in flight, once transmitting
+	br             *bufio.Reader
+	bw             *bufio.Writer
 }
 
 // Buffer sizes: large enough that a burst of small replies or request
@@ -225,11 +226,15 @@ func (c *conn) stop() {
 	_ = c.nc.SetReadDeadline(time.Now())
 }
 
+// close closes the connection at once and cancels its requests in flight.
 func (c *conn) close() {
 	c.mu.Lock()
-	nc := c.nc
+	nc, cancel := c.nc, c.cancelRequests
 	c.mu.Unlock()
 	nc.Close()
+	if cancel != nil {
+		cancel()
+	}
 }
 
 func (c *conn) serve() {

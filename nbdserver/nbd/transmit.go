@@ -36,6 +36,9 @@ var errProtocol = errors.New("protocol violation")
 func (c *conn) transmit(s *session) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	c.mu.Lock()
+	c.cancelRequests = cancel // Close ends requests that would never finish
+	c.mu.Unlock()
 	maxInFlight := c.srv.maxInFlight()
 	replies := make(chan reply, maxInFlight)
 	writerDone := make(chan error, 1)
@@ -44,6 +47,12 @@ func (c *conn) transmit(s *session) error {
 	sem := make(chan struct{}, maxInFlight)
 	var workers sync.WaitGroup
 	readErr := c.readRequests(ctx, s, sem, newBudget(maxBufferedBytes), &workers, replies)
+	if errors.Is(readErr, errClientGone) {
+		// No reply can reach it: stop requests that wait (a write held
+		// back by a full volume log could wait for a long time).
+		cancel()
+		readErr = nil
+	}
 
 	workers.Wait()
 	close(replies)
@@ -54,6 +63,9 @@ func (c *conn) transmit(s *session) error {
 	return writeErr
 }
 
+// errClientGone: the client closed the connection without DISC.
+var errClientGone = errors.New("client gone")
+
 // readRequests reads requests until DISC, EOF, a broken stream or
 // shutdown, and starts a worker for each.
 func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, mem *budget, workers *sync.WaitGroup, replies chan<- reply) error {
@@ -62,8 +74,11 @@ func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, 
 	maxPayload := s.export.maxPayload()
 	for {
 		if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
-			if c.srv.shuttingDown() || errors.Is(err, io.EOF) {
-				return nil // shutdown interrupts the read; EOF is a client gone
+			if c.srv.shuttingDown() {
+				return nil // shutdown interrupts the read
+			}
+			if errors.Is(err, io.EOF) {
+				return errClientGone
 			}
 			return fmt.Errorf("read request: %w", err)
 		}

@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"log/slog"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -416,4 +418,60 @@ func TestBudgetZeroNeverWaits(t *testing.T) {
 	b.release(0)
 	b.release(150)
 	assert.Zero(t, b.used)
+}
+
+// stuck answers no read until the request's context ends, as a volume
+// write held back by a full log waits.
+type stuck struct {
+	*Mem
+	entered, left chan struct{}
+}
+
+func (s *stuck) ReadAt(ctx context.Context, p []byte, off int64) error {
+	s.entered <- struct{}{}
+	<-ctx.Done()
+	s.left <- struct{}{}
+	return ctx.Err()
+}
+
+// A request that waits ends when its client goes away, and when the
+// server closes the connection: neither a vanished client nor Shutdown
+// after its deadline leaves a connection hanging.
+func TestWaitingRequestsEndWithTheirConnection(t *testing.T) {
+	b := &stuck{Mem: NewMem(1 << 20), entered: make(chan struct{}, 4), left: make(chan struct{}, 4)}
+	srv := &Server{Exports: NewExportMap(&Export{Name: "disk", Backend: b}), Logger: slog.New(slog.DiscardHandler)}
+	sock := filepath.Join(t.TempDir(), "nbd.sock")
+	l, err := Listen("unix:" + sock)
+	require.NoError(t, err)
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(l) }()
+
+	gone := dialWire(t, sock)
+	gone.attach("disk", false)
+	gone.request(CmdRead, 0, 1, 0, 512, nil)
+	<-b.entered
+	gone.c.Close() // the client vanishes with its read in flight
+	select {
+	case <-b.left:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the read of a client that went away still waits")
+	}
+
+	waiting := dialWire(t, sock)
+	waiting.attach("disk", false)
+	waiting.request(CmdRead, 0, 1, 0, 512, nil)
+	<-b.entered
+
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- srv.Shutdown(ctx) }()
+	select {
+	case err := <-done:
+		assert.ErrorIs(t, err, context.DeadlineExceeded, "the waiting read outlived the drain, so its connection was closed")
+	case <-time.After(10 * time.Second):
+		t.Fatal("Shutdown hangs on a request that waits")
+	}
+	<-b.left
+	require.ErrorIs(t, <-served, ErrServerClosed)
 }

@@ -25,6 +25,9 @@ var ErrNotSealed = errors.New("not sealed yet")
 func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.sealMu.Lock() // no seal may change the base meanwhile
 	defer v.sealMu.Unlock()
+	if v.isClosed() {
+		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
 	v.mu.RLock()
 	i := slices.IndexFunc(v.snaps, func(s *snapshot) bool { return s.ID == id || (s.Label != "" && s.Label == id) })
 	var s *snapshot
@@ -45,6 +48,7 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 		if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
 			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
 		}
+		v.checkpoints = append(v.checkpoints, keep.ID)
 	}
 	if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindSnapshot, s.ID)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 		return fmt.Errorf("delete snapshot %s: %w", s.ID, err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -139,4 +140,89 @@ func keysUnder(t *testing.T, b chunkstore.Backend, prefix string) []string {
 		return nil
 	}))
 	return keys
+}
+
+// A writer held back by a full log gives up when the volume closes (it
+// would otherwise wait for a seal that never comes), and a closed volume
+// refuses what would change it.
+func TestCloseReleasesWaitingWriters(t *testing.T) {
+	ctx := context.Background()
+	repo := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(repo, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: repo, Store: store, StateDir: t.TempDir(), LogLimit: 1 << 20}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 16 << 20, ChunkSize: MinChunkSize})
+	require.NoError(t, err)
+	s, err := v.Snapshot(ctx, "s")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	p := bytes.Repeat([]byte{1}, 1<<20)
+	require.NoError(t, v.WriteAt(ctx, p, 0, false)) // the log is full; no uploader runs
+	done := make(chan error, 1)
+	go func() { done <- v.WriteAt(ctx, p, 1<<20, false) }()
+	select {
+	case err := <-done:
+		t.Fatalf("the write did not wait for room: %v", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	require.NoError(t, v.Close())
+	select {
+	case err := <-done:
+		require.ErrorIs(t, err, ErrVolumeClosed)
+	case <-time.After(10 * time.Second):
+		t.Fatal("a writer waiting for room outlived Close")
+	}
+	assert.ErrorIs(t, v.Grow(ctx, 32<<20), ErrVolumeClosed)
+	assert.ErrorIs(t, v.DeleteSnapshot(ctx, s.ID), ErrVolumeClosed)
+	assert.ErrorIs(t, v.Flush(ctx), ErrVolumeClosed)
+	_, err = v.Snapshot(ctx, "")
+	assert.ErrorIs(t, err, ErrVolumeClosed)
+}
+
+// Only the newest checkpoint manifest stays: a restart reads every
+// manifest, and a busy volume makes one every 30 s.
+func TestOldCheckpointsAreDeleted(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	for i := range 5 {
+		p := bytes.Repeat([]byte{byte(i + 1)}, 1000)
+		require.NoError(t, g.v.WriteAt(ctx, p, int64(i)*5000, false))
+		copy(g.m.head[i*5000:], p)
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.NoError(t, g.v.SealAll(ctx))
+		assert.Len(t, keysUnder(t, g.repo, "volumes/vol/checkpoints/"), 1, "after checkpoint %d", i)
+	}
+	_, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	assert.Empty(t, keysUnder(t, g.repo, "volumes/vol/checkpoints/"), "a sealed snapshot is the newest base")
+	g.reopen()
+	g.check("after reopening", true)
+	require.NoError(t, g.v.Close())
+	g.stateDir = t.TempDir() // and from the repository alone
+	g.v, err = Open(ctx, g.env(), "vol")
+	require.NoError(t, err)
+	g.check("from the repository alone", true)
+}
+
+// A label is taken once, however many ask for it at the same moment.
+func TestLabelTakenOnce(t *testing.T) {
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	errs := make(chan error, 8)
+	for range 8 {
+		go func() {
+			_, err := g.v.Snapshot(context.Background(), "same")
+			errs <- err
+		}()
+	}
+	ok := 0
+	for range 8 {
+		if err := <-errs; err == nil {
+			ok++
+		} else {
+			assert.ErrorIs(t, err, ErrLabelTaken)
+		}
+	}
+	assert.Equal(t, 1, ok)
 }

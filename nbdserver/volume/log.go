@@ -347,8 +347,11 @@ func (l *Log) appendLocked(rec Record, data func(seq uint64) []byte, apply func(
 // it (group commit).
 func (l *Log) Sync() error {
 	l.mu.Lock()
-	target := l.appended
+	target, broken := l.appended, l.broken
 	l.mu.Unlock()
+	if errors.Is(broken, ErrVolumeClosed) {
+		return broken // nothing after Close is made durable
+	}
 
 	l.syncMu.Lock()
 	defer l.syncMu.Unlock()
@@ -523,7 +526,7 @@ func (l *Log) Close() error {
 	}
 	l.segs = nil
 	if l.broken == nil {
-		l.broken = errors.New("write log closed")
+		l.broken = ErrVolumeClosed
 	}
 	return err
 }

@@ -35,7 +35,7 @@ var nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
 // ValidName says what is wrong with a volume name, if anything.
 func ValidName(name string) error {
 	if !nameRE.MatchString(name) {
-		return fmt.Errorf("volume name %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", name)
+		return fmt.Errorf("%w: volume name %q: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit", ErrInvalid, name)
 	}
 	return nil
 }
@@ -47,11 +47,11 @@ func (c Config) Validate() error {
 	}
 	switch {
 	case c.ChunkSize < MinChunkSize || c.ChunkSize > MaxChunkSize || c.ChunkSize&(c.ChunkSize-1) != 0:
-		return fmt.Errorf("chunk size %d: want a power of two from 64 KiB to 16 MiB", c.ChunkSize)
+		return fmt.Errorf("%w: chunk size %d: want a power of two from 64 KiB to 16 MiB", ErrInvalid, c.ChunkSize)
 	case c.Size <= 0 || c.Size > MaxSize:
-		return fmt.Errorf("volume size %d: want 1 byte to 64 TiB", c.Size)
+		return fmt.Errorf("%w: volume size %d: want 1 byte to 64 TiB", ErrInvalid, c.Size)
 	case uint64((c.Size+c.ChunkSize-1)/c.ChunkSize) > MaxChunks:
-		return fmt.Errorf("volume of %d bytes has more than %d chunks of %d bytes", c.Size, MaxChunks, c.ChunkSize)
+		return fmt.Errorf("%w: volume of %d bytes has more than %d chunks of %d bytes", ErrInvalid, c.Size, MaxChunks, c.ChunkSize)
 	}
 	return nil
 }

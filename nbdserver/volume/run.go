@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"fmt"
 	"time"
 )
 
@@ -83,6 +84,8 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 		case <-sealed:
 		case <-ctx.Done():
 			return ctx.Err()
+		case <-v.closed: // no seal will come
+			return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
 		}
 	}
 }

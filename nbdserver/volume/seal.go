@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
+	"slices"
 	"sync"
 	"time"
 
@@ -54,6 +55,7 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 	v.gcMu.Lock()
 	err = v.log.RemoveBefore(m.Seq + 1)
 	v.gcMu.Unlock()
+	v.dropOldCheckpoints(ctx, m)
 	// Wake writers waiting for room only now that the room exists: woken
 	// earlier, one could look, find the log still full, and wait for a
 	// seal that never comes.
@@ -206,6 +208,27 @@ func (v *Volume) buildChunk(ctx context.Context, root chunkstore.ID, l *layer, c
 	return id, nil
 }
 
+// dropOldCheckpoints deletes the checkpoint manifests older than m, the
+// new base: a restart reads every manifest, and only the newest is ever
+// used. A failed delete is tried again after the next seal. Called with
+// sealMu held.
+func (v *Volume) dropOldCheckpoints(ctx context.Context, m Manifest) {
+	keep := v.checkpoints[:0]
+	for _, id := range v.checkpoints {
+		if id == m.ID {
+			keep = append(keep, id)
+			continue
+		}
+		if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindCheckpoint, id)); err != nil {
+			keep = append(keep, id)
+		}
+	}
+	v.checkpoints = keep
+	if m.Kind == KindCheckpoint && !slices.Contains(v.checkpoints, m.ID) {
+		v.checkpoints = append(v.checkpoints, m.ID)
+	}
+}
+
 // SealAll seals every closed layer, oldest first.
 func (v *Volume) SealAll(ctx context.Context) error {
 	for {
@@ -222,8 +245,14 @@ func (v *Volume) LogSize() int64 { return v.log.Size() }
 // Close syncs and closes the write log. Unsealed layers stay in it and are
 // replayed by the next Open.
 func (v *Volume) Close() error {
+	v.growMu.Lock()
+	defer v.growMu.Unlock()
 	v.sealMu.Lock()
 	defer v.sealMu.Unlock()
+	if v.isClosed() {
+		return nil
+	}
+	close(v.closed)
 	err := v.log.Sync()
 	if cerr := v.log.Close(); err == nil {
 		err = cerr

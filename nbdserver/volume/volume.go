@@ -24,7 +24,18 @@ var (
 	ErrLabelTaken   = errors.New("label already used by another snapshot of this volume")
 	ErrVolumeClosed = errors.New("volume closed")
 	ErrShrink       = errors.New("volumes can grow but not shrink")
+	ErrInvalid      = errors.New("invalid volume configuration")
 )
+
+// isClosed reports whether Close has begun.
+func (v *Volume) isClosed() bool {
+	select {
+	case <-v.closed:
+		return true
+	default:
+		return false
+	}
+}
 
 // Volume is one volume's live state on the server: the newest sealed index
 // in the repository (base) plus the layers of its write log. Its methods
@@ -52,6 +63,16 @@ type Volume struct {
 	sealMu sync.Mutex
 	// growMu makes Grows run one at a time.
 	growMu sync.Mutex
+	// markMu makes a label's uniqueness check and its mark one step.
+	markMu sync.Mutex
+	// closed is closed by Close: writers waiting for room give up, and
+	// Grow and DeleteSnapshot refuse (they hold growMu or sealMu, which
+	// Close takes).
+	closed chan struct{}
+	// checkpoints are the IDs of the checkpoint manifests in the
+	// repository; a seal deletes those older than the new base. Guarded
+	// by sealMu.
+	checkpoints []string
 
 	// The uploader: kick wakes Run; sealed is closed and replaced after
 	// every seal, waking writers held back by a full log. Guarded by mu.
@@ -160,7 +181,14 @@ func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 	if err := putJSON(ctx, repo, volumeKey(cfg.Name), cfg); err != nil {
 		return nil, fmt.Errorf("create volume %q: %w", cfg.Name, err)
 	}
-	return Open(ctx, env, cfg.Name)
+	v, err := Open(ctx, env, cfg.Name)
+	if err != nil {
+		// Take the record back: a volume that never opened must not stop
+		// the next server start, nor hold the name.
+		_ = repo.Delete(context.WithoutCancel(ctx), volumeKey(cfg.Name))
+		return nil, err
+	}
+	return v, nil
 }
 
 // Open opens volume name: its record and manifests from the repository,
@@ -172,7 +200,7 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 		return nil, err
 	}
 	repo := env.Repo
-	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{})}
+	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{}), closed: make(chan struct{})}
 	if err := getJSON(ctx, repo, volumeKey(name), &v.cfg); err != nil {
 		if errors.Is(err, chunkstore.ErrNotFound) {
 			return nil, fmt.Errorf("volume %q: %w", name, ErrNoVolume)
@@ -194,6 +222,8 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 			}
 			if kind == KindSnapshot {
 				v.snaps = append(v.snaps, &snapshot{Manifest: m, sealed: true})
+			} else {
+				v.checkpoints = append(v.checkpoints, m.ID)
 			}
 		}
 	}
@@ -282,6 +312,9 @@ func (v *Volume) Size() int64 { return v.size.Load() }
 func (v *Volume) Grow(ctx context.Context, size int64) error {
 	v.growMu.Lock()
 	defer v.growMu.Unlock()
+	if v.isClosed() {
+		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
 	old := v.size.Load()
 	switch {
 	case size == old:
@@ -292,7 +325,7 @@ func (v *Volume) Grow(ctx context.Context, size int64) error {
 	cfg := v.cfg
 	cfg.Size = size
 	if err := cfg.Validate(); err != nil {
-		return err
+		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	if err := putJSON(ctx, v.repo, volumeKey(cfg.Name), cfg); err != nil {
 		return fmt.Errorf("grow volume %q: %w", cfg.Name, err)
@@ -388,6 +421,8 @@ func (v *Volume) Checkpoint(ctx context.Context) (bool, error) {
 }
 
 func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
+	v.markMu.Lock()
+	defer v.markMu.Unlock()
 	if label != "" {
 		v.mu.RLock()
 		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label })
