@@ -19,6 +19,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/integration/miniotest"
 )
 
 // The crash test runs a writer in a child process (this test binary, which
@@ -46,8 +47,15 @@ func crashWrite(r, i uint64) (block int64, data []byte) {
 	return int64(g.IntN(crashBlocks)), data
 }
 
+// crashEnv is the volume's environment: its state in dir, its repository
+// at NBDVAULT_CRASH_REPO (a location, credentials in the environment), or
+// in dir when that is empty.
 func crashEnv(dir string) *Env {
-	repo, err := chunkstore.NewLocal(filepath.Join(dir, "repo"))
+	loc := os.Getenv("NBDVAULT_CRASH_REPO")
+	if loc == "" {
+		loc = filepath.Join(dir, "repo")
+	}
+	repo, err := chunkstore.Open(loc)
 	if err != nil {
 		panic(err)
 	}
@@ -101,6 +109,22 @@ func TestCrashKill9(t *testing.T) {
 	if testing.Short() {
 		t.Skip("kills a child process many times")
 	}
+	t.Run("local", func(t *testing.T) {
+		t.Setenv("NBDVAULT_CRASH_REPO", "")
+		crashKill9(t)
+	})
+	t.Run("minio", func(t *testing.T) {
+		m := miniotest.StartShared(t)
+		t.Setenv("NBDVAULT_CRASH_REPO", m.Location(fmt.Sprintf("crash-%d", time.Now().UnixNano())))
+		for _, kv := range m.Env() {
+			k, v, _ := strings.Cut(kv, "=")
+			t.Setenv(k, v) // this process's and the child's
+		}
+		crashKill9(t)
+	})
+}
+
+func crashKill9(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
 	v, err := Create(ctx, crashEnv(dir), Config{Name: "crash", Size: crashBlocks * crashBlock, ChunkSize: crashChunkSize})
