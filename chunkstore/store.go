@@ -99,6 +99,9 @@ func (s *Store) Sum(data []byte) ID {
 	return s.hasher.Sum(data)
 }
 
+// Scheme names how the store makes IDs (its Hasher's scheme).
+func (s *Store) Scheme() string { return s.hasher.Scheme() }
+
 // Put stores data as a chunk and returns its ID. An all-zero chunk is not
 // stored and gets the zero ID. A chunk the backend already has is not
 // written again. Put does not keep data after it returns.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -41,6 +42,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("GET /v1/volumes/{vol}", s.getVolume)
 	handle("PATCH /v1/volumes/{vol}", s.resizeVolume)
 	handle("DELETE /v1/volumes/{vol}", s.deleteVolume)
+	handle("GET /v1/volumes/{vol}/chunks", s.chunkIDs)
 	handle("GET /v1/volumes/{vol}/snapshots", s.listSnapshots)
 	handle("POST /v1/volumes/{vol}/snapshots", s.createSnapshot)
 	handle("GET /v1/volumes/{vol}/snapshots/{snap}", s.getSnapshot)
@@ -188,6 +190,33 @@ func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	return http.StatusNoContent, nil, nil
+}
+
+func (s *Server) chunkIDs(r *http.Request) (int, any, error) {
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	q := r.URL.Query()
+	first, err1 := strconv.ParseUint(q.Get("first"), 10, 64)
+	count, err2 := strconv.Atoi(q.Get("count"))
+	if err1 != nil || err2 != nil || count < 0 || count > api.MaxChunkIDs {
+		return 0, nil, fmt.Errorf("%w: want ?first=CHUNK&count=N with N at most %d", errInvalid, api.MaxChunkIDs)
+	}
+	ids, err := v.ChunkIDs(r.Context(), first, count)
+	if err != nil {
+		if errors.Is(err, volume.ErrOutOfRange) {
+			err = fmt.Errorf("%w: %v", errInvalid, err)
+		}
+		return 0, nil, err
+	}
+	out := api.ChunkIDs{ChunkSize: v.Config().ChunkSize, Hash: s.store.Scheme(), First: first, IDs: make([]string, len(ids))}
+	for i, id := range ids {
+		if !id.IsZero() {
+			out.IDs[i] = id.String()
+		}
+	}
+	return http.StatusOK, out, nil
 }
 
 func (s *Server) listSnapshots(r *http.Request) (int, any, error) {

@@ -35,6 +35,7 @@ func newApp() *cli.App {
 			importCommand(),
 			mountCommand(),
 			umountCommand(),
+			clientCommand(),
 		},
 		// Errors are printed and mapped to exit codes in main, not here.
 		ExitErrHandler: func(*cli.Context, error) {},

@@ -78,6 +78,22 @@ type CreateSnapshot struct {
 	Label string `json:"label,omitempty"`
 }
 
+// ChunkIDs is the answer of GET /v1/volumes/{name}/chunks: the content
+// IDs of a run of the head's chunks, for a client that sends only the
+// chunks that differ from its own (nbdvault client push).
+type ChunkIDs struct {
+	ChunkSize int64 `json:"chunk_size"`
+	// Hash names how an ID is made from a chunk's bytes (the last chunk
+	// zero-padded to the chunk size), e.g. "blake3-256".
+	Hash  string `json:"hash"`
+	First uint64 `json:"first"`
+	// IDs are hex, one per chunk from First; "" for a chunk of zeros.
+	IDs []string `json:"ids"`
+}
+
+// MaxChunkIDs is the most IDs one request returns.
+const MaxChunkIDs = 16384
+
 // Error is what the server answers when a request fails.
 type Error struct {
 	Status  int    `json:"-"` // the HTTP status

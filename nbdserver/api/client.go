@@ -91,6 +91,14 @@ func (c *Client) DeleteSnapshot(ctx context.Context, vol, snap string) error {
 	return c.do(ctx, "DELETE", snapshotPath(vol, snap), nil, nil)
 }
 
+// ChunkIDs returns the content IDs of count chunks of vol's head from
+// chunk first (at most MaxChunkIDs).
+func (c *Client) ChunkIDs(ctx context.Context, vol string, first uint64, count int) (ChunkIDs, error) {
+	var ids ChunkIDs
+	path := fmt.Sprintf("/v1/volumes/%s/chunks?first=%d&count=%d", url.PathEscape(vol), first, count)
+	return ids, c.do(ctx, "GET", path, nil, &ids)
+}
+
 // WaitSealed polls until snapshot snap of vol is sealed, calling progress
 // (if not nil) with the volume's state after every poll.
 func (c *Client) WaitSealed(ctx context.Context, vol, snap string, progress func(Volume)) (Snapshot, error) {

@@ -226,3 +226,41 @@ func TestLabelTakenOnce(t *testing.T) {
 	}
 	assert.Equal(t, 1, ok)
 }
+
+// ChunkIDs are the IDs the store gives each chunk's content, whether the
+// chunk is sealed, in the log, a hole, or the partial last one.
+func TestChunkIDs(t *testing.T) {
+	ctx := context.Background()
+	cs := int64(MinChunkSize)
+	g := newRig(t, chunkstore.NewMem(), 10*cs+100, cs, 1)
+	write := func(off int64, p []byte) {
+		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+		copy(g.m.head[off:], p)
+	}
+	check := func(what string) {
+		t.Helper()
+		ids, err := g.v.ChunkIDs(ctx, 0, 11)
+		require.NoError(t, err)
+		for c := range 11 {
+			chunk := make([]byte, cs) // the last one zero-padded
+			copy(chunk, g.m.head[int64(c)*cs:])
+			assert.Equal(t, g.store.Sum(chunk), ids[c], "%s: chunk %d", what, c)
+		}
+		part, err := g.v.ChunkIDs(ctx, 3, 2)
+		require.NoError(t, err)
+		assert.Equal(t, ids[3:5], part, what)
+	}
+	write(0, bytes.Repeat([]byte("sealed "), 20000))
+	write(10*cs, []byte("the partial last chunk"))
+	_, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	check("all sealed")
+	write(cs+5, []byte("in the log"))         // over a sealed chunk
+	write(6*cs, []byte("in a hole"))          // a chunk the index has as a hole
+	require.NoError(t, g.v.Zero(ctx, 0, 100)) // part of a chunk zeroed
+	clear(g.m.head[:100])
+	check("log over the index")
+	_, err = g.v.ChunkIDs(ctx, 10, 2)
+	assert.ErrorIs(t, err, ErrOutOfRange)
+}
