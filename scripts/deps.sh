@@ -47,3 +47,6 @@ go_install() {
 
 go_install minio "github.com/minio/minio@$MINIO_VERSION"
 go_install staticcheck "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
+
+# The VM tests' host packages (QEMU and the guest's tools).
+"$(dirname "$0")/vm-deps.sh"
