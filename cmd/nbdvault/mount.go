@@ -309,7 +309,17 @@ func (st *mountState) setUp(ctx context.Context, tools map[string]string) error 
 	if err := st.startNBDFuse(ctx, tools["nbdfuse"]); err != nil {
 		return err
 	}
-	out, err := runStep(ctx, tools["losetup"], "--find", "--show", "--read-only", st.file())
+	args := []string{"--find", "--show", "--read-only"}
+	md, err := mdMemberOf(st.file())
+	if err != nil {
+		return fmt.Errorf("%s: %w", st.Export, err)
+	}
+	if md != nil { // the leg of an MD RAID1: its data, not the superblock
+		fmt.Fprintf(os.Stderr, "nbdvault: %s is an MD RAID1 member (metadata %s): mounting the array's data, %s from offset %d\n",
+			st.Export, md.Version, formatSize(md.Size), md.Offset)
+		args = append(args, "--offset", fmt.Sprint(md.Offset), "--sizelimit", fmt.Sprint(md.Size))
+	}
+	out, err := runStep(ctx, tools["losetup"], append(args, st.file())...)
 	if err != nil {
 		return fmt.Errorf("attaching a loop device to %s: %s", st.file(), out)
 	}

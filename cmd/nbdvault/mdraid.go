@@ -1,0 +1,75 @@
+package main
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+	"os"
+)
+
+// A volume that is the NBD leg of an MD RAID1 array holds the array's
+// member superblock, and the file system only from the member's data
+// offset on. blkid calls such a device linux_raid_member; mount reads
+// the superblock itself (the host may have no mdadm) and mounts the data.
+
+// mdMember is where a RAID1 member's data lies.
+type mdMember struct {
+	Version      string // "1.0", "1.1" or "1.2"
+	Offset, Size int64  // bytes
+}
+
+const mdMagic = 0xa92b4efc
+
+// findMDMember looks for an MD version-1 superblock in the first size
+// bytes of f, where each of its versions keeps it: 1.2 at 4 KiB, 1.1 at
+// the start, 1.0 near the end. It returns nil if there is none.
+func findMDMember(f io.ReaderAt, size int64) (*mdMember, error) {
+	type place struct {
+		version string
+		at      int64
+	}
+	places := []place{{"1.2", 4096}, {"1.1", 0}}
+	if size >= 8192 {
+		places = append(places, place{"1.0", ((size >> 9) - 16) &^ 7 * 512}) // md's calc_dev_sboffset for 1.0
+	}
+	for _, p := range places {
+		var sb [256]byte
+		if _, err := f.ReadAt(sb[:], p.at); err != nil {
+			if err == io.EOF {
+				continue
+			}
+			return nil, fmt.Errorf("reading an MD superblock at %d: %w", p.at, err)
+		}
+		le := binary.LittleEndian
+		if le.Uint32(sb[0:]) != mdMagic || le.Uint32(sb[4:]) != 1 {
+			continue
+		}
+		if level := int32(le.Uint32(sb[72:])); level != 1 {
+			return nil, fmt.Errorf("an MD RAID%d member (metadata %s): only a RAID1 member holds a whole file system; assemble the array from all its members to read it", level, p.version)
+		}
+		used, dataOffset, dataSize := int64(le.Uint64(sb[80:])), int64(le.Uint64(sb[128:])), int64(le.Uint64(sb[136:]))
+		if used == 0 || used > dataSize {
+			used = dataSize
+		}
+		m := &mdMember{Version: p.version, Offset: dataOffset * 512, Size: used * 512}
+		if m.Offset <= 0 && p.version != "1.0" || m.Size <= 0 || m.Offset+m.Size > size {
+			return nil, fmt.Errorf("an MD superblock (metadata %s) with a data range %d+%d that does not fit the %d-byte volume: it is damaged", p.version, m.Offset, m.Size, size)
+		}
+		return m, nil
+	}
+	return nil, nil
+}
+
+// mdMemberOf opens path and looks for a RAID1 member superblock.
+func mdMemberOf(path string) (*mdMember, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	size, err := f.Seek(0, io.SeekEnd)
+	if err != nil {
+		return nil, err
+	}
+	return findMDMember(f, size)
+}
