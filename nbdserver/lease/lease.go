@@ -191,18 +191,22 @@ func (l *Lease) Keep(ctx context.Context) error {
 func (l *Lease) Release(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	data, cur, err := l.store.GetVersion(ctx, Key)
-	if errors.Is(err, chunkstore.ErrNotFound) {
-		return nil
-	}
-	if err != nil {
+	// Not a delete: between a read and a delete another server could take
+	// the lease over, and the delete would drop its lease. An expired
+	// lease written by compare-and-swap on our own version is free to the
+	// next server at once, and cannot touch anyone else's.
+	gone := l.me
+	gone.Expires = time.Unix(0, 0).UTC()
+	data, _ := json.Marshal(gone)
+	ver, err := l.store.PutIf(ctx, Key, data, l.version)
+	switch {
+	case errors.Is(err, chunkstore.ErrPrecondition), errors.Is(err, chunkstore.ErrNotFound):
+		return nil // not ours any more
+	case err != nil:
 		return fmt.Errorf("release the repository lease: %w", err)
 	}
-	var h Holder
-	if json.Unmarshal(data, &h) != nil || h.ID != l.me.ID || cur != l.version {
-		return nil // not ours any more
-	}
-	return l.backend.Delete(ctx, Key)
+	l.me, l.version = gone, ver
+	return nil
 }
 
 // machineID is this machine's /etc/machine-id, or "" without one.
