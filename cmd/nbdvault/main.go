@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
 	"syscall"
 
@@ -115,7 +116,10 @@ func exitCode(err error) int {
 		fmt.Fprintln(os.Stderr, "nbdvault:", msg)
 	}
 	var ec cli.ExitCoder
+	var child *exec.ExitError // a tool's exit status is not ours to pass on
 	switch {
+	case errors.As(err, &child):
+		return exitFailure
 	case errors.As(err, &ec):
 		return ec.ExitCode()
 	case errors.Is(err, api.ErrInvalid):

@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"os/exec"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -60,6 +61,7 @@ func TestExitCode(t *testing.T) {
 		{api.Errorf(api.ErrNotSealed, "wait"), exitConflict},
 		{api.Errorf(api.ErrInvalid, "bad"), exitUsage},
 		{api.Errorf(api.ErrInternal, "oops"), exitFailure},
+		{fmt.Errorf("mount: %w", &exec.ExitError{}), exitFailure},
 	} {
 		assert.Equal(t, c.want, exitCode(c.err), "%v", c.err)
 	}

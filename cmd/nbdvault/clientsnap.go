@@ -1,0 +1,204 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
+)
+
+// FIFREEZE and FITHAW from linux/fs.h: _IOWR('X', 119, int) and
+// _IOWR('X', 120, int). x/sys/unix does not name them.
+const (
+	ioctlFIFREEZE = 0xc0045877
+	ioctlFITHAW   = 0xc0045878
+)
+
+func clientSnapshotCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "snapshot",
+		Usage: "take a consistent snapshot of a volume mirrored from this host",
+		Description: "Runs --pre, freezes every --freeze file system, waits until the MD array\n" +
+			"(--md) has written every block to every leg, write-behind ones included, flushes\n" +
+			"the NBD device (--nbd-device), asks the server for the snapshot, then thaws and\n" +
+			"runs --post: the thaw and --post happen whatever failed, and on Ctrl-C or SIGTERM\n" +
+			"too. Only SIGKILL leaves a file system frozen (then: fsfreeze -u MOUNTPOINT).",
+		Flags: append([]cli.Flag{
+			&cli.StringFlag{Name: "volume", Usage: "the `VOLUME` to snapshot (required)"},
+			&cli.StringSliceFlag{Name: "freeze", Usage: "a `MOUNTPOINT` to freeze while the snapshot is taken; repeat for more"},
+			&cli.StringFlag{Name: "md", Usage: "the MD `ARRAY` (/dev/mdN) whose NBD leg is the volume: wait until its write-intent bitmap is clean"},
+			&cli.StringFlag{Name: "nbd-device", Usage: "the NBD `DEVICE` (/dev/nbdN) attached to the volume: flush it"},
+			&cli.StringFlag{Name: "label", Usage: "the snapshot's `label`"},
+			&cli.StringFlag{Name: "pre", Usage: "a shell `COMMAND` to run first (a database's checkpoint, say); its failure stops the snapshot"},
+			&cli.StringFlag{Name: "post", Usage: "a shell `COMMAND` to run last, always"},
+			&cli.DurationFlag{Name: "timeout", Value: 2 * time.Minute, Usage: "thaw after this `long` frozen, and fail, whatever is still waiting"},
+		}, clientFlags...),
+		Action: clientSnapshot,
+	}
+}
+
+func clientSnapshot(c *cli.Context) error {
+	if err := needArgs(c, 0, "no arguments (--volume VOL)"); err != nil {
+		return err
+	}
+	vol := c.String("volume")
+	if vol == "" {
+		return usageErrorf("client snapshot: --volume is required")
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	if _, err := cl.Volume(c.Context, vol); err != nil {
+		return err // before anything is frozen: a wrong name or server costs nothing
+	}
+	if post := c.String("post"); post != "" {
+		defer func() {
+			if err := runHook(context.WithoutCancel(c.Context), "--post", post); err != nil {
+				fmt.Fprintln(os.Stderr, "nbdvault:", err)
+			}
+		}()
+	}
+	if pre := c.String("pre"); pre != "" {
+		if err := runHook(c.Context, "--pre", pre); err != nil {
+			return err
+		}
+	}
+
+	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
+	defer cancel()
+	thaw, err := freezeAll(c.StringSlice("freeze"))
+	defer thaw()
+	if err != nil {
+		return err
+	}
+	if md := c.String("md"); md != "" {
+		start := time.Now()
+		if err := waitMDClean(ctx, md); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", md, time.Since(start).Round(100*time.Millisecond))
+	}
+	if dev := c.String("nbd-device"); dev != "" {
+		if err := flushDevice(dev); err != nil {
+			return err
+		}
+	}
+	s, err := cl.CreateSnapshot(ctx, vol, c.String("label"))
+	if err != nil {
+		if ctx.Err() == context.DeadlineExceeded {
+			return fmt.Errorf("no snapshot within --timeout %s: %w; the file systems are thawed", c.Duration("timeout"), err)
+		}
+		return err
+	}
+	thaw()
+	fmt.Println(s.ID)
+	return nil
+}
+
+// freezeAll freezes each mount point, and returns what thaws them all,
+// safe to call more than once. On error the caller still calls it.
+func freezeAll(mounts []string) (thaw func(), err error) {
+	var frozen []*os.File
+	thaw = func() {
+		for _, f := range frozen {
+			if err := unix.IoctlSetInt(int(f.Fd()), ioctlFITHAW, 0); err != nil {
+				fmt.Fprintf(os.Stderr, "nbdvault: thaw %s: %v: run fsfreeze -u %s\n", f.Name(), err, f.Name())
+			}
+			f.Close()
+		}
+		frozen = nil
+	}
+	for _, m := range mounts {
+		f, err := os.Open(m)
+		if err != nil {
+			return thaw, fmt.Errorf("--freeze %s: %w", m, err)
+		}
+		if err := unix.IoctlSetInt(int(f.Fd()), ioctlFIFREEZE, 0); err != nil {
+			f.Close()
+			if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
+				return thaw, fmt.Errorf("--freeze %s: its file system cannot be frozen (%v): is it a mount point of ext4, xfs or btrfs?", m, err)
+			}
+			return thaw, fmt.Errorf("--freeze %s: %w", m, err)
+		}
+		frozen = append(frozen, f)
+	}
+	return thaw, nil
+}
+
+// waitMDClean waits until no bit of md's write-intent bitmap is dirty.
+// MD clears a bit only when every leg, write-mostly and write-behind ones
+// included, has completed the writes of its region (and its bitmap daemon
+// has run, every few seconds): with writes stopped by the freeze, a clean
+// bitmap means the NBD leg has everything. mdadm -X reads the bitmap of a
+// member; any member's copy will do.
+func waitMDClean(ctx context.Context, md string) error {
+	members, err := mdMembers(md)
+	if err != nil {
+		return err
+	}
+	dirty := regexp.MustCompile(`Bitmap : \d+ bits \(chunks\), (\d+) dirty`)
+	for {
+		out, err := exec.CommandContext(ctx, "mdadm", "-X", members[0]).CombinedOutput()
+		if ctx.Err() != nil {
+			return fmt.Errorf("%s still had writes in flight to a leg at the --timeout: %w", md, ctx.Err())
+		}
+		m := dirty.FindSubmatch(out)
+		if err != nil || m == nil {
+			return fmt.Errorf("mdadm -X %s (a member of %s) did not show its bitmap: %v: %s (does the array have --bitmap=internal?)", members[0], md, err, strings.TrimSpace(string(out)))
+		}
+		if string(m[1]) == "0" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// mdMembers lists an MD array's member devices from sysfs.
+func mdMembers(md string) ([]string, error) {
+	name := strings.TrimPrefix(md, "/dev/")
+	entries, err := os.ReadDir("/sys/block/" + name + "/slaves")
+	if err != nil || len(entries) == 0 {
+		return nil, fmt.Errorf("--md %s: not an MD array with members (%v)", md, err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, "/dev/"+e.Name())
+	}
+	return out, nil
+}
+
+// flushDevice makes the block device flush its write cache: an fsync of
+// the device sends a FLUSH, which nbdvault answers once its log is
+// durable.
+func flushDevice(dev string) error {
+	f, err := os.Open(dev)
+	if err != nil {
+		return fmt.Errorf("--nbd-device %s: %w", dev, err)
+	}
+	defer f.Close()
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("flushing %s: %w", dev, err)
+	}
+	return nil
+}
+
+// runHook runs a --pre or --post shell command, its output to stderr.
+func runHook(ctx context.Context, which, command string) error {
+	cmd := exec.CommandContext(ctx, "sh", "-c", command)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("%s %q failed: %v", which, command, err)
+	}
+	return nil
+}
