@@ -33,7 +33,7 @@ const (
 var (
 	serverFlag = &cli.StringFlag{
 		Name: "server", Value: "http://" + defaultAdmin, EnvVars: []string{"NBDVAULT_SERVER"},
-		Usage: "the server's admin API `URL`",
+		Usage: "the server's admin API: `URL` http://HOST:PORT, or unix:/PATH",
 	}
 	tokenFlag = &cli.StringFlag{
 		Name: "token", EnvVars: []string{"NBDVAULT_TOKEN"},

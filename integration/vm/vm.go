@@ -17,11 +17,13 @@ package vm
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/base64"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -53,6 +55,10 @@ type Options struct {
 	CPUs         int           // default 1
 	BootTimeout  time.Duration // until the agent answers; default 3 minutes
 	KernelParams string        // appended to the kernel command line
+	// Files are host files copied into the guest, by guest path (an
+	// nbdvault binary built for it, say). They go in a second cpio
+	// archive after the cached one: the kernel unpacks both.
+	Files map[string]string
 }
 
 // DefaultRunTimeout bounds a command run with Run or MustRun.
@@ -120,6 +126,11 @@ func Start(t testing.TB, opts Options) *Machine {
 	}
 	defer ln.Close()
 
+	if len(opts.Files) > 0 {
+		if img.Initrd, err = withFiles(img.Initrd, opts.Files, filepath.Join(dir, "initrd.cpio")); err != nil {
+			t.Fatalf("vm: adding files to the initramfs: %v", err)
+		}
+	}
 	m := &Machine{t: t, done: make(chan struct{}), Console: filepath.Join(dir, "console.log")}
 	args, err := qemuArgs(t, img, opts, m.Console, ctlPath)
 	if err != nil {
@@ -430,4 +441,50 @@ func (m *Machine) stop(dir string) {
 // shellQuote quotes s for sh.
 func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+// withFiles writes to out the initramfs base followed by a cpio archive
+// of files (guest path → host path), and returns out.
+func withFiles(base string, files map[string]string, out string) (string, error) {
+	data, err := os.ReadFile(base)
+	if err != nil {
+		return "", err
+	}
+	extra := newCPIO()
+	for guest, host := range files {
+		b, err := os.ReadFile(host)
+		if err != nil {
+			return "", err
+		}
+		fi, err := os.Stat(host)
+		if err != nil {
+			return "", err
+		}
+		extra.dir(path.Dir(guest))
+		extra.file(guest, uint32(fi.Mode().Perm()), b)
+	}
+	var buf bytes.Buffer
+	buf.Write(data)
+	if err := extra.writeTo(&buf); err != nil {
+		return "", err
+	}
+	return out, os.WriteFile(out, buf.Bytes(), 0o644)
+}
+
+// ForwardPort makes the virtio-serial port a Unix socket in the guest:
+// socat relays each connection to the port, one at a time. For a port
+// whose host end is an HTTP server, sequential requests work; they share
+// the one host connection.
+func (m *Machine) ForwardPort(t testing.TB, port, guestSocket string) {
+	t.Helper()
+	m.MustRun(t, fmt.Sprintf(`set -e
+vm-name-ports
+[ -e /dev/virtio-ports/%[1]s ] || { echo "no virtio-serial port %[1]s"; exit 1; }
+rm -f %[2]s
+socat UNIX-LISTEN:%[2]s,fork OPEN:/dev/virtio-ports/%[1]s >/run/socat-%[1]s.log 2>&1 &
+i=0
+while [ ! -S %[2]s ]; do
+	i=$((i + 1)); [ $i -lt 100 ] || { echo "socat did not listen on %[2]s"; cat /run/socat-%[1]s.log; exit 1; }
+	usleep 50000
+done`, port, guestSocket))
 }

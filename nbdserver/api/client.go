@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
@@ -16,6 +17,7 @@ import (
 // Client talks to a server's admin API.
 type Client struct {
 	base  *url.URL
+	unix  string // unix:/PATH when the server is reached over a Unix socket
 	token string
 	http  *http.Client
 }
@@ -23,15 +25,30 @@ type Client struct {
 // NewClient returns a client for the server at base (e.g.
 // http://127.0.0.1:10810) that sends token.
 func NewClient(base, token string) (*Client, error) {
+	if path, ok := strings.CutPrefix(base, "unix:"); ok {
+		// HTTP over a Unix socket: a local server, or one reached through
+		// a relay (a VM's virtio-serial port).
+		var d net.Dialer
+		tr := &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, "unix", path)
+		}}
+		return &Client{base: &url.URL{Scheme: "http", Host: "nbdvault"}, unix: base, token: token,
+			http: &http.Client{Timeout: 5 * time.Minute, Transport: tr}}, nil
+	}
 	u, err := url.Parse(base)
 	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("server address %q: want http://HOST:PORT or https://HOST:PORT", base)
+		return nil, fmt.Errorf("server address %q: want http://HOST:PORT, https://HOST:PORT or unix:/PATH", base)
 	}
 	return &Client{base: u, token: token, http: &http.Client{Timeout: 5 * time.Minute}}, nil
 }
 
 // Server is the address the client talks to.
-func (c *Client) Server() string { return c.base.String() }
+func (c *Client) Server() string {
+	if c.unix != "" {
+		return c.unix
+	}
+	return c.base.String()
+}
 
 // Status returns the server's state and every volume's.
 func (c *Client) Status(ctx context.Context) (Status, error) {
@@ -148,9 +165,9 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		}
 		var ue *url.Error
 		if errors.As(err, &ue) && ue.Timeout() {
-			return fmt.Errorf("%s %s: the server at %s did not answer in time: %v", method, path, c.base, ue.Err)
+			return fmt.Errorf("%s %s: the server at %s did not answer in time: %v", method, path, c.Server(), ue.Err)
 		}
-		return fmt.Errorf("%w at %s: %v (is `nbdvault serve` running there? set --server or NBDVAULT_SERVER)", ErrUnreachable, c.base, unwrapURLError(err))
+		return fmt.Errorf("%w at %s: %v (is `nbdvault serve` running there? set --server or NBDVAULT_SERVER)", ErrUnreachable, c.Server(), unwrapURLError(err))
 	}
 	defer resp.Body.Close()
 	data, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
