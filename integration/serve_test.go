@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -189,20 +188,7 @@ func readNBD(t *testing.T, s *servertest.Server, export string) []byte {
 	return p
 }
 
-func getMetrics(t *testing.T, s *servertest.Server) string {
-	t.Helper()
-	tok, err := os.ReadFile(filepath.Join(s.Data, "admin-token"))
-	require.NoError(t, err)
-	req, _ := http.NewRequestWithContext(t.Context(), "GET", s.Admin+"/metrics", nil)
-	req.Header.Set("Authorization", "Bearer "+strings.TrimSpace(string(tok)))
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	require.NoError(t, err)
-	require.Equal(t, http.StatusOK, resp.StatusCode, "%s", body)
-	return string(body)
-}
+func getMetrics(t *testing.T, s *servertest.Server) string { return s.Metrics() }
 
 func allZero(p []byte) bool { return bytes.Count(p, []byte{0}) == len(p) }
 

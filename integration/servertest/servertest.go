@@ -6,6 +6,7 @@ package servertest
 
 import (
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -153,6 +154,36 @@ func (s *Server) running() bool {
 	default:
 		return true
 	}
+}
+
+// Token is the server's admin token.
+func (s *Server) Token() string {
+	s.t.Helper()
+	b, err := os.ReadFile(filepath.Join(s.Data, "admin-token"))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// Metrics is what the server's /metrics says now.
+func (s *Server) Metrics() string {
+	s.t.Helper()
+	req, err := http.NewRequest("GET", s.Admin+"/metrics", nil)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+s.Token())
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		s.t.Fatalf("GET /metrics: %s %v: %s", resp.Status, err, body)
+	}
+	return string(body)
 }
 
 // PID is the server process's.

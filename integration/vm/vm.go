@@ -475,11 +475,23 @@ func withFiles(base string, files map[string]string, out string) (string, error)
 // socat relays each connection to the port, one at a time. For a port
 // whose host end is an HTTP server, sequential requests work; they share
 // the one host connection.
+//
+// Called again, it first stops the relay it started before, so that no
+// stale relay holds the port, and waits until QEMU has the port's host end
+// connected: after the host server restarted, what it sends first (an NBD
+// greeting) must reach a new connection, not the old relay.
 func (m *Machine) ForwardPort(t testing.TB, port, guestSocket string) {
 	t.Helper()
 	m.MustRun(t, fmt.Sprintf(`set -e
 vm-name-ports
 [ -e /dev/virtio-ports/%[1]s ] || { echo "no virtio-serial port %[1]s"; exit 1; }
+pkill -f "socat UNIX-LISTEN:%[2]s" || true
+state=/sys/kernel/debug/virtio-ports/$(basename $(readlink /dev/virtio-ports/%[1]s))
+i=0
+until grep -q "host_connected: 1" $state; do
+	i=$((i + 1)); [ $i -lt 300 ] || { echo "the host end of port %[1]s is not connected: is the server listening?"; cat $state; exit 1; }
+	usleep 100000
+done
 rm -f %[2]s
 socat UNIX-LISTEN:%[2]s,fork OPEN:/dev/virtio-ports/%[1]s >/run/socat-%[1]s.log 2>&1 &
 i=0
