@@ -40,7 +40,11 @@ const (
 // NBD_OPT_GO with a zero length field before its data, which a server
 // following the protocol reads as a malformed option, and it never tells
 // the kernel the transmission flags, so the device would drop flushes.
-func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, timeout time.Duration, ready func()) error {
+//
+// blockSize is the device's logical block size, 512 to 4096 (0: 512, the
+// kernel's default and most disks'): a mirror leg must match the local
+// disk's, or LVM refuses to mix them.
+func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, blockSize int, timeout time.Duration, ready func()) error {
 	nc, err := dial(ctx, addr, &Options{})
 	if err != nil {
 		return err
@@ -65,9 +69,12 @@ func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, 
 	}
 	defer f.Close()
 
-	bs := int64(4096) // the kernel takes 512 to the page size
-	if p := int64(info.PreferredBlock); p >= 512 && p <= 4096 && p&(p-1) == 0 {
-		bs = p
+	bs := int64(blockSize)
+	if bs == 0 {
+		bs = 512
+	}
+	if bs < 512 || bs > 4096 || bs&(bs-1) != 0 {
+		return fmt.Errorf("nbd: block size %d: want 512, 1024, 2048 or 4096", bs)
 	}
 	flags := info.Flags
 	if readOnly {

@@ -23,6 +23,7 @@ func attachCommand() *cli.Command {
 			&cli.StringFlag{Name: "server", Value: defaultListen, Usage: "the NBD `address`: HOST:PORT or unix:/PATH"},
 			&cli.StringFlag{Name: "export", Usage: "the `EXPORT`: VOL for a volume's head, VOL@SNAP for a snapshot (required)"},
 			&cli.BoolFlag{Name: "readonly", Usage: "attach read-only (a snapshot always is)"},
+			&cli.IntFlag{Name: "block-size", Value: 512, Usage: "the device's logical block `SIZE`, 512 to 4096: a mirror leg's must match the local disk's"},
 			&cli.DurationFlag{Name: "timeout", Value: 60 * time.Second, Usage: "fail I/O the server has not answered in this `long`"},
 			&cli.BoolFlag{Name: "foreground", Hidden: true, Usage: "serve in this process (what the background process runs)"},
 		},
@@ -61,12 +62,12 @@ func attach(c *cli.Context) error {
 	}
 	readOnly := c.Bool("readonly") || strings.Contains(export, "@")
 	if c.Bool("foreground") {
-		return client.AttachKernel(c.Context, c.String("server"), dev, export, readOnly, c.Duration("timeout"), func() {
+		return client.AttachKernel(c.Context, c.String("server"), dev, export, readOnly, c.Int("block-size"), c.Duration("timeout"), func() {
 			fmt.Println("ready", dev)
 			os.Stdout.Close() // the parent stops waiting
 		})
 	}
-	dev, err := attachInBackground(c.String("server"), export, dev, readOnly, c.Duration("timeout"))
+	dev, err := attachInBackground(c.String("server"), export, dev, readOnly, c.Int("block-size"), c.Duration("timeout"))
 	if err != nil {
 		return err
 	}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
 )
@@ -91,22 +92,41 @@ func shellLine(name string, args []string) string {
 	return strings.Join(q, " ")
 }
 
-// attachLeg attaches the volume (or, dry, prints how).
-func (r runner) attachLeg(c *cli.Context) (string, error) {
+// attachLeg attaches the volume with the logical block size of local,
+// the mirror's other leg (or, dry, prints how).
+func (r runner) attachLeg(c *cli.Context, local string) (string, error) {
 	vol := c.String("volume")
 	if vol == "" {
 		return "", usageErrorf("--volume is required")
 	}
+	bs, err := logicalBlockSize(local)
+	if err != nil {
+		return "", err
+	}
 	if r.dry {
 		fmt.Println(shellLine("nbdvault", []string{"client", "attach", "--server", c.String("server"), "--export", vol,
-			"--timeout", c.Duration("timeout").String(), "/dev/nbd0"}))
+			"--timeout", c.Duration("timeout").String(), "--block-size", fmt.Sprint(bs), "/dev/nbd0"}))
 		return "/dev/nbd0", nil
 	}
 	dev, err := client.FreeKernelDevice()
 	if err != nil {
 		return "", err
 	}
-	return attachInBackground(c.String("server"), vol, dev, false, c.Duration("timeout"))
+	return attachInBackground(c.String("server"), vol, dev, false, bs, c.Duration("timeout"))
+}
+
+// logicalBlockSize is a block device's logical block size (BLKSSZGET).
+func logicalBlockSize(dev string) (int, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return 0, fmt.Errorf("the mirror's local leg: %w", err)
+	}
+	defer f.Close()
+	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKSSZGET)
+	if err != nil {
+		return 0, fmt.Errorf("the logical block size of %s: %w (is it a block device?)", dev, err)
+	}
+	return n, nil
 }
 
 func mirrorCreate(c *cli.Context) error {
@@ -118,7 +138,11 @@ func mirrorCreate(c *cli.Context) error {
 	if !c.Bool("lvm") && !c.Bool("destroy-data") && !r.dry {
 		return usageErrorf("client mirror create: a new MD array overwrites %s; pass --destroy-data if it holds nothing you need, use --lvm to keep a logical volume's data, or --dry-run to see the commands", device)
 	}
-	leg, err := r.attachLeg(c)
+	local := device
+	if c.Bool("lvm") {
+		local = "/dev/" + device // VG/LV
+	}
+	leg, err := r.attachLeg(c, local)
 	if err != nil {
 		return err
 	}
@@ -132,10 +156,21 @@ func mirrorCreate(c *cli.Context) error {
 			{"pvcreate", leg},
 			{"vgextend", vg, leg},
 			{"lvconvert", "--yes", "--type", "raid1", "-m", "1", device, leg},
-			{"lvchange", "--yes", "--writemostly", leg, device},
-			{"lvchange", "--yes", "--writebehind", fmt.Sprint(c.Int("write-behind")), device},
 		}
 		for _, s := range steps {
+			if _, err := r.run(ctx, s[0], s[1:]...); err != nil {
+				return err
+			}
+		}
+		// LVM changes write-mostly only on an array in sync: the first
+		// copy to the volume has to finish.
+		if err := r.waitLVSync(ctx, device); err != nil {
+			return err
+		}
+		for _, s := range [][]string{
+			{"lvchange", "--yes", "--writemostly", leg, device},
+			{"lvchange", "--yes", "--writebehind", fmt.Sprint(c.Int("write-behind")), device},
+		} {
 			if _, err := r.run(ctx, s[0], s[1:]...); err != nil {
 				return err
 			}
@@ -154,6 +189,35 @@ func mirrorCreate(c *cli.Context) error {
 		fmt.Printf("%s is the write-mostly leg (%s) of %s\n", c.String("volume"), leg, orDefault(c.Bool("lvm"), device, c.String("md")))
 	}
 	return nil
+}
+
+// waitLVSync waits until the raid1 logical volume lv is in sync, showing
+// how far the copy is.
+func (r runner) waitLVSync(ctx context.Context, lv string) error {
+	if r.dry {
+		fmt.Printf("# wait until `lvs -o sync_percent %s` says 100.00\n", lv)
+		return nil
+	}
+	p := newProgress("copying "+lv+" to the volume", -1)
+	for {
+		out, err := r.run(ctx, "lvs", "--noheadings", "-o", "sync_percent", lv)
+		if err != nil {
+			stopProgress(p)
+			return err
+		}
+		pct := strings.TrimSpace(out)
+		if pct == "100.00" {
+			p.finish()
+			return nil
+		}
+		p.note(pct + "% in sync")
+		select {
+		case <-ctx.Done():
+			stopProgress(p)
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 func orDefault(lvm bool, lv, md string) string {
@@ -189,12 +253,22 @@ func mirrorReconnect(c *cli.Context) error {
 	r := runner{dry: c.Bool("dry-run")}
 	ctx := c.Context
 	// The failed NBD leg: MD keeps it as faulty until removed; its
-	// device is detached so it can be attached again.
-	if !r.dry {
-		members, err := mdMembers(md)
-		if err != nil {
-			return err
+	// device is detached so it can be attached again. The volume is
+	// attached with the other legs' block size.
+	members, err := mdMembers(md)
+	if err != nil {
+		return err
+	}
+	local := ""
+	for _, m := range members {
+		if !strings.HasPrefix(m, "/dev/nbd") {
+			local = m
 		}
+	}
+	if local == "" {
+		return fmt.Errorf("%s has no member but NBD devices: which disk does it mirror?", md)
+	}
+	if !r.dry {
 		for _, m := range members {
 			if !strings.HasPrefix(m, "/dev/nbd") {
 				continue
@@ -210,9 +284,8 @@ func mirrorReconnect(c *cli.Context) error {
 	}
 	// The server may be coming back: try for a while before giving up.
 	var leg string
-	var err error
 	for deadline := time.Now().Add(c.Duration("wait")); ; {
-		if leg, err = r.attachLeg(c); err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+		if leg, err = r.attachLeg(c, local); err == nil || time.Now().After(deadline) || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(500 * time.Millisecond)
@@ -242,13 +315,13 @@ func waitDetached(dev string) {
 // attachInBackground runs `nbdvault client attach --foreground` in a
 // session of its own, which serves the device after this process exits,
 // and returns the device once it is ready.
-func attachInBackground(server, export, dev string, readOnly bool, timeout time.Duration) (string, error) {
+func attachInBackground(server, export, dev string, readOnly bool, blockSize int, timeout time.Duration) (string, error) {
 	self, err := os.Executable()
 	if err != nil {
 		return "", err
 	}
 	args := []string{"client", "attach", "--foreground", "--server", server, "--export", export,
-		"--timeout", timeout.String(), dev}
+		"--timeout", timeout.String(), "--block-size", fmt.Sprint(blockSize), dev}
 	if readOnly {
 		args = append(args, "--readonly")
 	}
