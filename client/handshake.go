@@ -66,6 +66,16 @@ func Dial(ctx context.Context, addr string, opts Options) (*Conn, error) {
 // bounds the negotiation only: when it ends first, NewConn returns
 // ctx.Err().
 func NewConn(ctx context.Context, c net.Conn, opts Options) (*Conn, error) {
+	conn, info, err := negotiateOn(ctx, c, opts)
+	if err != nil {
+		return nil, err
+	}
+	return newConn(conn, info), nil
+}
+
+// negotiateOn runs the handshake on c, bounded by ctx, and returns the
+// connection to transmit on (c, or TLS over it). On failure c is closed.
+func negotiateOn(ctx context.Context, c net.Conn, opts Options) (net.Conn, *exportInfo, error) {
 	n := &negotiator{raw: c, conn: c, opts: opts}
 	restore := interruptOn(ctx, c)
 	info, err := n.negotiate(ctx)
@@ -74,9 +84,9 @@ func NewConn(ctx context.Context, c net.Conn, opts Options) (*Conn, error) {
 	}
 	if err != nil {
 		n.close(err)
-		return nil, err
+		return nil, nil, err
 	}
-	return newConn(n.conn, info), nil
+	return n.conn, info, nil
 }
 
 // List returns the exports the server at addr offers (NBD_OPT_LIST), then

@@ -21,14 +21,8 @@ type KernelExport struct {
 // (or EXPORT_NAME). It leaves c at the start of transmission for the
 // kernel to take over; nothing reads from c afterwards.
 func Handshake(ctx context.Context, c net.Conn, export string) (KernelExport, error) {
-	n := &negotiator{raw: c, conn: c, opts: Options{Export: export, SimpleReplies: true, MetaContexts: []string{}}}
-	restore := interruptOn(ctx, c)
-	info, err := n.negotiate(ctx)
-	if restore() {
-		err = ctx.Err()
-	}
+	_, info, err := negotiateOn(ctx, c, Options{Export: export, SimpleReplies: true, MetaContexts: []string{}})
 	if err != nil {
-		n.close(err)
 		return KernelExport{}, err
 	}
 	return KernelExport{Size: info.size, Flags: info.flags | nbd.FlagHasFlags, PreferredBlock: info.prefBlock}, nil

@@ -1,15 +1,12 @@
 package vm_test
 
 import (
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
@@ -17,16 +14,11 @@ import (
 // guest kernel's NBD driver with FLUSH and FUA on (a write-back cache
 // the kernel flushes), a snapshot read-only, and detach lets go.
 func TestClientAttach(t *testing.T) {
-	sockDir, err := os.MkdirTemp("", "nbdvault-sock-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "nbd.sock")
-	snapSock := filepath.Join(sockDir, "snap.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock, "--listen", "unix:" + snapSock}})
+	s, socks := startServer(t, "nbd0", "nbd1")
 	s.MustCLI("volume", "create", "vol", "--size", "16M")
 
 	m := vm.Start(t, vm.Options{
-		Ports: map[string]string{"nbd0": sock, "nbd1": snapSock},
+		Ports: socks,
 		Files: map[string]string{"/usr/bin/nbdvault": guestBinary(t)},
 	})
 	m.MustRun(t, "modprobe nbd")

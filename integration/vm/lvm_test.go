@@ -1,8 +1,6 @@
 package vm_test
 
 import (
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -10,7 +8,6 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
@@ -22,18 +19,12 @@ import (
 // with `client attach`, holds the logical volume's file system at the
 // leg's extents: exactly the files written before it.
 func TestMirrorLVM(t *testing.T) {
-	sockDir, err := os.MkdirTemp("", "nbdvault-sock-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "nbd.sock")
-	snapSock := filepath.Join(sockDir, "snap.sock")
-	adminSock := filepath.Join(sockDir, "admin.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock, "--listen", "unix:" + snapSock}})
+	s, socks := startServer(t, "nbd0", "nbd1")
 	s.MustCLI("volume", "create", "lvleg", "--size", "64M")
-	relayAdmin(t, adminSock, strings.TrimPrefix(s.Admin, "http://"))
+	socks["admin"] = relayAdmin(t, s)
 	m := vm.Start(t, vm.Options{
 		Disks: []vm.Disk{{Size: 64 << 20}},
-		Ports: map[string]string{"nbd0": sock, "nbd1": snapSock, "admin": adminSock},
+		Ports: socks,
 		Files: map[string]string{"/usr/bin/nbdvault": guestBinary(t)},
 	})
 	m.MustRun(t, "modprobe nbd && modprobe raid1 && modprobe dm-raid && modprobe ext4 && modprobe loop")

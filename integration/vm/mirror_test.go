@@ -25,20 +25,15 @@ import (
 // bitmap is clean, flush, snapshot, thaw); writes after it. The snapshot holds exactly the files
 // written before it, with their checksums, mounted with nbdvault mount.
 func TestMirrorMD(t *testing.T) {
-	sockDir, err := os.MkdirTemp("", "nbdvault-sock-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "nbd.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock}})
+	s, socks := startServer(t, "nbd0")
 	s.MustCLI("volume", "create", "md", "--size", "64M")
 
 	// The guest reaches the admin API through a port too: the host end
 	// relays it to the server's TCP admin address.
-	adminSock := filepath.Join(sockDir, "admin.sock")
-	relayAdmin(t, adminSock, strings.TrimPrefix(s.Admin, "http://"))
+	socks["admin"] = relayAdmin(t, s)
 	m := vm.Start(t, vm.Options{
 		Disks: []vm.Disk{{Size: 64 << 20}},
-		Ports: map[string]string{"nbd0": sock, "admin": adminSock},
+		Ports: socks,
 		Files: map[string]string{"/usr/bin/nbdvault": guestBinary(t)},
 	})
 	m.ForwardPort(t, "admin", "/run/admin.sock")
@@ -61,10 +56,8 @@ cd /mnt && sha256sum before-*`)
 	// nbdvault client snapshot in the guest: freeze, wait until the
 	// array's bitmap is clean (every leg has every write, the
 	// write-behind one included), flush the NBD device, snapshot, thaw.
-	tok, err := os.ReadFile(filepath.Join(s.Data, "admin-token"))
-	require.NoError(t, err)
 	out = m.MustRun(t, "nbdvault client snapshot --volume md --freeze /mnt --md /dev/md0 --nbd-device "+dev+
-		" --label frozen --server unix:/run/admin.sock --token "+strings.TrimSpace(string(tok))+" 2>&1")
+		" --label frozen --server unix:/run/admin.sock --token "+s.Token()+" 2>&1")
 	t.Logf("client snapshot: %s", strings.TrimSpace(out))
 	assert.Contains(t, out, "wrote every block to every leg")
 
@@ -109,10 +102,14 @@ func guestBinary(t *testing.T) string {
 	return out
 }
 
-// relayAdmin serves the admin API at tcpAddr on the Unix socket path,
-// where a VM port connects.
-func relayAdmin(t *testing.T, path, tcpAddr string) {
+// relayAdmin serves the server's admin API on a Unix socket, for a VM
+// port to connect to, and returns the socket's path.
+func relayAdmin(t *testing.T, s *servertest.Server) string {
 	t.Helper()
+	dir, err := os.MkdirTemp("", "nbdvault-admin-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	path, tcpAddr := filepath.Join(dir, "admin.sock"), strings.TrimPrefix(s.Admin, "http://")
 	socat := nbdtest.Tool(t, "socat")
 	cmd := exec.Command(socat, "UNIX-LISTEN:"+path+",fork", "TCP:"+tcpAddr)
 	require.NoError(t, cmd.Start())
@@ -122,7 +119,7 @@ func relayAdmin(t *testing.T, path, tcpAddr string) {
 	})
 	for i := 0; ; i++ {
 		if _, err := os.Stat(path); err == nil {
-			return
+			return path
 		}
 		require.Less(t, i, 100, "socat did not listen on %s", path)
 		time.Sleep(50 * time.Millisecond)

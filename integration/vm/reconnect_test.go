@@ -1,8 +1,6 @@
 package vm_test
 
 import (
-	"os"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -23,15 +21,11 @@ import (
 // MD copies only the regions its bitmap marked (the server counts what it
 // is sent), and the volume then matches the array.
 func TestMirrorReconnect(t *testing.T) {
-	sockDir, err := os.MkdirTemp("", "nbdvault-sock-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "nbd.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock}})
+	s, socks := startServer(t, "nbd0")
 	s.MustCLI("volume", "create", "leg", "--size", "64M")
 	m := vm.Start(t, vm.Options{
 		Disks: []vm.Disk{{Size: 64 << 20}},
-		Ports: map[string]string{"nbd0": sock},
+		Ports: socks,
 		Files: map[string]string{"/usr/bin/nbdvault": guestBinary(t)},
 	})
 	m.MustRun(t, "modprobe nbd && modprobe raid1 && modprobe ext4")

@@ -29,14 +29,10 @@ func TestMain(m *testing.M) {
 // bytes back from the server. The guest also has what the MD and LVM
 // scenarios build on: raid1 and device-mapper.
 func TestVMSmoke(t *testing.T) {
-	sockDir, err := os.MkdirTemp("", "nbdvault-sock-")
-	require.NoError(t, err)
-	t.Cleanup(func() { os.RemoveAll(sockDir) })
-	sock := filepath.Join(sockDir, "nbd.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock}})
+	s, socks := startServer(t, "nbd0")
 	s.MustCLI("volume", "create", "vol", "--size", "32M")
 
-	m := vm.Start(t, vm.Options{Ports: map[string]string{"nbd0": sock}})
+	m := vm.Start(t, vm.Options{Ports: socks})
 
 	dev := m.AttachNBD(t, "nbd0", "vol")
 	require.Equal(t, "/dev/nbd0", dev)
@@ -75,6 +71,23 @@ blockdev --flushbufs `+dev)
 	m.DetachNBD(t, dev)
 
 	m.Shutdown(t)
+}
+
+// startServer starts nbdvault listening on one Unix socket per name, in a
+// short folder of its own (socket paths are limited to 108 bytes), and
+// returns the sockets by name, ready for vm.Options.Ports.
+func startServer(t *testing.T, names ...string) (*servertest.Server, map[string]string) {
+	t.Helper()
+	dir, err := os.MkdirTemp("", "nbdvault-sock-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	socks := map[string]string{}
+	var args []string
+	for _, n := range names {
+		socks[n] = filepath.Join(dir, n+".sock")
+		args = append(args, "--listen", "unix:"+socks[n])
+	}
+	return servertest.Start(t, servertest.Options{Args: args}), socks
 }
 
 // readHead reads the whole head of vol with our NBD client.
