@@ -227,8 +227,12 @@ func (s *Server) Serve(ctx context.Context) error {
 	}
 	var hs *http.Server
 	if s.adminL != nil {
+		// IdleTimeout apart from ReadTimeout (which it would default to):
+		// a client may keep a connection through a long wait (client
+		// snapshot waits for a mirror to settle between two requests).
 		hs = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second,
-			ReadTimeout: time.Minute, ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+			ReadTimeout: time.Minute, IdleTimeout: 10 * time.Minute,
+			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
 		wg.Go(func() {
 			if err := hs.Serve(s.adminL); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				fail(fmt.Errorf("admin listener %s: %w", s.adminL.Addr(), err))

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"regexp"
 	"strings"
 	"time"
 
@@ -34,6 +33,7 @@ func clientSnapshotCommand() *cli.Command {
 			&cli.StringFlag{Name: "volume", Usage: "the `VOLUME` to snapshot (required)"},
 			&cli.StringSliceFlag{Name: "freeze", Usage: "a `MOUNTPOINT` to freeze while the snapshot is taken; repeat for more"},
 			&cli.StringFlag{Name: "md", Usage: "the MD `ARRAY` (/dev/mdN) whose NBD leg is the volume: wait until its write-intent bitmap is clean"},
+			&cli.StringFlag{Name: "lvm", Usage: "the LVM raid1 logical volume `VG/LV` whose leg is the volume: the same wait"},
 			&cli.StringFlag{Name: "nbd-device", Usage: "the NBD `DEVICE` (/dev/nbdN) attached to the volume: flush it"},
 			&cli.StringFlag{Name: "label", Usage: "the snapshot's `label`"},
 			&cli.StringFlag{Name: "pre", Usage: "a shell `COMMAND` to run first (a database's checkpoint, say); its failure stops the snapshot"},
@@ -79,12 +79,16 @@ func clientSnapshot(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if md := c.String("md"); md != "" {
-		start := time.Now()
-		if err := waitMDClean(ctx, md); err != nil {
+	if md, lv := c.String("md"), c.String("lvm"); md != "" || lv != "" {
+		what, path, off, err := bitmapOf(md, lv)
+		if err != nil {
 			return err
 		}
-		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", md, time.Since(start).Round(100*time.Millisecond))
+		start := time.Now()
+		if err := waitBitmapClean(ctx, what, path, off); err != nil {
+			return err
+		}
+		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", what, time.Since(start).Round(100*time.Millisecond))
 	}
 	if dev := c.String("nbd-device"); dev != "" {
 		if err := flushDevice(dev); err != nil {
@@ -133,35 +137,42 @@ func freezeAll(mounts []string) (thaw func(), err error) {
 	return thaw, nil
 }
 
-// waitMDClean waits until no bit of md's write-intent bitmap is dirty.
-// MD clears a bit only when every leg, write-mostly and write-behind ones
-// included, has completed the writes of its region (and its bitmap daemon
-// has run, every few seconds): with writes stopped by the freeze, a clean
-// bitmap means the NBD leg has everything. mdadm -X reads the bitmap of a
-// member; any member's copy will do.
-func waitMDClean(ctx context.Context, md string) error {
-	members, err := mdMembers(md)
-	if err != nil {
-		return err
-	}
-	dirty := regexp.MustCompile(`Bitmap : \d+ bits \(chunks\), (\d+) dirty`)
+// waitBitmapClean waits until no bit of the write-intent bitmap at off in
+// path is set. MD (and dm-raid) clears a bit only when every leg,
+// write-mostly and write-behind ones included, has completed the writes
+// of its region (and its bitmap daemon has run, every few seconds): with
+// writes stopped by the freeze, a clean bitmap means the NBD leg has
+// everything.
+func waitBitmapClean(ctx context.Context, what, path string, off int64) error {
 	for {
-		out, err := exec.CommandContext(ctx, "mdadm", "-X", members[0]).CombinedOutput()
-		if ctx.Err() != nil {
-			return fmt.Errorf("%s still had writes in flight to a leg at the --timeout: %w", md, ctx.Err())
+		dirty, chunks, err := bitmapDirty(path, off)
+		if err != nil {
+			return fmt.Errorf("%s: %w", what, err)
 		}
-		m := dirty.FindSubmatch(out)
-		if err != nil || m == nil {
-			return fmt.Errorf("mdadm -X %s (a member of %s) did not show its bitmap: %v: %s (does the array have --bitmap=internal?)", members[0], md, err, strings.TrimSpace(string(out)))
-		}
-		if string(m[1]) == "0" {
+		if dirty == 0 {
 			return nil
 		}
 		select {
 		case <-ctx.Done():
+			return fmt.Errorf("%s still had writes in flight to a leg (%d of %d bitmap regions dirty) at the --timeout: %w", what, dirty, chunks, ctx.Err())
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// bitmapOf finds the write-intent bitmap of the MD array md or the LVM
+// raid1 logical volume lv.
+func bitmapOf(md, lv string) (what, path string, off int64, err error) {
+	if lv != "" {
+		path, off, err = lvmBitmap(lv)
+		return lv, path, off, err
+	}
+	members, err := mdMembers(md)
+	if err != nil {
+		return "", "", 0, err
+	}
+	off, err = mdBitmapAt(members[0])
+	return md, members[0], off, err
 }
 
 // mdMembers lists an MD array's member devices from sysfs.

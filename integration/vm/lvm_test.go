@@ -1,6 +1,7 @@
 package vm_test
 
 import (
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -14,7 +15,8 @@ import (
 // TestMirrorLVM is issue #6's third scenario: an LVM logical volume in
 // use, with files, converted to raid1 with the nbdvault volume as its
 // second leg by `client mirror create --lvm` (the data is kept and copied
-// to the volume), a snapshot with `client snapshot` (freeze, flush), and
+// to the volume), a snapshot with `client snapshot` (freeze, wait until
+// dm-raid's bitmap is clean, flush), and
 // a file written after. The snapshot, attached read-only in the guest
 // with `client attach`, holds the logical volume's file system at the
 // leg's extents: exactly the files written before it.
@@ -50,8 +52,11 @@ lvs -a -o name,attr,devices vg 2>&1`)
 	assert.Contains(t, out, "/dev/nbd0", "a leg on the volume")
 	assert.Equal(t, before, sums(m.MustRun(t, "cd /mnt && sha256sum before-*")), "the conversion kept the data")
 
-	id := strings.TrimSpace(m.MustRun(t, "nbdvault client snapshot --volume lvleg --freeze /mnt --nbd-device /dev/nbd0 --label frozen"+
-		" --server unix:/run/admin.sock --token "+s.Token()))
+	out = m.MustRun(t, "nbdvault client snapshot --volume lvleg --freeze /mnt --lvm vg/data --nbd-device /dev/nbd0 --label frozen"+
+		" --server unix:/run/admin.sock --token "+s.Token()+" 2>/tmp/err; cat /tmp/err >&2")
+	id := regexp.MustCompile(`(?m)^\d{8}T\S+$`).FindString(out)
+	require.NotEmpty(t, id, "the snapshot's ID: %s", out)
+	assert.Contains(t, out, "vg/data wrote every block to every leg", out)
 	m.MustRun(t, "dd if=/dev/urandom of=/mnt/after bs=64k count=3 2>/dev/null && sync")
 
 	// Where the leg's image lies on the volume: the PV's first extent
