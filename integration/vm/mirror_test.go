@@ -23,9 +23,10 @@ import (
 // write-mostly, write-behind leg; ext4 on the array; files written; the
 // `nbdvault client snapshot` in the guest (freeze, wait until the array's
 // bitmap is clean, flush, snapshot, thaw); writes after it. The snapshot holds exactly the files
-// written before it, with their checksums, mounted with nbdvault mount.
+// written before it, with their checksums: mounted on the host with
+// nbdvault mount, and in the guest through nbd-client, read-only.
 func TestMirrorMD(t *testing.T) {
-	s, socks := startServer(t, "nbd0")
+	s, socks := startServer(t, "nbd0", "nbd1")
 	s.MustCLI("volume", "create", "md", "--size", "64M")
 
 	// The guest reaches the admin API through a port too: the host end
@@ -62,6 +63,23 @@ cd /mnt && sha256sum before-*`)
 	assert.Contains(t, out, "wrote every block to every leg")
 
 	m.MustRun(t, "dd if=/dev/urandom of=/mnt/after bs=64k count=3 2>/dev/null && sync")
+
+	// In the guest, the snapshot through the standard nbd-client on a
+	// second port: read-only, an MD member whose data starts at its data
+	// offset, holding exactly the files before it.
+	snapDev := m.AttachNBD(t, "nbd1", "md@frozen")
+	out = m.MustRun(t, `set -e
+[ "$(blockdev --getro `+snapDev+`)" = 1 ]
+modprobe loop
+off=$(mdadm --examine `+snapDev+` | sed -n 's/.*Data Offset : \([0-9]*\) sectors.*/\1/p')
+losetup -r -o $((off * 512)) /dev/loop0 `+snapDev+`
+mkdir -p /snap && mount -t ext4 -o ro,noload /dev/loop0 /snap
+cd /snap && sha256sum before-*; ls /snap`)
+	assert.Equal(t, before, sums(out), "the guest reads the snapshot's files")
+	assert.NotContains(t, out, "after")
+	m.MustRun(t, "umount /snap && losetup -d /dev/loop0")
+	m.DetachNBD(t, snapDev)
+
 	m.MustRun(t, "umount /mnt && mdadm --stop /dev/md0")
 	m.DetachNBD(t, dev)
 	m.Shutdown(t)
