@@ -1,14 +1,17 @@
 package vm_test
 
 import (
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
@@ -19,7 +22,8 @@ import (
 // dm-raid's bitmap is clean, flush), and
 // a file written after. The snapshot, attached read-only in the guest
 // with `client attach`, holds the logical volume's file system at the
-// leg's extents: exactly the files written before it.
+// leg's extents: exactly the files written before it; so does the same
+// snapshot mounted on the host with nbdvault mount.
 func TestMirrorLVM(t *testing.T) {
 	s, socks := startServer(t, "nbd0", "nbd1")
 	s.MustCLI("volume", "create", "lvleg", "--size", "64M")
@@ -78,4 +82,14 @@ cd /snap && sha256sum before-*; ls /snap`)
 	assert.NotContains(t, out, "after")
 	m.MustRun(t, "umount /snap && losetup -d /dev/loop0 && nbdvault client detach /dev/nbd1")
 	m.Shutdown(t)
+
+	// On the host, restore by mount: nbdvault reads the PV's metadata
+	// itself and mounts the image's extents.
+	dir := t.TempDir()
+	r := s.MustCLI("mount", "lvleg@frozen", dir)
+	assert.Contains(t, r.Stderr, "LVM physical volume with vg/data's image data_rimage_1")
+	defer s.MustCLI("umount", dir)
+	got := sums(nbdtest.MustRun(t, time.Minute, "sh", "-c", "cd "+dir+" && sha256sum before-*").Stdout)
+	assert.Equal(t, before, got, "the snapshot mounted on the host holds the files written before it")
+	assert.NoFileExists(t, filepath.Join(dir, "after"))
 }
