@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/nbdvault/nbdvault/client"
 	"github.com/urfave/cli/v2"
 )
 
@@ -74,9 +75,14 @@ type mountState struct {
 	URI     string       `json:"uri"`
 	FuseDir string       `json:"fuse_dir"` // nbdfuse's mount point; the export is FuseDir/nbd
 	NBDFuse *processMark `json:"nbdfuse,omitempty"`
-	Loop    string       `json:"loop,omitempty"` // /dev/loopN
-	FSType  string       `json:"fs_type,omitempty"`
-	Options string       `json:"options,omitempty"` // what DIR was mounted with
+	// Kernel: attach through the kernel's NBD driver, at Addr, as
+	// NBDDevice, instead of nbdfuse.
+	Kernel    bool   `json:"kernel,omitempty"`
+	Addr      string `json:"addr,omitempty"`
+	NBDDevice string `json:"nbd_device,omitempty"`
+	Loop      string `json:"loop,omitempty"` // /dev/loopN
+	FSType    string `json:"fs_type,omitempty"`
+	Options   string `json:"options,omitempty"` // what DIR was mounted with
 
 	folder string // RUN/mounts/HASH: the state file, nbdfuse's pid file and log, FuseDir
 }
@@ -85,6 +91,21 @@ func (st *mountState) statePath() string { return filepath.Join(st.folder, state
 func (st *mountState) pidPath() string   { return filepath.Join(st.folder, "nbdfuse.pid") }
 func (st *mountState) logPath() string   { return filepath.Join(st.folder, "nbdfuse.log") }
 func (st *mountState) file() string      { return filepath.Join(st.FuseDir, "nbd") }
+
+// source is what the loop device is set up on: the NBD device, or
+// nbdfuse's file.
+func (st *mountState) source() string {
+	if st.Kernel {
+		return st.NBDDevice
+	}
+	return st.file()
+}
+
+// kernelNBD reports whether this host has the kernel's NBD driver loaded.
+func kernelNBD() bool {
+	_, err := os.Stat("/sys/block/nbd0")
+	return err == nil
+}
 
 // mountFolder is where the state of a mount on dir lives: one folder per
 // DIR, named by a hash so any path fits in one file name.
@@ -155,10 +176,21 @@ func loadMountState(runDir, dir string) (*mountState, error) {
 	return st, nil
 }
 
-// mountTools finds the programs mount and umount run.
-func mountTools() (map[string]string, error) {
+// nbdConnected reports whether the NBD device has a connection.
+func nbdConnected(dev string) bool {
+	_, err := os.Stat(filepath.Join("/sys/block", filepath.Base(dev), "pid"))
+	return err == nil
+}
+
+// mountTools finds the programs mount and umount run; nbdfuse only when
+// the kernel's NBD driver is not there to use.
+func mountTools(kernel bool) (map[string]string, error) {
 	tools := make(map[string]string)
-	for _, t := range [][2]string{{"nbdfuse", "libnbd-bin"}, {"losetup", "mount"}, {"blkid", "util-linux"}, {"mount", "mount"}, {"umount", "mount"}} {
+	need := [][2]string{{"losetup", "mount"}, {"blkid", "util-linux"}, {"mount", "mount"}, {"umount", "mount"}}
+	if !kernel {
+		need = append(need, [2]string{"nbdfuse", "libnbd-bin"})
+	}
+	for _, t := range need {
 		p, err := lookSbin(t[0])
 		if err != nil {
 			return nil, fmt.Errorf("%s is not installed: apt-get install %s (or your system's package with %s)", t[0], t[1], t[0])
@@ -253,12 +285,13 @@ func mountAction(c *cli.Context) error {
 		}
 		return cli.Exit(fmt.Sprintf("nbdvault mounted %s on %s before and it was not undone: run nbdvault umount %s first", st.Export, dir, dir), exitConflict)
 	}
-	tools, err := mountTools()
+	kernel := kernelNBD()
+	tools, err := mountTools(kernel)
 	if err != nil {
 		return err
 	}
-	if _, err := os.Stat("/dev/fuse"); err != nil {
-		return fmt.Errorf("FUSE is not available (%v): load it with modprobe fuse", err)
+	if _, err := os.Stat("/dev/fuse"); err != nil && !kernel {
+		return fmt.Errorf("neither the kernel's NBD driver nor FUSE is available: load one (modprobe nbd, or modprobe fuse)")
 	}
 
 	cl, err := adminClient(c)
@@ -275,7 +308,7 @@ func mountAction(c *cli.Context) error {
 	}
 	export := vol + "@" + s.ID
 	folder := mountFolder(runDir, dir)
-	st := &mountState{Dir: dir, Export: export, URI: mountURI(addr, export), folder: folder}
+	st := &mountState{Dir: dir, Export: export, URI: mountURI(addr, export), Kernel: kernel, Addr: addr, folder: folder}
 	if err := st.claim(); err != nil {
 		return err
 	}
@@ -305,12 +338,23 @@ func mountURI(addr, export string) string {
 // setUp attaches the export and mounts it, saving the state after each
 // step. On error the caller undoes what the state records.
 func (st *mountState) setUp(ctx context.Context, tools map[string]string) error {
-	// With the kernel's NBD client (/dev/nbd0) the export could be attached without FUSE: issue #6 brings it (go-nbd); until then nbdfuse serves every host.
-	if err := st.startNBDFuse(ctx, tools["nbdfuse"]); err != nil {
+	if st.Kernel { // the kernel's NBD driver where there is one
+		dev, err := client.FreeKernelDevice()
+		if err != nil {
+			return err
+		}
+		st.NBDDevice = dev
+		if err := st.save(); err != nil {
+			return err
+		}
+		if _, err := attachInBackground(st.Addr, st.Export, dev, true, 512, time.Minute); err != nil {
+			return err
+		}
+	} else if err := st.startNBDFuse(ctx, tools["nbdfuse"]); err != nil {
 		return err
 	}
 	args := []string{"--find", "--show", "--read-only"}
-	md, err := mdMemberOf(st.file())
+	md, err := mdMemberOf(st.source())
 	if err != nil {
 		return fmt.Errorf("%s: %w", st.Export, err)
 	}
@@ -319,7 +363,7 @@ func (st *mountState) setUp(ctx context.Context, tools map[string]string) error 
 			st.Export, md.Version, formatSize(md.Size), md.Offset)
 		args = append(args, "--offset", fmt.Sprint(md.Offset), "--sizelimit", fmt.Sprint(md.Size))
 	} else {
-		leg, err := lvmLegOf(st.file())
+		leg, err := lvmLegOf(st.source())
 		if err != nil {
 			return fmt.Errorf("%s: %w", st.Export, err)
 		}
@@ -329,9 +373,9 @@ func (st *mountState) setUp(ctx context.Context, tools map[string]string) error 
 			args = append(args, "--offset", fmt.Sprint(leg.Offset), "--sizelimit", fmt.Sprint(leg.Size))
 		}
 	}
-	out, err := runStep(ctx, tools["losetup"], append(args, st.file())...)
+	out, err := runStep(ctx, tools["losetup"], append(args, st.source())...)
 	if err != nil {
-		return fmt.Errorf("attaching a loop device to %s: %s", st.file(), out)
+		return fmt.Errorf("attaching a loop device to %s: %s", st.source(), out)
 	}
 	st.Loop = strings.TrimSpace(out)
 	if err := st.save(); err != nil {
@@ -515,13 +559,20 @@ func (st *mountState) undo(tools map[string]string) error {
 		}
 		// Only a loop device still on our file: the number may have been
 		// given to someone else since.
-		if loopBackingFile(st.Loop) == st.file() {
+		if loopBackingFile(st.Loop) == st.source() {
 			if out, err := runStep(ctx, tools["losetup"], "-d", st.Loop); err != nil {
 				return fmt.Errorf("detaching %s: %s", st.Loop, firstLine(out))
 			}
 		}
 	}
-	if err := st.stopNBDFuse(ctx, tools); err != nil {
+	if st.Kernel {
+		if st.NBDDevice != "" && nbdConnected(st.NBDDevice) {
+			if err := client.DetachKernel(st.NBDDevice); err != nil {
+				return err
+			}
+			waitDetached(st.NBDDevice)
+		}
+	} else if err := st.stopNBDFuse(ctx, tools); err != nil {
 		return err
 	}
 	for _, p := range []string{st.pidPath(), st.logPath(), st.statePath() + ".tmp"} {
@@ -622,7 +673,7 @@ func umountAction(c *cli.Context) error {
 		}
 		return fmt.Errorf("nbdvault did not mount %s (no record of it in %s) and nothing is mounted there", dir, runDir)
 	}
-	tools, err := mountTools()
+	tools, err := mountTools(st.Kernel)
 	if err != nil {
 		return err
 	}

@@ -35,7 +35,7 @@ const kernelMeta = "linux-image-amd64"
 // hostPackages are the packages whose files go into the initramfs; their
 // versions are part of the cache key. libc6 stands for the shared
 // libraries, which change with it far more often than alone.
-var hostPackages = []string{"busybox-static", "nbd-client", "mdadm", "lvm2", "dmsetup", "socat", "e2fsprogs", "util-linux", "libc6"}
+var hostPackages = []string{"busybox-static", "nbd-client", "mdadm", "lvm2", "dmsetup", "socat", "e2fsprogs", "util-linux", "mount", "libc6"}
 
 // guestTools are the host binaries copied into the guest with their shared
 // libraries, by the name they are looked up as, with the package that has
@@ -51,6 +51,7 @@ var guestTools = []struct{ name, pkg string }{
 	{"blkid", "util-linux"},
 	{"fsfreeze", "util-linux"},
 	{"blockdev", "util-linux"},
+	{"losetup", "mount"}, // nbdvault mount needs --sizelimit and --show
 }
 
 // hostTools are what building and booting need on the host.

@@ -80,6 +80,18 @@ cd /snap && sha256sum before-*; ls /snap`)
 	m.MustRun(t, "umount /snap && losetup -d /dev/loop0")
 	m.DetachNBD(t, snapDev)
 
+	// And nbdvault mount in the guest, which has the kernel's NBD driver
+	// and no nbdfuse: it attaches the snapshot through the kernel.
+	m.ForwardPort(t, "nbd1", "/run/nbd1.sock")
+	out = m.MustRun(t, `set -e
+mkdir -p /restore
+nbdvault mount md@frozen /restore --server unix:/run/admin.sock --token `+s.Token()+` --nbd unix:/run/nbd1.sock 2>&1
+cd /restore && sha256sum before-*; ls /restore`)
+	assert.Contains(t, out, "MD RAID1 member")
+	assert.Equal(t, before, sums(out), "nbdvault mount through the kernel's NBD")
+	assert.NotContains(t, out, "after")
+	m.MustRun(t, "nbdvault umount /restore && ! grep -q /restore /proc/mounts && [ ! -e /sys/block/nbd1/pid ]")
+
 	m.MustRun(t, "umount /mnt && mdadm --stop /dev/md0")
 	m.DetachNBD(t, dev)
 	m.Shutdown(t)
