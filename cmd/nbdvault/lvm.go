@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 	"strings"
 )
@@ -256,18 +255,4 @@ func lvmTokens(text string) []string {
 		}
 	}
 	return toks
-}
-
-// lvmLegOf opens path and looks for the PV of a raid1 leg.
-func lvmLegOf(path string) (*lvmLeg, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	size, err := f.Seek(0, io.SeekEnd)
-	if err != nil {
-		return nil, err
-	}
-	return findLVMLeg(f, size)
 }

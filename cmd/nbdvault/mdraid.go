@@ -60,16 +60,30 @@ func findMDMember(f io.ReaderAt, size int64) (*mdMember, error) {
 	return nil, nil
 }
 
-// mdMemberOf opens path and looks for a RAID1 member superblock.
-func mdMemberOf(path string) (*mdMember, error) {
+// legData finds where the file system of a mirror leg lies on the device
+// or file at path: an MD RAID1 member's data, or the raid1 image on an LVM
+// physical volume. what is "" when path is neither (the file system, if
+// any, starts at 0).
+func legData(path string) (what string, off, size int64, err error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return "", 0, 0, err
 	}
 	defer f.Close()
-	size, err := f.Seek(0, io.SeekEnd)
+	end, err := f.Seek(0, io.SeekEnd)
 	if err != nil {
-		return nil, err
+		return "", 0, 0, err
 	}
-	return findMDMember(f, size)
+	md, err := findMDMember(f, end)
+	if err != nil || md != nil {
+		if md == nil {
+			return "", 0, 0, err
+		}
+		return fmt.Sprintf("an MD RAID1 member (metadata %s): mounting the array's data", md.Version), md.Offset, md.Size, nil
+	}
+	leg, err := findLVMLeg(f, end)
+	if err != nil || leg == nil {
+		return "", 0, 0, err
+	}
+	return fmt.Sprintf("an LVM physical volume with %s's image %s: mounting it", leg.LV, leg.Image), leg.Offset, leg.Size, nil
 }

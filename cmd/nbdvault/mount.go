@@ -354,24 +354,13 @@ func (st *mountState) setUp(ctx context.Context, tools map[string]string) error 
 		return err
 	}
 	args := []string{"--find", "--show", "--read-only"}
-	md, err := mdMemberOf(st.source())
+	what, off, size, err := legData(st.source())
 	if err != nil {
 		return fmt.Errorf("%s: %w", st.Export, err)
 	}
-	if md != nil { // the leg of an MD RAID1: its data, not the superblock
-		fmt.Fprintf(os.Stderr, "nbdvault: %s is an MD RAID1 member (metadata %s): mounting the array's data, %s from offset %d\n",
-			st.Export, md.Version, formatSize(md.Size), md.Offset)
-		args = append(args, "--offset", fmt.Sprint(md.Offset), "--sizelimit", fmt.Sprint(md.Size))
-	} else {
-		leg, err := lvmLegOf(st.source())
-		if err != nil {
-			return fmt.Errorf("%s: %w", st.Export, err)
-		}
-		if leg != nil { // the PV of an LVM raid1 leg: the image's extents
-			fmt.Fprintf(os.Stderr, "nbdvault: %s is an LVM physical volume with %s's image %s: mounting it, %s from offset %d\n",
-				st.Export, leg.LV, leg.Image, formatSize(leg.Size), leg.Offset)
-			args = append(args, "--offset", fmt.Sprint(leg.Offset), "--sizelimit", fmt.Sprint(leg.Size))
-		}
+	if what != "" { // a mirror leg: its file system, not the leg's metadata
+		fmt.Fprintf(os.Stderr, "nbdvault: %s is %s, %s from offset %d\n", st.Export, what, formatSize(size), off)
+		args = append(args, "--offset", fmt.Sprint(off), "--sizelimit", fmt.Sprint(size))
 	}
 	out, err := runStep(ctx, tools["losetup"], append(args, st.source())...)
 	if err != nil {
