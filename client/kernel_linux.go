@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -45,15 +47,24 @@ const (
 // kernel's default and most disks'): a mirror leg must match the local
 // disk's, or LVM refuses to mix them.
 func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, blockSize int, timeout time.Duration, ready func()) error {
-	nc, err := dial(ctx, addr, &Options{})
-	if err != nil {
-		return err
+	// A connection closed before the greeting (a server restarting, a
+	// relay reconnecting) is tried again a few times.
+	var nc net.Conn
+	var info KernelExport
+	for attempt := 1; ; attempt++ {
+		var err error
+		if nc, err = dial(ctx, addr, &Options{}); err != nil {
+			return err
+		}
+		if info, err = Handshake(ctx, nc, export); err == nil {
+			break
+		}
+		if !errors.Is(err, io.EOF) || attempt == 3 || ctx.Err() != nil {
+			return fmt.Errorf("nbd: %s at %s: %w", export, addr, err)
+		}
+		time.Sleep(time.Second)
 	}
 	defer nc.Close()
-	info, err := Handshake(ctx, nc, export)
-	if err != nil {
-		return fmt.Errorf("nbd: %s at %s: %w", export, addr, err)
-	}
 	fc, ok := nc.(interface{ File() (*os.File, error) })
 	if !ok {
 		return fmt.Errorf("nbd: cannot hand a %T to the kernel", nc)

@@ -47,9 +47,12 @@ func mirrorCommand() *cli.Command {
 				Action: mirrorCreate,
 			},
 			{
-				Name:   "status",
-				Usage:  "show the mirror's state: the legs, resync progress, writes not yet on every leg",
-				Flags:  []cli.Flag{&cli.StringFlag{Name: "md", Value: "/dev/md0", Usage: "the MD `ARRAY`"}},
+				Name:  "status",
+				Usage: "show the mirror's state: the legs, resync progress, writes not yet on every leg",
+				Flags: []cli.Flag{
+					&cli.StringFlag{Name: "md", Value: "/dev/md0", Usage: "the MD `ARRAY`"},
+					&cli.StringFlag{Name: "lvm", Usage: "an LVM raid1 logical volume `VG/LV` instead of an MD array"},
+				},
 				Action: mirrorStatus,
 			},
 			{
@@ -228,23 +231,31 @@ func orDefault(lvm bool, lv, md string) string {
 }
 
 func mirrorStatus(c *cli.Context) error {
-	md := c.String("md")
-	out, err := runner{}.run(c.Context, "mdadm", "--detail", md)
-	if err != nil {
-		return err
-	}
-	fmt.Print(out)
-	members, err := mdMembers(md)
-	if err != nil {
-		return err
-	}
-	if x, err := (runner{}).run(c.Context, "mdadm", "-X", members[0]); err == nil {
-		for _, line := range strings.Split(x, "\n") {
-			if strings.Contains(line, "Bitmap :") {
-				fmt.Printf("   Write-intent bitmap : %s (dirty regions: writes not yet on every leg)\n", strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(line), "Bitmap :")))
-			}
+	md, lv := c.String("md"), c.String("lvm")
+	if lv != "" {
+		vg, _, _ := strings.Cut(lv, "/")
+		out, err := runner{}.run(c.Context, "lvs", "-a", "-o", "name,attr,devices,sync_percent,raid_sync_action,raid_write_behind", vg)
+		if err != nil {
+			return err
 		}
+		fmt.Print(out)
+		md = "" // bitmapOf: the LV's
+	} else {
+		out, err := runner{}.run(c.Context, "mdadm", "--detail", md)
+		if err != nil {
+			return err
+		}
+		fmt.Print(out)
 	}
+	what, path, off, err := bitmapOf(md, lv)
+	if err != nil {
+		return err
+	}
+	dirty, chunks, err := bitmapDirty(path, off)
+	if err != nil {
+		return err
+	}
+	fmt.Printf("   Write-intent bitmap : %d of %d regions dirty (writes not yet on every leg of %s)\n", dirty, chunks, what)
 	return nil
 }
 

@@ -55,6 +55,9 @@ lvs -a -o name,attr,devices vg 2>&1`)
 	t.Logf("after mirror create --lvm:\n%s", out)
 	assert.Contains(t, out, "/dev/nbd0", "a leg on the volume")
 	assert.Equal(t, before, sums(m.MustRun(t, "cd /mnt && sha256sum before-*")), "the conversion kept the data")
+	status := m.MustRun(t, "nbdvault client mirror status --lvm vg/data")
+	assert.Contains(t, status, "data_rimage_1", status)
+	assert.Regexp(t, `Write-intent bitmap : \d+ of \d+ regions dirty`, status)
 
 	out = m.MustRun(t, "nbdvault client snapshot --volume lvleg --freeze /mnt --lvm vg/data --nbd-device /dev/nbd0 --label frozen"+
 		" --server unix:/run/admin.sock --token "+s.Token()+" 2>/tmp/err; cat /tmp/err >&2")

@@ -1,11 +1,14 @@
 package vm_test
 
 import (
+	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -133,25 +136,72 @@ func guestBinary(t *testing.T) string {
 }
 
 // relayAdmin serves the server's admin API on a Unix socket, for a VM
-// port to connect to, and returns the socket's path.
+// port to connect to, and returns the socket's path. QEMU connects the
+// port when it boots and keeps that one stream; a relay that dialled the
+// server then would see the server close the idle connection long before
+// the guest's first request. This one dials at the first bytes the guest
+// sends, and again at the next bytes after the server closed an idle
+// connection: HTTP requests are sequential on the stream.
 func relayAdmin(t *testing.T, s *servertest.Server) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "nbdvault-admin-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	path, tcpAddr := filepath.Join(dir, "admin.sock"), strings.TrimPrefix(s.Admin, "http://")
-	socat := nbdtest.Tool(t, "socat")
-	cmd := exec.Command(socat, "UNIX-LISTEN:"+path+",fork", "TCP:"+tcpAddr)
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		_ = cmd.Wait()
-	})
-	for i := 0; ; i++ {
-		if _, err := os.Stat(path); err == nil {
-			return path
+	path, addr := filepath.Join(dir, "admin.sock"), strings.TrimPrefix(s.Admin, "http://")
+	ln, err := net.Listen("unix", path)
+	require.NoError(t, err)
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			guest, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go relayLazily(guest, addr)
 		}
-		require.Less(t, i, 100, "socat did not listen on %s", path)
-		time.Sleep(50 * time.Millisecond)
+	}()
+	return path
+}
+
+func relayLazily(guest net.Conn, addr string) {
+	defer guest.Close()
+	var mu sync.Mutex
+	var server net.Conn
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := guest.Read(buf)
+		if n > 0 {
+			mu.Lock()
+			if server == nil {
+				c, derr := net.Dial("tcp", addr)
+				if derr != nil {
+					mu.Unlock()
+					return
+				}
+				server = c
+				go func() {
+					_, _ = io.Copy(guest, c) // ends when the server closes
+					mu.Lock()
+					if server == c {
+						server = nil
+					}
+					mu.Unlock()
+					c.Close()
+				}()
+			}
+			c := server
+			mu.Unlock()
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			mu.Lock()
+			if server != nil {
+				server.Close()
+			}
+			mu.Unlock()
+			return
+		}
 	}
 }
