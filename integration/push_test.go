@@ -4,8 +4,6 @@ import (
 	"bytes"
 	"os"
 	"path/filepath"
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 
@@ -14,7 +12,6 @@ import (
 
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
-	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
 // TestClientPush: a first push sends the image; after 1% of it changes,
@@ -30,20 +27,11 @@ func TestClientPush(t *testing.T) {
 	clear(data[8<<20 : 12<<20]) // zeros are zeroed, not sent
 	require.NoError(t, os.WriteFile(img, data, 0o600))
 
-	written := func() float64 {
-		m := regexp.MustCompile(`nbdvault_nbd_bytes_total\{export="host",op="write"\} (\S+)`).FindStringSubmatch(getMetrics(t, s))
-		if m == nil {
-			return 0
-		}
-		f, err := strconv.ParseFloat(m[1], 64)
-		require.NoError(t, err)
-		return f
-	}
 	pushAndCheck := func(what string, maxSent float64) string {
 		t.Helper()
-		before := written()
+		before := s.BytesWritten("host")
 		r := s.MustCLI("client", "push", "--from", img, "--to", "nbd://"+s.NBD+"/host", "--snapshot")
-		sent := written() - before
+		sent := s.BytesWritten("host") - before
 		assert.LessOrEqual(t, sent, maxSent, "%s: bytes the server was sent\n%s", what, r)
 		head := readNBD(t, s, "host")
 		want := append(bytes.Clone(data), make([]byte, 8<<20)...)
@@ -71,11 +59,7 @@ func TestClientPush(t *testing.T) {
 	// Each run touches at most 2 chunks of 64 KiB: 16 chunks, 1 MiB, 3%.
 	id := pushAndCheck("second push, the first still in the log", 16*64<<10)
 
-	tok, err := os.ReadFile(filepath.Join(s.Data, "admin-token"))
-	require.NoError(t, err)
-	admin, err := api.NewClient(s.Admin, strings.TrimSpace(string(tok)))
-	require.NoError(t, err)
-	_, err = admin.WaitSealed(t.Context(), "host", id, nil)
+	_, err := s.API().WaitSealed(t.Context(), "host", id, nil)
 	require.NoError(t, err)
 	change(2)
 	pushAndCheck("third push, over sealed chunks", 16*64<<10)

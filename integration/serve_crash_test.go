@@ -5,9 +5,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -31,10 +28,7 @@ func TestServeKill9(t *testing.T) {
 	r := rand.New(rand.NewPCG(seed, 9))
 	s := servertest.Start(t, servertest.Options{Args: []string{"--checkpoint-interval", "200ms"}})
 	s.MustCLI("volume", "create", "vol", "--size", fmt.Sprint(size), "--chunk-size", "64K")
-	tok, err := os.ReadFile(filepath.Join(s.Data, "admin-token"))
-	require.NoError(t, err)
-	admin, err := api.NewClient(s.Admin, strings.TrimSpace(string(tok)))
-	require.NoError(t, err)
+	admin := s.API()
 
 	model := make([]byte, size)  // the head as of the last verified state
 	snaps := map[string][]byte{} // every snapshot the server handed out

@@ -120,7 +120,7 @@ func TestServeVolumeLifecycle(t *testing.T) {
 			require.NotNil(t, v.Status)
 			assert.Equal(t, id, v.Status.LastSealedSnapshot)
 
-			metrics := getMetrics(t, s)
+			metrics := s.Metrics()
 			assert.Regexp(t, `nbdvault_nbd_bytes_total\{export="db",op="write"\} [1-9]`, metrics)
 			assert.Regexp(t, `nbdvault_chunks_stored_total [1-9]`, metrics)
 			assert.Contains(t, metrics, `nbdvault_volume_size_bytes{volume="db"} 1.6777216e+07`)
@@ -187,8 +187,6 @@ func readNBD(t *testing.T, s *servertest.Server, export string) []byte {
 	require.NoError(t, c.ReadAt(t.Context(), p, 0))
 	return p
 }
-
-func getMetrics(t *testing.T, s *servertest.Server) string { return s.Metrics() }
 
 func allZero(p []byte) bool { return bytes.Count(p, []byte{0}) == len(p) }
 

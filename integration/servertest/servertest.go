@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -20,6 +22,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/testenv"
+	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
 var (
@@ -184,6 +187,32 @@ func (s *Server) Metrics() string {
 		s.t.Fatalf("GET /metrics: %s %v: %s", resp.Status, err, body)
 	}
 	return string(body)
+}
+
+// BytesWritten is the server's count (nbdvault_nbd_bytes_total) of bytes
+// written over NBD to export since it started; 0 before the first write.
+func (s *Server) BytesWritten(export string) float64 {
+	s.t.Helper()
+	re := regexp.MustCompile(`nbdvault_nbd_bytes_total\{export="` + regexp.QuoteMeta(export) + `",op="write"\} (\S+)`)
+	m := re.FindStringSubmatch(s.Metrics())
+	if m == nil {
+		return 0
+	}
+	f, err := strconv.ParseFloat(m[1], 64)
+	if err != nil {
+		s.t.Fatalf("metrics: %v", err)
+	}
+	return f
+}
+
+// API is a client of the server's admin API.
+func (s *Server) API() *api.Client {
+	s.t.Helper()
+	cl, err := api.NewClient(s.Admin, s.Token())
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	return cl
 }
 
 // PID is the server process's.

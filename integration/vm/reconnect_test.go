@@ -1,16 +1,12 @@
 package vm_test
 
 import (
-	"regexp"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/stretchr/testify/assert"
-	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
@@ -62,7 +58,7 @@ cat /proc/mdstat`)
 	// Only the marked regions were copied: the server was sent (since
 	// its restart) the 4 MiB written while it was gone and the regions
 	// around them, far less than the 64 MiB array.
-	sent := writtenBytes(t, s, "leg")
+	sent := s.BytesWritten("leg")
 	t.Logf("the resync sent %.0f bytes to the volume", sent)
 	assert.Less(t, sent, float64(24<<20), "a bitmap resync, not a full copy")
 	assert.Greater(t, sent, float64(4<<20), "what was written while the leg was gone")
@@ -76,16 +72,4 @@ cat /proc/mdstat`)
 	assert.Equal(t, strings.Fields(local)[0], strings.Fields(leg)[0], "the NBD leg holds the array's data")
 	m.MustRun(t, "mdadm --stop /dev/md0 && nbdvault client detach /dev/nbd0")
 	m.Shutdown(t)
-}
-
-// writtenBytes reads the server's count of bytes written to an export.
-func writtenBytes(t *testing.T, s *servertest.Server, export string) float64 {
-	t.Helper()
-	m := regexp.MustCompile(`nbdvault_nbd_bytes_total\{export="` + export + `",op="write"\} (\S+)`).FindStringSubmatch(s.Metrics())
-	if m == nil {
-		return 0
-	}
-	f, err := strconv.ParseFloat(m[1], 64)
-	require.NoError(t, err)
-	return f
 }
