@@ -1,14 +1,11 @@
 package main
 
 import (
-	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"strings"
-	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -311,59 +308,4 @@ func mirrorReconnect(c *cli.Context) error {
 		fmt.Printf("%s re-added to %s as %s: MD copies the regions its bitmap marks (nbdvault client mirror status --md %s)\n", c.String("volume"), md, leg, md)
 	}
 	return nil
-}
-
-// waitDetached waits a little for a disconnected NBD device to be free.
-func waitDetached(dev string) {
-	for range 100 {
-		if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-// attachInBackground runs `nbdvault client attach --foreground` in a
-// session of its own, which serves the device after this process exits,
-// and returns the device once it is ready.
-func attachInBackground(server, export, dev string, readOnly bool, blockSize int, timeout time.Duration) (string, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return "", err
-	}
-	args := []string{"client", "attach", "--foreground", "--server", server, "--export", export,
-		"--timeout", timeout.String(), "--block-size", fmt.Sprint(blockSize), dev}
-	if readOnly {
-		args = append(args, "--readonly")
-	}
-	cmd := exec.Command(self, args...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	// Its stderr goes to a file, not a pipe: a pipe would break when this
-	// process exits, and a write to it kill the serving process.
-	errFile, err := os.CreateTemp("", "nbdvault-attach-")
-	if err != nil {
-		return "", err
-	}
-	defer os.Remove(errFile.Name())
-	defer errFile.Close()
-	cmd.Stderr = errFile
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		return "", err
-	}
-	if err := cmd.Start(); err != nil {
-		return "", err
-	}
-	line, _ := bufio.NewReader(out).ReadString('\n')
-	if strings.HasPrefix(line, "ready ") {
-		_ = cmd.Process.Release()
-		return dev, nil
-	}
-	_ = cmd.Wait()
-	said, _ := os.ReadFile(errFile.Name())
-	msg := strings.TrimSpace(strings.TrimPrefix(string(said), "nbdvault: "))
-	if msg == "" {
-		msg = "the attach process ended without a word"
-	}
-	return "", fmt.Errorf("attach %s to %s: %s", export, dev, msg)
 }
