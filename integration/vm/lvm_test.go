@@ -1,17 +1,14 @@
 package vm_test
 
 import (
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
@@ -88,11 +85,5 @@ cd /snap && sha256sum before-*; ls /snap`)
 
 	// On the host, restore by mount: nbdvault reads the PV's metadata
 	// itself and mounts the image's extents.
-	dir := t.TempDir()
-	r := s.MustCLI("mount", "lvleg@frozen", dir)
-	assert.Contains(t, r.Stderr, "LVM physical volume with vg/data's image data_rimage_1")
-	defer s.MustCLI("umount", dir)
-	got := sums(nbdtest.MustRun(t, time.Minute, "sh", "-c", "cd "+dir+" && sha256sum before-*").Stdout)
-	assert.Equal(t, before, got, "the snapshot mounted on the host holds the files written before it")
-	assert.NoFileExists(t, filepath.Join(dir, "after"))
+	checkHostMount(t, s, "lvleg@frozen", "LVM physical volume with vg/data's image data_rimage_1", before)
 }

@@ -1,6 +1,7 @@
 package vm_test
 
 import (
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -101,12 +102,20 @@ cd /restore && sha256sum before-*; ls /restore`)
 
 	// On the host, restore by mount: nbdvault finds the member's
 	// superblock and mounts the array's data.
+	checkHostMount(t, s, "md@frozen", "MD RAID1 member (metadata 1.2)", before)
+}
+
+// checkHostMount mounts snapshot snap on the host with nbdvault mount,
+// which must say found, and checks it holds the files with the sums in
+// before and not the file "after".
+func checkHostMount(t *testing.T, s *servertest.Server, snap, found string, before map[string]string) {
+	t.Helper()
 	dir := t.TempDir()
-	r := s.MustCLI("mount", "md@frozen", dir)
-	assert.Contains(t, r.Stderr, "MD RAID1 member (metadata 1.2)")
+	r := s.MustCLI("mount", snap, dir)
+	assert.Contains(t, r.Stderr, found)
 	defer s.MustCLI("umount", dir)
 	got := sums(nbdtest.MustRun(t, time.Minute, "sh", "-c", "cd "+dir+" && sha256sum before-*").Stdout)
-	assert.Equal(t, before, got, "the snapshot holds the files written before it")
+	assert.Equal(t, before, got, "%s mounted on the host holds the files written before it", snap)
 	assert.NoFileExists(t, filepath.Join(dir, "after"), "and not the one written after")
 }
 
@@ -121,18 +130,37 @@ func sums(out string) map[string]string {
 	return m
 }
 
-// guestBinary builds nbdvault for the guest: static, no race detector.
+var (
+	guestOnce sync.Once
+	guestPath string
+	guestErr  error
+)
+
+// guestBinary builds nbdvault for the guest (static, no race detector),
+// once per test process.
 func guestBinary(t *testing.T) string {
 	t.Helper()
-	out := filepath.Join(t.TempDir(), "nbdvault")
+	guestOnce.Do(func() { guestPath, guestErr = buildGuestBinary() })
+	if guestErr != nil {
+		t.Fatal(guestErr)
+	}
+	return guestPath
+}
+
+func buildGuestBinary() (string, error) {
+	dir, err := os.MkdirTemp("", "nbdvault-guest-")
+	if err != nil {
+		return "", err
+	}
+	out := filepath.Join(dir, "nbdvault")
 	_, file, _, _ := runtime.Caller(0)
 	cmd := exec.Command("go", "build", "-o", out, "./cmd/nbdvault")
 	cmd.Dir = filepath.Join(filepath.Dir(file), "..", "..")
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/nbdvault for the guest: %v\n%s", err, b)
+		return "", fmt.Errorf("go build ./cmd/nbdvault for the guest: %v\n%s", err, b)
 	}
-	return out
+	return out, nil
 }
 
 // relayAdmin serves the server's admin API on a Unix socket, for a VM

@@ -17,10 +17,13 @@ import (
 	"github.com/nbdvault/nbdvault/integration/vm"
 )
 
-// TestMain removes the nbdvault binary servertest built.
+// TestMain removes the nbdvault binaries servertest and guestBinary built.
 func TestMain(m *testing.M) {
 	code := m.Run()
 	servertest.Cleanup()
+	if guestPath != "" {
+		os.RemoveAll(filepath.Dir(guestPath))
+	}
 	os.Exit(code)
 }
 
