@@ -5,6 +5,7 @@
 package volume
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -45,6 +47,14 @@ const (
 	// maxRecordData bounds one record's data, so a corrupt length cannot
 	// make replay allocate without limit.
 	maxRecordData = 64 << 20
+	// RecordGrain is the most data a write record carries in logs written
+	// now: a write is cut into records at multiples of RecordGrain of the
+	// volume's offsets. Every read of log data checks the whole record's
+	// CRC, so the grain bounds what a small read costs (one 64 KiB read
+	// and CRC for a 4 KiB read), and a chunk (a multiple of the grain)
+	// never shares a record with another chunk. Older logs may hold larger
+	// records; they are read and checked the same way.
+	RecordGrain = 64 << 10
 )
 
 // RecordType says what a record does.
@@ -71,15 +81,19 @@ type Record struct {
 	Data   []byte // a write's bytes or a mark's payload
 }
 
-// Pos locates a record's data in the log.
+// Pos locates data in the log: where it lies, and the record that holds
+// it, whose CRC every read checks.
 type Pos struct {
 	Segment uint64 // the segment's first sequence number
 	Off     int64  // offset of the data in the segment file
+	Rec     int64  // offset of the record's header in the segment file
+	RecLen  int64  // the record's data length
 }
 
-// ErrLogCorrupt reports a log whose content cannot be trusted beyond a
-// torn last record.
-var ErrLogCorrupt = errors.New("write log corrupt")
+// ErrLogCorrupt reports damage in a write log: a record that fails its
+// CRC where it is read back, or a bad record on replay that is not a torn
+// tail (good records follow it, or later segments exist).
+var ErrLogCorrupt = errors.New("write log damaged")
 
 // Log is an append-only write log. Append may be called from many
 // goroutines; appends are serialized, so sequence order is log order.
@@ -91,7 +105,10 @@ type Log struct {
 	nextSeq  uint64
 	appended uint64 // count of records appended, for group commit
 	size     int64  // bytes in all segments
-	broken   error  // set when the tail could not be repaired after a failed append
+	broken   error  // set when the tail could not be repaired after a failed append, or a sync failed
+
+	torn      *LogCut // what replay cut off as a torn tail
+	recovered *LogCut // what a recovering open cut off at damage
 
 	syncMu  sync.Mutex
 	syncC   sync.Cond
@@ -107,33 +124,74 @@ type segment struct {
 }
 
 // OpenLog opens (creating if needed) the log in dir and replays it: fn is
-// called for every record in order. A torn last record (short, or failing
-// its CRC) is cut off; damage anywhere else is ErrLogCorrupt. Record data
-// passed to fn is only valid during the call.
+// called for every record in order. A torn tail (a bad last record with no
+// good record after it) is cut off and reported by TornTail; damage
+// anywhere else is ErrLogCorrupt. Record data passed to fn is only valid
+// during the call.
 func OpenLog(dir string, fn func(Record, Pos) error) (*Log, error) {
-	return openLog(dir, 1, fn)
+	return openLog(dir, logOpen{first: 1}, fn)
 }
 
-// openLog is OpenLog where an empty log starts at sequence number first.
-func openLog(dir string, first uint64, fn func(Record, Pos) error) (*Log, error) {
+// logOpen says how to open a log.
+type logOpen struct {
+	first uint64 // the sequence number an empty log starts at
+	// recover cuts the log at its first damage, moving what follows into
+	// a folder beside it, instead of failing with ErrLogCorrupt.
+	recover bool
+}
+
+// LogCut describes where replay cut a log: a torn tail, or (when
+// recovering) damage and everything after it.
+type LogCut struct {
+	Segment string // the segment file
+	Offset  int64  // where the bad record starts in it
+	Seq     uint64 // the sequence number that record should have had
+	Why     string // what was wrong with it
+	Bytes   int64  // bytes cut off, in this segment and any later ones
+	// Recovery only: where the cut bytes were moved, and the good records
+	// found among them (what the cut lost: at least these).
+	MovedTo string
+	Records int
+	Marks   []Record // their data is the mark's payload
+}
+
+// openLog opens and replays the log in dir.
+func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	l := &Log{dir: dir, nextSeq: first}
+	l := &Log{dir: dir, nextSeq: o.first}
 	l.syncC.L = &l.syncMu
 	names, err := segmentNames(dir)
 	if err != nil {
 		return nil, err
 	}
 	for i, first := range names {
-		last := i == len(names)-1
-		seg, err := l.replaySegment(first, last, fn)
+		if i+1 < len(names) && names[i+1] <= o.first {
+			// Every record in it comes before o.first: the repository
+			// holds them. A seal cut short by a crash leaves these.
+			if err := os.Remove(segmentPath(dir, first)); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		seg, cut, err := l.replaySegment(first, names[i+1:], o.recover, fn)
 		if err != nil {
 			l.Close()
 			return nil, err
 		}
-		l.segs = append(l.segs, seg)
-		l.size += seg.size
+		if seg != nil {
+			l.segs = append(l.segs, seg)
+			l.size += seg.size
+		}
+		if cut != nil {
+			if cut.MovedTo != "" {
+				l.recovered = cut
+			} else {
+				l.torn = cut
+			}
+			break // a recovery cut moved the later segments away
+		}
 	}
 	if len(l.segs) == 0 {
 		if err := l.newSegment(); err != nil {
@@ -142,6 +200,14 @@ func openLog(dir string, first uint64, fn func(Record, Pos) error) (*Log, error)
 	}
 	return l, nil
 }
+
+// TornTail reports the torn record replay cut off the end of the log, if
+// any: a write that was never acknowledged as durable.
+func (l *Log) TornTail() *LogCut { return l.torn }
+
+// Recovered reports what a recovering open cut off at the log's first
+// damage, if any.
+func (l *Log) Recovered() *LogCut { return l.recovered }
 
 func segmentNames(dir string) ([]uint64, error) {
 	entries, err := os.ReadDir(dir)
@@ -168,77 +234,246 @@ func segmentPath(dir string, first uint64) string {
 	return filepath.Join(dir, fmt.Sprintf("%016x%s", first, segmentSuffix))
 }
 
-// replaySegment reads one segment, calling fn for each record.
-func (l *Log) replaySegment(first uint64, last bool, fn func(Record, Pos) error) (*segment, error) {
+// replaySegment reads one segment, calling fn for each record. later are
+// the segments after it. A bad record with nothing good after it (no
+// later segment, no good record further on in this one) is a torn tail:
+// it is cut off and described by the returned LogCut. Any other bad record
+// is damage: ErrLogCorrupt, or with recover the segment is cut there and
+// the rest of the log moved aside (the LogCut says where).
+func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(Record, Pos) error) (*segment, *LogCut, error) {
 	path := segmentPath(l.dir, first)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	seg := &segment{first: first, f: f}
-	if first != l.nextSeq && len(l.segs) > 0 {
+	fail := func(err error) (*segment, *LogCut, error) {
 		f.Close()
-		return nil, fmt.Errorf("%w: segment %s starts at record %d, expected %d", ErrLogCorrupt, path, first, l.nextSeq)
+		return nil, nil, err
 	}
-	l.nextSeq = first
 	fi, err := f.Stat()
 	if err != nil {
-		f.Close()
-		return nil, err
+		return fail(err)
 	}
-	var hdr [recordHeaderLen]byte
-	var data []byte
+	size := fi.Size()
 	off := int64(0)
-	for off < fi.Size() {
-		bad := func(why string) (*segment, error) {
-			if !last {
-				f.Close()
-				return nil, fmt.Errorf("%w: %s at offset %d: %s", ErrLogCorrupt, path, off, why)
+	cut := func(why string) (*segment, *LogCut, error) {
+		c := &LogCut{Segment: path, Offset: off, Seq: l.nextSeq, Why: why, Bytes: size - off}
+		damaged := len(later) > 0
+		if !damaged {
+			_, found, err := nextGoodRecord(f, off+1, size, l.nextSeq)
+			if err != nil {
+				return fail(err)
 			}
-			// A torn write at the tail: the record was never acknowledged
-			// as durable. Cut it off.
-			if err := f.Truncate(off); err != nil {
-				f.Close()
-				return nil, err
-			}
-			if err := f.Sync(); err != nil {
-				f.Close()
-				return nil, err
-			}
-			seg.size = off
-			return seg, nil
+			damaged = found
 		}
-		if _, err := f.ReadAt(hdr[:], off); err != nil {
-			return bad("short record header")
+		if damaged && !recover {
+			more := ""
+			if len(later) > 0 {
+				more = fmt.Sprintf(" (%d later segments follow)", len(later))
+			} else {
+				more = " (good records follow it)"
+			}
+			return fail(fmt.Errorf("%w: %s at offset %d, record %d: %s%s", ErrLogCorrupt, path, off, l.nextSeq, why, more))
 		}
-		rec, dataLen, err := parseHeader(hdr[:])
+		if damaged {
+			if err := l.moveAside(c, f, later); err != nil {
+				return fail(err)
+			}
+		}
+		// Cut at the bad record: a torn write was never acknowledged as
+		// durable, and a recovery keeps what comes before the damage.
+		if err := f.Truncate(off); err != nil {
+			return fail(err)
+		}
+		if err := f.Sync(); err != nil {
+			return fail(err)
+		}
+		seg.size = off
+		return seg, c, nil
+	}
+	if len(l.segs) > 0 && first != l.nextSeq {
+		// A segment is missing: this one and the later ones are past a gap.
+		why := fmt.Sprintf("segment starts at record %d, expected %d", first, l.nextSeq)
+		if !recover {
+			return fail(fmt.Errorf("%w: %s: %s", ErrLogCorrupt, path, why))
+		}
+		f.Close()
+		c := &LogCut{Segment: path, Seq: l.nextSeq, Why: why}
+		if err := l.moveAside(c, nil, append([]uint64{first}, later...)); err != nil {
+			return nil, nil, err
+		}
+		return nil, c, nil
+	}
+	l.nextSeq = first
+	var data []byte
+	for off < size {
+		rec, dataLen, why, err := readRecord(f, off, size, &data)
 		if err != nil {
-			return bad(err.Error())
+			return fail(err)
 		}
-		if rec.Seq != l.nextSeq {
-			return bad(fmt.Sprintf("record %d where %d was expected", rec.Seq, l.nextSeq))
+		if why == "" && rec.Seq != l.nextSeq {
+			why = fmt.Sprintf("record %d where %d was expected", rec.Seq, l.nextSeq)
 		}
-		if cap(data) < int(dataLen) {
-			data = make([]byte, dataLen)
+		if why != "" {
+			return cut(why)
 		}
-		data = data[:dataLen]
-		if _, err := f.ReadAt(data, off+recordHeaderLen); err != nil {
-			return bad("short record data")
-		}
-		crc := crc32.Update(crc32.Checksum(hdr[:36], crcTable), crcTable, data)
-		if crc != binary.LittleEndian.Uint32(hdr[36:]) {
-			return bad("CRC mismatch")
-		}
-		rec.Data = data
-		if err := fn(rec, Pos{Segment: first, Off: off + recordHeaderLen}); err != nil {
-			f.Close()
-			return nil, err
+		n := recordHeaderLen + int64(dataLen)
+		if err := fn(rec, Pos{Segment: first, Off: off + recordHeaderLen, Rec: off, RecLen: int64(dataLen)}); err != nil {
+			return fail(err)
 		}
 		l.nextSeq++
-		off += recordHeaderLen + int64(dataLen)
+		off += n
 	}
 	seg.size = off
-	return seg, nil
+	return seg, nil, nil
+}
+
+// readRecord reads the record at off of a file of the given size into
+// *buf (grown as needed). A record that is not whole and good gets why,
+// saying what is wrong; err is for I/O errors only.
+func readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen uint32, why string, err error) {
+	var hdr [recordHeaderLen]byte
+	if size-off < recordHeaderLen {
+		return rec, 0, "short record header", nil
+	}
+	if _, err := f.ReadAt(hdr[:], off); err != nil {
+		return rec, 0, "", err
+	}
+	rec, dataLen, perr := parseHeader(hdr[:])
+	if perr != nil {
+		return rec, 0, perr.Error(), nil
+	}
+	if size-off-recordHeaderLen < int64(dataLen) {
+		return rec, 0, "short record data", nil
+	}
+	if cap(*buf) < int(dataLen) {
+		*buf = make([]byte, dataLen)
+	}
+	data := (*buf)[:dataLen]
+	if _, err := f.ReadAt(data, off+recordHeaderLen); err != nil {
+		return rec, 0, "", err
+	}
+	if recordCRC(hdr[:], data) != binary.LittleEndian.Uint32(hdr[36:]) {
+		return rec, 0, "CRC mismatch", nil
+	}
+	rec.Data = data
+	return rec, dataLen, "", nil
+}
+
+func recordCRC(hdr, data []byte) uint32 {
+	return crc32.Update(crc32.Checksum(hdr[:36], crcTable), crcTable, data)
+}
+
+// magicBytes is the record magic as it lies in a file.
+var magicBytes = binary.LittleEndian.AppendUint32(nil, recordMagic)
+
+// nextGoodRecord looks in [from, size) of f for a good record numbered
+// minSeq or later, by its magic. It tells damage (good records after a bad
+// one) from a torn tail (nothing good after it).
+func nextGoodRecord(f *os.File, from, size int64, minSeq uint64) (int64, bool, error) {
+	const window = 1 << 20
+	buf := make([]byte, window+len(magicBytes)-1)
+	var data []byte
+	for at := from; at < size; at += window {
+		n, err := f.ReadAt(buf[:min(int64(len(buf)), size-at)], at)
+		if err != nil && !errors.Is(err, io.EOF) {
+			return 0, false, err
+		}
+		for i := 0; ; {
+			k := bytes.Index(buf[i:n], magicBytes)
+			if k < 0 {
+				break
+			}
+			cand := at + int64(i+k)
+			rec, _, why, err := readRecord(f, cand, size, &data)
+			if err != nil {
+				return 0, false, err
+			}
+			if why == "" && rec.Seq >= minSeq {
+				return cand, true, nil
+			}
+			i += k + 1
+		}
+	}
+	return 0, false, nil
+}
+
+// moveAside moves what a recovery cuts off into a folder beside the log:
+// the bytes of f from c.Offset on, and the later segments, whole. It
+// counts the good records among them, and keeps their marks, into c.
+func (l *Log) moveAside(c *LogCut, f *os.File, later []uint64) error {
+	dest := filepath.Join(filepath.Dir(l.dir), "damaged-"+time.Now().UTC().Format("20060102T150405Z"))
+	if err := os.MkdirAll(dest, 0o700); err != nil {
+		return err
+	}
+	c.MovedTo = dest
+	countGood := func(f *os.File, from, size int64) error {
+		var data []byte
+		for at := from; at < size; {
+			cand, ok, err := nextGoodRecord(f, at, size, 0)
+			if err != nil || !ok {
+				return err
+			}
+			rec, dataLen, _, err := readRecord(f, cand, size, &data)
+			if err != nil {
+				return err
+			}
+			c.Records++
+			if rec.Type == RecordMark {
+				rec.Data = bytes.Clone(rec.Data)
+				c.Marks = append(c.Marks, rec)
+			}
+			at = cand + recordHeaderLen + int64(dataLen)
+		}
+		return nil
+	}
+	if f != nil { // the rest of this segment is copied; it is cut after
+		size, err := f.Seek(0, io.SeekEnd)
+		if err != nil {
+			return err
+		}
+		if err := countGood(f, c.Offset, size); err != nil {
+			return err
+		}
+		out, err := os.OpenFile(filepath.Join(dest, filepath.Base(f.Name())+".tail"), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(out, io.NewSectionReader(f, c.Offset, size-c.Offset))
+		if err == nil {
+			err = out.Sync()
+		}
+		if cerr := out.Close(); err == nil {
+			err = cerr
+		}
+		if err != nil {
+			return err
+		}
+	}
+	for _, first := range later {
+		p := segmentPath(l.dir, first)
+		lf, err := os.Open(p)
+		if err != nil {
+			return err
+		}
+		fi, err := lf.Stat()
+		if err == nil {
+			c.Bytes += fi.Size()
+			err = countGood(lf, 0, fi.Size())
+		}
+		lf.Close()
+		if err != nil {
+			return err
+		}
+		if err := os.Rename(p, filepath.Join(dest, filepath.Base(p))); err != nil {
+			return err
+		}
+	}
+	if err := fsync.Dir(dest); err != nil {
+		return err
+	}
+	return fsync.Dir(l.dir)
 }
 
 func parseHeader(h []byte) (Record, uint32, error) {
@@ -299,58 +534,91 @@ func (l *Log) AppendFunc(rec Record, data func(seq uint64) []byte, apply func(se
 }
 
 func (l *Log) appendLocked(rec Record, data func(seq uint64) []byte, apply func(seq uint64, pos Pos)) (uint64, Pos, error) {
-	if l.broken != nil {
-		return 0, Pos{}, l.broken
-	}
 	if data != nil {
 		rec.Data = data(l.nextSeq)
 	}
-	if len(rec.Data) > maxRecordData {
-		return 0, Pos{}, fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData)
+	var pos Pos
+	err := l.appendBatchLocked([]Record{rec}, func(_ int, seq uint64, p Pos) {
+		rec.Seq, pos = seq, p
+		if apply != nil {
+			apply(seq, p)
+		}
+	})
+	if err != nil {
+		return 0, Pos{}, err
+	}
+	return rec.Seq, pos, nil
+}
+
+// AppendBatch appends records in one write: all of them, or none. apply,
+// if not nil, runs for each under the append lock, in order, once all are
+// written.
+func (l *Log) AppendBatch(recs []Record, apply func(i int, seq uint64, pos Pos)) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.appendBatchLocked(recs, apply)
+}
+
+func (l *Log) appendBatchLocked(recs []Record, apply func(i int, seq uint64, pos Pos)) error {
+	if l.broken != nil {
+		return l.broken
 	}
 	seg := l.segs[len(l.segs)-1]
-	rec.Seq = l.nextSeq
-	var hdr [recordHeaderLen]byte
-	binary.LittleEndian.PutUint32(hdr[0:], recordMagic)
-	hdr[4] = byte(rec.Type)
-	binary.LittleEndian.PutUint64(hdr[8:], rec.Seq)
-	binary.LittleEndian.PutUint64(hdr[16:], uint64(rec.Offset))
-	binary.LittleEndian.PutUint64(hdr[24:], uint64(rec.Length))
-	binary.LittleEndian.PutUint32(hdr[32:], uint32(len(rec.Data)))
-	crc := crc32.Update(crc32.Checksum(hdr[:36], crcTable), crcTable, rec.Data)
-	binary.LittleEndian.PutUint32(hdr[36:], crc)
-
-	total := recordHeaderLen + len(rec.Data)
-	err := pwriteAll(seg.f, [][]byte{hdr[:], rec.Data}, seg.size)
-	if err != nil {
+	hdrs := make([]byte, recordHeaderLen*len(recs))
+	iov := make([][]byte, 0, 2*len(recs))
+	total := int64(0)
+	for i, rec := range recs {
+		if len(rec.Data) > maxRecordData {
+			return fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData)
+		}
+		hdr := hdrs[i*recordHeaderLen : (i+1)*recordHeaderLen]
+		binary.LittleEndian.PutUint32(hdr[0:], recordMagic)
+		hdr[4] = byte(rec.Type)
+		binary.LittleEndian.PutUint64(hdr[8:], l.nextSeq+uint64(i))
+		binary.LittleEndian.PutUint64(hdr[16:], uint64(rec.Offset))
+		binary.LittleEndian.PutUint64(hdr[24:], uint64(rec.Length))
+		binary.LittleEndian.PutUint32(hdr[32:], uint32(len(rec.Data)))
+		binary.LittleEndian.PutUint32(hdr[36:], recordCRC(hdr, rec.Data))
+		iov = append(iov, hdr, rec.Data)
+		total += recordHeaderLen + int64(len(rec.Data))
+	}
+	if err := pwriteAll(seg.f, iov, seg.size); err != nil {
 		// Leave no partial record behind: the next append goes where
 		// this one started.
 		if terr := seg.f.Truncate(seg.size); terr != nil {
 			l.broken = fmt.Errorf("write log %s: cannot repair its tail after %v: %w", seg.f.Name(), err, terr)
 		}
-		return 0, Pos{}, &fs.PathError{Op: "append", Path: seg.f.Name(), Err: err}
+		return &fs.PathError{Op: "append", Path: seg.f.Name(), Err: err}
 	}
-	pos := Pos{Segment: seg.first, Off: seg.size + recordHeaderLen}
-	seg.size += int64(total)
+	at := seg.size
+	seg.size += total
 	seg.dirty = true
-	l.size += int64(total)
-	l.nextSeq++
-	l.appended++
-	if apply != nil {
-		apply(rec.Seq, pos)
+	l.size += total
+	for i, rec := range recs {
+		seq := l.nextSeq
+		n := int64(len(rec.Data))
+		pos := Pos{Segment: seg.first, Off: at + recordHeaderLen, Rec: at, RecLen: n}
+		l.nextSeq++
+		l.appended++
+		at += recordHeaderLen + n
+		if apply != nil {
+			apply(i, seq, pos)
+		}
 	}
-	return rec.Seq, pos, nil
+	return nil
 }
 
 // Sync makes every record appended before the call durable. Concurrent
 // callers share fdatasync calls: one sync serves every caller waiting on
-// it (group commit).
+// it (group commit). A failed fdatasync breaks the log for good: the
+// kernel may have dropped the dirty pages, so that Sync, every caller
+// waiting on it and every later Sync and append get the error.
 func (l *Log) Sync() error {
 	l.mu.Lock()
 	target, broken := l.appended, l.broken
 	l.mu.Unlock()
-	if errors.Is(broken, ErrVolumeClosed) {
-		return broken // nothing after Close is made durable
+	if broken != nil {
+		return broken
 	}
 
 	l.syncMu.Lock()
@@ -360,8 +628,13 @@ func (l *Log) Sync() error {
 			l.syncC.Wait()
 			continue
 		}
-		l.syncing = true
 		l.mu.Lock()
+		if l.broken != nil { // the sync this caller waited on failed
+			err := l.broken
+			l.mu.Unlock()
+			return err
+		}
+		l.syncing = true
 		cover := l.appended
 		var files []*os.File
 		for _, s := range l.segs {
@@ -374,7 +647,7 @@ func (l *Log) Sync() error {
 		l.syncMu.Unlock()
 		var err error
 		for _, f := range files {
-			if e := unix.Fdatasync(int(f.Fd())); e != nil && err == nil {
+			if e := fdatasync(f); e != nil && err == nil {
 				err = &fs.PathError{Op: "fdatasync", Path: f.Name(), Err: e}
 			}
 		}
@@ -382,16 +655,38 @@ func (l *Log) Sync() error {
 		l.syncing = false
 		l.syncC.Broadcast()
 		if err != nil {
-			// The kernel may have dropped the dirty pages: nothing in
-			// this log can be promised durable any more.
 			l.mu.Lock()
-			l.broken = fmt.Errorf("write log: %w", err)
+			l.broken = fmt.Errorf("write log: %w (the kernel may have dropped unsynced writes; the volume takes no more writes until the server restarts)", err)
+			err = l.broken
 			l.mu.Unlock()
 			return err
 		}
 		l.synced = max(l.synced, cover)
 	}
 	return nil
+}
+
+// fdatasync is unix.Fdatasync of f; a closed f is an error.
+func fdatasync(f *os.File) error {
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	var serr error
+	if err := sc.Control(func(fd uintptr) { serr = unix.Fdatasync(int(fd)) }); err != nil {
+		return err
+	}
+	return serr
+}
+
+// Err is why the log takes no more appends, or nil.
+func (l *Log) Err() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if errors.Is(l.broken, ErrVolumeClosed) {
+		return nil
+	}
+	return l.broken
 }
 
 // AppendMark appends a mark record (see AppendFunc) and, still under the
@@ -409,8 +704,8 @@ func (l *Log) AppendMark(data func(seq uint64) []byte, apply func(seq uint64, po
 		}
 		for _, s := range l.segs {
 			if s.dirty {
-				if e := unix.Fdatasync(int(s.f.Fd())); e != nil {
-					l.broken = fmt.Errorf("write log: %w", &fs.PathError{Op: "fdatasync", Path: s.f.Name(), Err: e})
+				if e := fdatasync(s.f); e != nil {
+					l.broken = fmt.Errorf("write log: %w (the kernel may have dropped unsynced writes; the volume takes no more writes until the server restarts)", &fs.PathError{Op: "fdatasync", Path: s.f.Name(), Err: e})
 					err = l.broken
 					return
 				}
@@ -428,7 +723,9 @@ func (l *Log) withAppendLock(fn func()) {
 	fn()
 }
 
-// ReadAt reads data of a record at pos (plus an offset into it).
+// ReadAt fills p with log data at pos, checking the CRC of the whole
+// record that holds it: a record that fails it is ErrLogCorrupt, and p
+// must then not be used.
 func (l *Log) ReadAt(p []byte, pos Pos) error {
 	l.mu.Lock()
 	i, ok := slices.BinarySearchFunc(l.segs, pos.Segment, func(s *segment, first uint64) int {
@@ -442,8 +739,92 @@ func (l *Log) ReadAt(p []byte, pos Pos) error {
 	if f == nil {
 		return fmt.Errorf("write log: segment %016x is gone", pos.Segment)
 	}
-	_, err := f.ReadAt(p, pos.Off)
-	return err
+	at := pos.Off - pos.Rec - recordHeaderLen // where p starts in the record's data
+	if at < 0 || pos.RecLen < 0 || int64(len(p)) > pos.RecLen-at {
+		return fmt.Errorf("write log: %d bytes at %+v lie outside their record", len(p), pos)
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	var hdr [recordHeaderLen]byte
+	data := p
+	if int64(len(p)) != pos.RecLen {
+		// Part of a record: read all of it, to check it.
+		bp := recordBuf(pos.RecLen)
+		defer putRecordBuf(bp)
+		data = (*bp)[:pos.RecLen]
+	}
+	if err := preadAll(f, [][]byte{hdr[:], data}, pos.Rec); err != nil {
+		return fmt.Errorf("write log %s: read record at offset %d: %w", f.Name(), pos.Rec, err)
+	}
+	rec, dataLen, err := parseHeader(hdr[:])
+	switch {
+	case err != nil:
+	case int64(dataLen) != pos.RecLen:
+		err = fmt.Errorf("record of %d bytes where %d were written", dataLen, pos.RecLen)
+	case recordCRC(hdr[:], data) != binary.LittleEndian.Uint32(hdr[36:]):
+		err = errors.New("CRC mismatch")
+	}
+	if err != nil {
+		return fmt.Errorf("%w: %s at offset %d (record %d): %v", ErrLogCorrupt, f.Name(), pos.Rec, rec.Seq, err)
+	}
+	if &data[0] != &p[0] {
+		copy(p, data[at:])
+	}
+	return nil
+}
+
+// recordBufs holds buffers for whole records read to check a part of
+// them: up to RecordGrain, the size of records written now.
+var recordBufs = sync.Pool{New: func() any { b := make([]byte, RecordGrain); return &b }}
+
+func recordBuf(n int64) *[]byte {
+	if n > RecordGrain {
+		b := make([]byte, n)
+		return &b
+	}
+	return recordBufs.Get().(*[]byte)
+}
+
+func putRecordBuf(b *[]byte) {
+	if cap(*b) == RecordGrain {
+		recordBufs.Put(b)
+	}
+}
+
+// preadAll fills bufs from f at off with preadv; a short file is
+// io.ErrUnexpectedEOF.
+func preadAll(f *os.File, bufs [][]byte, off int64) error {
+	for {
+		for len(bufs) > 0 && len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+		if len(bufs) == 0 {
+			return nil
+		}
+		n, err := unix.Preadv(int(f.Fd()), bufs, off)
+		if err != nil {
+			return err
+		}
+		if n == 0 {
+			return io.ErrUnexpectedEOF
+		}
+		off += int64(n)
+		bufs = consumed(bufs, n)
+	}
+}
+
+// consumed drops the first n bytes of bufs.
+func consumed(bufs [][]byte, n int) [][]byte {
+	for n > 0 {
+		k := min(n, len(bufs[0]))
+		bufs[0] = bufs[0][k:]
+		n -= k
+		if len(bufs[0]) == 0 {
+			bufs = bufs[1:]
+		}
+	}
+	return bufs
 }
 
 func cmpUint(a, b uint64) int {
@@ -549,13 +930,6 @@ func pwriteAll(f *os.File, bufs [][]byte, off int64) error {
 			return io.ErrShortWrite
 		}
 		off += int64(n)
-		for n > 0 {
-			k := min(n, len(bufs[0]))
-			bufs[0] = bufs[0][k:]
-			n -= k
-			if len(bufs[0]) == 0 {
-				bufs = bufs[1:]
-			}
-		}
+		bufs = consumed(bufs, n)
 	}
 }

@@ -100,11 +100,14 @@ type Status struct {
 	LastSeal time.Time
 	// SealError is the last seal's failure, until a seal succeeds.
 	SealError error
+	// LogError is why the write log takes no more writes (a failed
+	// fdatasync), or nil.
+	LogError error
 }
 
 // Status reports the volume's upload state.
 func (v *Volume) Status() Status {
-	st := Status{LogBytes: v.log.Size()} // before mu: the lock order is log, then mu
+	st := Status{LogBytes: v.log.Size(), LogError: v.log.Err()} // before mu: the lock order is log, then mu
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	st.PendingLayers, st.LastSeal, st.SealError = len(v.layers)-1, v.lastSeal, v.sealErr

@@ -195,7 +195,28 @@ func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 // then its write log in stateDir, replaying what the newest manifest does
 // not cover. With no log (a lost state folder) the volume opens at its
 // newest manifest.
+//
+// Damage in the log (a bad record that is not a torn tail) fails Open
+// with ErrLogCorrupt; Recover opens such a volume at its newest good
+// state. A torn tail is cut, and logged.
 func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
+	return openVolume(ctx, env, name, false)
+}
+
+// Recover opens volume name like Open, but cuts its write log at the
+// first damaged record instead of failing: the volume keeps every record
+// before it. What was cut is moved to a folder beside the log, and the
+// returned LogCut says where and what it held (nil when the log had no
+// damage).
+func Recover(ctx context.Context, env *Env, name string) (*Volume, *LogCut, error) {
+	v, err := openVolume(ctx, env, name, true)
+	if err != nil {
+		return nil, nil, err
+	}
+	return v, v.log.Recovered(), nil
+}
+
+func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volume, error) {
 	if err := ValidName(name); err != nil {
 		return nil, err
 	}
@@ -235,11 +256,20 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 		return v.apply(r, pos)
 	}
 	dir := filepath.Join(env.stateDir(name), "log")
-	log, err := openLog(dir, v.base.Seq+1, replay)
+	log, err := openLog(dir, logOpen{first: v.base.Seq + 1, recover: recover}, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
 	}
 	v.log = log
+	if c := log.TornTail(); c != nil && env.Logger != nil {
+		env.Logger.Warn("write log: cut a torn record at its end; it was never acknowledged as durable",
+			"volume", name, "segment", c.Segment, "offset", c.Offset, "record", c.Seq, "bytes", c.Bytes, "why", c.Why)
+	}
+	if c := log.Recovered(); c != nil && env.Logger != nil {
+		env.Logger.Warn("write log: recovered: cut at its first damaged record",
+			"volume", name, "segment", c.Segment, "offset", c.Offset, "record", c.Seq, "why", c.Why,
+			"bytes_cut", c.Bytes, "good_records_cut", c.Records, "marks_cut", len(c.Marks), "moved_to", c.MovedTo)
+	}
 	if log.NextSeq() <= v.base.Seq {
 		// The log is older than the repository (a state folder restored
 		// from backup): everything in it is covered.
@@ -357,15 +387,23 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
-	for len(p) > 0 { // records are bounded; large writes take several
+	// A write becomes records cut at multiples of RecordGrain, appended
+	// in batches of one write call each.
+	const batchBytes = 64 * RecordGrain
+	var recs []Record
+	for len(p) > 0 {
 		if err := v.waitForRoom(ctx); err != nil {
 			return err
 		}
-		n := min(len(p), maxRecordData)
-		if err := v.append(Record{Type: RecordWrite, Offset: off, Length: int64(n), Data: p[:n]}); err != nil {
+		recs = recs[:0]
+		for batch := 0; len(p) > 0 && batch < batchBytes; {
+			n := int(min(int64(len(p)), RecordGrain-off%RecordGrain))
+			recs = append(recs, Record{Type: RecordWrite, Offset: off, Length: int64(n), Data: p[:n]})
+			p, off, batch = p[n:], off+int64(n), batch+n
+		}
+		if err := v.appendBatch(recs); err != nil {
 			return err
 		}
-		p, off = p[n:], off+int64(n)
 	}
 	if fua {
 		return v.log.Sync()
@@ -383,6 +421,21 @@ func (v *Volume) Zero(ctx context.Context, off, n int64) error {
 		return nil
 	}
 	return v.append(Record{Type: RecordZero, Offset: off, Length: n})
+}
+
+func (v *Volume) appendBatch(recs []Record) error {
+	var applyErr error
+	err := v.log.AppendBatch(recs, func(i int, seq uint64, pos Pos) {
+		r := recs[i]
+		r.Seq = seq
+		if err := v.apply(r, pos); err != nil && applyErr == nil {
+			applyErr = err
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return applyErr
 }
 
 func (v *Volume) append(r Record) error {

@@ -1,0 +1,218 @@
+package volume
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// flipByte flips one bit of the byte at off of the file at path.
+func flipByte(t *testing.T, path string, off int64) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	require.NoError(t, err)
+	defer f.Close()
+	b := []byte{0}
+	_, err = f.ReadAt(b, off)
+	require.NoError(t, err)
+	b[0] ^= 0x10
+	_, err = f.WriteAt(b, off)
+	require.NoError(t, err)
+}
+
+// A failed fdatasync stays failed: the Sync that met it, every later Sync
+// and every append get the error, and Err reports it.
+func TestLogSyncFailureSticks(t *testing.T) {
+	dir := t.TempDir()
+	l, _ := replayAll(t, dir)
+	defer l.Close()
+	_, _, err := l.Append(Record{Type: RecordWrite, Offset: 0, Length: 3, Data: []byte("abc")}, nil)
+	require.NoError(t, err)
+	// Closing the segment's file makes its fdatasync fail.
+	require.NoError(t, l.segs[len(l.segs)-1].f.Close())
+
+	// Many callers wait on the same failing sync: every one must fail.
+	var wg sync.WaitGroup
+	errs := make([]error, 8)
+	for i := range errs {
+		wg.Go(func() { errs[i] = l.Sync() })
+	}
+	wg.Wait()
+	for i, err := range errs {
+		assert.Error(t, err, "caller %d of the failed sync", i)
+	}
+	require.Error(t, l.Sync(), "a later sync finds no dirty segment but must still fail")
+	require.Error(t, l.Err())
+	_, _, err = l.Append(Record{Type: RecordZero, Offset: 0, Length: 1}, nil)
+	require.Error(t, err, "no appends after a failed sync")
+	assert.Contains(t, l.Err().Error(), "fdatasync")
+}
+
+// Every read of log data checks its record's CRC, for whole records and
+// for parts of them.
+func TestLogReadChecksCRC(t *testing.T) {
+	dir := t.TempDir()
+	l, _ := replayAll(t, dir)
+	defer l.Close()
+	data := randomBytes(RecordGrain)
+	_, pos, err := l.Append(Record{Type: RecordWrite, Offset: 0, Length: RecordGrain, Data: data}, nil)
+	require.NoError(t, err)
+	_, pos2, err := l.Append(Record{Type: RecordWrite, Offset: RecordGrain, Length: 4096, Data: randomBytes(4096)}, nil)
+	require.NoError(t, err)
+	part := pos
+	part.Off += 1000
+	got := make([]byte, 100)
+	require.NoError(t, l.ReadAt(got, part))
+	require.Equal(t, data[1000:1100], got)
+
+	flipByte(t, segmentPath(dir, 1), pos.Off+50000) // inside the first record, outside the part read
+	err = l.ReadAt(got, part)
+	require.ErrorIs(t, err, ErrLogCorrupt, "a part of a damaged record is not served")
+	assert.Contains(t, err.Error(), "CRC mismatch")
+	require.ErrorIs(t, l.ReadAt(make([]byte, RecordGrain), pos), ErrLogCorrupt, "nor the whole record")
+	require.NoError(t, l.ReadAt(make([]byte, 4096), pos2), "the next record is good")
+
+	flipByte(t, segmentPath(dir, 1), pos2.Rec+17) // its header: the offset
+	require.ErrorIs(t, l.ReadAt(make([]byte, 4096), pos2), ErrLogCorrupt, "a damaged header is damage too")
+}
+
+// appendN appends n 4 KiB writes and syncs.
+func appendN(t *testing.T, l *Log, n int) [][]byte {
+	t.Helper()
+	var out [][]byte
+	for i := range n {
+		d := randomBytes(4096)
+		_, _, err := l.Append(Record{Type: RecordWrite, Offset: int64(i) * 4096, Length: 4096, Data: d}, nil)
+		require.NoError(t, err)
+		out = append(out, d)
+	}
+	require.NoError(t, l.Sync())
+	return out
+}
+
+// A bad record followed by good ones is damage, not a torn tail: replay
+// refuses it rather than cutting the good records off, and a recovering
+// open cuts at it, moves the rest aside and counts what it held.
+func TestLogReplayTellsDamageFromATornTail(t *testing.T) {
+	dir := t.TempDir()
+	l, _ := replayAll(t, dir)
+	appendN(t, l, 5)
+	_, err := l.AppendMark(func(uint64) []byte { return []byte(`{"id":"m"}`) }, nil)
+	require.NoError(t, err)
+	appendN(t, l, 2)
+	require.NoError(t, l.Close())
+	seg := segmentPath(dir, 1)
+	flipByte(t, seg, 2*(recordHeaderLen+4096)+recordHeaderLen+7) // record 3's data
+
+	_, err = OpenLog(dir, func(Record, Pos) error { return nil })
+	require.ErrorIs(t, err, ErrLogCorrupt)
+	assert.Contains(t, err.Error(), "record 3")
+	st, err := os.Stat(seg)
+	require.NoError(t, err)
+	assert.EqualValues(t, 5*(recordHeaderLen+4096)+recordHeaderLen+10, st.Size(), "a refused replay cuts nothing")
+
+	var seqs []uint64
+	l, err = openLog(dir, logOpen{first: 1, recover: true}, func(r Record, _ Pos) error {
+		seqs = append(seqs, r.Seq)
+		return nil
+	})
+	require.NoError(t, err)
+	assert.Equal(t, []uint64{1, 2}, seqs, "recovery keeps the records before the damage")
+	c := l.Recovered()
+	require.NotNil(t, c)
+	assert.EqualValues(t, 3, c.Seq)
+	assert.Equal(t, 2+1+2, c.Records, "the good records cut: two writes, the mark, two writes")
+	require.Len(t, c.Marks, 1)
+	assert.Equal(t, `{"id":"m"}`, string(c.Marks[0].Data))
+	assert.FileExists(t, filepath.Join(c.MovedTo, "0000000000000001.log.tail"))
+	assert.FileExists(t, filepath.Join(c.MovedTo, "0000000000000007.log"))
+	seq, _, err := l.Append(Record{Type: RecordZero, Offset: 0, Length: 1}, nil)
+	require.NoError(t, err)
+	assert.EqualValues(t, 3, seq, "the log goes on after the last good record")
+	require.NoError(t, l.Sync())
+	l.Close()
+	l, recs := replayAll(t, dir)
+	l.Close()
+	assert.Len(t, recs, 3, "and replays cleanly")
+}
+
+// A volume whose log is damaged while it runs serves EIO, never the
+// damaged bytes, and does not seal them; after a restart it does not
+// open, and Recover opens it at the newest good state, naming the
+// snapshots lost.
+func TestVolumeLogDamage(t *testing.T) {
+	ctx := context.Background()
+	env := testEnv(t)
+	v, err := Create(ctx, env, Config{Name: "db", Size: 4 << 20, ChunkSize: 1 << 20})
+	require.NoError(t, err)
+	a, b := randomBytes(8192), randomBytes(8192)
+	require.NoError(t, v.WriteAt(ctx, a, 0, false))
+	require.NoError(t, v.WriteAt(ctx, b, 1<<20, true))
+	_, err = v.Snapshot(ctx, "after-b")
+	require.NoError(t, err)
+
+	// Damage b's record: the second write, the first record in segment 1
+	// after a's.
+	seg := segmentPath(filepath.Join(env.stateDir("db"), "log"), 1)
+	flipByte(t, seg, recordHeaderLen+8192+recordHeaderLen+100)
+
+	got := make([]byte, 4096)
+	require.ErrorIs(t, v.ReadAt(ctx, got, 1<<20), ErrLogCorrupt, "the damaged record is not served")
+	require.ErrorIs(t, v.ReadAt(ctx, got, 1<<20+4096), ErrLogCorrupt, "nor any part of it")
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	assert.Equal(t, a[:4096], got, "other records are served")
+	require.ErrorIs(t, v.ReadSnapshotAt(ctx, "after-b", got, 1<<20), ErrLogCorrupt)
+	_, err = v.SealNext(ctx)
+	require.ErrorIs(t, err, ErrLogCorrupt, "the seal stops at the damage")
+	assert.ErrorIs(t, v.Status().SealError, ErrLogCorrupt, "and says so")
+	assert.Empty(t, listKeys(t, env, "volumes/db/snapshots/"), "nothing damaged is sealed")
+	require.NoError(t, v.Close())
+
+	_, err = Open(ctx, env, "db")
+	require.ErrorIs(t, err, ErrLogCorrupt, "a damaged log does not open")
+
+	v, cut, err := Recover(ctx, env, "db")
+	require.NoError(t, err)
+	defer v.Close()
+	require.NotNil(t, cut)
+	assert.EqualValues(t, 2, cut.Seq)
+	require.Len(t, cut.Marks, 1, "the snapshot's mark was cut")
+	assert.Contains(t, string(cut.Marks[0].Data), "after-b")
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	assert.Equal(t, a[:4096], got, "what came before the damage is kept")
+	require.NoError(t, v.ReadAt(ctx, got, 1<<20))
+	assert.Equal(t, make([]byte, 4096), got, "what the damaged record wrote is gone, and reads as it was before")
+	assert.Empty(t, v.Snapshots())
+	require.NoError(t, v.WriteAt(ctx, b, 1<<20, true), "the recovered volume takes writes")
+	_, err = v.Snapshot(ctx, "again")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	require.NoError(t, v.ReadSnapshotAt(ctx, "again", got, 1<<20))
+	assert.True(t, bytes.Equal(b[:4096], got))
+
+}
+
+func testEnv(t *testing.T) *Env {
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	return &Env{Repo: mem, Store: store, StateDir: t.TempDir(), CheckpointInterval: time.Hour}
+}
+
+func listKeys(t *testing.T, env *Env, prefix string) []string {
+	var keys []string
+	require.NoError(t, env.Repo.List(context.Background(), prefix, func(k string) error {
+		keys = append(keys, k)
+		return nil
+	}))
+	return keys
+}
