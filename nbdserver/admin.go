@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -42,6 +43,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("GET /v1/volumes/{vol}", s.getVolume)
 	handle("PATCH /v1/volumes/{vol}", s.resizeVolume)
 	handle("DELETE /v1/volumes/{vol}", s.deleteVolume)
+	handle("POST /v1/volumes/{vol}/recover", s.recoverVolume)
 	handle("GET /v1/volumes/{vol}/chunks", s.chunkIDs)
 	handle("GET /v1/volumes/{vol}/snapshots", s.listSnapshots)
 	handle("POST /v1/volumes/{vol}/snapshots", s.createSnapshot)
@@ -103,6 +105,8 @@ func apiError(err error) *api.Error {
 		err = fmt.Errorf("%w (it is being deleted, or the server is stopping)", err)
 	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken), errors.Is(err, errBusy):
 		code = api.ErrExists
+	case errors.Is(err, errDamaged), errors.Is(err, volume.ErrLogCorrupt):
+		code = api.ErrDamaged
 	case errors.Is(err, volume.ErrNotSealed):
 		code = api.ErrNotSealed
 	case errors.Is(err, volume.ErrShrink), errors.Is(err, volume.ErrInvalid), errors.Is(err, errInvalid):
@@ -127,27 +131,60 @@ func decode(r *http.Request, v any) error {
 }
 
 func (s *Server) getStatus(r *http.Request) (int, any, error) {
-	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: []api.Volume{}}
-	for _, v := range s.Volumes() {
-		st.Volumes = append(st.Volumes, volumeInfo(v))
-	}
+	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: s.volumeInfos()}
 	return http.StatusOK, st, nil
 }
 
 func (s *Server) listVolumes(r *http.Request) (int, any, error) {
+	return http.StatusOK, s.volumeInfos(), nil
+}
+
+// volumeInfos describes every volume, served or not, by name.
+func (s *Server) volumeInfos() []api.Volume {
 	out := []api.Volume{}
 	for _, v := range s.Volumes() {
 		out = append(out, volumeInfo(v))
 	}
-	return http.StatusOK, out, nil
+	for name, err := range s.Failed() {
+		out = append(out, failedInfo(name, err))
+	}
+	slices.SortFunc(out, func(a, b api.Volume) int { return strings.Compare(a.Name, b.Name) })
+	return out
+}
+
+func failedInfo(name string, err error) api.Volume {
+	return api.Volume{Name: name, Status: &api.VolumeStatus{Damaged: fmt.Sprintf("not served: %v; %s", err, nextStep(name, err))}}
 }
 
 func (s *Server) getVolume(r *http.Request) (int, any, error) {
-	v, err := s.volumeOf(r.PathValue("vol"))
+	name := r.PathValue("vol")
+	if err, ok := s.Failed()[name]; ok {
+		return http.StatusOK, failedInfo(name, err), nil
+	}
+	v, err := s.volumeOf(name)
 	if err != nil {
 		return 0, nil, err
 	}
 	return http.StatusOK, volumeInfo(v), nil
+}
+
+func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
+	name := r.PathValue("vol")
+	cut, err := s.RecoverVolume(r.Context(), name)
+	if err != nil {
+		return 0, nil, err
+	}
+	out := api.Recovery{Volume: name}
+	if cut != nil {
+		out = api.Recovery{
+			Volume: name, Damaged: true, Segment: cut.Segment, Offset: cut.Offset, Record: cut.Seq, Why: cut.Why,
+			BytesCut: cut.Bytes, RecordsCut: cut.Records, MovedTo: cut.MovedTo,
+		}
+		for _, si := range cut.LostSnapshots() {
+			out.SnapshotsLost = append(out.SnapshotsLost, api.Snapshot{Volume: name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size})
+		}
+	}
+	return http.StatusOK, out, nil
 }
 
 func (s *Server) createVolume(r *http.Request) (int, any, error) {
@@ -298,6 +335,12 @@ func volumeInfo(v *volume.Volume) api.Volume {
 	}
 	if st.SealError != nil {
 		vs.SealError = st.SealError.Error()
+		if errors.Is(st.SealError, volume.ErrLogCorrupt) {
+			vs.Damaged = fmt.Sprintf("%v; reads of the damaged record fail and nothing after it is uploaded; %s", st.SealError, nextStep(cfg.Name, st.SealError))
+		}
+	}
+	if st.LogError != nil {
+		vs.LogError = st.LogError.Error()
 	}
 	for _, si := range v.Snapshots() {
 		if si.Sealed {

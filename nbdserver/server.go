@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -66,9 +67,14 @@ type Server struct {
 	adminL       net.Listener
 	started      time.Time
 
-	// mu guards vols, busy and closing; it is never held across I/O.
+	// mu guards vols, failed, busy and closing; it is never held across
+	// I/O.
 	mu   sync.Mutex
 	vols map[string]*served
+	// failed are the volumes that could not be opened (damage in a write
+	// log, say), with why: not served, shown in listings, until a
+	// recover opens them. The other volumes are served.
+	failed map[string]error
 	// busy names volumes being created or deleted: one change at a time
 	// per name, while the rest of the API goes on.
 	busy map[string]bool
@@ -103,7 +109,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if opts.Repo == "" {
 		opts.Repo = filepath.Join(opts.Data, "repo")
 	}
-	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now()}
+	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now()}
 	s.runCtx, s.stopRun = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -149,7 +155,14 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	for _, name := range names {
 		v, err := volume.Open(ctx, s.env, name)
 		if err != nil {
-			return nil, fmt.Errorf("open volume %q: %w", name, err)
+			if ctx.Err() != nil {
+				return nil, fmt.Errorf("open volume %q: %w", name, err)
+			}
+			// One volume that cannot open must not keep the others from
+			// being served.
+			s.failed[name] = err
+			s.log.Error("volume not served: it could not be opened; the other volumes are served", "volume", name, "error", err, "next", nextStep(name, err))
+			continue
 		}
 		s.serveLocked(v) // no lock yet: nothing else sees s
 		st := v.Status()
@@ -324,13 +337,28 @@ func (s *Server) closeAll() error {
 	return errors.Join(errs...)
 }
 
-// volumeOf returns the served volume name or ErrNoVolume naming those
-// that exist.
+// errDamaged marks a volume that is not served because it could not be
+// opened.
+var errDamaged = errors.New("not served")
+
+// nextStep says what to do about a volume that failed with err.
+func nextStep(name string, err error) string {
+	if errors.Is(err, volume.ErrLogCorrupt) {
+		return fmt.Sprintf("run `nbdvault volume recover %s` to open it at its newest good state; it reports what is lost", name)
+	}
+	return "fix the cause, then restart the server (or run `nbdvault volume recover " + name + "`)"
+}
+
+// volumeOf returns the served volume name, or ErrNoVolume naming those
+// that exist, or errDamaged for one that could not be opened.
 func (s *Server) volumeOf(name string) (*volume.Volume, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if sv, ok := s.vols[name]; ok {
 		return sv.v, nil
+	}
+	if err, ok := s.failed[name]; ok {
+		return nil, fmt.Errorf("volume %q is %w: %v; %s", name, errDamaged, err, nextStep(name, err))
 	}
 	names := make([]string, 0, len(s.vols))
 	for n := range s.vols {
@@ -425,6 +453,7 @@ func (s *Server) DeleteVolume(ctx context.Context, name string) error {
 	s.mu.Lock()
 	sv, ok := s.vols[name]
 	delete(s.vols, name)
+	delete(s.failed, name) // a volume that could not open can be deleted
 	s.mu.Unlock()
 	if ok {
 		for _, si := range sv.v.Snapshots() {
@@ -442,6 +471,68 @@ func (s *Server) DeleteVolume(ctx context.Context, name string) error {
 	}
 	s.log.Info("volume deleted", "volume", name)
 	return nil
+}
+
+// Failed returns the volumes that could not be opened, with why.
+func (s *Server) Failed() map[string]error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return maps.Clone(s.failed)
+}
+
+// RecoverVolume opens volume name at its newest good state: its write log
+// is cut at the first damaged record, what follows moved aside (see
+// volume.Recover). A served volume (damage found while it ran) is closed
+// and opened again; one that could not be opened is served once
+// recovered. It returns what was cut, nil when there was no damage.
+func (s *Server) RecoverVolume(ctx context.Context, name string) (*volume.LogCut, error) {
+	if err := volume.ValidName(name); err != nil {
+		return nil, err
+	}
+	if err := s.reserve(name); err != nil {
+		return nil, err
+	}
+	defer s.release(name)
+	s.mu.Lock()
+	sv, served := s.vols[name]
+	_, failed := s.failed[name]
+	delete(s.vols, name)
+	s.mu.Unlock()
+	if !served && !failed {
+		_, err := s.volumeOf(name)
+		return nil, err
+	}
+	if served {
+		s.exports.Remove(name)
+		sv.stop()
+		<-sv.done
+		if err := sv.v.Close(); err != nil {
+			s.log.Warn("closing a volume to recover it", "volume", name, "error", err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), changeTimeout)
+	defer cancel()
+	v, cut, err := volume.Recover(ctx, s.env, name)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err != nil {
+		s.failed[name] = err
+		return nil, fmt.Errorf("recover volume %q: %w", name, err)
+	}
+	delete(s.failed, name)
+	if s.closing {
+		v.Close()
+		return cut, fmt.Errorf("volume %q: %w: recovered, but the server is stopping; it is served after the next start", name, errStopping)
+	}
+	s.serveLocked(v)
+	if cut != nil {
+		s.log.Warn("volume recovered: its write log was cut at the first damaged record", "volume", name,
+			"record", cut.Seq, "why", cut.Why, "bytes_cut", cut.Bytes, "records_cut", cut.Records,
+			"snapshots_lost", len(cut.LostSnapshots()), "moved_to", cut.MovedTo)
+	} else {
+		s.log.Info("volume recovered: its write log had no damage", "volume", name)
+	}
+	return cut, nil
 }
 
 // Volumes returns the served volumes, by name.

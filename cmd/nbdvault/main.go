@@ -104,6 +104,7 @@ const (
 	exitAuth        = 4 // the server refused the token
 	exitUnreachable = 5 // no server answered
 	exitConflict    = 6 // it exists already, or is not sealed yet
+	exitDamaged     = 7 // the volume's data is damaged: the message says what to do
 	exitInterrupted = 130
 )
 
@@ -132,6 +133,8 @@ func exitCode(err error) int {
 		return exitUnreachable
 	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed):
 		return exitConflict
+	case errors.Is(err, api.ErrDamaged):
+		return exitDamaged
 	case errors.Is(err, context.Canceled):
 		return exitInterrupted
 	}

@@ -35,6 +35,10 @@ func volumeCommand() *cli.Command {
 				Action: volumeResize,
 			},
 			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Flags: clientFlags, Action: volumeDelete},
+			{
+				Name: "recover", Usage: "open a volume whose write log is damaged at its newest good state, and say what is lost",
+				ArgsUsage: "NAME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: volumeRecover,
+			},
 		},
 	}
 }
@@ -100,7 +104,12 @@ func printVolumes(vs []api.Volume) {
 			snap = "-"
 		}
 		upload := "ok"
-		if st.SealError != "" {
+		switch {
+		case st.Damaged != "":
+			upload = "DAMAGED: " + st.Damaged
+		case st.LogError != "":
+			upload = "WRITES STOPPED: " + st.LogError
+		case st.SealError != "":
 			upload = "FAILING: " + st.SealError
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(st.PendingBytes), last, snap, upload)
@@ -159,6 +168,38 @@ func volumeDelete(c *cli.Context) error {
 		return err
 	}
 	fmt.Printf("deleted volume %s\n", c.Args().First())
+	return nil
+}
+
+func volumeRecover(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	r, err := cl.RecoverVolume(c.Context, c.Args().First())
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(r)
+	}
+	if !r.Damaged {
+		fmt.Printf("volume %s: its write log has no damage; nothing was cut, and it is served\n", r.Volume)
+		return nil
+	}
+	fmt.Printf("volume %s recovered: its write log was cut at record %d (%s, offset %d: %s)\n", r.Volume, r.Record, r.Segment, r.Offset, r.Why)
+	fmt.Printf("lost: %s of write log holding at least %d records (writes, snapshots and checkpoints) made after that point\n", formatSize(r.BytesCut), r.RecordsCut)
+	for _, s := range r.SnapshotsLost {
+		label := ""
+		if s.Label != "" {
+			label = " (" + s.Label + ")"
+		}
+		fmt.Printf("lost snapshot: %s%s, taken %s\n", s.ID, label, s.Time.Format(time.RFC3339))
+	}
+	fmt.Printf("what was cut is kept in %s; the volume is served again from its newest good state\n", r.MovedTo)
 	return nil
 }
 

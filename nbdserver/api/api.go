@@ -39,6 +39,14 @@ type VolumeStatus struct {
 	LastSealedSnapshot string `json:"last_sealed_snapshot,omitempty"`
 	// SealError is the last upload's failure, until one succeeds.
 	SealError string `json:"seal_error,omitempty"`
+	// Damaged says why the volume is not served, or serves errors for
+	// part of its data: damage in its write log (or anything else that
+	// stopped it from opening) and what to do (`nbdvault volume
+	// recover`). Empty when healthy.
+	Damaged string `json:"damaged,omitempty"`
+	// LogError is why the volume takes no more writes (a failed
+	// fdatasync of its write log); a restart of the server clears it.
+	LogError string `json:"log_error,omitempty"`
 }
 
 // Snapshot is one snapshot of a volume.
@@ -66,6 +74,27 @@ type CreateVolume struct {
 	Name      string `json:"name"`
 	Size      int64  `json:"size"`
 	ChunkSize int64  `json:"chunk_size,omitempty"`
+}
+
+// Recovery is the answer of POST /v1/volumes/{name}/recover: what a
+// recovery cut off the volume's write log to open it at its newest good
+// state.
+type Recovery struct {
+	Volume string `json:"volume"`
+	// Damaged is false when the log had no damage: nothing was cut.
+	Damaged bool `json:"damaged"`
+	// Where the first damaged record was, and what was wrong with it.
+	Segment string `json:"segment,omitempty"`
+	Offset  int64  `json:"offset,omitempty"`
+	Record  uint64 `json:"record,omitempty"`
+	Why     string `json:"why,omitempty"`
+	// What was cut: bytes of log, and the good records found among them
+	// (at least that many writes are lost), moved to MovedTo.
+	BytesCut   int64  `json:"bytes_cut,omitempty"`
+	RecordsCut int    `json:"records_cut,omitempty"`
+	MovedTo    string `json:"moved_to,omitempty"`
+	// SnapshotsLost are the snapshots whose marks were cut.
+	SnapshotsLost []Snapshot `json:"snapshots_lost,omitempty"`
 }
 
 // ResizeVolume is the body of PATCH /v1/volumes/{name}.
@@ -117,7 +146,10 @@ var (
 	ErrNotSealed    = &Error{Code: "not_sealed", Status: 409}
 	ErrInvalid      = &Error{Code: "invalid", Status: 400}
 	ErrUnavailable  = &Error{Code: "unavailable", Status: 503}
-	ErrInternal     = &Error{Code: "internal", Status: 500}
+	// ErrDamaged: the volume's data is damaged; the message says what to
+	// do.
+	ErrDamaged  = &Error{Code: "damaged", Status: 409}
+	ErrInternal = &Error{Code: "internal", Status: 500}
 )
 
 // Errorf makes an error with code's code and status.

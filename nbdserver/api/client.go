@@ -108,6 +108,14 @@ func (c *Client) DeleteSnapshot(ctx context.Context, vol, snap string) error {
 	return c.do(ctx, "DELETE", snapshotPath(vol, snap), nil, nil)
 }
 
+// RecoverVolume opens a volume whose write log is damaged at its newest
+// good state, and says what was cut.
+func (c *Client) RecoverVolume(ctx context.Context, name string) (Recovery, error) {
+	var out Recovery
+	err := c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(name)+"/recover", nil, &out)
+	return out, err
+}
+
 // ChunkIDs returns the content IDs of count chunks of vol's head from
 // chunk first (at most MaxChunkIDs).
 func (c *Client) ChunkIDs(ctx context.Context, vol string, first uint64, count int) (ChunkIDs, error) {

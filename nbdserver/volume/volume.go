@@ -216,6 +216,19 @@ func Recover(ctx context.Context, env *Env, name string) (*Volume, *LogCut, erro
 	return v, v.log.Recovered(), nil
 }
 
+// LostSnapshots are the snapshots whose marks a recovery cut off: they
+// are gone from the volume (their records are in the folder MovedTo).
+func (c *LogCut) LostSnapshots() []SnapshotInfo {
+	var out []SnapshotInfo
+	for _, r := range c.Marks {
+		var m mark
+		if json.Unmarshal(r.Data, &m) == nil && m.Kind == KindSnapshot {
+			out = append(out, SnapshotInfo{ID: m.ID, Label: m.Label, Time: m.Time, Size: m.Size})
+		}
+	}
+	return out
+}
+
 func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volume, error) {
 	if err := ValidName(name); err != nil {
 		return nil, err
