@@ -254,6 +254,7 @@ func (s *S3) translate(op, key string, err error) error {
 		case resp.Code == "XMinioStorageFull":
 			sentinel = ErrNoSpace
 		case resp.Code == "SlowDown" || resp.Code == "RequestTimeout" || resp.Code == "InternalError" ||
+			resp.Code == "ConditionalRequestConflict" || // 409: a concurrent conditional write; try again
 			resp.Code == "ServiceUnavailable" || resp.Code == "XMinioServerNotInitialized" ||
 			resp.StatusCode >= 500 || resp.StatusCode == http.StatusTooManyRequests ||
 			resp.StatusCode == http.StatusRequestTimeout:

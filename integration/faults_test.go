@@ -5,7 +5,9 @@ package integration
 // survives") records what each case proves.
 
 import (
+	"bytes"
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -15,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/nbdvault/nbdvault/integration/miniotest"
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -125,4 +128,111 @@ func TestFaultLogDamage(t *testing.T) {
 	s.MustCLI("snapshot", "create", "a", "--label", "good", "--wait")
 	r = s.MustCLI("volume", "recover", "a")
 	assert.Contains(t, r.Stdout, "no damage")
+}
+
+// nbdcopyOut copies an export into a file with nbdcopy and returns its
+// bytes.
+func nbdcopyOut(t *testing.T, uri string) ([]byte, *nbdtest.Result) {
+	t.Helper()
+	out := filepath.Join(t.TempDir(), "copy.img")
+	r := nbdtest.Run(t, cmdTimeout, nbdtest.Tool(t, "nbdcopy"), uri, out)
+	if !r.OK() {
+		return nil, r
+	}
+	data, err := os.ReadFile(out)
+	require.NoError(t, err)
+	return data, r
+}
+
+func serverStatus(t *testing.T, s *servertest.Server) api.Status {
+	t.Helper()
+	var st api.Status
+	r := s.CLI("status", "--json")
+	require.True(t, r.OK(), "the server must answer through the outage: %s\n%s", r, s.Log())
+	require.NoError(t, json.Unmarshal([]byte(r.Stdout), &st))
+	return st
+}
+
+// TestFaultS3Outage stops MinIO (SIGSTOP) for several lease TTLs while
+// qemu-io writes and flushes, then kills it and starts it again: no write
+// fails, reads of data only the repository holds fail within
+// --repo-timeout instead of hanging, the server stays up and says the
+// repository is unreachable, and once MinIO is back every snapshot is
+// sealed and every byte reads back as written (nbdcopy).
+func TestFaultS3Outage(t *testing.T) {
+	const (
+		mib         = 1 << 20
+		size        = 32 * mib
+		ttl         = 6 * time.Second
+		repoTimeout = 3 * time.Second
+	)
+	m := miniotest.Start(t)
+	s := servertest.Start(t, servertest.Options{Repo: m.Location("outage"), Env: m.Env(), Args: []string{
+		"--lease-ttl", ttl.String(), "--repo-timeout", repoTimeout.String(), "--checkpoint-interval", "1s", "--cache", "1M"}})
+	s.MustCLI("volume", "create", "db", "--size", "32M", "--chunk-size", "64K")
+	want := make([]byte, size)
+	fill := func(off, n int, b byte) {
+		for i := off; i < off+n; i++ {
+			want[i] = b
+		}
+	}
+	qemuIOOK(t, s.URI("db"), "write -P 0x11 0 16M", "flush")
+	fill(0, 16*mib, 0x11)
+	s.MustCLI("snapshot", "create", "db", "--label", "before", "--wait")
+	before := bytes.Clone(want)
+
+	m.Pause()
+	outage := time.Now()
+	writes := 0
+	var during []byte
+	for time.Since(outage) < 3*ttl {
+		off := 16*mib + (writes%16)*mib
+		b := byte(0x20 + writes%64)
+		qemuIOOK(t, s.URI("db"), fmt.Sprintf("write -P 0x%02x %d 1M", b, off), "flush",
+			fmt.Sprintf("read -P 0x%02x %d 1M", b, off))
+		fill(off, mib, b)
+		writes++
+		if writes == 4 {
+			s.MustCLI("snapshot", "create", "db", "--label", "during")
+			during = bytes.Clone(want)
+		}
+	}
+	// Sealed data that is not in the cache: only the repository has it.
+	start := time.Now()
+	r := qemuIO(t, s.URI("db@before"), "read -P 0x11 8M 1M")
+	took := time.Since(start)
+	assert.False(t, r.OK(), "MinIO is stopped: the read cannot succeed: %s", r)
+	assert.NotContains(t, r.Output(), "Pattern verification failed")
+	assert.Less(t, took, repoTimeout+20*time.Second, "a read of repository data fails in bounded time, not after the outage")
+	st := serverStatus(t, s)
+	assert.False(t, st.RepositoryState.Reachable, "status says the repository is unreachable: %+v", st.RepositoryState)
+	assert.True(t, st.RepositoryState.UploadsPaused, "and that uploads are paused: %+v", st.RepositoryState)
+	assert.Positive(t, st.RepositoryState.PendingBytes)
+	assert.Contains(t, s.MustCLI("status").Stdout, "UNREACHABLE since")
+
+	// The store comes back after a crash of its own.
+	m.Kill()
+	m.Restart()
+	t.Logf("%d writes and flushes through an outage of %s, all acknowledged", writes, time.Since(outage).Round(time.Second))
+	s.MustCLI("snapshot", "create", "db", "--label", "after", "--wait")
+	st = serverStatus(t, s)
+	assert.True(t, st.RepositoryState.Reachable)
+	assert.False(t, st.RepositoryState.UploadsPaused)
+	assert.NotContains(t, s.Log(), "lost to another server")
+	for _, c := range []struct {
+		export string
+		want   []byte
+	}{{"db@before", before}, {"db@during", during}, {"db@after", want}} {
+		got, r := nbdcopyOut(t, s.URI(c.export))
+		require.NotNil(t, got, "%s", r)
+		nbdtest.SameBytes(t, c.want, got, c.export)
+	}
+	for _, snap := range []string{"before", "during", "after"} {
+		assert.Contains(t, s.MustCLI("snapshot", "list", "db").Stdout, snap)
+	}
+	var snaps []api.Snapshot
+	require.NoError(t, json.Unmarshal([]byte(s.MustCLI("snapshot", "list", "db", "--json").Stdout), &snaps))
+	for _, sn := range snaps {
+		assert.True(t, sn.Sealed, "every snapshot is sealed once the repository is back: %+v", sn)
+	}
 }

@@ -111,7 +111,7 @@ func apiError(err error) *api.Error {
 		code = api.ErrNotSealed
 	case errors.Is(err, volume.ErrShrink), errors.Is(err, volume.ErrInvalid), errors.Is(err, errInvalid):
 		code = api.ErrInvalid
-	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost),
+	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost), errors.Is(err, lease.ErrNotConfirmed),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStopping):
 		code = api.ErrUnavailable
 	}
@@ -132,6 +132,20 @@ func decode(r *http.Request, v any) error {
 
 func (s *Server) getStatus(r *http.Request) (int, any, error) {
 	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: s.volumeInfos()}
+	rs := &st.RepositoryState
+	up, since, lastErr := s.health.state()
+	rs.Reachable = up
+	if !up {
+		t := since.UTC()
+		rs.UnreachableSince, rs.LastError = &t, lastErr.Error()
+	}
+	until, ok := s.lease.Confirmed()
+	rs.UploadsPaused, rs.LeaseConfirmedUntil = !ok, until.UTC()
+	for _, v := range st.Volumes {
+		if v.Status != nil {
+			rs.PendingBytes += v.Status.PendingBytes
+		}
+	}
 	return http.StatusOK, st, nil
 }
 
@@ -188,6 +202,9 @@ func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) createVolume(r *http.Request) (int, any, error) {
+	if err := s.writable(); err != nil {
+		return 0, nil, err
+	}
 	var req api.CreateVolume
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
@@ -207,6 +224,9 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
+	if err := s.writable(); err != nil {
+		return 0, nil, err
+	}
 	var req api.ResizeVolume
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
@@ -223,6 +243,9 @@ func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
+	if err := s.writable(); err != nil {
+		return 0, nil, err
+	}
 	if err := s.DeleteVolume(r.Context(), r.PathValue("vol")); err != nil {
 		return 0, nil, err
 	}
@@ -299,6 +322,9 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
+	if err := s.writable(); err != nil {
+		return 0, nil, err
+	}
 	v, si, err := s.snapshotOf(r.PathValue("vol"), r.PathValue("snap"))
 	if err != nil {
 		return 0, nil, err

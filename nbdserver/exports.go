@@ -7,9 +7,11 @@ package nbdserver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
@@ -19,11 +21,22 @@ import (
 // Exports offers volumes to an nbd.Server: "VOL" is the writable head,
 // "VOL@SNAP" a snapshot (by ID or label), read-only.
 type Exports struct {
-	m     *metrics // nil: not counted
+	m *metrics // nil: not counted
+	// ReadTimeout bounds a read or block-status request (what the
+	// repository may take to answer it): past it the client gets EIO
+	// instead of waiting through a repository outage. Zero: no bound.
+	// Set before Add.
+	ReadTimeout time.Duration
+
 	mu    sync.RWMutex
 	heads map[string]*nbd.Export
 	vols  map[string]*volume.Volume
+	// refused, once set, fails every write to a head.
+	refused atomic.Pointer[error]
 }
+
+// Refuse fails every later write, trim and zero of every head with err.
+func (e *Exports) Refuse(err error) { e.refused.Store(&err) }
 
 // NewExports returns an empty set of exports.
 func NewExports() *Exports {
@@ -39,7 +52,7 @@ func (e *Exports) Add(v *volume.Volume) {
 	e.heads[name] = &nbd.Export{
 		Name:           name,
 		Description:    "nbdvault volume " + name,
-		Backend:        head{v, e.m.export(name)},
+		Backend:        head{v, e.m.export(name), e.ReadTimeout, &e.refused},
 		PreferredBlock: 4096,
 	}
 }
@@ -84,7 +97,7 @@ func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m, e.ReadTimeout}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -108,20 +121,48 @@ func (e *Exports) List() []*nbd.Export {
 
 // head serves a volume's head.
 type head struct {
-	v *volume.Volume
-	m *exportMetrics
+	v       *volume.Volume
+	m       *exportMetrics
+	timeout time.Duration
+	refused *atomic.Pointer[error]
+}
+
+// refusal is the error writes get, or nil.
+func (h head) refusal() error {
+	if p := h.refused.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// bounded runs read under ctx with a deadline timeout from now (none if
+// zero), and says so in the error when the deadline cut it short.
+func bounded(ctx context.Context, timeout time.Duration, read func(context.Context) error) error {
+	if timeout <= 0 {
+		return read(ctx)
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	err := read(ctx)
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		return fmt.Errorf("%w (the repository did not answer within %s)", err, timeout)
+	}
+	return err
 }
 
 func (h head) Size() int64 { return h.v.Size() }
 func (h head) ReadAt(ctx context.Context, p []byte, off int64) error {
 	start := time.Now()
-	err := h.v.ReadAt(ctx, p, off)
+	err := bounded(ctx, h.timeout, func(ctx context.Context) error { return h.v.ReadAt(ctx, p, off) })
 	h.m.done(opRead, len(p), start, err)
 	return nbdErr(err)
 }
 func (h head) WriteAt(ctx context.Context, p []byte, off int64, fua bool) error {
 	start := time.Now()
-	err := h.v.WriteAt(ctx, p, off, fua)
+	err := h.refusal()
+	if err == nil {
+		err = h.v.WriteAt(ctx, p, off, fua)
+	}
 	h.m.done(opWrite, len(p), start, err)
 	return nbdErr(err)
 }
@@ -133,7 +174,10 @@ func (h head) Flush(ctx context.Context) error {
 }
 func (h head) Trim(ctx context.Context, off, n int64) error {
 	start := time.Now()
-	err := h.v.Zero(ctx, off, n)
+	err := h.refusal()
+	if err == nil {
+		err = h.v.Zero(ctx, off, n)
+	}
 	h.m.done(opTrim, 0, start, err)
 	return nbdErr(err)
 }
@@ -143,29 +187,37 @@ func (h head) Trim(ctx context.Context, off, n int64) error {
 // reads as zeros (what NBD asks of a server without NO_HOLE support).
 func (h head) Zero(ctx context.Context, off, n int64, _ bool) error {
 	start := time.Now()
-	err := h.v.Zero(ctx, off, n)
+	err := h.refusal()
+	if err == nil {
+		err = h.v.Zero(ctx, off, n)
+	}
 	h.m.done(opZero, 0, start, err)
 	return nbdErr(err)
 }
 func (h head) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
 	start := time.Now()
-	ext, err := h.v.Extents(ctx, "", off, n)
+	var ext []volume.Extent
+	err := bounded(ctx, h.timeout, func(ctx context.Context) (err error) {
+		ext, err = h.v.Extents(ctx, "", off, n)
+		return err
+	})
 	h.m.done(opBlockStatus, 0, start, err)
 	return extents(ext, err)
 }
 
 // snapshot serves one snapshot, read-only.
 type snapshot struct {
-	v    *volume.Volume
-	id   string
-	size int64 // the volume's when the snapshot was taken
-	m    *exportMetrics
+	v       *volume.Volume
+	id      string
+	size    int64 // the volume's when the snapshot was taken
+	m       *exportMetrics
+	timeout time.Duration
 }
 
 func (s snapshot) Size() int64 { return s.size }
 func (s snapshot) ReadAt(ctx context.Context, p []byte, off int64) error {
 	start := time.Now()
-	err := s.v.ReadSnapshotAt(ctx, s.id, p, off)
+	err := bounded(ctx, s.timeout, func(ctx context.Context) error { return s.v.ReadSnapshotAt(ctx, s.id, p, off) })
 	s.m.done(opRead, len(p), start, err)
 	return nbdErr(err)
 }
@@ -173,7 +225,11 @@ func (s snapshot) WriteAt(context.Context, []byte, int64, bool) error { return n
 func (s snapshot) Flush(context.Context) error                        { return nil }
 func (s snapshot) Extents(ctx context.Context, off, n int64) ([]nbd.Extent, error) {
 	start := time.Now()
-	ext, err := s.v.Extents(ctx, s.id, off, n)
+	var ext []volume.Extent
+	err := bounded(ctx, s.timeout, func(ctx context.Context) (err error) {
+		ext, err = s.v.Extents(ctx, s.id, off, n)
+		return err
+	})
 	s.m.done(opBlockStatus, 0, start, err)
 	return extents(ext, err)
 }

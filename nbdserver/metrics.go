@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
 )
 
 // metrics are the server's Prometheus metrics, served at /metrics on the
@@ -106,6 +107,13 @@ func (em *exportMetrics) done(o op, n int, start time.Time, err error) {
 	em.secs[o].Observe(time.Since(start).Seconds())
 }
 
+func boolGauge(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}
+
 // stateCollector reports the volumes' upload state and the chunk store's
 // counters at scrape time.
 type stateCollector struct{ s *Server }
@@ -137,11 +145,18 @@ var (
 		"Chunks fetched from the repository.", nil, nil)
 	descCorrupt = prometheus.NewDesc("nbdvault_chunks_corrupt_total",
 		"Chunks that failed verification against their ID.", nil, nil)
+	descRepoUp = prometheus.NewDesc("nbdvault_repository_up",
+		"1 while the repository answers requests, 0 from the first request that got no answer until one does.", nil, nil)
+	descLeaseConfirmed = prometheus.NewDesc("nbdvault_repository_lease_confirmed",
+		"1 while the repository lease is confirmed and uploads may run; 0 while renewals fail (uploads paused).", nil, nil)
+	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
+		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
 
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
-		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt} {
+		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
+		descRepoUp, descLeaseConfirmed, descDamaged} {
 		ch <- d
 	}
 }
@@ -170,6 +185,18 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			failing = 1
 		}
 		gauge(descSealFailing, failing, name)
+		gauge(descDamaged, boolGauge(errors.Is(st.SealError, volume.ErrLogCorrupt)), name)
+	}
+	for name := range c.s.Failed() {
+		gauge(descDamaged, 1, name)
+	}
+	if c.s.health != nil {
+		up, _, _ := c.s.health.state()
+		gauge(descRepoUp, boolGauge(up))
+	}
+	if c.s.lease != nil {
+		_, ok := c.s.lease.Confirmed()
+		gauge(descLeaseConfirmed, boolGauge(ok))
 	}
 	if c.s.store != nil {
 		st := c.s.store.Stats()
@@ -184,8 +211,8 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // countRequests wraps the repository so its requests are counted.
-func (m *metrics) countRequests(b chunkstore.Backend) chunkstore.Backend {
-	c := &countingBackend{Backend: b}
+func (m *metrics) countRequests(b chunkstore.Backend, h *repoHealth) chunkstore.Backend {
+	c := &countingBackend{Backend: b, health: h}
 	for i, name := range []string{"put", "get", "has", "delete", "list"} {
 		c.ops[i] = m.repoOps.WithLabelValues(name)
 		c.errs[i] = m.repoErrors.WithLabelValues(name)
@@ -196,12 +223,14 @@ func (m *metrics) countRequests(b chunkstore.Backend) chunkstore.Backend {
 type countingBackend struct {
 	chunkstore.Backend
 	ops, errs [5]prometheus.Counter
+	health    *repoHealth
 }
 
 func (c *countingBackend) Unwrap() chunkstore.Backend { return c.Backend }
 
 func (c *countingBackend) count(i int, err error) error {
 	c.ops[i].Inc()
+	c.health.observe(err)
 	if err != nil && !errors.Is(err, chunkstore.ErrNotFound) && !errors.Is(err, context.Canceled) {
 		c.errs[i].Inc()
 	}

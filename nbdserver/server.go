@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -41,10 +42,19 @@ type Options struct {
 	LogLimit           int64
 	// CacheBytes bounds the chunk cache (chunkstore's default when 0).
 	CacheBytes int64
+	// RepoTimeout bounds an NBD read that needs the repository (default
+	// 30 s): past it the client gets EIO, so an outage never hangs reads.
+	RepoTimeout time.Duration
 	// LeaseTTL is how long the repository lease lasts unrenewed.
 	LeaseTTL time.Duration
 	Version  string
 }
+
+// Defaults of Options.RepoTimeout and Options.LeaseTTL.
+const (
+	DefaultRepoTimeout = 30 * time.Second
+	DefaultLeaseTTL    = lease.DefaultTTL
+)
 
 // TokenFile is the admin token's file name in the data folder.
 const TokenFile = "admin-token"
@@ -62,6 +72,7 @@ type Server struct {
 	exports *Exports
 	nbd     *nbd.Server
 	metrics *metrics
+	health  *repoHealth
 
 	nbdListeners []net.Listener
 	adminL       net.Listener
@@ -80,6 +91,8 @@ type Server struct {
 	busy map[string]bool
 	// closing is set once shutdown begins: no more volumes are made.
 	closing bool
+	// paused is set while the lease is not confirmed (uploads wait).
+	paused bool
 	// runCtx is what volume uploaders run under until shutdown.
 	runCtx  context.Context
 	stopRun context.CancelFunc
@@ -122,7 +135,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	s.metrics = newMetrics(s)
 	s.exports.m = s.metrics
-	s.repo = s.metrics.countRequests(s.repo)
+	s.exports.ReadTimeout = cmp.Or(opts.RepoTimeout, DefaultRepoTimeout)
+	s.health = &repoHealth{log: s.log}
+	s.repo = s.metrics.countRequests(s.repo, s.health)
 	s.log.Info("opening the repository", "repository", s.repo.Location())
 	if s.lease, err = lease.Acquire(ctx, s.repo, opts.LeaseTTL); err != nil {
 		if errors.Is(err, chunkstore.ErrUnavailable) {
@@ -130,11 +145,17 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		}
 		return nil, fmt.Errorf("repository %s: %w", s.repo.Location(), err)
 	}
+	// From here on the repository is written only while the lease is
+	// confirmed (docs/architecture.md, "Fencing through outages").
+	s.repo = s.lease.Fence(s.repo)
 	rc, err := checkRepoConfig(ctx, s.repo)
 	if err != nil {
 		return nil, err
 	}
 	if err := bindState(filepath.Join(opts.Data, "state"), rc.ID, s.repo.Location()); err != nil {
+		return nil, err
+	}
+	if err := checkLeaseLost(filepath.Join(opts.Data, "state")); err != nil {
 		return nil, err
 	}
 	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
@@ -183,6 +204,73 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		}
 	}
 	return s, nil
+}
+
+// writable refuses a change that writes the repository (create, grow or
+// delete a volume, delete a snapshot) while it cannot be written, at once
+// and saying why, rather than half-doing it or hanging. Snapshots need
+// only the write log and are always taken.
+func (s *Server) writable() error {
+	leeway := cmp.Or(s.opts.LeaseTTL, DefaultLeaseTTL) / 6 // a change needs some of the window left
+	until, ok := s.lease.Confirmed()
+	if ok && time.Until(until) > leeway {
+		if up, since, lastErr := s.health.state(); !up {
+			return fmt.Errorf("the repository has not answered since %s (%v): %w; try again once `nbdvault status` shows it reachable",
+				since.UTC().Format(time.RFC3339), lastErr, chunkstore.ErrUnavailable)
+		}
+		return nil
+	}
+	return fmt.Errorf("the repository cannot be written now: the lease was last confirmed until %s, and renewals get no answer (uploads are paused): %w; try again once `nbdvault status` shows it reachable",
+		until.UTC().Format(time.RFC3339), chunkstore.ErrUnavailable)
+}
+
+// LeaseLostFile, in the state folder, says that this server lost the
+// repository's lease to another: the write logs may hold writes the
+// repository will never have, and must not be replayed over what the
+// other server wrote.
+const LeaseLostFile = "lease-lost"
+
+func (s *Server) markLeaseLost(err error) {
+	msg := fmt.Sprintf("%s: %v\n", time.Now().UTC().Format(time.RFC3339), err)
+	if werr := writeFileSync(filepath.Join(s.opts.Data, "state", LeaseLostFile), []byte(msg)); werr != nil {
+		s.log.Error("could not mark the state folder as having lost the lease", "error", werr)
+	}
+}
+
+// checkLeaseLost refuses a state folder whose server lost the lease.
+func checkLeaseLost(dir string) error {
+	b, err := os.ReadFile(filepath.Join(dir, LeaseLostFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("state folder: %w", err)
+	}
+	return fmt.Errorf("the state folder %s belongs to a server that lost the repository's lease to another (%s); "+
+		"its write logs may hold writes the repository does not have, which cannot be replayed over what the other server wrote. "+
+		"Move %s aside (its logs stay readable there) and start again: the volumes open at their newest uploaded state",
+		dir, strings.TrimSpace(string(b)), dir)
+}
+
+// renewed hears the outcome of every lease renewal: it is a request to
+// the repository like any other, and when renewals fail the uploads pause,
+// which the log says once.
+func (s *Server) renewed(err error) {
+	s.health.observe(err)
+	_, ok := s.lease.Confirmed()
+	s.mu.Lock()
+	was := s.paused
+	s.paused = !ok
+	s.mu.Unlock()
+	switch {
+	case !ok && !was:
+		s.log.Warn("uploads paused: the repository lease could not be renewed in time, so nothing is written to the repository; NBD goes on, writes wait in the write logs, and uploads resume once a renewal succeeds", "error", err)
+	case ok && was:
+		s.log.Info("the repository lease is renewed: uploads resume")
+		for _, v := range s.Volumes() {
+			v.Nudge()
+		}
+	}
 }
 
 // serveLocked starts v's uploader and offers it over NBD. Called with
@@ -258,11 +346,14 @@ func (s *Server) Serve(ctx context.Context) error {
 	leaseDone := make(chan struct{})
 	go func() {
 		defer close(leaseDone)
-		if err := s.lease.Keep(leaseCtx); err != nil {
-			// Another server may write the repository now: stop writing
-			// it at once, before the drain.
+		if err := s.lease.Keep(leaseCtx, s.renewed); err != nil {
+			// Another server writes the repository now: stop writing it
+			// at once, before the drain, and take no more writes that
+			// could never be uploaded.
 			s.stopRun()
-			fail(fmt.Errorf("%w: another server took this repository over; stopped uploading and stopping so that only one writes it", err))
+			s.exports.Refuse(fmt.Errorf("%w: this server stopped (another server took the repository over)", errStopping))
+			s.markLeaseLost(err)
+			fail(fmt.Errorf("%v; stopped uploading, and stopping so that only one server writes the repository (the write logs keep what was not uploaded)", err))
 		}
 	}()
 	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.Volumes()))

@@ -36,6 +36,10 @@ func serveCommand() *cli.Command {
 				Usage: "write log `size` per volume past which writes wait for the uploader"},
 			&cli.StringFlag{Name: "cache", Value: "256M", EnvVars: []string{"NBDVAULT_CACHE"},
 				Usage: "`size` of the cache of chunks read from the repository"},
+			&cli.DurationFlag{Name: "repo-timeout", Value: nbdserver.DefaultRepoTimeout, EnvVars: []string{"NBDVAULT_REPO_TIMEOUT"},
+				Usage: "an NBD read that needs the repository fails with EIO after this `long` without an answer"},
+			&cli.DurationFlag{Name: "lease-ttl", Value: nbdserver.DefaultLeaseTTL, EnvVars: []string{"NBDVAULT_LEASE_TTL"},
+				Usage: "how `long` the repository lease lasts unrenewed; uploads pause a third of it before it runs out, and another server may take the repository over once it has"},
 		},
 		Action: serve,
 	}
@@ -75,6 +79,8 @@ func serve(c *cli.Context) error {
 		CheckpointInterval: c.Duration("checkpoint-interval"),
 		LogLimit:           logLimit,
 		CacheBytes:         cache,
+		RepoTimeout:        c.Duration("repo-timeout"),
+		LeaseTTL:           c.Duration("lease-ttl"),
 		Version:            version,
 	})
 	if err != nil {

@@ -3,7 +3,9 @@ package main
 import (
 	"fmt"
 	"os"
+	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -128,7 +130,11 @@ func statusCommand() *cli.Command {
 			if c.Bool("json") {
 				return printJSON(st)
 			}
-			fmt.Printf("server %s (nbdvault %s)\nrepository %s\nNBD on %v\n\n", cl.Server(), st.Version, st.Repository, st.NBD)
+			fmt.Printf("server %s (nbdvault %s)\nrepository %s\n", cl.Server(), st.Version, st.Repository)
+			if line := repositoryLine(st.RepositoryState); line != "" {
+				fmt.Println(line)
+			}
+			fmt.Printf("NBD on %v\n\n", st.NBD)
 			if len(st.Volumes) == 0 {
 				fmt.Println("no volumes yet: nbdvault volume create NAME --size 20G")
 				return nil
@@ -137,6 +143,25 @@ func statusCommand() *cli.Command {
 			return nil
 		},
 	}
+}
+
+// repositoryLine describes a repository that does not answer or is not
+// written, or is "" when all is well.
+func repositoryLine(rs api.RepositoryState) string {
+	var parts []string
+	if !rs.Reachable && rs.UnreachableSince != nil {
+		parts = append(parts, fmt.Sprintf("UNREACHABLE since %s (%s ago): %s",
+			rs.UnreachableSince.Local().Format(time.RFC3339), time.Since(*rs.UnreachableSince).Round(time.Second), rs.LastError))
+	}
+	if rs.UploadsPaused {
+		parts = append(parts, fmt.Sprintf("uploads PAUSED since %s: the repository lease cannot be renewed; NBD goes on and writes wait in the write logs",
+			rs.LeaseConfirmedUntil.Local().Format(time.RFC3339)))
+	}
+	if len(parts) == 0 {
+		return ""
+	}
+	parts = append(parts, formatSize(rs.PendingBytes)+" waiting to be uploaded")
+	return "repository state: " + strings.Join(parts, "; ")
 }
 
 // sealNote says how an upload goes, and why it does not when it fails.

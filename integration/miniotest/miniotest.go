@@ -20,6 +20,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -194,6 +195,21 @@ func (s *Server) Kill() {
 	}
 	_ = cmd.Process.Kill()
 	<-exited
+}
+
+// Pause stops MinIO with SIGSTOP: it keeps its port, and the kernel
+// accepts connections for it, but nothing answers (a hung store).
+func (s *Server) Pause() { s.signal(syscall.SIGSTOP) }
+
+// Continue resumes a paused MinIO.
+func (s *Server) Continue() { s.signal(syscall.SIGCONT) }
+
+func (s *Server) signal(sig syscall.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd != nil {
+		_ = s.cmd.Process.Signal(sig)
+	}
 }
 
 // Restart starts a killed server again on the same address and data.

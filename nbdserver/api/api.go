@@ -63,10 +63,32 @@ type Snapshot struct {
 // Status is the server's state: where it keeps data, where it serves NBD,
 // and every volume with its upload state.
 type Status struct {
-	Version    string   `json:"version"`
-	Repository string   `json:"repository"`
-	NBD        []string `json:"nbd"` // listen addresses: host:port or unix:/path
-	Volumes    []Volume `json:"volumes"`
+	Version    string `json:"version"`
+	Repository string `json:"repository"`
+	// RepositoryState says whether the repository answers and uploads
+	// run.
+	RepositoryState RepositoryState `json:"repository_state"`
+	NBD             []string        `json:"nbd"` // listen addresses: host:port or unix:/path
+	Volumes         []Volume        `json:"volumes"`
+}
+
+// RepositoryState is whether the repository answers and may be written.
+type RepositoryState struct {
+	// Reachable is false from the first request that got no answer until
+	// one does; UnreachableSince and LastError say since when and why.
+	Reachable        bool       `json:"reachable"`
+	UnreachableSince *time.Time `json:"unreachable_since,omitempty"`
+	LastError        string     `json:"last_error,omitempty"`
+	// UploadsPaused is true while the repository lease is not confirmed
+	// (its renewals get no answer): nothing is written to the repository
+	// until one succeeds. NBD goes on meanwhile.
+	UploadsPaused bool `json:"uploads_paused"`
+	// LeaseConfirmedUntil is when uploads pause unless the lease is
+	// renewed first.
+	LeaseConfirmedUntil time.Time `json:"lease_confirmed_until"`
+	// PendingBytes is the write log of all volumes that waits to be
+	// uploaded.
+	PendingBytes int64 `json:"pending_bytes"`
 }
 
 // CreateVolume is the body of POST /v1/volumes.

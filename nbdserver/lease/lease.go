@@ -7,6 +7,7 @@
 package lease
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -61,16 +62,87 @@ func (e *HeldError) Error() string {
 
 func (e *HeldError) Is(target error) bool { return target == ErrHeld }
 
+// ErrNotConfirmed: the lease has not been renewed in time (the
+// repository does not answer), so this server does not write the
+// repository until a renewal succeeds. It matches
+// chunkstore.ErrUnavailable too: retry later.
+var ErrNotConfirmed = errors.New("the repository lease is not confirmed")
+
 // Lease is a held lease.
+//
+// While it holds the lease, a server may write the repository until
+// Expires - Margin by its own clock (Margin is a third of the TTL), the
+// window its last successful renewal opened; Fence enforces that on every
+// write. Renewals that get no answer never end the lease: Keep retries
+// them, and a renewal that succeeds after an expiry reopens the window,
+// since its compare-and-swap proves nobody took the lease over meanwhile.
+// Only evidence ends it: a lease record naming another holder (ErrLost).
+// docs/architecture.md has the argument.
 type Lease struct {
 	backend chunkstore.Backend
 	store   chunkstore.Versioned
 	ttl     time.Duration
 
+	// mu serializes renewals and the release, and guards me and version.
 	mu      sync.Mutex
 	me      Holder
 	version string
+
+	// win guards the write window; it is never held across I/O, so a
+	// renewal waiting on the store does not hold writers up.
+	win sync.Mutex
+	// The window in which this server may write the repository, and when
+	// the record that opened it was written.
+	openAt, safeUntil, renewedAt time.Time
+	// ended: released or lost; the window never opens again.
+	ended bool
+	// inflight counts fenced writes under way; cutShort is set when one
+	// was cancelled by the window's end (the store may still apply it).
+	inflight sync.WaitGroup
+	cutShort bool
 }
+
+// ConfigKey is the repository's config object. A repository that has one
+// has had a server, so a lease missing from it was removed by hand.
+const ConfigKey = "config"
+
+// confirm opens the window until Margin before the expiry of a lease
+// record written at t0.
+func (l *Lease) confirm(t0 time.Time) {
+	l.win.Lock()
+	defer l.win.Unlock()
+	if !l.ended {
+		l.safeUntil, l.renewedAt = t0.Add(l.ttl-l.margin()), t0
+	}
+}
+
+// delayFrom keeps the window shut until one TTL after t0: a lease created
+// where one was removed by hand may have had a holder that still writes
+// until its own window ends (a lock-delay).
+func (l *Lease) delayFrom(t0 time.Time) {
+	l.win.Lock()
+	defer l.win.Unlock()
+	l.openAt = t0.Add(l.ttl)
+}
+
+// shrinkTo ends the window no later than t.
+func (l *Lease) shrinkTo(t time.Time) {
+	l.win.Lock()
+	defer l.win.Unlock()
+	if t.Before(l.safeUntil) {
+		l.safeUntil = t
+	}
+}
+
+// end shuts the window for good (the lease is lost or released).
+func (l *Lease) end() {
+	l.win.Lock()
+	defer l.win.Unlock()
+	l.ended = true
+}
+
+// margin is how long before its lease expires a server stops writing.
+func (l *Lease) margin() time.Duration { return l.ttl / 3 }
 
 // Acquire takes the repository's lease for ttl (DefaultTTL if zero), or
 // returns a *HeldError naming the server that holds it.
@@ -89,11 +161,20 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, Machine: machineID(), Boot: bootID(), PIDNS: pidNamespace(), PID: os.Getpid(), Started: now}}
 
 	for range 5 { // each round loses only to another server that moved first
-		l.me.Expires = time.Now().UTC().Add(ttl)
+		t0 := time.Now()
+		l.me.Expires = t0.UTC().Add(ttl)
 		ver, err := store.PutIf(ctx, Key, l.encode(), "")
 		if err == nil {
 			l.version = ver
-			return l, nil
+			l.confirm(t0)
+			// A repository with a config but no lease had its lease
+			// removed by hand: its holder may write for a while yet.
+			if has, err := b.Has(ctx, ConfigKey); err != nil {
+				return nil, fmt.Errorf("take the repository lease: %w", err)
+			} else if has {
+				l.delayFrom(t0)
+			}
+			return l, l.checkConditions(ctx)
 		}
 		if !errors.Is(err, chunkstore.ErrPrecondition) {
 			return nil, fmt.Errorf("take the repository lease: %w", err)
@@ -115,16 +196,44 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 		// Expired, or its holder died on this machine (a restart after a
 		// crash need not wait for the lease to run out): take it over,
 		// unless someone else already did.
+		t0 = time.Now()
+		l.me.Expires = t0.UTC().Add(ttl)
 		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
 		if err == nil {
 			l.version = ver
-			return l, nil
+			l.confirm(t0)
+			return l, l.checkConditions(ctx)
 		}
 		if !errors.Is(err, chunkstore.ErrPrecondition) {
 			return nil, fmt.Errorf("take over the expired repository lease: %w", err)
 		}
 	}
 	return nil, fmt.Errorf("take the repository lease: %w (it keeps changing hands)", ErrHeld)
+}
+
+// checkConditions makes sure the store honours conditional writes, on
+// the lease just taken: a PUT that must not match and one that must not
+// find the object. A store that ignores them would let two servers both
+// take the lease; what such a store overwrites is this server's own
+// record, with the same bytes.
+func (l *Lease) checkConditions(ctx context.Context) error {
+	data := l.encode()
+	for _, match := range []string{"nbdvault-no-such-version", ""} {
+		ver, err := l.store.PutIf(ctx, Key, data, match)
+		switch {
+		case errors.Is(err, chunkstore.ErrPrecondition):
+			continue
+		case err != nil:
+			return fmt.Errorf("check the repository's conditional writes: %w", err)
+		}
+		l.version = ver
+		what := "If-Match"
+		if match == "" {
+			what = "If-None-Match"
+		}
+		return fmt.Errorf("repository %s ignores conditional writes (%s on PUT): nbdvault needs them so that only one server writes a repository; use a store that honours them (AWS S3, MinIO, SeaweedFS, Ceph RGW)", l.backend.Location(), what)
+	}
+	return nil
 }
 
 func (l *Lease) encode() []byte {
@@ -139,64 +248,198 @@ func (l *Lease) Holder() Holder {
 	return l.me
 }
 
+// Confirmed reports until when this server may write the repository, and
+// whether that is still ahead.
+func (l *Lease) Confirmed() (until time.Time, ok bool) {
+	l.win.Lock()
+	defer l.win.Unlock()
+	return l.safeUntil, l.openLocked()
+}
+
+// openLocked reports whether the window is open now. Both clocks must
+// agree: Go's monotonic clock stops while the machine is suspended, the
+// wall clock (what other servers judge expiry by) does not.
+func (l *Lease) openLocked() bool {
+	now := time.Now()
+	return !l.ended && !now.Before(l.openAt) &&
+		now.Before(l.safeUntil) && now.Round(0).Before(l.safeUntil.Round(0))
+}
+
 // Renew extends the lease by its TTL. ErrLost means another server took it
-// over: this one must stop writing the repository.
+// over: this one must stop writing the repository. Any other error (no
+// answer) leaves the lease as it was: try again.
 func (l *Lease) Renew(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	prev := l.me.Expires
-	l.me.Expires = time.Now().UTC().Add(l.ttl)
-	ver, err := l.store.PutIf(ctx, Key, l.encode(), l.version)
-	if err != nil {
-		l.me.Expires = prev
-		if errors.Is(err, chunkstore.ErrPrecondition) {
-			return ErrLost
+	for range 3 { // each round follows a renewal of ours whose answer was lost
+		next := l.me
+		t0 := time.Now()
+		next.Expires = t0.UTC().Add(l.ttl)
+		data, _ := json.Marshal(next)
+		ver, err := l.store.PutIf(ctx, Key, data, l.version)
+		if err == nil {
+			l.me, l.version = next, ver
+			l.confirm(t0)
+			return nil
 		}
-		return fmt.Errorf("renew the repository lease: %w", err)
+		if !errors.Is(err, chunkstore.ErrPrecondition) {
+			return fmt.Errorf("renew the repository lease: %w", err)
+		}
+		// The lease is not the version we wrote last: read whose it is.
+		cur, ver, err := l.store.GetVersion(ctx, Key)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			// Removed by hand: create it again, unless another server
+			// already has.
+			ver, err := l.store.PutIf(ctx, Key, data, "")
+			if err == nil {
+				l.me, l.version = next, ver
+				l.delayFrom(t0) // whoever removed it may have started a server
+				l.confirm(t0)
+				return nil
+			}
+			if errors.Is(err, chunkstore.ErrPrecondition) {
+				continue // read whose it is now
+			}
+			return fmt.Errorf("renew the repository lease (it was removed): %w", err)
+		}
+		if err != nil {
+			return fmt.Errorf("read the repository lease: %w", err)
+		}
+		var h Holder
+		if err := json.Unmarshal(cur, &h); err != nil {
+			l.end()
+			return fmt.Errorf("%w: the lease %s holds something this server did not write (%v)", ErrLost, Key, err)
+		}
+		if h.ID != l.me.ID {
+			l.end()
+			return fmt.Errorf("%w: it now names the nbdvault server on %s (pid %d, since %s)", ErrLost, h.Host, h.PID, h.Started.Format(time.RFC3339))
+		}
+		// Ours: a renewal whose answer was lost landed after all (or a
+		// late duplicate of one). Take its version and the expiry it
+		// holds, and renew on top of it.
+		l.me, l.version = h, ver
+		l.shrinkTo(h.Expires.Add(-l.margin()))
 	}
-	l.version = ver
-	return nil
+	l.end()
+	return fmt.Errorf("renew the repository lease: %w (it keeps changing)", ErrLost)
 }
 
-// Keep renews the lease every third of its TTL until ctx ends (nil) or the
-// lease is lost (ErrLost). Renewals that fail for other reasons are retried
-// until the lease would expire, which counts as lost.
-func (l *Lease) Keep(ctx context.Context) error {
-	t := time.NewTicker(l.ttl / 3)
-	defer t.Stop()
+// Keep renews the lease every third of its TTL until ctx ends (nil) or
+// another server is found holding it (ErrLost). A renewal that gets no
+// answer is retried every tenth of the TTL, for as long as it takes:
+// meanwhile Confirmed turns false once the window closes, and the
+// repository is not written. report, if not nil, hears every renewal's
+// outcome.
+func (l *Lease) Keep(ctx context.Context, report func(error)) error {
+	sinceRenewal := func() time.Duration {
+		l.win.Lock()
+		defer l.win.Unlock()
+		return time.Since(l.renewedAt)
+	}
+	// The first renewal is due a third of a TTL after the last one, which
+	// Acquire made some time ago.
+	wait := max(l.ttl/3-sinceRenewal(), 0)
 	for {
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-t.C:
+		case <-time.After(wait):
 		}
-		// A renewal that ends after the lease expired is worthless: give
-		// it until then, so a hung store is noticed in time.
-		rctx, cancel := context.WithDeadline(ctx, l.Holder().Expires)
+		rctx, cancel := context.WithTimeout(ctx, l.ttl/3)
 		err := l.Renew(rctx)
 		cancel()
+		if ctx.Err() != nil {
+			return nil
+		}
+		if report != nil {
+			report(err)
+		}
 		switch {
 		case err == nil:
+			wait = l.ttl / 3
 		case errors.Is(err, ErrLost):
 			return err
-		case ctx.Err() != nil:
-			return nil
-		case time.Now().After(l.Holder().Expires):
-			return fmt.Errorf("%w: no renewal succeeded before it expired (last: %v)", ErrLost, err)
+		default:
+			wait = l.ttl / 10
 		}
 	}
 }
 
+// Fence wraps b, the repository, so that it is written (Put, Delete) only
+// while the lease is confirmed: a write is refused with ErrNotConfirmed
+// once the window closes, and runs under a deadline no later than its
+// end, so no request of this server is still in flight when another may
+// take the lease over. Reads pass through.
+func (l *Lease) Fence(b chunkstore.Backend) chunkstore.Backend { return &fence{Backend: b, l: l} }
+
+type fence struct {
+	chunkstore.Backend
+	l *Lease
+}
+
+// The fence has no Unwrap: chunkstore.AsVersioned must not find the
+// store's conditional writes through it.
+
+// write runs op under a deadline at the end of the lease's window, or
+// refuses with ErrNotConfirmed if it is not open.
+func (f *fence) write(ctx context.Context, what string, op func(context.Context) error) error {
+	l := f.l
+	l.win.Lock()
+	if !l.openLocked() {
+		until, ended := l.safeUntil, l.ended
+		l.win.Unlock()
+		if ended {
+			return fmt.Errorf("%s: %w: this server no longer holds the repository lease", what, ErrNotConfirmed)
+		}
+		return fmt.Errorf("%s: %w since %s (the repository did not answer its renewals); writes resume once a renewal succeeds: %w",
+			what, ErrNotConfirmed, until.UTC().Format(time.RFC3339), chunkstore.ErrUnavailable)
+	}
+	until := l.safeUntil
+	l.inflight.Add(1) // under win: Release ends the window, then waits
+	l.win.Unlock()
+	defer l.inflight.Done()
+	ctx, cancel := context.WithDeadline(ctx, until)
+	defer cancel()
+	err := op(ctx)
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		l.win.Lock()
+		l.cutShort = true
+		l.win.Unlock()
+	}
+	return err
+}
+
+func (f *fence) Put(ctx context.Context, key string, data []byte) error {
+	return f.write(ctx, "write "+key, func(ctx context.Context) error { return f.Backend.Put(ctx, key, data) })
+}
+
+func (f *fence) Delete(ctx context.Context, key string) error {
+	return f.write(ctx, "delete "+key, func(ctx context.Context) error { return f.Backend.Delete(ctx, key) })
+}
+
 // Release gives the lease up, if this server still holds it.
+//
+// It first ends the write window and waits for the fenced writes under
+// way (each ends by the window's end at the latest). If one was cut short
+// by that deadline, the store may still apply it, so the record expires a
+// Margin from now; otherwise at once.
 func (l *Lease) Release(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	l.end()
+	l.inflight.Wait()
+	l.win.Lock()
+	expires := time.Unix(0, 0).UTC()
+	if l.cutShort {
+		expires = time.Now().UTC().Add(l.margin())
+	}
+	l.win.Unlock()
 	// Not a delete: between a read and a delete another server could take
 	// the lease over, and the delete would drop its lease. An expired
 	// lease written by compare-and-swap on our own version is free to the
 	// next server at once, and cannot touch anyone else's.
 	gone := l.me
-	gone.Expires = time.Unix(0, 0).UTC()
+	gone.Expires = expires
 	data, _ := json.Marshal(gone)
 	ver, err := l.store.PutIf(ctx, Key, data, l.version)
 	switch {
@@ -244,5 +487,19 @@ func (me Holder) outlived(h Holder) bool {
 		h.Host != me.Host || h.PID <= 0 || h.PID == me.PID {
 		return false
 	}
-	return errors.Is(syscall.Kill(h.PID, 0), syscall.ESRCH)
+	return errors.Is(syscall.Kill(h.PID, 0), syscall.ESRCH) || zombie(h.PID)
+}
+
+// zombie reports whether process pid has exited but not been reaped (a
+// server killed with SIGKILL whose parent has not waited for it yet):
+// kill(pid, 0) still finds it, but it will never write again.
+func zombie(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// "pid (comm) S ...": the state follows the last ')', since comm may
+	// hold anything.
+	i := bytes.LastIndexByte(stat, ')')
+	return i >= 0 && i+2 < len(stat) && stat[i+2] == 'Z'
 }

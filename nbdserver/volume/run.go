@@ -3,10 +3,14 @@ package volume
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"time"
 )
 
-// nudge wakes Run without waiting.
+// Nudge wakes the uploader (Run) without waiting: a snapshot to seal, or
+// a repository that can be written again after an outage.
+func (v *Volume) Nudge() { v.nudge() }
+
 func (v *Volume) nudge() {
 	select {
 	case v.kick <- struct{}{}:
@@ -44,14 +48,21 @@ func (v *Volume) Run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
 			if l := v.env.Logger; l != nil {
-				l.Warn("upload failed; retrying", "volume", v.cfg.Name, "error", err, "in", backoff)
+				// Said once per run of failures: an outage may last hours,
+				// and the server says that it does on its own.
+				level := slog.LevelWarn
+				if backoff > 0 {
+					level = slog.LevelDebug
+				}
+				l.Log(ctx, level, "upload failed; retrying until it works", "volume", v.cfg.Name, "error", err)
 			}
+			backoff = min(max(2*backoff, 100*time.Millisecond), 30*time.Second)
 			select {
 			case <-ctx.Done():
 				return
 			case <-time.After(backoff):
+			case <-v.kick: // the repository may be writable again
 			}
 			v.nudge()
 			continue
