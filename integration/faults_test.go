@@ -20,6 +20,7 @@ import (
 	"github.com/nbdvault/nbdvault/integration/miniotest"
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
+	"github.com/nbdvault/nbdvault/integration/testenv"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -235,4 +236,53 @@ func TestFaultS3Outage(t *testing.T) {
 	for _, sn := range snaps {
 		assert.True(t, sn.Sealed, "every snapshot is sealed once the repository is back: %+v", sn)
 	}
+}
+
+// TestFaultStateDiskFull puts the server's data folder on a 16 MiB tmpfs
+// (the repository elsewhere) and has qemu-io write three times that, then
+// fills the disk to its last byte and restarts the server: no write
+// fails, they wait for the uploader to free the log, and every byte reads
+// back (nbdcopy).
+func TestFaultStateDiskFull(t *testing.T) {
+	const mib = 1 << 20
+	data := testenv.Tmpfs(t, "16m")
+	s := servertest.Start(t, servertest.Options{Data: data, Repo: filepath.Join(t.TempDir(), "repo"),
+		Args: []string{"--checkpoint-interval", "1h"}})
+	s.MustCLI("volume", "create", "db", "--size", "64M", "--chunk-size", "64K")
+	want := make([]byte, 64*mib)
+	var cmds []string
+	for i := range 48 {
+		b := byte(1 + i)
+		cmds = append(cmds, fmt.Sprintf("write -P %d %d 1M", b, i*mib))
+		copy(want[i*mib:(i+1)*mib], bytes.Repeat([]byte{b}, mib))
+	}
+	qemuIOOK(t, s.URI("db"), append(cmds, "flush")...)
+	assert.Contains(t, s.Log(), "state disk full", "the disk did fill")
+	got, r := nbdcopyOut(t, s.URI("db"))
+	require.NotNil(t, got, "%s", r)
+	nbdtest.SameBytes(t, want, got, "db after writing 3× the state disk")
+
+	// Filled to the last byte by something else, with writes in the log:
+	// a restart still opens, and the next writes wait for room, then go.
+	qemuIOOK(t, s.URI("db"), "write -P 0x77 48M 8M", "flush")
+	copy(want[48*mib:56*mib], bytes.Repeat([]byte{0x77}, 8*mib))
+	require.Equal(t, 0, s.Stop())
+	f, err := os.Create(filepath.Join(data, "filler"))
+	require.NoError(t, err)
+	for _, size := range []int{mib, 4096, 1} {
+		for {
+			if _, err := f.Write(make([]byte, size)); err != nil {
+				break
+			}
+		}
+	}
+	f.Close()
+	s.Restart()
+	assert.Contains(t, s.MustCLI("status").Stdout, "state disk")
+	qemuIOOK(t, s.URI("db"), "write -P 0x78 56M 8M", "flush")
+	copy(want[56*mib:], bytes.Repeat([]byte{0x78}, 8*mib))
+	require.NoError(t, os.Remove(filepath.Join(data, "filler")))
+	got, r = nbdcopyOut(t, s.URI("db"))
+	require.NotNil(t, got, "%s", r)
+	nbdtest.SameBytes(t, want, got, "db after a restart on a full disk")
 }

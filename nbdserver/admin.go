@@ -146,6 +146,7 @@ func (s *Server) getStatus(r *http.Request) (int, any, error) {
 			rs.PendingBytes += v.Status.PendingBytes
 		}
 	}
+	st.StateDisk = s.stateDisk()
 	return http.StatusOK, st, nil
 }
 
@@ -368,6 +369,7 @@ func volumeInfo(v *volume.Volume) api.Volume {
 	if st.LogError != nil {
 		vs.LogError = st.LogError.Error()
 	}
+	vs.DiskFull = st.DiskFull
 	for _, si := range v.Snapshots() {
 		if si.Sealed {
 			vs.LastSealedSnapshot = si.ID

@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
 // repoHealth follows whether the repository answers, from the outcome of
@@ -50,4 +54,14 @@ func (h *repoHealth) state() (up bool, since time.Time, lastErr error) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	return !h.down, h.since, h.lastErr
+}
+
+// stateDisk reports the file system of the state folder.
+func (s *Server) stateDisk() api.Disk {
+	d := api.Disk{Path: filepath.Join(s.opts.Data, "state")}
+	var st unix.Statfs_t
+	if unix.Statfs(d.Path, &st) == nil {
+		d.TotalBytes, d.FreeBytes = int64(st.Blocks)*st.Bsize, int64(st.Bavail)*st.Bsize
+	}
+	return d
 }

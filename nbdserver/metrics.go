@@ -149,6 +149,10 @@ var (
 		"1 while the repository answers requests, 0 from the first request that got no answer until one does.", nil, nil)
 	descLeaseConfirmed = prometheus.NewDesc("nbdvault_repository_lease_confirmed",
 		"1 while the repository lease is confirmed and uploads may run; 0 while renewals fail (uploads paused).", nil, nil)
+	descStateFree = prometheus.NewDesc("nbdvault_state_disk_free_bytes",
+		"Bytes free for the server on the file system of its state folder (the write logs).", nil, nil)
+	descDiskFull = prometheus.NewDesc("nbdvault_volume_disk_full",
+		"1 while the volume's writes wait for room on a full state disk, else 0.", []string{"volume"}, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -156,7 +160,7 @@ var (
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
-		descRepoUp, descLeaseConfirmed, descDamaged} {
+		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull} {
 		ch <- d
 	}
 }
@@ -186,9 +190,13 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		gauge(descSealFailing, failing, name)
 		gauge(descDamaged, boolGauge(errors.Is(st.SealError, volume.ErrLogCorrupt)), name)
+		gauge(descDiskFull, boolGauge(st.DiskFull), name)
 	}
 	for name := range c.s.Failed() {
 		gauge(descDamaged, 1, name)
+	}
+	if c.s.opts.Data != "" {
+		gauge(descStateFree, float64(c.s.stateDisk().FreeBytes))
 	}
 	if c.s.health != nil {
 		up, _, _ := c.s.health.state()

@@ -134,6 +134,9 @@ func statusCommand() *cli.Command {
 			if line := repositoryLine(st.RepositoryState); line != "" {
 				fmt.Println(line)
 			}
+			if d := st.StateDisk; d.TotalBytes > 0 {
+				fmt.Printf("state disk %s: %s free of %s\n", d.Path, formatSize(d.FreeBytes), formatSize(d.TotalBytes))
+			}
 			fmt.Printf("NBD on %v\n\n", st.NBD)
 			if len(st.Volumes) == 0 {
 				fmt.Println("no volumes yet: nbdvault volume create NAME --size 20G")

@@ -109,6 +109,8 @@ func printVolumes(vs []api.Volume) {
 			upload = "DAMAGED: " + st.Damaged
 		case st.LogError != "":
 			upload = "WRITES STOPPED: " + st.LogError
+		case st.DiskFull:
+			upload = "STATE DISK FULL: writes wait for the uploader to free the write log"
 		case st.SealError != "":
 			upload = "FAILING: " + st.SealError
 		}

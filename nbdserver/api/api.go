@@ -47,6 +47,9 @@ type VolumeStatus struct {
 	// LogError is why the volume takes no more writes (a failed
 	// fdatasync of its write log); a restart of the server clears it.
 	LogError string `json:"log_error,omitempty"`
+	// DiskFull: the state disk is full and writes wait until the
+	// uploader frees sealed log segments.
+	DiskFull bool `json:"disk_full,omitempty"`
 }
 
 // Snapshot is one snapshot of a volume.
@@ -68,8 +71,18 @@ type Status struct {
 	// RepositoryState says whether the repository answers and uploads
 	// run.
 	RepositoryState RepositoryState `json:"repository_state"`
-	NBD             []string        `json:"nbd"` // listen addresses: host:port or unix:/path
-	Volumes         []Volume        `json:"volumes"`
+	// StateDisk is the file system of the server's state folder (the
+	// write logs).
+	StateDisk Disk     `json:"state_disk"`
+	NBD       []string `json:"nbd"` // listen addresses: host:port or unix:/path
+	Volumes   []Volume `json:"volumes"`
+}
+
+// Disk is a file system's size and what is free on it.
+type Disk struct {
+	Path       string `json:"path"`
+	TotalBytes int64  `json:"total_bytes"`
+	FreeBytes  int64  `json:"free_bytes"` // available to the server
 }
 
 // RepositoryState is whether the repository answers and may be written.

@@ -55,6 +55,12 @@ const (
 	// never shares a record with another chunk. Older logs may hold larger
 	// records; they are read and checked the same way.
 	RecordGrain = 64 << 10
+	// reserveName is a file of reserveBytes the log keeps in its folder
+	// and gives up when the disk is full, so that a mark can still be
+	// appended and a new segment started: a full state disk can then
+	// close its open layer, seal it and free it.
+	reserveName  = "reserve"
+	reserveBytes = 1 << 20
 )
 
 // RecordType says what a record does.
@@ -195,10 +201,41 @@ func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 	}
 	if len(l.segs) == 0 {
 		if err := l.newSegment(); err != nil {
+			l.Close()
 			return nil, err
 		}
 	}
+	l.keepReserve()
 	return l, nil
+}
+
+// keepReserve makes the reserve file if it is missing and the disk has
+// room for it (see reserveName).
+func (l *Log) keepReserve() {
+	path := filepath.Join(l.dir, reserveName)
+	if _, err := os.Stat(path); err == nil {
+		return
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return
+	}
+	err = unix.Fallocate(int(f.Fd()), 0, 0, reserveBytes)
+	if errors.Is(err, unix.EOPNOTSUPP) {
+		_, err = f.WriteAt(make([]byte, reserveBytes), 0)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	f.Close()
+	if err != nil {
+		os.Remove(path)
+	}
+}
+
+// useReserve frees the reserve's space, reporting whether there was any.
+func (l *Log) useReserve() bool {
+	return os.Remove(filepath.Join(l.dir, reserveName)) == nil
 }
 
 // TornTail reports the torn record replay cut off the end of the log, if
@@ -699,6 +736,11 @@ func (l *Log) AppendMark(data func(seq uint64) []byte, apply func(seq uint64, po
 	var err error
 	l.withAppendLock(func() {
 		seq, _, err = l.appendLocked(Record{Type: RecordMark}, data, apply)
+		if errors.Is(err, unix.ENOSPC) && l.useReserve() {
+			// The disk is full: the reserve makes room for the mark, so
+			// the layer can be sealed and its space freed.
+			seq, _, err = l.appendLocked(Record{Type: RecordMark}, data, apply)
+		}
 		if err != nil {
 			return
 		}
@@ -713,6 +755,14 @@ func (l *Log) AppendMark(data func(seq uint64) []byte, apply func(seq uint64, po
 			}
 		}
 		err = l.newSegment()
+		if errors.Is(err, unix.ENOSPC) && l.useReserve() {
+			err = l.newSegment()
+		}
+		if err != nil {
+			// The mark is in the log but the next layer has no segment of
+			// its own: appending on would mix two layers in one segment.
+			l.broken = fmt.Errorf("write log: cannot start a segment after a mark: %w", err)
+		}
 	})
 	return seq, err
 }
@@ -863,7 +913,11 @@ func (l *Log) RemoveBefore(seq uint64) error {
 	if err != nil {
 		return err
 	}
-	return fsync.Dir(l.dir)
+	if err := fsync.Dir(l.dir); err != nil {
+		return err
+	}
+	l.keepReserve() // room was freed: take the reserve back if it was used
+	return nil
 }
 
 // Reset deletes every segment and starts the log again at sequence

@@ -2,8 +2,10 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"syscall"
 	"time"
 )
 
@@ -101,6 +103,50 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 	}
 }
 
+// whenRoom runs appendFn, and when the state disk is full (ENOSPC),
+// makes room and runs it again: the open layer is closed (the log's
+// reserve makes room for the mark), sealed by the uploader, and its
+// segments freed. Writes so wait for a full disk as they wait at the
+// log limit; they fail with ENOSPC only when this volume's log holds
+// nothing to free, or when ctx ends first.
+func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
+	for {
+		err := appendFn()
+		if !errors.Is(err, syscall.ENOSPC) {
+			if err == nil && v.diskFull.Load() {
+				v.diskFull.Store(false)
+				if l := v.env.Logger; l != nil {
+					l.Info("state disk has room again: writes go on", "volume", v.cfg.Name)
+				}
+			}
+			return err
+		}
+		v.mu.RLock()
+		sealed := v.sealed
+		pending := len(v.layers) > 1 || v.layers[0].extents.len() > 0
+		v.mu.RUnlock()
+		if !pending {
+			return err // nothing of this volume's to free
+		}
+		if !v.diskFull.Swap(true) {
+			if l := v.env.Logger; l != nil {
+				l.Warn("state disk full: writes wait until the uploader frees sealed log segments", "volume", v.cfg.Name, "error", err)
+			}
+		}
+		if _, cerr := v.Checkpoint(ctx); cerr != nil && !errors.Is(cerr, syscall.ENOSPC) {
+			return errors.Join(err, cerr)
+		}
+		v.nudge()
+		select {
+		case <-sealed:
+		case <-ctx.Done():
+			return fmt.Errorf("%w (gave up waiting for the uploader to free the state disk: %v)", err, ctx.Err())
+		case <-v.closed:
+			return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+		}
+	}
+}
+
 // Status is what the volume reports about its upload.
 type Status struct {
 	LogBytes      int64
@@ -114,11 +160,14 @@ type Status struct {
 	// LogError is why the write log takes no more writes (a failed
 	// fdatasync), or nil.
 	LogError error
+	// DiskFull: writes wait because the state disk is full, until the
+	// uploader frees sealed log segments.
+	DiskFull bool
 }
 
 // Status reports the volume's upload state.
 func (v *Volume) Status() Status {
-	st := Status{LogBytes: v.log.Size(), LogError: v.log.Err()} // before mu: the lock order is log, then mu
+	st := Status{LogBytes: v.log.Size(), LogError: v.log.Err(), DiskFull: v.diskFull.Load()} // before mu: the lock order is log, then mu
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	st.PendingLayers, st.LastSeal, st.SealError = len(v.layers)-1, v.lastSeal, v.sealErr

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -137,10 +139,11 @@ func TestRunReportsAndRecoversFromSealErrors(t *testing.T) {
 		"the upload catches up once the repository is back")
 }
 
-// TestStateDiskFull puts the state folder on a 4 MiB tmpfs: a write that
-// does not fit fails with ENOSPC (which NBD reports as ENOSPC), nothing
-// written before is lost, and once the uploader frees the log, writes
-// succeed again.
+// TestStateDiskFull puts the state folder on a 4 MiB tmpfs and writes four
+// times that: writes that find the disk full wait until the uploader has
+// sealed the open layer (its mark fits thanks to the log's reserve) and
+// freed its segments, then go on; nothing is lost, status says so while
+// it lasts, and the same holds after a restart on a disk left full.
 func TestStateDiskFull(t *testing.T) {
 	dir := testenv.Tmpfs(t, "4m")
 	ctx := context.Background()
@@ -150,34 +153,113 @@ func TestStateDiskFull(t *testing.T) {
 	env := &Env{Repo: mem, Store: store, StateDir: dir, CheckpointInterval: time.Hour}
 	v, err := Create(ctx, env, Config{Name: "v", Size: 64 << 20})
 	require.NoError(t, err)
-	t.Cleanup(func() { v.Close() })
 
+	// Without an uploader nothing can be freed: the write that finds the
+	// disk full waits, and gives up with ENOSPC when its context ends.
 	want := make([]byte, 64<<20)
-	var full error
 	n := 0
 	for ; n < 64; n++ {
 		p := randomBytes(256 << 10)
-		if full = v.WriteAt(ctx, p, int64(n)<<18, false); full != nil {
+		wctx, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+		err := v.WriteAt(wctx, p, int64(n)<<18, false)
+		cancel()
+		if err != nil {
+			require.ErrorIs(t, err, syscall.ENOSPC, "the write that does not fit says why")
 			break
 		}
 		copy(want[n<<18:], p)
 	}
-	require.ErrorIs(t, full, syscall.ENOSPC, "the write that does not fit says why")
+	require.Less(t, n, 64, "the disk filled")
+	// Fill what is left to the last byte, with smaller and smaller writes.
+	for _, size := range []int{4096, 512, 1} {
+		for k := 0; ; k++ {
+			p := randomBytes(size)
+			off := int64(n)<<18 + int64(k*size)
+			wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+			err := v.WriteAt(wctx, p, off, false)
+			cancel()
+			if err != nil {
+				require.ErrorIs(t, err, syscall.ENOSPC)
+				break
+			}
+			copy(want[off:], p)
+			n += (k*size + size) >> 18
+		}
+	}
+	assert.True(t, v.Status().DiskFull, "status says the disk is full")
 	require.NoError(t, v.Flush(ctx), "what was written before is still durable")
 	got := make([]byte, len(want))
 	require.NoError(t, v.ReadAt(ctx, got, 0))
 	require.True(t, bytes.Equal(want, got), "nothing written before the disk filled is lost")
 
-	// The uploader frees the log; writes go on.
-	_, err = v.Checkpoint(ctx)
+	// A restart on the full disk, then the uploader: every write goes
+	// through, waiting for room as it needs.
+	require.NoError(t, v.Close())
+	v, err = Open(ctx, env, "v")
 	require.NoError(t, err)
-	require.NoError(t, v.SealAll(ctx))
-	p := randomBytes(256 << 10)
-	require.NoError(t, v.WriteAt(ctx, p, int64(n)<<18, true))
-	copy(want[n<<18:], p)
+	t.Cleanup(func() { v.Close() })
+	startRun(t, v)
+	for i := range 64 {
+		p := randomBytes(256 << 10)
+		require.NoError(t, v.WriteAt(ctx, p, int64(i)<<18, false), "write %d of 64 into a 4 MiB disk", i)
+		copy(want[i<<18:], p)
+	}
+	require.NoError(t, v.Flush(ctx))
+	assert.False(t, v.Status().DiskFull, "status says when the disk has room again")
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(want, got), "every write is there")
 	require.NoError(t, v.Close())
 	v, err = Open(ctx, env, "v")
 	require.NoError(t, err)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
-	require.True(t, bytes.Equal(want, got), "after a restart the volume holds every write that succeeded")
+	require.True(t, bytes.Equal(want, got), "after a restart the volume holds every write")
+}
+
+// fillDisk fills the file system of dir to its last byte with a file.
+func fillDisk(t *testing.T, dir string) {
+	t.Helper()
+	f, err := os.Create(filepath.Join(dir, "filler"))
+	require.NoError(t, err)
+	defer f.Close()
+	for _, size := range []int{1 << 20, 4096, 1} {
+		buf := make([]byte, size)
+		for {
+			if _, err := f.Write(buf); err != nil {
+				require.ErrorIs(t, err, syscall.ENOSPC)
+				break
+			}
+		}
+	}
+}
+
+// A disk filled to its last byte by something else still lets a volume
+// close its open layer (the mark fits in the log's reserve), seal it and
+// free its segments.
+func TestStateDiskFullMarkUsesReserve(t *testing.T) {
+	dir := testenv.Tmpfs(t, "4m")
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: dir, CheckpointInterval: time.Hour}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 16 << 20})
+	require.NoError(t, err)
+	t.Cleanup(func() { v.Close() })
+	// One record that ends the segment at a page boundary: the mark will
+	// need a page of its own.
+	a := randomBytes(4096 - recordHeaderLen)
+	require.NoError(t, v.WriteAt(ctx, a, 0, true))
+	fillDisk(t, dir)
+
+	_, err = v.Snapshot(ctx, "full")
+	require.NoError(t, err, "the mark fits in the reserve")
+	require.NoError(t, v.SealAll(ctx), "and the layer seals")
+	b := randomBytes(256 << 10)
+	err = v.WriteAt(ctx, b, 1<<20, true)
+	require.ErrorIs(t, err, syscall.ENOSPC, "the disk is full of something else: nothing of the volume's to free, so no wait")
+	require.NoError(t, os.Remove(filepath.Join(dir, "filler")))
+	require.NoError(t, v.WriteAt(ctx, b, 1<<20, true), "room again: writes go on")
+	got := make([]byte, len(a))
+	require.NoError(t, v.ReadSnapshotAt(ctx, "full", got, 0))
+	require.True(t, bytes.Equal(a, got))
 }

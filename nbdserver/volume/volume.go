@@ -80,6 +80,8 @@ type Volume struct {
 	sealed   chan struct{}
 	lastSeal time.Time
 	sealErr  error // the last seal's failure, until one succeeds
+	// diskFull is set while writes wait for room on a full state disk.
+	diskFull atomic.Bool
 }
 
 // layer is the log records between two marks: what they wrote, as an
@@ -414,7 +416,7 @@ func (v *Volume) WriteAt(ctx context.Context, p []byte, off int64, fua bool) err
 			recs = append(recs, Record{Type: RecordWrite, Offset: off, Length: int64(n), Data: p[:n]})
 			p, off, batch = p[n:], off+int64(n), batch+n
 		}
-		if err := v.appendBatch(recs); err != nil {
+		if err := v.whenRoom(ctx, func() error { return v.appendBatch(recs) }); err != nil {
 			return err
 		}
 	}
@@ -433,7 +435,7 @@ func (v *Volume) Zero(ctx context.Context, off, n int64) error {
 	if n == 0 {
 		return nil
 	}
-	return v.append(Record{Type: RecordZero, Offset: off, Length: n})
+	return v.whenRoom(ctx, func() error { return v.append(Record{Type: RecordZero, Offset: off, Length: n}) })
 }
 
 func (v *Volume) appendBatch(recs []Record) error {
