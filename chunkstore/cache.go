@@ -3,6 +3,7 @@ package chunkstore
 import (
 	"container/list"
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 )
@@ -141,6 +142,11 @@ func (f *flight) do(ctx context.Context, id ID, fetch func(context.Context) ([]b
 			}
 		}
 		f.mu.Unlock()
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			// The store did not answer in time: to the caller that is an
+			// unavailable store, like a fetch that failed on its own.
+			return nil, fmt.Errorf("waiting for chunk %s: %w: %w", id, ErrUnavailable, ctx.Err())
+		}
 		return nil, fmt.Errorf("waiting for chunk %s: %w", id, ctx.Err())
 	}
 }

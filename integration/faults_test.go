@@ -31,6 +31,9 @@ const exitDamaged = 7
 func qemuIO(t *testing.T, uri string, cmds ...string) *nbdtest.Result {
 	t.Helper()
 	args := []string{"-f", "raw", uri}
+	if strings.Contains(uri, "@") { // a snapshot: read-only
+		args = append([]string{"-r"}, args...)
+	}
 	for _, c := range cmds {
 		args = append(args, "-c", c)
 	}
@@ -285,4 +288,94 @@ func TestFaultStateDiskFull(t *testing.T) {
 	got, r = nbdcopyOut(t, s.URI("db"))
 	require.NotNil(t, got, "%s", r)
 	nbdtest.SameBytes(t, want, got, "db after a restart on a full disk")
+}
+
+// stripSum removes an object's checksum line, as format 1 wrote it.
+func stripSum(t *testing.T, path string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	i := bytes.LastIndex(bytes.TrimSuffix(b, []byte("\n")), []byte("\n"))
+	require.Positive(t, i)
+	require.True(t, bytes.HasPrefix(b[i+1:], []byte("nbdvault-sum ")), "%s has its checksum line", path)
+	require.NoError(t, os.WriteFile(path, b[:i+1], 0o600))
+}
+
+func editFile(t *testing.T, path, from, to string) {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.Contains(t, string(b), from)
+	require.NoError(t, os.WriteFile(path, bytes.Replace(b, []byte(from), []byte(to), 1), 0o600))
+}
+
+// TestFaultRepositoryObjects damages what describes the data in a local
+// repository: a snapshot manifest's size (the issue's edit), the newest
+// manifest's sequence number, the config. Each is found and named, and
+// touches only what it describes. A format 1 repository (no checksum
+// lines) is upgraded in place at start.
+func TestFaultRepositoryObjects(t *testing.T) {
+	repo := filepath.Join(t.TempDir(), "repo")
+	s := servertest.Start(t, servertest.Options{Repo: repo})
+	s.MustCLI("volume", "create", "a", "--size", "16M")
+	s.MustCLI("volume", "create", "b", "--size", "16M")
+	qemuIOOK(t, s.URI("a"), "write -P 0x11 0 1M")
+	s1 := strings.TrimSpace(s.MustCLI("snapshot", "create", "a", "--label", "s1", "--wait").Stdout)
+	qemuIOOK(t, s.URI("a"), "write -P 0x22 0 1M")
+	s2 := strings.TrimSpace(s.MustCLI("snapshot", "create", "a", "--label", "s2", "--wait").Stdout)
+	qemuIOOK(t, s.URI("b"), "write -P 0x33 0 1M")
+	s.MustCLI("snapshot", "create", "b", "--wait")
+	require.Equal(t, 0, s.Stop())
+
+	// Format 1: every descriptive object without its checksum line.
+	cfg := filepath.Join(repo, "config")
+	objects, _ := filepath.Glob(filepath.Join(repo, "volumes", "*", "*"))
+	manifests, _ := filepath.Glob(filepath.Join(repo, "volumes", "*", "*", "*"))
+	for _, p := range append(objects, manifests...) {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			stripSum(t, p)
+		}
+	}
+	var c map[string]any
+	b, err := os.ReadFile(cfg)
+	require.NoError(t, err)
+	require.NoError(t, json.Unmarshal(b, &c))
+	delete(c, "sum")
+	c["format"] = 1
+	b, _ = json.Marshal(c)
+	require.NoError(t, os.WriteFile(cfg, b, 0o600))
+	s.Restart()
+	assert.Contains(t, s.Log(), "repository upgraded")
+	qemuIOOK(t, s.URI("a@s1"), "read -P 0x11 0 1M")
+	qemuIOOK(t, s.URI("a"), "read -P 0x22 0 1M")
+	require.Equal(t, 0, s.Stop())
+	b, err = os.ReadFile(filepath.Join(repo, "volumes", "a", "snapshots", s1))
+	require.NoError(t, err)
+	assert.Contains(t, string(b), "nbdvault-sum blake3-256 ", "upgraded objects carry their checksum")
+
+	// The issue's edit: a bigger size in an old snapshot's manifest.
+	editFile(t, filepath.Join(repo, "volumes", "a", "snapshots", s1), `"size": 16777216`, `"size": 26777216`)
+	s.Restart()
+	list := s.MustCLI("snapshot", "list", "a").Stdout
+	assert.Regexp(t, s1+`.*DAMAGED: .*checksum mismatch`, list)
+	assert.False(t, qemuIO(t, s.URI("a@"+s1), "read 0 4k").OK(), "a damaged snapshot is not exported")
+	qemuIOOK(t, s.URI("a@s2"), "read -P 0x22 0 1M")
+	qemuIOOK(t, s.URI("b"), "read -P 0x33 0 1M")
+	require.Equal(t, 0, s.Stop())
+
+	// The newest manifest's sequence number raised: a is not served (it
+	// would skip log records), b is.
+	editFile(t, filepath.Join(repo, "volumes", "a", "snapshots", s2), `"seq": `, `"seq": 9`)
+	s.Restart()
+	assert.Regexp(t, `a .*DAMAGED: not served: .*newest manifest is damaged.*`+s2, s.MustCLI("volume", "list").Stdout)
+	qemuIOOK(t, s.URI("b"), "read -P 0x33 0 1M")
+	require.Equal(t, 0, s.Stop())
+
+	// A damaged config stops the start, naming it.
+	flip(t, cfg, 5)
+	out := nbdtest.Run(t, cmdTimeout, servertest.Binary(t), "serve", "--data", s.Data, "--repo", repo,
+		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.False(t, out.OK())
+	assert.Contains(t, out.Stderr, "its config is damaged")
+	assert.Contains(t, out.Stderr, "checksum mismatch")
 }

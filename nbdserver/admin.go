@@ -105,7 +105,8 @@ func apiError(err error) *api.Error {
 		err = fmt.Errorf("%w (it is being deleted, or the server is stopping)", err)
 	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken), errors.Is(err, errBusy):
 		code = api.ErrExists
-	case errors.Is(err, errDamaged), errors.Is(err, volume.ErrLogCorrupt):
+	case errors.Is(err, errDamaged), errors.Is(err, volume.ErrLogCorrupt), errors.Is(err, volume.ErrDamagedManifest),
+		errors.Is(err, chunkstore.ErrCorrupt):
 		code = api.ErrDamaged
 	case errors.Is(err, volume.ErrNotSealed):
 		code = api.ErrNotSealed
@@ -379,5 +380,9 @@ func volumeInfo(v *volume.Volume) api.Volume {
 }
 
 func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
-	return api.Snapshot{Volume: v.Config().Name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size, Sealed: si.Sealed}
+	out := api.Snapshot{Volume: v.Config().Name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size, Sealed: si.Sealed}
+	if si.Damaged != nil {
+		out.Damaged = si.Damaged.Error()
+	}
+	return out
 }

@@ -77,7 +77,7 @@ func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
 		return h, ok
 	}
 	for _, s := range v.Snapshots() {
-		if s.ID == snap || (s.Label != "" && s.Label == snap) {
+		if s.Damaged == nil && (s.ID == snap || (s.Label != "" && s.Label == snap)) {
 			return e.snapshotExport(v, s, true), true
 		}
 	}
@@ -112,7 +112,9 @@ func (e *Exports) List() []*nbd.Export {
 	e.mu.RUnlock()
 	for _, v := range vols {
 		for _, s := range v.Snapshots() {
-			out = append(out, e.snapshotExport(v, s, false))
+			if s.Damaged == nil {
+				out = append(out, e.snapshotExport(v, s, false))
+			}
 		}
 	}
 	slices.SortFunc(out, func(a, b *nbd.Export) int { return strings.Compare(a.Name, b.Name) })

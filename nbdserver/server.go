@@ -148,7 +148,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	// From here on the repository is written only while the lease is
 	// confirmed (docs/architecture.md, "Fencing through outages").
 	s.repo = s.lease.Fence(s.repo)
-	rc, err := checkRepoConfig(ctx, s.repo)
+	rc, err := checkRepoConfig(ctx, s.repo, s.log)
 	if err != nil {
 		return nil, err
 	}
@@ -165,7 +165,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	s.env = &volume.Env{
-		Repo: s.repo, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
+		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit,
 		Logger: s.log.With("part", "upload"),
 	}
@@ -437,6 +437,9 @@ func nextStep(name string, err error) string {
 	if errors.Is(err, volume.ErrLogCorrupt) {
 		return fmt.Sprintf("run `nbdvault volume recover %s` to open it at its newest good state; it reports what is lost", name)
 	}
+	if errors.Is(err, volume.ErrDamagedManifest) || errors.Is(err, chunkstore.ErrCorrupt) {
+		return "the message names the damaged object: restore it from a copy of the repository, then restart the server"
+	}
 	return "fix the cause, then restart the server (or run `nbdvault volume recover " + name + "`)"
 }
 
@@ -659,41 +662,91 @@ type repoConfig struct {
 	ChunkID string    `json:"chunk_id"`
 	ID      string    `json:"id"` // random: ties a state folder to its repository
 	Created time.Time `json:"created"`
+	// Upgrading: an upgrade from format 1 began and has not finished.
+	Upgrading bool `json:"upgrading,omitempty"`
+	// Sum is the config's checksum (chunkstore.CheckConfig); it must be
+	// the last member.
+	Sum string `json:"sum,omitempty"`
 }
 
 const (
-	repoFormat  = 1
+	// repoFormat 2: descriptive objects carry a checksum line (format 1
+	// repositories are upgraded in place at start).
+	repoFormat  = 2
 	repoChunkID = "blake3-256"
 )
 
 // checkRepoConfig writes a new repository's config, or checks that an
 // existing one is a format this server reads. Called with the lease held.
-func checkRepoConfig(ctx context.Context, repo chunkstore.Backend) (repoConfig, error) {
+func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logger) (repoConfig, error) {
 	var c repoConfig
-	data, err := repo.Get(ctx, "config")
+	data, err := repo.Get(ctx, lease.ConfigKey)
 	switch {
 	case errors.Is(err, chunkstore.ErrNotFound):
-		c = repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC()}
+		c = repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC(), ID: randomHex(16)}
+		return c, writeRepoConfig(ctx, repo, c)
 	case err != nil:
 		return c, fmt.Errorf("repository %s: read its config: %w", repo.Location(), err)
-	default:
-		if err := json.Unmarshal(data, &c); err != nil {
-			return c, fmt.Errorf("repository %s: its config is unreadable (%v): is this an nbdvault repository?", repo.Location(), err)
-		}
-		if c.Format != repoFormat || c.ChunkID != repoChunkID {
-			return c, fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads format %d with %s: use the nbdvault release that wrote it",
-				repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
-		}
-		if c.ID != "" {
-			return c, nil
-		}
 	}
-	c.ID = randomHex(16) // a new repository, or one from before IDs
-	data, _ = json.MarshalIndent(c, "", "  ")
-	if err := repo.Put(ctx, "config", append(data, '\n')); err != nil {
-		return c, fmt.Errorf("repository %s: write its config: %w", repo.Location(), err)
+	summed, err := chunkstore.CheckConfig(lease.ConfigKey, data)
+	if err != nil {
+		return c, fmt.Errorf("repository %s: its config is damaged (%w): restore it from a copy of the repository", repo.Location(), err)
 	}
-	return c, nil
+	if err := json.Unmarshal(data, &c); err != nil {
+		return c, fmt.Errorf("repository %s: its config is unreadable (%v): damaged, or not an nbdvault repository; restore it from a copy of the repository",
+			repo.Location(), err)
+	}
+	if c.ChunkID != repoChunkID || c.Format < 1 || c.Format > repoFormat {
+		return c, fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads formats 1 to %d with %s: use the nbdvault release that wrote it",
+			repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
+	}
+	switch {
+	case c.Format >= 2 && !summed:
+		return c, fmt.Errorf("repository %s: its config has no checksum (%w): damaged, or changed by hand; restore it from a copy of the repository",
+			repo.Location(), chunkstore.ErrCorrupt)
+	case c.Format == repoFormat && !c.Upgrading && c.ID != "":
+		return c, nil
+	}
+	if c.ID == "" {
+		c.ID = randomHex(16) // a repository from before IDs
+	}
+	if c.Format < 2 || c.Upgrading {
+		// Format 1: first say format 2, upgrading (an older nbdvault then
+		// refuses the repository rather than misread it), then give every
+		// descriptive object its checksum, then clear the flag. A crash
+		// midway leaves the flag, and the next start goes on.
+		c.Format, c.Upgrading = repoFormat, true
+		if err := writeRepoConfig(ctx, repo, c); err != nil {
+			return c, err
+		}
+		log.Info("upgrading the repository: volume records and manifests get checksums", "to_format", repoFormat)
+		n, damaged, err := volume.UpgradeObjects(ctx, repo, c.ID, func(done int) {
+			log.Info("upgrading the repository", "objects", done)
+		})
+		if err != nil {
+			return c, fmt.Errorf("repository %s: upgrade to format %d: %w; start again to go on", repo.Location(), repoFormat, err)
+		}
+		for _, k := range damaged {
+			log.Error("repository upgrade: an object does not read as it should and is left as it is; what it describes is reported damaged", "object", k)
+		}
+		log.Info("repository upgraded", "format", repoFormat, "objects", n, "damaged", len(damaged))
+		c.Upgrading = false
+	}
+	return c, writeRepoConfig(ctx, repo, c)
+}
+
+// writeRepoConfig writes the config with its checksum.
+func writeRepoConfig(ctx context.Context, repo chunkstore.Backend, c repoConfig) error {
+	c.Sum = chunkstore.SumConfigPlaceholder
+	data, _ := json.MarshalIndent(c, "", "  ")
+	data, err := chunkstore.SumConfig(append(data, '\n'))
+	if err == nil {
+		err = repo.Put(ctx, lease.ConfigKey, data)
+	}
+	if err != nil {
+		return fmt.Errorf("repository %s: write its config: %w", repo.Location(), err)
+	}
+	return nil
 }
 
 // bindState ties the state folder to the repository with ID id: write

@@ -79,7 +79,10 @@ func snapshotList(c *cli.Context) error {
 	fmt.Fprintln(w, "ID\tLABEL\tTIME\tSIZE\tSTATE")
 	for _, s := range ss {
 		state := "uploading"
-		if s.Sealed {
+		switch {
+		case s.Damaged != "":
+			state = "DAMAGED: " + s.Damaged
+		case s.Sealed:
 			state = "sealed"
 		}
 		label := s.Label

@@ -61,6 +61,10 @@ type Snapshot struct {
 	Size   int64     `json:"size"`
 	// Sealed: uploaded; it no longer depends on the server's disk.
 	Sealed bool `json:"sealed"`
+	// Damaged says why the snapshot's manifest cannot be trusted: such a
+	// snapshot is not served; delete it, or restore its manifest from a
+	// copy of the repository.
+	Damaged string `json:"damaged,omitempty"`
 }
 
 // Status is the server's state: where it keeps data, where it serves NBD,

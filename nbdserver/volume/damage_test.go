@@ -3,6 +3,7 @@ package volume
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"sync"
@@ -215,4 +216,147 @@ func listKeys(t *testing.T, env *Env, prefix string) []string {
 		return nil
 	}))
 	return keys
+}
+
+// editObject replaces the object at key with edit(its bytes).
+func editObject(t *testing.T, env *Env, key string, edit func([]byte) []byte) {
+	t.Helper()
+	ctx := context.Background()
+	data, err := env.Repo.Get(ctx, key)
+	require.NoError(t, err)
+	require.NoError(t, env.Repo.Put(ctx, key, edit(bytes.Clone(data))))
+}
+
+// Damage in a manifest or a volume record is found, named, and touches
+// only what the object describes: a damaged old snapshot is listed as
+// damaged and not read, the others are; a damaged newest manifest keeps
+// the volume from opening at a wrong place, unless its write log still
+// holds what that manifest covered; a damaged record fails its volume.
+func TestManifestDamage(t *testing.T) {
+	ctx := context.Background()
+	env := testEnv(t)
+	v, err := Create(ctx, env, Config{Name: "db", Size: 4 << 20, ChunkSize: 1 << 20})
+	require.NoError(t, err)
+	var ids []string
+	var data [][]byte
+	for i := range 3 {
+		d := randomBytes(4096)
+		require.NoError(t, v.WriteAt(ctx, d, 0, false))
+		si, err := v.Snapshot(ctx, fmt.Sprintf("s%d", i))
+		require.NoError(t, err)
+		ids, data = append(ids, si.ID), append(data, d)
+	}
+	require.NoError(t, v.SealAll(ctx))
+	require.NoError(t, v.Close())
+	key := func(i int) string { return manifestKey("db", KindSnapshot, ids[i]) }
+
+	// The issue's edit: a bigger size in an old snapshot's manifest.
+	editObject(t, env, key(0), func(b []byte) []byte {
+		return bytes.Replace(b, []byte(`"size": 4194304`), []byte(`"size": 5194304`), 1)
+	})
+	v, err = Open(ctx, env, "db")
+	require.NoError(t, err, "a damaged old snapshot does not stop its volume")
+	snaps := v.Snapshots()
+	require.Len(t, snaps, 3)
+	require.ErrorIs(t, snaps[0].Damaged, chunkstore.ErrCorrupt)
+	assert.Contains(t, snaps[0].Damaged.Error(), key(0), "the error names the object")
+	got := make([]byte, 4096)
+	require.ErrorIs(t, v.ReadSnapshotAt(ctx, ids[0], got, 0), chunkstore.ErrCorrupt, "and it is not read")
+	for i := 1; i < 3; i++ {
+		require.NoError(t, v.ReadSnapshotAt(ctx, ids[i], got, 0))
+		assert.Equal(t, data[i], got)
+	}
+	require.NoError(t, v.DeleteSnapshot(ctx, ids[0]), "a damaged snapshot can be deleted")
+	require.NoError(t, v.Close())
+
+	// A manifest of another volume, checksum and all, is not this one's.
+	other, err := Create(ctx, env, Config{Name: "other", Size: 4 << 20, ChunkSize: 1 << 20})
+	require.NoError(t, err)
+	require.NoError(t, other.WriteAt(ctx, randomBytes(4096), 0, false))
+	osi, err := other.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, other.SealAll(ctx))
+	require.NoError(t, other.Close())
+	foreign, err := env.Repo.Get(ctx, manifestKey("other", KindSnapshot, osi.ID))
+	require.NoError(t, err)
+	own, err := env.Repo.Get(ctx, key(1))
+	require.NoError(t, err)
+	require.NoError(t, env.Repo.Put(ctx, key(1), foreign))
+	v, err = Open(ctx, env, "db")
+	require.NoError(t, err)
+	require.ErrorIs(t, v.Snapshots()[0].Damaged, chunkstore.ErrCorrupt, "a copied manifest does not say what its key says")
+	require.NoError(t, v.Close())
+	require.NoError(t, env.Repo.Put(ctx, key(1), own))
+
+	// The newest manifest raised to a later sequence number: the start
+	// would skip log records; instead the volume does not open.
+	editObject(t, env, key(2), func(b []byte) []byte {
+		return bytes.Replace(b, []byte(`"seq": `), []byte(`"seq": 9`), 1)
+	})
+	_, err = Open(ctx, env, "db")
+	require.ErrorIs(t, err, ErrDamagedManifest)
+	assert.Contains(t, err.Error(), key(2))
+
+	// A damaged volume record fails its volume.
+	editObject(t, env, volumeKey("other"), func(b []byte) []byte { b[10] ^= 1; return b })
+	_, err = Open(ctx, env, "other")
+	require.ErrorIs(t, err, chunkstore.ErrCorrupt)
+}
+
+// A damaged newest manifest whose records the write log still holds (a
+// seal cut short before it freed them) is sealed again.
+func TestDamagedNewestManifestResealed(t *testing.T) {
+	ctx := context.Background()
+	env := testEnv(t)
+	v, err := Create(ctx, env, Config{Name: "db", Size: 4 << 20, ChunkSize: 1 << 20})
+	require.NoError(t, err)
+	d := randomBytes(8192)
+	require.NoError(t, v.WriteAt(ctx, d, 4096, false))
+	si, err := v.Snapshot(ctx, "last")
+	require.NoError(t, err)
+	// Keep the log as it was before the seal freed it.
+	logDir := filepath.Join(env.stateDir("db"), "log")
+	saved := t.TempDir()
+	require.NoError(t, os.CopyFS(saved, os.DirFS(logDir)))
+	require.NoError(t, v.SealAll(ctx))
+	require.NoError(t, v.Close())
+	require.NoError(t, os.RemoveAll(logDir))
+	require.NoError(t, os.CopyFS(logDir, os.DirFS(saved)))
+	key := manifestKey("db", KindSnapshot, si.ID)
+	editObject(t, env, key, func(b []byte) []byte { b[20] ^= 1; return b })
+
+	v, err = Open(ctx, env, "db")
+	require.NoError(t, err, "the log holds what the damaged manifest covered")
+	defer v.Close()
+	got := make([]byte, len(d))
+	require.NoError(t, v.ReadSnapshotAt(ctx, "last", got, 4096))
+	assert.Equal(t, d, got)
+	require.NoError(t, v.SealAll(ctx))
+	var m Manifest
+	require.NoError(t, getJSON(ctx, env.Repo, env.RepoID, key, &m), "sealed again, the manifest is whole")
+	assert.Equal(t, si.ID, m.ID)
+}
+
+// Deleting a damaged newest manifest (as its error suggests) must not
+// open the volume with later writes laid over an older state: the log
+// starts after what the manifest before covers, and the volume says so.
+func TestLogAfterAGapDoesNotOpen(t *testing.T) {
+	ctx := context.Background()
+	env := testEnv(t)
+	v, err := Create(ctx, env, Config{Name: "db", Size: 4 << 20, ChunkSize: 1 << 20})
+	require.NoError(t, err)
+	var last SnapshotInfo
+	for range 2 {
+		require.NoError(t, v.WriteAt(ctx, randomBytes(4096), 0, false))
+		last, err = v.Snapshot(ctx, "")
+		require.NoError(t, err)
+		require.NoError(t, v.SealAll(ctx))
+	}
+	require.NoError(t, v.WriteAt(ctx, randomBytes(4096), 8192, true)) // in the log only
+	require.NoError(t, v.Close())
+	require.NoError(t, env.Repo.Delete(ctx, manifestKey("db", KindSnapshot, last.ID)))
+
+	_, err = Open(ctx, env, "db")
+	require.ErrorIs(t, err, ErrDamagedManifest)
+	assert.Contains(t, err.Error(), "its write log starts at record")
 }

@@ -45,7 +45,7 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	if s.Seq == base.Seq {
 		keep := s.Manifest
 		keep.Kind, keep.Label = KindCheckpoint, ""
-		if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
+		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
 			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
 		}
 		v.checkpoints = append(v.checkpoints, keep.ID)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -97,49 +98,233 @@ func snapshotID(t time.Time, seq uint64) string {
 	return fmt.Sprintf("%s-%012x", t.UTC().Format("20060102T150405.000Z"), seq)
 }
 
-func putJSON(ctx context.Context, b chunkstore.Backend, key string, v any) error {
-	data, err := json.MarshalIndent(v, "", "  ")
+// putJSON writes v as a checked object (chunkstore.Checked).
+func putJSON(ctx context.Context, b chunkstore.Backend, repoID, key string, v any) error {
+	obj, err := encodeObject(repoID, key, v)
 	if err != nil {
 		return err
 	}
-	return b.Put(ctx, key, append(data, '\n'))
+	return b.Put(ctx, key, obj)
 }
 
-func getJSON(ctx context.Context, b chunkstore.Backend, key string, v any) error {
+// encodeObject is v as the checked object at key.
+func encodeObject(repoID, key string, v any) ([]byte, error) {
+	data, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	return chunkstore.Checked(repoID, key, append(data, '\n')), nil
+}
+
+// getJSON reads the checked object at key into v. A missing or wrong
+// checksum, or a document that does not parse, is ErrCorrupt naming key.
+func getJSON(ctx context.Context, b chunkstore.Backend, repoID, key string, v any) error {
 	data, err := b.Get(ctx, key)
 	if err != nil {
 		return err
 	}
-	if err := json.Unmarshal(data, v); err != nil {
+	return decodeJSON(repoID, key, data, v)
+}
+
+func decodeJSON(repoID, key string, data []byte, v any) error {
+	doc, _, err := chunkstore.Unchecked(repoID, key, data, true)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(doc, v); err != nil {
 		return fmt.Errorf("%s: %w: %v", key, chunkstore.ErrCorrupt, err)
 	}
 	return nil
 }
 
+// idRE is a snapshot or checkpoint ID (snapshotID).
+var idRE = regexp.MustCompile(`^\d{8}T\d{6}\.\d{3}Z-([0-9a-f]{12,16})$`)
+
+// seqOfID is the log sequence number an ID carries.
+func seqOfID(id string) (uint64, bool) {
+	m := idRE.FindStringSubmatch(id)
+	if m == nil {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(m[1], 16, 64)
+	return seq, err == nil
+}
+
+// decodeManifest reads the manifest at key, of volume vol (whose chunk
+// size is chunkSize) and of kind, and checks that it says what its key
+// says: a checksum proves only that the bytes are the ones written, not
+// that they were written there.
+func decodeManifest(repoID, key, vol string, kind Kind, chunkSize int64, data []byte) (Manifest, error) {
+	var m Manifest
+	if err := decodeJSON(repoID, key, data, &m); err != nil {
+		return Manifest{}, err
+	}
+	return m, checkManifest(m, key, vol, kind, chunkSize)
+}
+
+// checkManifest says what is wrong with m, the manifest at key, if it
+// does not say what its key says.
+func checkManifest(m Manifest, key, vol string, kind Kind, chunkSize int64) error {
+	id := key[strings.LastIndexByte(key, '/')+1:]
+	seq, _ := seqOfID(id)
+	var why string
+	switch {
+	case m.ID != id:
+		why = fmt.Sprintf("it says it is %q", m.ID)
+	case m.Volume != vol:
+		why = fmt.Sprintf("it says it is of volume %q", m.Volume)
+	case m.Kind != kind:
+		why = fmt.Sprintf("it says it is a %s", m.Kind)
+	case m.Seq != seq:
+		why = fmt.Sprintf("it says it seals record %d, its ID says %d", m.Seq, seq)
+	case m.ChunkSize != chunkSize:
+		why = fmt.Sprintf("its chunk size %d is not the volume's %d", m.ChunkSize, chunkSize)
+	case m.Size <= 0 || m.Size > MaxSize:
+		why = fmt.Sprintf("size %d", m.Size)
+	}
+	if why != "" {
+		return &chunkstore.KeyError{Op: "check", Key: key, Err: fmt.Errorf("%w: %s", chunkstore.ErrCorrupt, why)}
+	}
+	return nil
+}
+
+// damagedManifest is a manifest that could not be read or failed its
+// checks: what its key says, and why.
+type damagedManifest struct {
+	key   string
+	id    string
+	kind  Kind
+	seq   uint64
+	seqOK bool // the key's last part is an ID, which carries seq
+	err   error
+}
+
 // listManifests returns the manifests of one kind of a volume, oldest
-// first.
-func listManifests(ctx context.Context, b chunkstore.Backend, volume string, kind Kind) ([]Manifest, error) {
+// first, and those that are damaged. Only failures to list or read are
+// errors: damage is the caller's to place.
+func listManifests(ctx context.Context, b chunkstore.Backend, repoID, volume string, kind Kind, chunkSize int64) ([]Manifest, []damagedManifest, error) {
 	var keys []string
 	if err := b.List(ctx, manifestPrefix(volume, kind), func(k string) error {
 		keys = append(keys, k)
 		return nil
 	}); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	slices.Sort(keys)
 	out := make([]Manifest, 0, len(keys))
+	var bad []damagedManifest
 	for _, k := range keys {
-		var m Manifest
-		if err := getJSON(ctx, b, k, &m); err != nil {
-			if errors.Is(err, chunkstore.ErrNotFound) {
-				continue // deleted while we listed
-			}
-			return nil, err
+		data, err := b.Get(ctx, k)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			continue // deleted while we listed
 		}
-		if m.ID != k[strings.LastIndexByte(k, '/')+1:] {
-			return nil, fmt.Errorf("%s: %w: it says it is %q", k, chunkstore.ErrCorrupt, m.ID)
+		if err != nil && !errors.Is(err, chunkstore.ErrCorrupt) {
+			return nil, nil, err
+		}
+		var m Manifest
+		if err == nil {
+			m, err = decodeManifest(repoID, k, volume, kind, chunkSize, data)
+		}
+		if err != nil {
+			id := k[strings.LastIndexByte(k, '/')+1:]
+			seq, ok := seqOfID(id)
+			bad = append(bad, damagedManifest{key: k, id: id, kind: kind, seq: seq, seqOK: ok, err: err})
+			continue
 		}
 		out = append(out, m)
 	}
-	return out, nil
+	return out, bad, nil
+}
+
+// UpgradeObjects gives every volume record and manifest in repo that
+// lacks its checksum line one (repository format 1 to 2): each is read,
+// checked as a format 2 reader checks it (it parses, and says what its
+// key says), and written back checked. One that fails is left as it is
+// and named in damaged (format 2 then reports it as damaged). Objects
+// that have their line are skipped, so an upgrade cut short is finished
+// by running it again. progress, if not nil, hears of every 1000 objects.
+// The caller holds the lease.
+func UpgradeObjects(ctx context.Context, repo chunkstore.Backend, repoID string, progress func(done int)) (upgraded int, damaged []string, err error) {
+	var keys []string
+	if err := repo.List(ctx, "volumes/", func(k string) error {
+		keys = append(keys, k)
+		return nil
+	}); err != nil {
+		return 0, nil, err
+	}
+	slices.Sort(keys) // volumes/VOL/checkpoints/…, /snapshots/…, /volume
+	// read returns the object's document, or nil when it has its line
+	// already, or is damaged (then named in damaged).
+	read := func(k string) ([]byte, error) {
+		data, err := repo.Get(ctx, k)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		doc, summed, err := chunkstore.Unchecked(repoID, k, data, false)
+		if err != nil {
+			damaged = append(damaged, k)
+		}
+		if summed {
+			return nil, nil
+		}
+		return doc, nil
+	}
+	write := func(k string, doc []byte) error {
+		if err := repo.Put(ctx, k, chunkstore.Checked(repoID, k, doc)); err != nil {
+			return fmt.Errorf("upgrade %s: %w", k, err)
+		}
+		upgraded++
+		if progress != nil && upgraded%1000 == 0 {
+			progress(upgraded)
+		}
+		return nil
+	}
+	chunkSizes := map[string]int64{} // by volume, from its record
+	for _, k := range keys {
+		if parts := strings.Split(k, "/"); len(parts) == 3 && parts[2] == "volume" {
+			var c Config
+			data, err := repo.Get(ctx, k)
+			if err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
+				return upgraded, damaged, err
+			}
+			if doc, _, err := chunkstore.Unchecked(repoID, k, data, false); err == nil && json.Unmarshal(doc, &c) == nil &&
+				c.Name == parts[1] && c.Validate() == nil {
+				chunkSizes[parts[1]] = c.ChunkSize
+			}
+		}
+	}
+	for _, k := range keys {
+		parts := strings.Split(k, "/") // volumes/VOL/volume, volumes/VOL/KINDs/ID
+		var ok func(doc []byte) bool
+		switch {
+		case len(parts) == 3 && parts[2] == "volume":
+			ok = func([]byte) bool { return chunkSizes[parts[1]] != 0 }
+		case len(parts) == 4 && (parts[2] == "snapshots" || parts[2] == "checkpoints"):
+			kind := Kind(strings.TrimSuffix(parts[2], "s"))
+			ok = func(doc []byte) bool {
+				var m Manifest
+				return json.Unmarshal(doc, &m) == nil && checkManifest(m, k, parts[1], kind, chunkSizes[parts[1]]) == nil
+			}
+		default:
+			continue
+		}
+		doc, err := read(k)
+		if err != nil {
+			return upgraded, damaged, err
+		}
+		if doc == nil {
+			continue
+		}
+		if !ok(doc) {
+			damaged = append(damaged, k)
+			continue
+		}
+		if err := write(k, doc); err != nil {
+			return upgraded, damaged, err
+		}
+	}
+	return upgraded, damaged, nil
 }

@@ -43,6 +43,9 @@ func (v *Volume) snapshotView(id string) (view, error) {
 		if s.ID != id && s.Label != id {
 			continue
 		}
+		if s.damage != nil {
+			return view{}, fmt.Errorf("snapshot %s of volume %q: %w", s.ID, v.cfg.Name, s.damage)
+		}
 		if s.sealed {
 			return view{root: s.Root, size: s.Size}, nil
 		}
@@ -237,7 +240,7 @@ func (v *Volume) Snapshots() []SnapshotInfo {
 	defer v.mu.RUnlock()
 	out := make([]SnapshotInfo, 0, len(v.snaps))
 	for _, s := range v.snaps {
-		out = append(out, SnapshotInfo{ID: s.ID, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed})
+		out = append(out, SnapshotInfo{ID: s.ID, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
 	}
 	return out
 }

@@ -53,7 +53,7 @@ func TestRunCheckpointsOnItsOwn(t *testing.T) {
 	assert.Greater(t, v.Status().Lag, time.Duration(0), "a write the repository does not hold yet")
 	eventually(t, 5*time.Second, func() bool { st := v.Status(); return st.Lag == 0 && st.PendingLayers == 0 },
 		"the write is checkpointed and sealed")
-	ms, err := listManifests(ctx, mem, "v", KindCheckpoint)
+	ms, _, err := listManifests(ctx, mem, "", "v", KindCheckpoint, DefaultChunkSize)
 	require.NoError(t, err)
 	require.Len(t, ms, 1)
 	assert.False(t, ms[0].Root.IsZero())
@@ -62,7 +62,7 @@ func TestRunCheckpointsOnItsOwn(t *testing.T) {
 
 	// No writes, no checkpoints.
 	time.Sleep(150 * time.Millisecond) // three intervals of nothing to do
-	ms, _ = listManifests(ctx, mem, "v", KindCheckpoint)
+	ms, _, _ = listManifests(ctx, mem, "", "v", KindCheckpoint, DefaultChunkSize)
 	assert.Len(t, ms, 1)
 }
 

@@ -82,8 +82,18 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
 		Size: l.mark.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
 	}
-	if err := putJSON(ctx, v.repo, manifestKey(v.cfg.Name, m.Kind, m.ID), m); err != nil {
+	key := manifestKey(v.cfg.Name, m.Kind, m.ID)
+	if err := putJSON(ctx, v.repo, v.env.RepoID, key, m); err != nil {
 		return Manifest{}, fmt.Errorf("volume %q: write manifest: %w", v.cfg.Name, err)
+	}
+	// Read it back before the log it covers is freed: once it is, a
+	// manifest damaged on its way would cost the writes it sealed.
+	var back Manifest
+	if err := getJSON(ctx, v.repo, v.env.RepoID, key, &back); err != nil {
+		return Manifest{}, fmt.Errorf("volume %q: read back the manifest just written: %w", v.cfg.Name, err)
+	}
+	if back.Seq != m.Seq || back.Root != m.Root || back.Size != m.Size {
+		return Manifest{}, fmt.Errorf("volume %q: manifest %s: %w: it reads back other than written", v.cfg.Name, key, chunkstore.ErrCorrupt)
 	}
 	return m, nil
 }

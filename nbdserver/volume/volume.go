@@ -105,8 +105,9 @@ type mark struct {
 }
 
 type snapshot struct {
-	Manifest      // Root and Seq are set once sealed
-	sealed   bool // its manifest is in the repository
+	Manifest       // Root and Seq are set once sealed
+	sealed   bool  // its manifest is in the repository
+	damage   error // its manifest is damaged: not readable
 }
 
 // SnapshotInfo describes a snapshot for listing.
@@ -116,12 +117,18 @@ type SnapshotInfo struct {
 	Time   time.Time
 	Size   int64
 	Sealed bool
+	// Damaged is why the snapshot's manifest cannot be trusted; such a
+	// snapshot is listed but not readable.
+	Damaged error
 }
 
 // Env is where volumes live: the repository, the chunk store over it, the
 // server's state folder, and the limits the engine keeps.
 type Env struct {
-	Repo     chunkstore.Backend
+	Repo chunkstore.Backend
+	// RepoID is the repository's ID (its config's): the checksums of
+	// volume records and manifests are bound to it.
+	RepoID   string
 	Store    *chunkstore.Store
 	StateDir string
 	// CheckpointInterval: after a write, Run makes a checkpoint at most
@@ -180,7 +187,7 @@ func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 	} else if left != "" {
 		return nil, fmt.Errorf("volume %q: %w: %s is left from a delete that did not finish; delete the volume again to remove it", cfg.Name, ErrExists, left)
 	}
-	if err := putJSON(ctx, repo, volumeKey(cfg.Name), cfg); err != nil {
+	if err := putJSON(ctx, repo, env.RepoID, volumeKey(cfg.Name), cfg); err != nil {
 		return nil, fmt.Errorf("create volume %q: %w", cfg.Name, err)
 	}
 	v, err := Open(ctx, env, cfg.Name)
@@ -237,21 +244,26 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	}
 	repo := env.Repo
 	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{}), closed: make(chan struct{})}
-	if err := getJSON(ctx, repo, volumeKey(name), &v.cfg); err != nil {
+	if err := getJSON(ctx, repo, env.RepoID, volumeKey(name), &v.cfg); err != nil {
 		if errors.Is(err, chunkstore.ErrNotFound) {
 			return nil, fmt.Errorf("volume %q: %w", name, ErrNoVolume)
 		}
 		return nil, err
 	}
 	if err := v.cfg.Validate(); err != nil {
-		return nil, fmt.Errorf("volume record %s: %w", volumeKey(name), err)
+		return nil, fmt.Errorf("volume record %s: %w: %w", volumeKey(name), chunkstore.ErrCorrupt, err)
+	}
+	if v.cfg.Name != name {
+		return nil, fmt.Errorf("volume record %s: %w: it says it is of volume %q", volumeKey(name), chunkstore.ErrCorrupt, v.cfg.Name)
 	}
 	v.size.Store(v.cfg.Size)
+	var damaged []damagedManifest
 	for _, kind := range []Kind{KindSnapshot, KindCheckpoint} {
-		ms, err := listManifests(ctx, repo, name, kind)
+		ms, bad, err := listManifests(ctx, repo, env.RepoID, name, kind, v.cfg.ChunkSize)
 		if err != nil {
 			return nil, err
 		}
+		damaged = append(damaged, bad...)
 		for _, m := range ms {
 			if m.Seq > v.base.Seq {
 				v.base = m
@@ -263,6 +275,31 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 			}
 		}
 	}
+	if err := v.placeDamaged(damaged); err != nil {
+		return nil, err
+	}
+	for _, s := range v.snaps {
+		if s.damage == nil && s.Size > v.cfg.Size {
+			return nil, fmt.Errorf("volume record %s: %w: it says the volume is %d bytes, but snapshot %s is %d: an old or foreign copy of the record",
+				volumeKey(name), chunkstore.ErrCorrupt, v.cfg.Size, s.ID, s.Size)
+		}
+	}
+	if v.base.Size > v.cfg.Size {
+		return nil, fmt.Errorf("volume record %s: %w: it says the volume is %d bytes, but its newest manifest %s is %d: an old or foreign copy of the record",
+			volumeKey(name), chunkstore.ErrCorrupt, v.cfg.Size, v.base.ID, v.base.Size)
+	}
+	dir := filepath.Join(env.stateDir(name), "log")
+	if firsts, err := segmentNames(dir); err == nil && len(firsts) > 0 && firsts[0] > v.base.Seq+1 {
+		// The log starts after what the newest manifest covers: the
+		// manifest that covered the records between is gone or damaged.
+		// Replaying would put later writes on an older state.
+		when := "none"
+		if v.base.ID != "" {
+			when = v.base.ID
+		}
+		return nil, fmt.Errorf("volume %q: %w: its write log starts at record %d, but the newest good manifest (%s) covers only up to %d: the manifest of what lies between is missing or damaged; restore it from a copy of the repository, or move %s aside to open the volume at %s (what was written since is then lost)",
+			name, ErrDamagedManifest, firsts[0], when, v.base.Seq, dir, when)
+	}
 	v.layers = []*layer{{extents: newExtentMap()}}
 	replay := func(r Record, pos Pos) error {
 		if r.Seq <= v.base.Seq {
@@ -270,7 +307,6 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		}
 		return v.apply(r, pos)
 	}
-	dir := filepath.Join(env.stateDir(name), "log")
 	log, err := openLog(dir, logOpen{first: v.base.Seq + 1, recover: recover}, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
@@ -298,6 +334,56 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	}
 	v.sortSnaps()
 	return v, nil
+}
+
+// ErrDamagedManifest: the volume's newest manifest is damaged and its
+// write log no longer holds what the manifest covered.
+var ErrDamagedManifest = errors.New("its newest manifest is damaged")
+
+// placeDamaged decides what damaged manifests mean for the volume, which
+// has chosen its base among the good ones. One older than the base is an
+// old snapshot (listed as damaged, not readable) or an old checkpoint
+// (ignored: only the newest is used). One that may be newer than the base
+// is the point the write log starts from: the volume opens only if the
+// log still holds every record after the base (a seal cut short before
+// it freed them), and it will seal them again.
+func (v *Volume) placeDamaged(damaged []damagedManifest) error {
+	logFirst := uint64(0)
+	if firsts, err := segmentNames(filepath.Join(v.env.stateDir(v.cfg.Name), "log")); err == nil && len(firsts) > 0 {
+		logFirst = firsts[0]
+	}
+	// Newest first: if one stops the volume, the message names the newest.
+	slices.SortFunc(damaged, func(a, b damagedManifest) int { return cmpUint(b.seq, a.seq) })
+	for _, d := range damaged {
+		l := v.env.Logger
+		switch {
+		case !d.seqOK:
+			// Not a name nbdvault gives (an S3 folder marker, a stray
+			// file): not ours to judge.
+			if l != nil {
+				l.Warn("an object that is not a manifest lies among the manifests; ignored", "volume", v.cfg.Name, "object", d.key)
+			}
+			continue
+		case d.seq <= v.base.Seq && d.kind == KindSnapshot:
+			taken, _ := time.Parse("20060102T150405.000Z", d.id[:min(len(d.id), 20)])
+			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{ID: d.id, Kind: d.kind, Volume: v.cfg.Name, Seq: d.seq, Time: taken}, sealed: true, damage: d.err})
+		case d.seq < v.base.Seq:
+			v.checkpoints = append(v.checkpoints, d.id) // the next seal deletes it
+		case logFirst > 0 && logFirst <= v.base.Seq+1:
+			if l != nil {
+				l.Warn("a manifest newer than the last good one is damaged; the write log still holds what it covered, which is sealed again",
+					"volume", v.cfg.Name, "manifest", d.key, "error", d.err)
+			}
+			continue
+		default:
+			return fmt.Errorf("volume %q: %w: %v; restore %s from a copy of the repository, or delete it to open the volume at the manifest before it (writes made since that one are then lost)",
+				v.cfg.Name, ErrDamagedManifest, d.err, d.key)
+		}
+		if l != nil {
+			l.Warn("a manifest is damaged: what it describes is not served", "volume", v.cfg.Name, "manifest", d.key, "error", d.err)
+		}
+	}
+	return nil
 }
 
 func (v *Volume) sortSnaps() {
@@ -372,7 +458,7 @@ func (v *Volume) Grow(ctx context.Context, size int64) error {
 	if err := cfg.Validate(); err != nil {
 		return fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
-	if err := putJSON(ctx, v.repo, volumeKey(cfg.Name), cfg); err != nil {
+	if err := putJSON(ctx, v.repo, v.env.RepoID, volumeKey(cfg.Name), cfg); err != nil {
 		return fmt.Errorf("grow volume %q: %w", cfg.Name, err)
 	}
 	v.size.Store(size)

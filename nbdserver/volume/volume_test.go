@@ -376,7 +376,7 @@ func TestDeleteSnapshot(t *testing.T) {
 	require.NoError(t, g.v.ReadAt(ctx, got, 0))
 	assert.Equal(t, second, got, "the head survives deleting every snapshot and a restart")
 	assert.Empty(t, g.v.Snapshots(), "deleted snapshots stay deleted after a restart")
-	ms, err := listManifests(ctx, g.repo, "vol", KindSnapshot)
+	ms, _, err := listManifests(ctx, g.repo, "", "vol", KindSnapshot, g.v.Config().ChunkSize)
 	require.NoError(t, err)
 	assert.Empty(t, ms)
 }

@@ -1,0 +1,36 @@
+package chunkstore
+
+import (
+	"bytes"
+	"testing"
+
+	"github.com/klauspost/compress/zstd"
+)
+
+// FuzzCodecDecode feeds the chunk decoder objects read from a repository:
+// it never panics, never returns more than MaxChunkSize, and what it
+// returns is exactly as long as the header says.
+func FuzzCodecDecode(f *testing.F) {
+	c, err := newCodec(CompressionZstd, zstd.SpeedDefault)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, plain := range [][]byte{[]byte("hello"), bytes.Repeat([]byte("abc"), 5000), make([]byte, 4096)} {
+		bp := c.encode(plain)
+		f.Add(bytes.Clone(*bp))
+	}
+	f.Add([]byte("NV\x01\x00\x05\x00\x00\x00hello"))
+	f.Add([]byte("NV\x01\x01\xff\xff\xff\x00"))
+	f.Fuzz(func(t *testing.T, obj []byte) {
+		plain, err := c.decode(obj)
+		if err != nil {
+			return
+		}
+		if len(plain) > MaxChunkSize {
+			t.Fatalf("decoded %d bytes", len(plain))
+		}
+		if n := int(uint32(obj[4]) | uint32(obj[5])<<8 | uint32(obj[6])<<16 | uint32(obj[7])<<24); n != len(plain) {
+			t.Fatalf("header says %d, decoded %d", n, len(plain))
+		}
+	})
+}
