@@ -24,8 +24,27 @@ type lvmLeg struct {
 	Offset, Size int64  // bytes
 }
 
+// The on-disk layout (LVM2's format_text/layout.h). A label sector holds
+// label_header (id "LABELONE", sector_xl, crc, offset_xl, type "LVM2 001")
+// and, at offset_xl, pv_header (uuid, device_size_xl, then the data areas
+// and the metadata areas, each list of {offset, size} ended by a zero
+// entry). A metadata area starts with a 512-byte mda_header (checksum,
+// magic, version, start, size, then raw_locns, the first the current
+// metadata: offset into the area, size, checksum, flags); the rest of
+// the area is a ring holding the text.
+const (
+	lvmLabelHeaderSize = 32
+	lvmPVHeaderFixed   = 40 // uuid and device size, before the lists
+	lvmMDAHeaderSize   = 512
+	// maxLVMText bounds the metadata text read: LVM's metadata area is
+	// about 1 MiB by default, and the text must fit in it twice over.
+	maxLVMText = 16 << 20
+)
+
 // findLVMLeg looks for an LVM2 physical volume in f (size bytes) holding
 // one image of a raid1 logical volume. It returns nil without a PV label.
+// Whatever the label and metadata say, it reads only within the first
+// size bytes and allocates at most maxLVMText for the text.
 func findLVMLeg(f io.ReaderAt, size int64) (*lvmLeg, error) {
 	var sector [512]byte
 	label := int64(-1)
@@ -42,10 +61,14 @@ func findLVMLeg(f io.ReaderAt, size int64) (*lvmLeg, error) {
 		return nil, nil
 	}
 	le := binary.LittleEndian
-	pvh := sector[le.Uint32(sector[20:]):]
+	at := le.Uint32(sector[20:])
+	if at < lvmLabelHeaderSize || at > uint32(len(sector))-lvmPVHeaderFixed {
+		return nil, fmt.Errorf("LVM label in sector %d: its PV header at %d does not fit between the label header and the sector's end: the label is damaged", label, at)
+	}
+	pvh := sector[at:]
 	uuid := string(pvh[:32])
 	// Data areas, then metadata areas, each list ended by a zero entry.
-	areas := pvh[40:]
+	areas := pvh[lvmPVHeaderFixed:]
 	next := func() (off, n uint64, ok bool) {
 		if len(areas) < 16 {
 			return 0, 0, false
@@ -60,7 +83,7 @@ func findLVMLeg(f io.ReaderAt, size int64) (*lvmLeg, error) {
 	if !ok {
 		return nil, errors.New("an LVM physical volume without a metadata area")
 	}
-	text, err := readLVMMetadata(f, int64(mdaOff))
+	text, err := readLVMMetadata(f, mdaOff, size)
 	if err != nil {
 		return nil, err
 	}
@@ -68,31 +91,47 @@ func findLVMLeg(f io.ReaderAt, size int64) (*lvmLeg, error) {
 }
 
 // readLVMMetadata reads the current metadata text of the metadata area
-// at off.
-func readLVMMetadata(f io.ReaderAt, off int64) (string, error) {
-	var hdr [512]byte
-	if _, err := f.ReadAt(hdr[:], off); err != nil {
-		return "", fmt.Errorf("the LVM metadata area at %d: %w", off, err)
+// at off in f (size bytes). Every offset and length the area's header
+// gives is checked against the area and the volume before it is used.
+func readLVMMetadata(f io.ReaderAt, off uint64, size int64) (string, error) {
+	where := fmt.Sprintf("LVM metadata area at offset %d", off)
+	if size < lvmMDAHeaderSize || off > uint64(size-lvmMDAHeaderSize) {
+		return "", fmt.Errorf("%s: its header lies past the volume's end (%d bytes): the PV header is damaged", where, size)
+	}
+	var hdr [lvmMDAHeaderSize]byte
+	if _, err := f.ReadAt(hdr[:], int64(off)); err != nil {
+		return "", fmt.Errorf("%s: reading its header: %w", where, err)
 	}
 	if !bytes.Equal(hdr[4:20], []byte(" LVM2 x[5A%r0N*>")) {
-		return "", fmt.Errorf("no LVM metadata area header at %d", off)
+		return "", fmt.Errorf("%s: no metadata area header there", where)
 	}
 	le := binary.LittleEndian
-	// mda_header: checksum, magic[16], version, start, size, then the
-	// raw locations, the first the current metadata (offset, size, ...).
-	start, areaSize := int64(le.Uint64(hdr[24:])), int64(le.Uint64(hdr[32:]))
-	textOff, textSize := int64(le.Uint64(hdr[40:])), int64(le.Uint64(hdr[48:]))
-	if textSize <= 0 || textSize > 64<<20 || textOff >= areaSize {
-		return "", fmt.Errorf("the LVM metadata area at %d has no current metadata", off)
+	start, areaSize := le.Uint64(hdr[24:]), le.Uint64(hdr[32:])
+	textOff, textSize := le.Uint64(hdr[40:]), le.Uint64(hdr[48:])
+	switch {
+	case start != off:
+		return "", fmt.Errorf("%s: its header says it starts at %d: it is damaged", where, start)
+	case areaSize <= lvmMDAHeaderSize:
+		return "", fmt.Errorf("%s: an area of %d bytes has no room for metadata: it is damaged", where, areaSize)
+	case areaSize > uint64(size)-off:
+		return "", fmt.Errorf("%s: %d bytes run past the volume's end (%d bytes): it is damaged", where, areaSize, size)
+	case textSize == 0:
+		return "", fmt.Errorf("%s: no current metadata", where)
+	case textOff < lvmMDAHeaderSize || textOff >= areaSize:
+		return "", fmt.Errorf("%s: text at %d lies outside the area's ring [%d, %d): it is damaged", where, textOff, lvmMDAHeaderSize, areaSize)
+	case textSize > areaSize-lvmMDAHeaderSize:
+		return "", fmt.Errorf("%s: text of %d bytes runs past the area's end (a ring of %d bytes): it is damaged", where, textSize, areaSize-lvmMDAHeaderSize)
+	case textSize > maxLVMText:
+		return "", fmt.Errorf("%s: text of %d bytes, more than the %d MiB nbdvault reads", where, textSize, maxLVMText>>20)
 	}
 	text := make([]byte, textSize)
-	first := min(textSize, areaSize-textOff) // the area is a ring after its first 512 bytes
-	if _, err := f.ReadAt(text[:first], start+textOff); err != nil {
-		return "", err
+	first := min(textSize, areaSize-textOff) // the text wraps round the ring
+	if _, err := f.ReadAt(text[:first], int64(start+textOff)); err != nil {
+		return "", fmt.Errorf("%s: reading its text: %w", where, err)
 	}
 	if first < textSize {
-		if _, err := f.ReadAt(text[first:], start+512); err != nil {
-			return "", err
+		if _, err := f.ReadAt(text[first:], int64(start+lvmMDAHeaderSize)); err != nil {
+			return "", fmt.Errorf("%s: reading its text: %w", where, err)
 		}
 	}
 	return string(bytes.TrimRight(text, "\x00")), nil

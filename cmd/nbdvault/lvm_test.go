@@ -1,6 +1,9 @@
 package main
 
 import (
+	"encoding/binary"
+	"errors"
+	"io"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -86,4 +89,112 @@ func TestLegFromMetadata(t *testing.T) {
 	assert.ErrorContains(t, err, "does not fit")
 	_, err = legFromMetadata("vg { = }", "b", 1)
 	assert.Error(t, err)
+}
+
+// sparseDevice is a size-byte device whose first len(data) bytes are data
+// and the rest zeros, so a test can stand for a big volume with a small
+// buffer.
+type sparseDevice struct {
+	data []byte
+	size int64
+}
+
+func (d sparseDevice) ReadAt(p []byte, off int64) (int, error) {
+	if off < 0 {
+		return 0, errors.New("negative offset")
+	}
+	if off >= d.size {
+		return 0, io.EOF
+	}
+	n := int(min(int64(len(p)), d.size-off))
+	clear(p[:n])
+	if off < int64(len(d.data)) {
+		copy(p[:n], d.data[off:])
+	}
+	if n < len(p) {
+		return n, io.EOF
+	}
+	return n, nil
+}
+
+// lvmPV is the start of an LVM2 physical volume with uuid (undashed):
+// the label in sector 1, one metadata area at 4 KiB of mdaSize bytes
+// holding text at textOff into the area (512 at least: the ring follows
+// the area's header).
+func lvmPV(uuid, text string, mdaSize, textOff uint64) []byte {
+	const mda = 4096
+	img := make([]byte, mda+mdaSize)
+	le := binary.LittleEndian
+	l := img[512:]
+	copy(l, "LABELONE")
+	le.PutUint64(l[8:], 1)
+	le.PutUint32(l[20:], 32)
+	copy(l[24:], "LVM2 001")
+	pvh := l[32:]
+	copy(pvh, uuid)
+	le.PutUint64(pvh[32:], 64<<20)
+	le.PutUint64(pvh[40:], 1<<20) // data area at pe_start, then the end of the list
+	le.PutUint64(pvh[72:], mda)   // metadata area, then the end of the list
+	le.PutUint64(pvh[80:], mdaSize)
+	h := img[mda:]
+	copy(h[4:], " LVM2 x[5A%r0N*>")
+	le.PutUint32(h[20:], 1)
+	le.PutUint64(h[24:], mda)
+	le.PutUint64(h[32:], mdaSize)
+	le.PutUint64(h[40:], textOff)
+	le.PutUint64(h[48:], uint64(len(text)))
+	n := copy(h[textOff:], text)
+	copy(h[512:], text[n:]) // wrapped round the ring
+	return img
+}
+
+const pv1UUID = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
+
+func TestFindLVMLeg(t *testing.T) {
+	find := func(img []byte) (*lvmLeg, error) { return findLVMLeg(sparseDevice{img, 64 << 20}, 64<<20) }
+	want := &lvmLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}
+
+	leg, err := find(lvmPV(pv1UUID, lvmText, 1<<20, 512))
+	require.NoError(t, err)
+	assert.Equal(t, want, leg)
+
+	leg, err = find(lvmPV(pv1UUID, lvmText, 4096, 4096-100)) // the text wraps round the ring
+	require.NoError(t, err)
+	assert.Equal(t, want, leg)
+
+	leg, err = find(make([]byte, 4096))
+	require.NoError(t, err)
+	assert.Nil(t, leg, "no label")
+}
+
+// TestFindLVMLegDamaged feeds physical volumes whose label or metadata
+// area header point outside the sector, the area or the volume: each must
+// be an error that says what is wrong, not a panic.
+func TestFindLVMLegDamaged(t *testing.T) {
+	le := binary.LittleEndian
+	for _, c := range []struct {
+		name   string
+		damage func(img []byte)
+		want   string
+	}{
+		{"pv header past the sector", func(img []byte) { le.PutUint32(img[512+20:], 4000) }, "LVM label in sector 1: its PV header at 4000"},
+		{"pv header overlapping the label", func(img []byte) { le.PutUint32(img[512+20:], 8) }, "LVM label in sector 1: its PV header at 8"},
+		{"pv header cut by the sector's end", func(img []byte) { le.PutUint32(img[512+20:], 500) }, "LVM label in sector 1: its PV header at 500"},
+		{"metadata area past the end", func(img []byte) { le.PutUint64(img[512+32+72:], 1<<40) }, "LVM metadata area at offset 1099511627776"},
+		{"metadata area at a negative offset", func(img []byte) { le.PutUint64(img[512+32+72:], 1<<63) }, "LVM metadata area at offset 9223372036854775808"},
+		{"text past the area", func(img []byte) { le.PutUint64(img[4096+48:], 1<<20) }, "LVM metadata area at offset 4096: text of 1048576 bytes runs past the area's end"},
+		{"text offset in the header", func(img []byte) { le.PutUint64(img[4096+40:], 100) }, "LVM metadata area at offset 4096: text at 100"},
+		{"text offset past the area", func(img []byte) { le.PutUint64(img[4096+40:], 1<<62) }, "LVM metadata area at offset 4096: text at 4611686018427387904"},
+		{"area past the volume", func(img []byte) { le.PutUint64(img[4096+32:], 1<<62) }, "LVM metadata area at offset 4096: 4611686018427387904 bytes run past the volume's end"},
+		{"area start elsewhere", func(img []byte) { le.PutUint64(img[4096+24:], 1<<62) }, "LVM metadata area at offset 4096: its header says it starts at 4611686018427387904"},
+		{"huge text", func(img []byte) { le.PutUint64(img[4096+48:], 1<<62) }, "LVM metadata area at offset 4096: text of 4611686018427387904 bytes"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img := lvmPV(pv1UUID, lvmText, 8192, 512)
+			c.damage(img)
+			leg, err := findLVMLeg(sparseDevice{img, 64 << 20}, 64<<20)
+			assert.Nil(t, leg)
+			assert.ErrorContains(t, err, c.want)
+		})
+	}
 }
