@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -138,36 +139,54 @@ func readLVMMetadata(f io.ReaderAt, off uint64, size int64) (string, error) {
 }
 
 // legFromMetadata finds, in a volume group's metadata, the raid1 image
-// whose extents are on the PV with this (undashed) uuid.
+// whose extents are on the PV with this (undashed) uuid, within the
+// first size bytes of the PV.
 func legFromMetadata(text, uuid string, size int64) (*lvmLeg, error) {
 	root, err := parseLVMConfig(text)
 	if err != nil {
 		return nil, fmt.Errorf("the LVM metadata: %w", err)
 	}
-	var vgName string
-	var vg lvmSection
+	var vgs []string
 	for k, v := range root {
-		if s, ok := v.(lvmSection); ok {
-			vgName, vg = k, s
+		if _, ok := v.(lvmSection); ok {
+			vgs = append(vgs, k)
 		}
 	}
-	if vg == nil {
+	switch len(vgs) {
+	case 0:
 		return nil, errors.New("the LVM metadata names no volume group")
+	case 1:
+	default:
+		slices.Sort(vgs)
+		return nil, fmt.Errorf("the LVM metadata names %d volume groups (%s) where LVM writes one: it is damaged", len(vgs), strings.Join(vgs, ", "))
 	}
-	extent := vg.int("extent_size") * 512
+	vgName := vgs[0]
+	vg := root.section(vgName)
+	sectors := size / 512
+	extentSectors := vg.int("extent_size")
+	if extentSectors <= 0 || extentSectors > sectors {
+		return nil, fmt.Errorf("volume group %s: an extent size of %q sectors on a volume of %d: the metadata is damaged", vgName, vg.str("extent_size"), sectors)
+	}
+	extent := extentSectors * 512
 	pvName, peStart := "", int64(0)
 	for name, v := range vg.section("physical_volumes") {
 		pv, _ := v.(lvmSection)
-		if strings.ReplaceAll(pv.str("id"), "-", "") == uuid {
-			pvName, peStart = name, pv.int("pe_start")*512
+		if strings.ReplaceAll(pv.str("id"), "-", "") != uuid {
+			continue
 		}
+		start := pv.int("pe_start")
+		if start < 0 || start > sectors {
+			return nil, fmt.Errorf("volume group %s: physical volume %s has pe_start %q, not within its %d sectors: the metadata is damaged", vgName, name, pv.str("pe_start"), sectors)
+		}
+		pvName, peStart = name, start*512
 	}
-	if pvName == "" || extent <= 0 {
+	if pvName == "" {
 		return nil, fmt.Errorf("volume group %s does not list this physical volume", vgName)
 	}
 	lvs := vg.section("logical_volumes")
 	for lvName, v := range lvs {
-		seg := v.(lvmSection).section("segment1")
+		lv, _ := v.(lvmSection)
+		seg := lv.section("segment1")
 		if seg.str("type") != "raid1" {
 			continue
 		}
@@ -180,13 +199,21 @@ func legFromMetadata(text, uuid string, size int64) (*lvmLeg, error) {
 			if image.int("segment_count") != 1 || len(stripes) != 2 || stripes[0] != pvName {
 				continue
 			}
-			first, _ := strconv.ParseInt(stripes[1], 10, 64)
-			leg := &lvmLeg{LV: vgName + "/" + lvName, Image: img,
-				Offset: peStart + first*extent, Size: iseg.int("extent_count") * extent}
-			if leg.Offset+leg.Size > size {
-				return nil, fmt.Errorf("%s's image %s does not fit the volume: the metadata is damaged", leg.LV, img)
+			what := vgName + "/" + lvName + "'s image " + img
+			first, err := strconv.ParseInt(stripes[1], 10, 64)
+			if err != nil || first < 0 {
+				return nil, fmt.Errorf("%s: a first extent of %q: the metadata is damaged", what, stripes[1])
 			}
-			return leg, nil
+			count := iseg.int("extent_count")
+			if count <= 0 {
+				return nil, fmt.Errorf("%s: %q extents: the metadata is damaged", what, iseg.str("extent_count"))
+			}
+			// peStart + (first+count)*extent <= size, without overflow.
+			room := (size - peStart) / extent
+			if first > room || count > room-first {
+				return nil, fmt.Errorf("%s (extents %d+%d of %d bytes from %d) does not fit the %d-byte volume: the metadata is damaged", what, first, count, extent, peStart, size)
+			}
+			return &lvmLeg{LV: vgName + "/" + lvName, Image: img, Offset: peStart + first*extent, Size: count * extent}, nil
 		}
 	}
 	return nil, fmt.Errorf("an LVM physical volume of volume group %s that holds no whole image of a raid1 logical volume", vgName)
@@ -204,76 +231,93 @@ func (s lvmSection) int(k string) int64 {
 	return n
 }
 
+// maxLVMDepth bounds the nesting of sections; LVM's metadata nests four
+// deep (vg, logical_volumes, an LV, a segment).
+const maxLVMDepth = 16
+
 // parseLVMConfig parses LVM's text metadata: name = value, name { ... },
-// values "string", number or [ list ], and # comments.
+// values "string", number or [ list ], and # comments. Anything else,
+// including a section or list left open, is an error.
 func parseLVMConfig(text string) (lvmSection, error) {
-	toks := lvmTokens(text)
-	pos := 0
-	var parse func() (lvmSection, error)
-	parse = func() (lvmSection, error) {
+	lx := &lvmLexer{text: text}
+	var parse func(depth int) (lvmSection, error)
+	parse = func(depth int) (lvmSection, error) {
+		if depth > maxLVMDepth {
+			return nil, fmt.Errorf("sections nested more than %d deep", maxLVMDepth)
+		}
 		sec := lvmSection{}
-		for pos < len(toks) {
-			name := toks[pos]
-			if name == "}" {
-				pos++
+		for {
+			name, err := lx.next()
+			switch {
+			case err != nil:
+				return nil, err
+			case name == "" && depth == 0:
 				return sec, nil
+			case name == "":
+				return nil, errors.New("a section is not closed")
+			case name == "}" && depth > 0:
+				return sec, nil
+			case isLVMPunct(name):
+				return nil, fmt.Errorf("unexpected %q", name)
 			}
-			if pos+1 >= len(toks) {
+			op, err := lx.next()
+			switch {
+			case err != nil:
+				return nil, err
+			case op == "":
 				return nil, fmt.Errorf("%q ends the metadata", name)
-			}
-			switch toks[pos+1] {
-			case "{":
-				pos += 2
-				sub, err := parse()
-				if err != nil {
+			case op == "{":
+				if sec[name], err = parse(depth + 1); err != nil {
 					return nil, err
 				}
-				sec[name] = sub
-			case "=":
-				pos += 2
-				if pos >= len(toks) {
-					return nil, fmt.Errorf("%s = ends the metadata", name)
+				continue
+			case op != "=":
+				return nil, fmt.Errorf("unexpected %q after %q", op, name)
+			}
+			v, err := lx.next()
+			switch {
+			case err != nil:
+				return nil, err
+			case v == "":
+				return nil, fmt.Errorf("%s = ends the metadata", name)
+			case v == "[":
+				if sec[name], err = lx.list(name); err != nil {
+					return nil, err
 				}
-				if toks[pos] != "[" {
-					sec[name] = unquote(toks[pos])
-					pos++
-					continue
-				}
-				var list []string
-				for pos++; pos < len(toks) && toks[pos] != "]"; pos++ {
-					if toks[pos] != "," {
-						list = append(list, unquote(toks[pos]))
-					}
-				}
-				pos++
-				sec[name] = list
+			case isLVMPunct(v):
+				return nil, fmt.Errorf("unexpected %q after %s =", v, name)
 			default:
-				return nil, fmt.Errorf("unexpected %q after %q", toks[pos+1], name)
+				sec[name] = lvmValue(v)
 			}
 		}
-		return sec, nil
 	}
-	return parse()
+	return parse(0)
 }
 
-func unquote(s string) string { return strings.Trim(s, `"`) }
+// lvmLexer splits LVM metadata into names, values, strings (with their
+// quotes) and the punctuation { } [ ] = ,.
+type lvmLexer struct {
+	text string
+	i    int
+}
 
-// lvmTokens splits LVM metadata into names, values, strings and the
-// punctuation { } [ ] = ,.
-func lvmTokens(text string) []string {
-	var toks []string
-	for i := 0; i < len(text); {
-		c := text[i]
+func isLVMPunct(tok string) bool { return len(tok) == 1 && strings.Contains("{}[]=,", tok) }
+
+// next returns the next token, or "" at the end.
+func (lx *lvmLexer) next() (string, error) {
+	text := lx.text
+	for lx.i < len(text) {
+		i, c := lx.i, text[lx.i]
 		switch {
 		case c == '#':
-			for i < len(text) && text[i] != '\n' {
-				i++
+			for lx.i < len(text) && text[lx.i] != '\n' {
+				lx.i++
 			}
 		case c == ' ' || c == '\t' || c == '\n' || c == '\r':
-			i++
+			lx.i++
 		case strings.IndexByte("{}[]=,", c) >= 0:
-			toks = append(toks, string(c))
-			i++
+			lx.i++
+			return text[i : i+1], nil
 		case c == '"':
 			j := i + 1
 			for j < len(text) && text[j] != '"' {
@@ -282,16 +326,60 @@ func lvmTokens(text string) []string {
 				}
 				j++
 			}
-			toks = append(toks, text[i:min(j+1, len(text))])
-			i = j + 1
+			if j >= len(text) {
+				return "", fmt.Errorf("a string at byte %d is not closed", i)
+			}
+			lx.i = j + 1
+			return text[i:lx.i], nil
 		default:
 			j := i
 			for j < len(text) && strings.IndexByte(" \t\r\n{}[]=,#\"", text[j]) < 0 {
 				j++
 			}
-			toks = append(toks, text[i:j])
-			i = j
+			lx.i = j
+			return text[i:j], nil
 		}
 	}
-	return toks
+	return "", nil
+}
+
+// list reads the rest of a [ list ] of name.
+func (lx *lvmLexer) list(name string) ([]string, error) {
+	var list []string
+	for {
+		tok, err := lx.next()
+		switch {
+		case err != nil:
+			return nil, err
+		case tok == "":
+			return nil, fmt.Errorf("the list %s is not closed", name)
+		case tok == "]":
+			return list, nil
+		case tok == ",":
+		case isLVMPunct(tok):
+			return nil, fmt.Errorf("unexpected %q in the list %s", tok, name)
+		default:
+			list = append(list, lvmValue(tok))
+		}
+	}
+}
+
+// lvmValue is a value token as a string: a quoted string without its
+// quotes and backslash escapes, anything else as written.
+func lvmValue(tok string) string {
+	if len(tok) < 2 || tok[0] != '"' {
+		return tok
+	}
+	s := tok[1 : len(tok)-1]
+	if !strings.Contains(s, "\\") {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+1 < len(s) {
+			i++
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
 }

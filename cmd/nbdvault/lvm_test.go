@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -196,5 +197,56 @@ func TestFindLVMLegDamaged(t *testing.T) {
 			assert.Nil(t, leg)
 			assert.ErrorContains(t, err, c.want)
 		})
+	}
+}
+
+// TestLegFromMetadataDamaged feeds metadata with numbers and shapes no
+// LVM writes: errors, not panics, overflows or a leg outside the volume.
+func TestLegFromMetadataDamaged(t *testing.T) {
+	for _, c := range []struct{ old, new, want string }{
+		{"data_rmeta_1 {", "data_rmeta_1 = 1\nx {", ""},                       // a logical volume that is not a section: skipped
+		{"data_rimage_1 {", "data_rimage_1 = 1\ny {", "holds no whole image"}, // an image that is not a section
+		{"extent_size = 8192", "extent_size = 36028797018963968", "extent size"},
+		{"extent_size = 8192", "extent_size = -8", "extent size"},
+		{"pe_start = 2048\npe_count = 15\n}\n}", "pe_start = -2048\npe_count = 15\n}\n}", "pe_start"},
+		{`"pv1", 1`, `"pv1", 4503599627370496`, "does not fit"},
+		{`"pv1", 1`, `"pv1", -1`, "first extent"},
+		{`"pv1", 1`, `"pv1", "x"`, "first extent"},
+		{"extent_count = 8\ntype = \"striped\"", "extent_count = 4503599627370496\ntype = \"striped\"", "does not fit"},
+		{"extent_count = 8\ntype = \"striped\"", "extent_count = 0\ntype = \"striped\"", "extents"},
+		{"vg {", "vg {\n}\nvg2 {", "2 volume groups"},
+	} {
+		text := strings.Replace(lvmText, c.old, c.new, 1)
+		require.NotEqual(t, lvmText, text, c.old)
+		leg, err := legFromMetadata(text, pv1UUID, 64<<20)
+		if c.want == "" {
+			assert.NoError(t, err, c.new)
+			continue
+		}
+		assert.Nil(t, leg, c.new)
+		assert.ErrorContains(t, err, c.want, c.new)
+	}
+}
+
+func TestParseLVMConfig(t *testing.T) {
+	root, err := parseLVMConfig(`a = "x \"q\" \\ y" # c
+b = [1, "two", 3]
+s { t = 5 }`)
+	require.NoError(t, err)
+	assert.Equal(t, lvmSection{"a": `x "q" \ y`, "b": []string{"1", "two", "3"}, "s": lvmSection{"t": "5"}}, root)
+
+	for text, want := range map[string]string{
+		"vg { = }":                  "unexpected",
+		"a = }":                     "unexpected",
+		"a = [1, 2":                 "not closed",
+		"s { t = 5":                 "not closed",
+		"}":                         "unexpected",
+		`a = "x`:                    "not closed",
+		"a":                         "ends the metadata",
+		"a =":                       "ends the metadata",
+		strings.Repeat("s {", 1000): "nested",
+	} {
+		_, err := parseLVMConfig(text)
+		assert.ErrorContains(t, err, want, text)
 	}
 }
