@@ -47,13 +47,28 @@ func findMDMember(f io.ReaderAt, size int64) (*mdMember, error) {
 		if level := int32(le.Uint32(sb[72:])); level != 1 {
 			return nil, fmt.Errorf("an MD RAID%d member (metadata %s): only a RAID1 member holds a whole file system; assemble the array from all its members to read it", level, p.version)
 		}
-		used, dataOffset, dataSize := int64(le.Uint64(sb[80:])), int64(le.Uint64(sb[128:])), int64(le.Uint64(sb[136:]))
+		// Sector counts, checked before they become bytes so that none
+		// can overflow into a range that looks right.
+		sectors := uint64(size) / 512
+		used, dataOffset, dataSize := le.Uint64(sb[80:]), le.Uint64(sb[128:]), le.Uint64(sb[136:])
 		if used == 0 || used > dataSize {
 			used = dataSize
 		}
-		m := &mdMember{Version: p.version, Offset: dataOffset * 512, Size: used * 512}
-		if m.Offset <= 0 && p.version != "1.0" || m.Size <= 0 || m.Offset+m.Size > size {
-			return nil, fmt.Errorf("an MD superblock (metadata %s) with a data range %d+%d that does not fit the %d-byte volume: it is damaged", p.version, m.Offset, m.Size, size)
+		damaged := func(format string, args ...any) error {
+			return fmt.Errorf("an MD superblock (metadata %s) at %d with %s: it is damaged", p.version, p.at, fmt.Sprintf(format, args...))
+		}
+		switch {
+		case dataOffset > sectors:
+			return nil, damaged("a data offset of %d sectors, which does not fit the volume's %d", dataOffset, sectors)
+		case used == 0:
+			return nil, damaged("no data")
+		case used > sectors-dataOffset:
+			return nil, damaged("a data size of %d sectors from sector %d, which does not fit the volume's %d", used, dataOffset, sectors)
+		}
+		m := &mdMember{Version: p.version, Offset: int64(dataOffset) * 512, Size: int64(used) * 512}
+		// 1.0 keeps its superblock after the data, 1.1 and 1.2 before.
+		if p.version == "1.0" && m.Offset+m.Size > p.at || p.version != "1.0" && m.Offset < p.at+512 {
+			return nil, damaged("data [%d, +%d) over the superblock", m.Offset, m.Size)
 		}
 		return m, nil
 	}

@@ -49,3 +49,31 @@ func TestFindMDMember(t *testing.T) {
 	_, err = find(mdImage(size, 4096, 1, 2048, 1<<40, 1<<40))
 	assert.ErrorContains(t, err, "does not fit")
 }
+
+// TestFindMDMemberDamaged feeds superblocks whose sector counts overflow
+// when made bytes, or put the data over the superblock: each must be an
+// error, never a member whose data lies elsewhere than the superblock says.
+func TestFindMDMemberDamaged(t *testing.T) {
+	const size = 64 << 20
+	end := uint64(((int64(size) >> 9) - 16) &^ 7) // sector of a 1.0 superblock
+	for _, c := range []struct {
+		name string
+		img  []byte
+		want string
+	}{
+		{"data offset wrapping to 1 MiB", mdImage(size, 4096, 1, 1<<55+2048, 129024, 129024), "data offset"},
+		{"data offset negative as bytes", mdImage(size, 4096, 1, 1<<54, 129024, 129024), "data offset"},
+		{"data size wrapping to 1 MiB", mdImage(size, 4096, 1, 2048, 1<<55+2048, 0), "data size"},
+		{"used size wrapping", mdImage(size, 4096, 1, 2048, 1<<56, 1<<55+2048), "data size"},
+		{"data over a 1.2 superblock", mdImage(size, 4096, 1, 8, 1024, 1024), "superblock"},
+		{"data over a 1.1 superblock", mdImage(size, 0, 1, 0, 1024, 1024), "superblock"},
+		{"data over a 1.0 superblock", mdImage(size, int64(end)*512, 1, 0, end+8, end+8), "superblock"},
+		{"data past the end", mdImage(size, 4096, 1, 2048, 1<<40, 1<<40), "does not fit"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			m, err := findMDMember(bytes.NewReader(c.img), size)
+			assert.Nil(t, m)
+			assert.ErrorContains(t, err, c.want)
+		})
+	}
+}
