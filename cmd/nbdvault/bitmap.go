@@ -3,6 +3,7 @@ package main
 import (
 	"encoding/binary"
 	"fmt"
+	"io"
 	"math/bits"
 	"strings"
 	"unsafe"
@@ -19,24 +20,51 @@ const (
 	bitmapSuperSize = 256
 )
 
+// maxBitmapBytes bounds the bits read: 2^29 chunks. MD keeps an internal
+// bitmap between its superblock and its data, dm-raid in the rest of one
+// extent of the rmeta LV; neither comes near it.
+const maxBitmapBytes = 64 << 20
+
+// readFunc reads n bytes at off, or fails.
+type readFunc func(off int64, n int) ([]byte, error)
+
 // bitmapDirty counts the set bits of the bitmap whose superblock is at
 // off in the device at path. It reads past the page cache (O_DIRECT): MD
 // writes the bitmap with its own I/O, which a cached read would miss.
 func bitmapDirty(path string, off int64) (dirty, chunks int64, err error) {
-	sb, err := readDirect(path, off, bitmapSuperSize)
+	return countBitmap(path, off, func(off int64, n int) ([]byte, error) { return readDirect(path, off, n) })
+}
+
+// countBitmap is bitmapDirty over read, for the device called name.
+// Whatever the superblock says, it reads at most maxBitmapBytes of bits,
+// and dirty <= chunks.
+func countBitmap(name string, off int64, read readFunc) (dirty, chunks int64, err error) {
+	if off < 0 {
+		return 0, 0, fmt.Errorf("%s: a write-intent bitmap at %d, before the device's start", name, off)
+	}
+	sb, err := read(off, bitmapSuperSize)
 	if err != nil {
 		return 0, 0, err
 	}
 	le := binary.LittleEndian
 	if le.Uint32(sb[0:]) != bitmapMagic {
-		return 0, 0, fmt.Errorf("%s holds no write-intent bitmap at %d (is the array's bitmap internal?)", path, off)
+		return 0, 0, fmt.Errorf("%s holds no write-intent bitmap at %d (is the array's bitmap internal?)", name, off)
 	}
-	syncSectors, chunkBytes := int64(le.Uint64(sb[40:])), int64(le.Uint32(sb[52:]))
-	if chunkBytes <= 0 {
-		return 0, 0, fmt.Errorf("%s: a bitmap with chunks of %d bytes is damaged", path, chunkBytes)
+	// bitmap_super_t: sync_size (sectors) at 40, chunksize (bytes) at 52.
+	syncSectors, chunkBytes := le.Uint64(sb[40:]), le.Uint32(sb[52:])
+	if chunkBytes < 512 || chunkBytes&(chunkBytes-1) != 0 { // as md requires
+		return 0, 0, fmt.Errorf("%s: the write-intent bitmap at %d has chunks of %d bytes, not a power of two of 512 or more: it is damaged", name, off, chunkBytes)
 	}
-	chunks = (syncSectors*512 + chunkBytes - 1) / chunkBytes
-	bitsBytes, err := readDirect(path, off+bitmapSuperSize, int((chunks+7)/8))
+	chunkSectors := uint64(chunkBytes / 512)
+	n := syncSectors / chunkSectors
+	if syncSectors%chunkSectors != 0 {
+		n++
+	}
+	if n > maxBitmapBytes*8 {
+		return 0, 0, fmt.Errorf("%s: the write-intent bitmap at %d has %d chunks (%d sectors in chunks of %d bytes), more than the %d nbdvault reads: it is damaged", name, off, n, syncSectors, chunkBytes, maxBitmapBytes*8)
+	}
+	chunks = int64(n)
+	bitsBytes, err := read(off+bitmapSuperSize, int((chunks+7)/8))
 	if err != nil {
 		return 0, 0, err
 	}
@@ -50,12 +78,20 @@ func bitmapDirty(path string, off int64) (dirty, chunks int64, err error) {
 }
 
 // readDirect reads n bytes at off with O_DIRECT, in whole 4 KiB blocks.
+// A range past the device's end fails before any buffer is allocated.
 func readDirect(path string, off int64, n int) ([]byte, error) {
 	fd, err := unix.Open(path, unix.O_RDONLY|unix.O_DIRECT|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	defer unix.Close(fd)
+	end, err := unix.Seek(fd, 0, io.SeekEnd)
+	if err != nil {
+		return nil, fmt.Errorf("seek %s: %w", path, err)
+	}
+	if off < 0 || n < 0 || off > end || int64(n) > end-off {
+		return nil, fmt.Errorf("read %s: %d bytes at %d: the device ends at %d", path, n, off, end)
+	}
 	const block = 4096
 	start := off &^ (block - 1)
 	length := (off + int64(n) - start + block - 1) &^ (block - 1)
@@ -68,6 +104,9 @@ func readDirect(path string, off int64, n int) ([]byte, error) {
 			return nil, fmt.Errorf("read %s at %d: %w", path, start+int64(done), err)
 		}
 		if k == 0 {
+			if start+int64(done) >= off+int64(n) {
+				break // the last block is partial, and what was asked for is in
+			}
 			return nil, fmt.Errorf("read %s at %d: the device ends", path, start+int64(done))
 		}
 		done += k
@@ -78,8 +117,13 @@ func readDirect(path string, off int64, n int) ([]byte, error) {
 // mdBitmapAt is where the internal bitmap of MD member dev lies: the
 // version-1 superblock's bitmap_offset, in sectors from the superblock.
 func mdBitmapAt(dev string) (int64, error) {
+	return findMDBitmap(dev, func(off int64, n int) ([]byte, error) { return readDirect(dev, off, n) })
+}
+
+// findMDBitmap is mdBitmapAt over read, for the device called dev.
+func findMDBitmap(dev string, read readFunc) (int64, error) {
 	for _, at := range []int64{4096, 0} { // metadata 1.2, 1.1 (1.0 arrays: see below)
-		sb, err := readDirect(dev, at, 256)
+		sb, err := read(at, 256)
 		if err != nil {
 			return 0, err
 		}
@@ -88,7 +132,15 @@ func mdBitmapAt(dev string) (int64, error) {
 			if le.Uint32(sb[8:])&1 == 0 { // feature_map: MD_FEATURE_BITMAP_OFFSET
 				return 0, fmt.Errorf("%s: the array has no internal write-intent bitmap (mdadm --grow --bitmap=internal adds one)", dev)
 			}
-			return at + int64(int32(le.Uint32(sb[96:])))*512, nil
+			rel := int64(int32(le.Uint32(sb[96:]))) // signed
+			switch off := at + rel*512; {
+			case rel == 0:
+				return 0, fmt.Errorf("%s: the MD superblock at %d puts its bitmap on itself: it is damaged", dev, at)
+			case off < 0:
+				return 0, fmt.Errorf("%s: the MD superblock at %d puts its bitmap %d sectors away, before the device's start: it is damaged", dev, at, rel)
+			default:
+				return off, nil
+			}
 		}
 	}
 	return 0, fmt.Errorf("%s: no MD metadata 1.1 or 1.2 superblock (metadata 1.0 and 0.90 arrays are not supported here)", dev)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -32,4 +33,95 @@ func TestBitmapDirty(t *testing.T) {
 
 	_, _, err = bitmapDirty(path, 0)
 	assert.ErrorContains(t, err, "no write-intent bitmap")
+}
+
+// sliceRead reads from img as readDirect reads from a device.
+func sliceRead(img []byte) readFunc {
+	return func(off int64, n int) ([]byte, error) {
+		if off < 0 || n < 0 || off > int64(len(img)) || int64(n) > int64(len(img))-off {
+			return nil, fmt.Errorf("read %d bytes at %d: the device ends at %d", n, off, len(img))
+		}
+		return img[off : off+int64(n)], nil
+	}
+}
+
+// bitmapImage is a device with a bitmap superblock at 4096 and no bit set.
+func bitmapImage(size int, syncSectors uint64, chunkBytes uint32) []byte {
+	img := make([]byte, size)
+	le := binary.LittleEndian
+	le.PutUint32(img[4096:], bitmapMagic)
+	le.PutUint64(img[4096+40:], syncSectors)
+	le.PutUint32(img[4096+52:], chunkBytes)
+	return img
+}
+
+// TestBitmapDamaged feeds superblocks whose sizes would overflow or ask
+// for gigabytes: errors, before any big buffer is allocated. (Before the
+// checks, sync_size 2^40 sectors in 512-byte chunks made readDirect
+// allocate 128 GiB: "fatal error: runtime: out of memory".)
+func TestBitmapDamaged(t *testing.T) {
+	for _, c := range []struct {
+		name        string
+		syncSectors uint64
+		chunkBytes  uint32
+		want        string
+	}{
+		{"no chunk size", 100, 0, "chunks of 0 bytes"},
+		{"chunk size not a power of two", 100, 1000, "chunks of 1000 bytes"},
+		{"chunk size under a sector", 100, 256, "chunks of 256 bytes"},
+		{"2^40 chunks", 1 << 40, 512, "1099511627776 chunks"},
+		{"sync size overflowing as bytes", 1<<55 + 8, 1 << 20, "chunks"},
+		{"bits past the device's end", 1 << 30, 1 << 20, "the device ends"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			img := bitmapImage(3*4096, c.syncSectors, c.chunkBytes)
+			_, _, err := countBitmap("dev", 4096, sliceRead(img))
+			assert.ErrorContains(t, err, c.want)
+
+			path := filepath.Join(t.TempDir(), "rmeta")
+			require.NoError(t, os.WriteFile(path, img, 0o600))
+			_, _, err = bitmapDirty(path, 4096)
+			assert.ErrorContains(t, err, c.want, "through O_DIRECT")
+		})
+	}
+	_, _, err := countBitmap("dev", -512, sliceRead(make([]byte, 4096)))
+	assert.ErrorContains(t, err, "before the device's start")
+
+	dirty, chunks, err := countBitmap("dev", 4096, sliceRead(bitmapImage(4096+256, 0, 512)))
+	require.NoError(t, err, "an empty array")
+	assert.Equal(t, [2]int64{0, 0}, [2]int64{dirty, chunks})
+}
+
+// mdSuperImage is a device with an MD 1.2 superblock whose feature map
+// and bitmap offset are given.
+func mdSuperImage(features uint32, bitmapOffset int32) []byte {
+	img := mdImage(16<<10, 4096, 1, 16, 8, 8)
+	binary.LittleEndian.PutUint32(img[4096+8:], features)
+	binary.LittleEndian.PutUint32(img[4096+96:], uint32(bitmapOffset))
+	return img
+}
+
+func TestMDBitmapAt(t *testing.T) {
+	at, err := findMDBitmap("dev", sliceRead(mdSuperImage(1, 8)))
+	require.NoError(t, err)
+	assert.Equal(t, int64(4096+4096), at)
+
+	at, err = findMDBitmap("dev", sliceRead(mdSuperImage(1, -2)))
+	require.NoError(t, err, "before the superblock, within the device")
+	assert.Equal(t, int64(4096-1024), at)
+
+	_, err = findMDBitmap("dev", sliceRead(mdSuperImage(0, 8)))
+	assert.ErrorContains(t, err, "no internal write-intent bitmap")
+	_, err = findMDBitmap("dev", sliceRead(mdSuperImage(1, -9)))
+	assert.ErrorContains(t, err, "before the device's start")
+	_, err = findMDBitmap("dev", sliceRead(mdSuperImage(1, 0)))
+	assert.ErrorContains(t, err, "puts its bitmap on itself")
+	_, err = findMDBitmap("dev", sliceRead(make([]byte, 16<<10)))
+	assert.ErrorContains(t, err, "no MD metadata 1.1 or 1.2 superblock")
+
+	path := filepath.Join(t.TempDir(), "member")
+	require.NoError(t, os.WriteFile(path, mdSuperImage(1, 8), 0o600))
+	at, err = mdBitmapAt(path)
+	require.NoError(t, err)
+	assert.Equal(t, int64(8192), at)
 }
