@@ -1,6 +1,7 @@
 # make test   installs what the tests need, lints, and runs every test
 # make bench  benchmarks, with the tools users would pick instead
-# make fuzz   fuzzes the NBD server's negotiation and request parsing
+# make fuzz   fuzzes the NBD server's negotiation and request parsing, the
+#             client's reply parsing, and the MD, LVM and bitmap parsers
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -31,6 +32,10 @@ FUZZTIME ?= 60s
 fuzz:
 	go test -run '^$$' -fuzz FuzzNegotiate -fuzztime $(FUZZTIME) ./nbdserver/nbd/
 	go test -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) ./nbdserver/nbd/
+	go test -run '^$$' -fuzz FuzzMDSuperblock -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 
 clean:
 	rm -rf bin
