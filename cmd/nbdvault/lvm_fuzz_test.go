@@ -6,11 +6,11 @@ import (
 	"testing"
 )
 
-// boundedDevice is a sparseDevice that fails the test on a read the
+// boundedDevice is a device that fails the test on a read the
 // parsers should have refused: past maxLVMText bytes, or of metadata
 // (beyond the label's first four sectors) past the device's end.
 type boundedDevice struct {
-	sparseDevice
+	placed
 	t *testing.T
 }
 
@@ -18,7 +18,7 @@ func (d boundedDevice) ReadAt(p []byte, off int64) (int, error) {
 	if len(p) > maxLVMText || off >= 2048 && int64(len(p)) > d.size-off {
 		d.t.Fatalf("a read of %d bytes at %d on a %d-byte device", len(p), off, d.size)
 	}
-	return d.sparseDevice.ReadAt(p, off)
+	return d.placed.ReadAt(p, off)
 }
 
 // checkLeg fails the test unless leg lies within a size-byte device.
@@ -28,13 +28,16 @@ func checkLeg(t *testing.T, leg *lvmLeg, size int64) {
 	}
 }
 
+// FuzzLVMLabel fuzzes the label sector (sector 1) and the start of the
+// metadata area (at 4096, its header then the ring).
 func FuzzLVMLabel(f *testing.F) {
 	const size = 64 << 20
-	f.Add(lvmPV(pv1UUID, lvmText, 2048, 512), int64(size))
-	f.Add(lvmPV(pv1UUID, lvmText, 2048, 2048-100), int64(size)) // wrapped round the ring
-	f.Add(lvmPV(pv1UUID, lvmText, 2048, 512), int64(16<<20))    // the image past the end
-	f.Add(lvmPV(pv1UUID, lvmText, 2048, 512), int64(5000))      // the area past the end
-	f.Add(lvmPV("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", lvmText, 2048, 512), int64(size))
+	add := func(img []byte, size int64) { f.Add(img[512:1024], img[4096:], size) }
+	add(lvmPV(pv1UUID, lvmText, 2048, 512), size)
+	add(lvmPV(pv1UUID, lvmText, 2048, 2048-100), size) // wrapped round the ring
+	add(lvmPV(pv1UUID, lvmText, 2048, 512), 16<<20)    // the image past the end
+	add(lvmPV(pv1UUID, lvmText, 2048, 512), 5000)      // the area past the end
+	add(lvmPV("aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", lvmText, 2048, 512), size)
 	for _, damage := range []func(img []byte){
 		func(img []byte) { img[512+20] = 0xa0; img[512+21] = 0x0f },         // PV header at 4000
 		func(img []byte) { img[512+32+72+7] = 0x80 },                        // metadata area at 2^63
@@ -44,13 +47,14 @@ func FuzzLVMLabel(f *testing.F) {
 	} {
 		img := lvmPV(pv1UUID, lvmText, 2048, 512)
 		damage(img)
-		f.Add(img, int64(size))
+		add(img, size)
 	}
-	f.Fuzz(func(t *testing.T, img []byte, size int64) {
+	f.Fuzz(func(t *testing.T, label, area []byte, size int64) {
 		if size < 0 {
 			return
 		}
-		leg, err := findLVMLeg(boundedDevice{sparseDevice{img, size}, t}, size)
+		dev := placed{size, map[int64][]byte{512: label, 4096: area}}
+		leg, err := findLVMLeg(boundedDevice{dev, t}, size)
 		if err == nil {
 			checkLeg(t, leg, size)
 		}
