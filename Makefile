@@ -32,6 +32,7 @@ FUZZTIME ?= 60s
 fuzz:
 	go test -run '^$$' -fuzz FuzzNegotiate -fuzztime $(FUZZTIME) ./nbdserver/nbd/
 	go test -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) ./nbdserver/nbd/
+	go test -run '^$$' -fuzz FuzzReply -fuzztime $(FUZZTIME) ./client/
 	go test -run '^$$' -fuzz FuzzMDSuperblock -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./cmd/nbdvault/

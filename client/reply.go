@@ -110,6 +110,10 @@ func (c *Conn) readReply() error {
 
 // simpleReply handles a simple reply to r.
 func (c *Conn) simpleReply(r *request, errno uint32) error {
+	if r.err != nil || len(r.covered) > 0 || r.extents != nil {
+		// Taking it would drop an error chunk, or the chunks' data.
+		return protocolf("simple reply to cookie %d after structured reply chunks for it", r.cookie)
+	}
 	if errno != 0 {
 		c.finish(r, c.errorReply(errno, ""))
 		return nil
