@@ -12,6 +12,8 @@ export PATH="$GOBIN:$PATH"
 # release build from the module proxy (integration/miniotest.Version).
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 STATICCHECK_VERSION=v0.8.2
+# SeaweedFS, the second S3 server the tests run (integration/seaweedtest.Version).
+WEED_VERSION=v0.0.0-20261109003541-7506e5f91cd6
 
 # Debian packages the tests use: mount (full-disk test); the third-party NBD
 # clients and servers (libnbd-bin: nbdinfo, nbdcopy, nbdfuse; qemu-utils:
@@ -45,7 +47,24 @@ go_install() {
   echo "$mod" >"$stamp"
 }
 
+# weed_build: SeaweedFS's go.mod has replace directives, so `go install
+# module@version` refuses it. Build its ./weed inside the (read-only) module
+# cache instead, where those directives apply.
+weed_build() {
+  local mod="github.com/seaweedfs/seaweedfs@$WEED_VERSION" stamp="$stamp_dir/weed.version"
+  if [ -x "$GOBIN/weed" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$mod" ]; then
+    return
+  fi
+  echo "deps: go build $mod ./weed (SeaweedFS builds in about five minutes the first time)"
+  (cd "$stamp_dir" && go mod download "$mod")
+  mkdir -p "$GOBIN"
+  go build -C "$(go env GOMODCACHE)/$mod" -o "$GOBIN/weed.tmp" ./weed
+  mv "$GOBIN/weed.tmp" "$GOBIN/weed"
+  echo "$mod" >"$stamp"
+}
+
 go_install minio "github.com/minio/minio@$MINIO_VERSION"
+weed_build
 go_install staticcheck "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
 
 # The VM tests' host packages (QEMU and the guest's tools).
