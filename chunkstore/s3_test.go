@@ -13,6 +13,7 @@ import (
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/chunkstore/storetest"
 	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/seaweedtest"
 )
 
 // One MinIO serves the conformance suites; every subtest gets its own
@@ -22,6 +23,7 @@ func shared(t testing.TB) *miniotest.Server { return miniotest.StartShared(t) }
 func TestMain(m *testing.M) {
 	code := m.Run()
 	miniotest.StopShared()
+	seaweedtest.StopShared()
 	os.Exit(code)
 }
 
@@ -33,6 +35,17 @@ func TestS3Backend(t *testing.T) {
 func TestS3Store(t *testing.T) {
 	m := shared(t)
 	storetest.Store(t, func(t *testing.T) chunkstore.Backend { return m.Backend(t) })
+}
+
+// The same suites on SeaweedFS, a second S3 implementation.
+func TestS3BackendSeaweedFS(t *testing.T) {
+	w := seaweedtest.StartShared(t)
+	storetest.Backend(t, func(t *testing.T) chunkstore.Backend { return w.Backend(t) })
+}
+
+func TestS3StoreSeaweedFS(t *testing.T) {
+	w := seaweedtest.StartShared(t)
+	storetest.Store(t, func(t *testing.T) chunkstore.Backend { return w.Backend(t) })
 }
 
 func TestS3OpenByLocation(t *testing.T) {

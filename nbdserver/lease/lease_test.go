@@ -17,11 +17,13 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/seaweedtest"
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
 	miniotest.StopShared()
+	seaweedtest.StopShared()
 	os.Exit(code)
 }
 
@@ -35,6 +37,9 @@ func backends(t *testing.T) map[string]func(t *testing.T) chunkstore.Backend {
 		},
 		"minio": func(t *testing.T) chunkstore.Backend {
 			return chunkstore.NewRetry(miniotest.StartShared(t).Backend(t), chunkstore.RetryPolicy{})
+		},
+		"seaweedfs": func(t *testing.T) chunkstore.Backend {
+			return chunkstore.NewRetry(seaweedtest.StartShared(t).Backend(t), chunkstore.RetryPolicy{})
 		},
 	}
 }

@@ -8,6 +8,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/integration/miniotest"
+	"github.com/nbdvault/nbdvault/integration/seaweedtest"
 )
 
 func TestMain(m *testing.M) {
@@ -16,6 +17,7 @@ func TestMain(m *testing.M) {
 	}
 	code := m.Run()
 	miniotest.StopShared()
+	seaweedtest.StopShared()
 	os.Exit(code)
 }
 
@@ -27,5 +29,13 @@ func TestVolumeModelMinIO(t *testing.T) {
 		b := m.Backend(t)
 		require.NotNil(t, b)
 		return chunkstore.NewRetry(b, chunkstore.DefaultRetryPolicy)
+	}, 2)
+}
+
+// TestVolumeModelSeaweedFS runs it on SeaweedFS, a second S3 server.
+func TestVolumeModelSeaweedFS(t *testing.T) {
+	w := seaweedtest.StartShared(t)
+	runModel(t, func(t *testing.T) chunkstore.Backend {
+		return chunkstore.NewRetry(w.Backend(t), chunkstore.DefaultRetryPolicy)
 	}, 2)
 }
