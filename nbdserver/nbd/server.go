@@ -30,6 +30,16 @@ type Server struct {
 	MaxInFlight int
 	// HandshakeTimeout bounds the negotiation phase. Default 30s.
 	HandshakeTimeout time.Duration
+	// MaxMemory bounds the READ and WRITE payload buffers of all
+	// connections together; a request waits (before its WRITE payload is
+	// read) until its buffer fits. Each connection may hold at most a
+	// quarter of it, and at most 128 MiB. One request may always run
+	// alone, so a payload above the limit is served too. Default 1 GiB.
+	MaxMemory int64
+	// ReplyTimeout is how long a reply write may go without the client
+	// taking 1 MiB of it before the connection is closed, releasing the
+	// memory its replies hold. Default 30s.
+	ReplyTimeout time.Duration
 	// Logger gets connection-level events. Default: slog.Default().
 	Logger *slog.Logger
 
@@ -46,6 +56,8 @@ type serverState struct {
 	conns     map[*conn]struct{}
 	closing   atomic.Bool
 	active    sync.WaitGroup // connections being served
+	memOnce   sync.Once
+	mem       *budget // MaxMemory, shared by every connection
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -60,6 +72,30 @@ func (s *Server) maxInFlight() int {
 		return s.MaxInFlight
 	}
 	return 64
+}
+
+// DefaultMaxMemory is MaxMemory's default.
+const DefaultMaxMemory = 1 << 30
+
+func (s *Server) memory() *budget {
+	s.state.memOnce.Do(func() {
+		limit := s.MaxMemory
+		if limit <= 0 {
+			limit = DefaultMaxMemory
+		}
+		s.state.mem = newBudget(limit)
+	})
+	return s.state.mem
+}
+
+// MemoryInUse is how much of MaxMemory requests hold now.
+func (s *Server) MemoryInUse() int64 { return s.memory().inUse() }
+
+func (s *Server) replyTimeout() time.Duration {
+	if s.ReplyTimeout > 0 {
+		return s.ReplyTimeout
+	}
+	return 30 * time.Second
 }
 
 func (s *Server) shuttingDown() bool { return s.state.closing.Load() }
@@ -182,10 +218,11 @@ type conn struct {
 	srv    *Server
 	remote string
 
-	mu             sync.Mutex // guards nc swaps, transmitting and cancelRequests
+	mu             sync.Mutex // guards nc swaps, transmitting, cancelRequests and stopWaiting
 	nc             net.Conn   // a *tls.Conn after STARTTLS
 	transmitting   bool
 	cancelRequests context.CancelFunc // of the requests in flight, once transmitting
+	stopWaiting    context.CancelFunc // ends the reader's wait for memory, once transmitting
 	br             *bufio.Reader
 	bw             *bufio.Writer
 }
@@ -214,8 +251,9 @@ func (c *conn) setConn(nc net.Conn) {
 }
 
 // stop begins a graceful end: a connection still negotiating is closed; one
-// in transmission stops reading requests (its read is interrupted) and
-// closes once the requests in flight are answered.
+// in transmission stops reading requests (its read, or its wait for
+// memory, is interrupted) and closes once the requests in flight are
+// answered.
 func (c *conn) stop() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -224,6 +262,9 @@ func (c *conn) stop() {
 		return
 	}
 	_ = c.nc.SetReadDeadline(time.Now())
+	if c.stopWaiting != nil {
+		c.stopWaiting()
+	}
 }
 
 // close closes the connection at once and cancels its requests in flight.

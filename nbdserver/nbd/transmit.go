@@ -6,7 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"os"
 	"sync"
+	"time"
 )
 
 // request is one parsed transmission request.
@@ -36,9 +39,20 @@ var errProtocol = errors.New("protocol violation")
 func (c *conn) transmit(s *session) error {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
+	// waitCtx ends a wait for memory budget: at Shutdown too, which
+	// answers the waiting request with ESHUTDOWN.
+	waitCtx, stopWaiting := context.WithCancel(ctx)
+	defer stopWaiting()
 	c.mu.Lock()
 	c.cancelRequests = cancel // Close ends requests that would never finish
+	c.stopWaiting = stopWaiting
+	nc := c.nc
 	c.mu.Unlock()
+	if c.srv.shuttingDown() { // stop came before stopWaiting was set
+		stopWaiting()
+	}
+	// Negotiation flushed its last reply, so the buffer is empty.
+	c.bw.Reset(&replyWriter{nc: nc, timeout: c.srv.replyTimeout()})
 	maxInFlight := c.srv.maxInFlight()
 	replies := make(chan reply, maxInFlight)
 	writerDone := make(chan error, 1)
@@ -46,7 +60,9 @@ func (c *conn) transmit(s *session) error {
 
 	sem := make(chan struct{}, maxInFlight)
 	var workers sync.WaitGroup
-	readErr := c.readRequests(ctx, s, sem, newBudget(maxBufferedBytes), &workers, replies)
+	srvMem := c.srv.memory()
+	mem := memory{conn: newBudget(min(maxBufferedBytes, srvMem.limit/4)), srv: srvMem}
+	readErr := c.readRequests(ctx, waitCtx, s, sem, mem, &workers, replies)
 	if errors.Is(readErr, errClientGone) {
 		// No reply can reach it: stop requests that wait (a write held
 		// back by a full volume log could wait for a long time).
@@ -68,7 +84,7 @@ var errClientGone = errors.New("client gone")
 
 // readRequests reads requests until DISC, EOF, a broken stream or
 // shutdown, and starts a worker for each.
-func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, mem *budget, workers *sync.WaitGroup, replies chan<- reply) error {
+func (c *conn) readRequests(ctx, waitCtx context.Context, s *session, sem chan struct{}, mem memory, workers *sync.WaitGroup, replies chan<- reply) error {
 	var hdr [RequestHeaderLen]byte
 	size := uint64(s.export.Backend.Size())
 	maxPayload := s.export.maxPayload()
@@ -120,10 +136,24 @@ func (c *conn) readRequests(ctx context.Context, s *session, sem chan struct{}, 
 			}
 		}
 		sem <- struct{}{}
-		// Payload buffers count against the connection's budget from
-		// here until their reply is written.
+		// Payload buffers count against the connection's and the
+		// server's budget from here until their reply is written. The
+		// wait is before a WRITE's payload is read, so a client that
+		// sends more than the server can hold meets TCP backpressure.
 		cost := payloadCost(req, maxPayload)
-		mem.acquire(cost)
+		if err := mem.acquire(waitCtx, cost); err != nil {
+			<-sem
+			if ctx.Err() != nil {
+				return nil // the connection is closing: its writer says why
+			}
+			if req.typ == CmdWrite { // Shutdown began
+				if _, err := io.CopyN(io.Discard, c.br, int64(req.length)); err != nil {
+					return err
+				}
+			}
+			replies <- c.errorReply(s, req, ESHUTDOWN, "server is shutting down")
+			continue
+		}
 		if req.typ == CmdWrite {
 			payload = getBuf(int(req.length))
 			if _, err := io.ReadFull(c.br, *payload); err != nil {
@@ -497,42 +527,60 @@ func (c *conn) writeReplies(replies <-chan reply, cancel context.CancelFunc) err
 }
 
 // maxBufferedBytes bounds the READ and WRITE payloads one connection holds
-// at once, so a client cannot make the server allocate MaxInFlight times
-// the maximum payload.
+// at once (a quarter of the server's MaxMemory if that is less), so one
+// client cannot take the whole server's budget.
 const maxBufferedBytes = 128 << 20
 
-// budget is a counting semaphore of bytes. One request may always run,
-// however large, so nothing deadlocks on a request above the limit.
-type budget struct {
-	mu          sync.Mutex
-	cond        sync.Cond
-	used, limit int64
+// memory is the pair of budgets a request's buffers count against.
+type memory struct{ conn, srv *budget }
+
+// acquire takes n bytes of the connection's budget, then of the server's;
+// on error it holds neither.
+func (m memory) acquire(ctx context.Context, n int64) error {
+	if err := m.conn.acquire(ctx, n); err != nil {
+		return err
+	}
+	if err := m.srv.acquire(ctx, n); err != nil {
+		m.conn.release(n)
+		return err
+	}
+	return nil
 }
 
-func newBudget(limit int64) *budget {
-	b := &budget{limit: limit}
-	b.cond.L = &b.mu
-	return b
+func (m memory) release(n int64) {
+	m.srv.release(n)
+	m.conn.release(n)
 }
 
-func (b *budget) acquire(n int64) {
-	if n == 0 {
-		return // requests without payload never wait for buffers
-	}
-	b.mu.Lock()
-	for b.used > 0 && b.used+n > b.limit {
-		b.cond.Wait()
-	}
-	b.used += n
-	b.mu.Unlock()
+// replyPiece is how much of a reply is written under one deadline: a
+// client must take a piece every ReplyTimeout, however long the reply.
+const replyPiece = 1 << 20
+
+// replyWriter writes replies to the connection in pieces, each with a
+// fresh write deadline, so a client that stops reading its replies
+// fails the write after ReplyTimeout and the connection (with the memory
+// its replies hold) is let go, while a slow reader that keeps reading is
+// not cut off.
+type replyWriter struct {
+	nc      net.Conn
+	timeout time.Duration
 }
 
-func (b *budget) release(n int64) {
-	if n == 0 {
-		return
+func (w *replyWriter) Write(p []byte) (int, error) {
+	done := 0
+	for done < len(p) {
+		k := min(len(p)-done, replyPiece)
+		if err := w.nc.SetWriteDeadline(time.Now().Add(w.timeout)); err != nil {
+			return done, err
+		}
+		n, err := w.nc.Write(p[done : done+k])
+		done += n
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("client did not read its replies for %v: %w", w.timeout, err)
+			}
+			return done, err
+		}
 	}
-	b.mu.Lock()
-	b.used -= n
-	b.cond.Broadcast()
-	b.mu.Unlock()
+	return done, nil
 }

@@ -394,32 +394,6 @@ func TestTransmitZeroesWithoutZeroer(t *testing.T) {
 	assert.Equal(t, []Extent{{1 << 20, 0}}, descriptors(w.structured()[0].payload), "no Extenter: all data")
 }
 
-func TestBudget(t *testing.T) {
-	b := newBudget(100)
-	b.acquire(150) // alone, a request above the limit still runs
-	acquired := make(chan struct{})
-	go func() { b.acquire(10); close(acquired) }()
-	select {
-	case <-acquired:
-		t.Fatal("acquired past the limit")
-	case <-time.After(50 * time.Millisecond): // nothing to wait on: it must stay blocked
-	}
-	b.release(150)
-	<-acquired
-	b.acquire(90)
-	b.release(100)
-	assert.Zero(t, b.used)
-}
-
-func TestBudgetZeroNeverWaits(t *testing.T) {
-	b := newBudget(100)
-	b.acquire(150) // over the limit
-	b.acquire(0)   // a FLUSH must not wait for buffers it does not use
-	b.release(0)
-	b.release(150)
-	assert.Zero(t, b.used)
-}
-
 // stuck answers no read until the request's context ends, as a volume
 // write held back by a full log waits.
 type stuck struct {
