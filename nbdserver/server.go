@@ -40,11 +40,20 @@ type Options struct {
 	// Passed to every volume; zero takes the engine's defaults.
 	CheckpointInterval time.Duration
 	LogLimit           int64
-	// CacheBytes bounds the chunk cache (chunkstore's default when 0).
+	// CacheBytes bounds the chunk cache: a quarter of MaxMemory when 0,
+	// or chunkstore's default without MaxMemory.
 	CacheBytes int64
 	// RepoTimeout bounds an NBD read that needs the repository (default
 	// 30 s): past it the client gets EIO, so an outage never hangs reads.
 	RepoTimeout time.Duration
+	// MaxMemory is the server's memory budget: half for the payload
+	// buffers of all NBD connections (nbd.Server.MaxMemory), a quarter
+	// for the chunk cache unless CacheBytes says otherwise, and a quarter
+	// left to the uploaders and the runtime. 0 takes nbd's default.
+	MaxMemory int64
+	// ReplyTimeout is nbd.Server.ReplyTimeout: how long an NBD client
+	// may leave its replies unread before it is cut off.
+	ReplyTimeout time.Duration
 	// LeaseTTL is how long the repository lease lasts unrenewed.
 	LeaseTTL time.Duration
 	Version  string
@@ -161,7 +170,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
 		return nil, err
 	}
-	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: opts.CacheBytes}); err != nil {
+	cacheBytes := opts.CacheBytes
+	if cacheBytes == 0 && opts.MaxMemory > 0 {
+		cacheBytes = opts.MaxMemory / 4
+	}
+	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes}); err != nil {
 		return nil, err
 	}
 	s.env = &volume.Env{
@@ -190,7 +203,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		s.log.Info("volume opened", "volume", name, "size", v.Size(), "pending_bytes", st.LogBytes, "pending_snapshots", st.PendingLayers)
 	}
 
-	s.nbd = &nbd.Server{Exports: s.exports, Logger: s.log.With("part", "nbd")}
+	s.nbd = &nbd.Server{Exports: s.exports, Logger: s.log.With("part", "nbd"),
+		MaxMemory: opts.MaxMemory / 2, ReplyTimeout: opts.ReplyTimeout}
 	for _, addr := range opts.Listen {
 		l, err := nbd.Listen(addr)
 		if err != nil {

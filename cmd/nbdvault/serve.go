@@ -1,9 +1,12 @@
 package main
 
 import (
+	"cmp"
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
@@ -34,8 +37,13 @@ func serveCommand() *cli.Command {
 				Usage: "upload a checkpoint at most this `long` after a write: how far the repository may lag"},
 			&cli.StringFlag{Name: "log-limit", Value: "8G", EnvVars: []string{"NBDVAULT_LOG_LIMIT"},
 				Usage: "write log `size` per volume past which writes wait for the uploader"},
-			&cli.StringFlag{Name: "cache", Value: "256M", EnvVars: []string{"NBDVAULT_CACHE"},
-				Usage: "`size` of the cache of chunks read from the repository"},
+			&cli.StringFlag{Name: "cache", EnvVars: []string{"NBDVAULT_CACHE"},
+				Usage: "`size` of the cache of chunks read from the repository (default: a quarter of --max-memory)"},
+			&cli.StringFlag{Name: "max-memory", EnvVars: []string{"NBDVAULT_MAX_MEMORY"},
+				Usage: "memory `size` the server may use: half for NBD clients' buffers, a quarter for the chunk cache, a quarter for uploads " +
+					"(default: an eighth of the machine's memory, at least 256M, at most 2G)"},
+			&cli.DurationFlag{Name: "reply-timeout", Value: 30 * time.Second, EnvVars: []string{"NBDVAULT_REPLY_TIMEOUT"},
+				Usage: "cut off an NBD client that leaves its replies unread this `long`, freeing the memory they hold"},
 			&cli.DurationFlag{Name: "repo-timeout", Value: nbdserver.DefaultRepoTimeout, EnvVars: []string{"NBDVAULT_REPO_TIMEOUT"},
 				Usage: "an NBD read that needs the repository fails with EIO after this `long` without an answer"},
 			&cli.DurationFlag{Name: "lease-ttl", Value: nbdserver.DefaultLeaseTTL, EnvVars: []string{"NBDVAULT_LEASE_TTL"},
@@ -57,9 +65,20 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return usageErrorf("--log-limit: %v", err)
 	}
-	cache, err := parseSize(c.String("cache"))
-	if err != nil {
-		return usageErrorf("--cache: %v", err)
+	maxMemory := defaultMaxMemory(physicalMemory())
+	if v := c.String("max-memory"); v != "" {
+		if maxMemory, err = parseSize(v); err != nil {
+			return usageErrorf("--max-memory: %v", err)
+		}
+		if maxMemory < minMaxMemory {
+			return usageErrorf("--max-memory %s is too small: the server needs at least %s", v, formatSize(minMaxMemory))
+		}
+	}
+	var cache int64 // 0: a quarter of maxMemory
+	if v := c.String("cache"); v != "" {
+		if cache, err = parseSize(v); err != nil {
+			return usageErrorf("--cache: %v", err)
+		}
 	}
 	var listen []string
 	for _, l := range c.StringSlice("listen") {
@@ -70,6 +89,14 @@ func serve(c *cli.Context) error {
 		}
 	}
 	logger := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	// The budgets bound what is live; the Go memory limit makes the
+	// collector return what is not before the process grows past them.
+	goLimit := memoryLimit(maxMemory, cache)
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(goLimit)
+	}
+	logger.Info("memory budget", "max_memory", formatSize(maxMemory), "nbd_buffers", formatSize(maxMemory/2),
+		"cache", formatSize(cmp.Or(cache, maxMemory/4)), "go_memory_limit", formatSize(debug.SetMemoryLimit(-1)))
 	srv, err := nbdserver.Open(c.Context, nbdserver.Options{
 		Data:               c.String("data"),
 		Repo:               c.String("repo"),
@@ -81,10 +108,57 @@ func serve(c *cli.Context) error {
 		CacheBytes:         cache,
 		RepoTimeout:        c.Duration("repo-timeout"),
 		LeaseTTL:           c.Duration("lease-ttl"),
+		MaxMemory:          maxMemory,
+		ReplyTimeout:       c.Duration("reply-timeout"),
 		Version:            version,
 	})
 	if err != nil {
 		return fmt.Errorf("cannot start: %w", err)
 	}
 	return srv.Serve(c.Context)
+}
+
+// minMaxMemory is the least --max-memory: one 32 MiB request and a
+// small cache.
+const minMaxMemory = 64 << 20
+
+// defaultMaxMemory is an eighth of the memory the server may use, at
+// least 256 MiB and at most 2 GiB. An eighth, because the host's page
+// cache keeps the write logs' recent records and the host usually runs
+// more than nbdvault; 2 GiB, because its half for NBD buffers (1 GiB)
+// already lets eight connections hold their full 128 MiB share; 256 MiB
+// so that a small machine still takes a connection's 32 MiB requests
+// four at a time and keeps a 64 MiB cache.
+func defaultMaxMemory(physical int64) int64 {
+	return min(max(physical/8, 256<<20), 2<<30)
+}
+
+// physicalMemory is the machine's memory, or its cgroup's (v2) limit when
+// lower; 0 if neither can be read.
+func physicalMemory() int64 {
+	var total int64
+	if b, err := os.ReadFile("/proc/meminfo"); err == nil {
+		for line := range strings.Lines(string(b)) {
+			if v, ok := strings.CutPrefix(line, "MemTotal:"); ok {
+				kb, _ := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+				total = kb << 10
+			}
+		}
+	}
+	if b, err := os.ReadFile("/sys/fs/cgroup/memory.max"); err == nil { // "max" when unlimited
+		if n, err := strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64); err == nil && n > 0 && (total == 0 || n < total) {
+			total = n
+		}
+	}
+	return total
+}
+
+// memoryLimit is the Go runtime's memory limit for a --max-memory of
+// maxMemory: all of it, or more when --cache (cache, 0 if not given)
+// takes more than its quarter.
+func memoryLimit(maxMemory, cache int64) int64 {
+	if cache == 0 {
+		return maxMemory
+	}
+	return maxMemory - maxMemory/4 + cache
 }
