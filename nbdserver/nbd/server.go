@@ -12,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -128,8 +129,7 @@ func (s *Server) Serve(l net.Listener) error {
 			if st.closing.Load() {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
+			if temporaryAcceptError(err) {
 				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
 				s.logger().Warn("nbd accept failed; retrying", "error", err, "in", backoff)
 				time.Sleep(backoff)
@@ -140,6 +140,23 @@ func (s *Server) Serve(l net.Listener) error {
 		backoff = 0
 		go s.ServeConn(nc)
 	}
+}
+
+// temporaryAcceptError tells an Accept error that passes (out of file
+// descriptors or kernel memory, a connection aborted before it was
+// taken, a timeout) from a listener that is gone.
+func temporaryAcceptError(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, e := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM,
+		syscall.ECONNABORTED, syscall.EINTR, syscall.EAGAIN} {
+		if errors.Is(err, e) {
+			return true
+		}
+	}
+	return false
 }
 
 // ServeConn serves one connection and returns when it ends.
