@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"slices"
 	"strconv"
@@ -26,6 +25,11 @@ func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	handle := func(pattern string, h func(r *http.Request) (int, any, error)) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			if r.ContentLength > maxBodyBytes { // refused before a byte of it is read
+				writeError(w, tooLarge())
+				return
+			}
+			r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes) // a body without a length
 			status, out, err := h(r)
 			if err != nil {
 				writeError(w, err)
@@ -121,11 +125,25 @@ func apiError(err error) *api.Error {
 
 var errInvalid = errors.New("invalid request")
 
+// maxBodyBytes bounds a request's body: every request the API takes is
+// a few hundred bytes of JSON.
+const maxBodyBytes = 1 << 20
+
+// tooLarge is the answer to a body past maxBodyBytes: 413, with the code
+// of an invalid request.
+func tooLarge() *api.Error {
+	return api.Errorf(&api.Error{Code: api.ErrInvalid.Code, Status: http.StatusRequestEntityTooLarge},
+		"the request body is larger than the API takes (%d bytes)", maxBodyBytes)
+}
+
 // decode reads a JSON body into v.
 func decode(r *http.Request, v any) error {
-	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
+	dec := json.NewDecoder(r.Body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(v); err != nil {
+		if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+			return tooLarge()
+		}
 		return fmt.Errorf("%w: the body is not the JSON this endpoint takes: %v", errInvalid, err)
 	}
 	return nil

@@ -1,0 +1,57 @@
+package nbdserver
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+// A body past the cap gets 413 in the API's error shape, whether it says
+// its length (refused unread) or not (refused once 1 MiB is read).
+func TestAdminBodyTooLarge(t *testing.T) {
+	s, err := Open(context.Background(), Options{Data: filepath.Join(t.TempDir(), "data"),
+		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
+	require.NoError(t, err)
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ctx) }()
+	defer func() { stop(); require.NoError(t, <-served) }()
+
+	post := func(body io.Reader) (*http.Response, api.Error) {
+		req, err := http.NewRequest("POST", "http://"+s.AdminAddr()+"/v1/volumes", body)
+		require.NoError(t, err)
+		req.Header.Set("Authorization", "Bearer "+s.token)
+		cl := &http.Client{Timeout: time.Minute}
+		resp, err := cl.Do(req)
+		require.NoError(t, err, "the server answers instead of resetting the connection")
+		defer resp.Body.Close()
+		var e api.Error
+		require.NoError(t, json.NewDecoder(resp.Body).Decode(&e))
+		return resp, e
+	}
+	big := bytes.Repeat([]byte(" "), 64<<20) // valid JSON whitespace, then nothing
+	resp, e := post(bytes.NewReader(big))
+	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode)
+	assert.Equal(t, "invalid", e.Code)
+	assert.Contains(t, e.Message, "larger than the API takes")
+
+	// No length (a body of unknown size goes chunked).
+	resp, e = post(io.MultiReader(bytes.NewReader(big[:2<<20]), bytes.NewReader([]byte(`{"name":"x"}`))))
+	assert.Equal(t, http.StatusRequestEntityTooLarge, resp.StatusCode)
+	assert.Equal(t, "invalid", e.Code)
+
+	// A body within the cap still works.
+	resp, _ = post(bytes.NewReader([]byte(`{"name":"web","size":1048576}`)))
+	assert.Equal(t, http.StatusCreated, resp.StatusCode)
+}
