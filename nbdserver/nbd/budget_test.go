@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strings"
 	"testing"
 	"time"
 
@@ -130,16 +131,18 @@ func TestServerMemoryIsShared(t *testing.T) {
 // the replies of other connections' requests that run still go out.
 func TestGreedyClientIsCutOff(t *testing.T) {
 	m := NewMem(64 << 20)
+	var log lockedBuffer
 	srv := &Server{Exports: NewExportMap(&Export{Name: "disk", Backend: m}),
-		MaxMemory: 32 << 20, ReplyTimeout: 2 * time.Second}
+		MaxMemory: 32 << 20, ReplyTimeout: 2 * time.Second, Logger: slog.New(slog.NewTextHandler(&log, nil))}
 	sock := startServer(t, srv)
 	// Four connections take all of it (8 MiB each, a connection's
-	// share), far past what the socket buffers take.
+	// share), far past what the socket buffers take. Two have a second
+	// read waiting for memory, two wait for their next request.
 	var greedy []*wire
 	for i := range 4 {
 		w := dialWire(t, sock)
 		w.attach("disk", false)
-		for j := range 2 {
+		for j := range 1 + i%2 {
 			w.request(CmdRead, 0, uint64(j), uint64(i)<<23, 8<<20, nil)
 		}
 		greedy = append(greedy, w)
@@ -166,6 +169,7 @@ func TestGreedyClientIsCutOff(t *testing.T) {
 		var ne net.Error
 		require.False(t, errors.As(err, &ne) && ne.Timeout(), "a greedy connection was not cut off: %v", err)
 	}
+	assert.Equal(t, 4, strings.Count(log.String(), "client did not read its replies for 2s"), "the log says why, once per connection:\n%s", log.String())
 }
 
 // Shutdown answers a request that waits for memory with ESHUTDOWN, a

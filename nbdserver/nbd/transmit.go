@@ -72,11 +72,12 @@ func (c *conn) transmit(s *session) error {
 
 	workers.Wait()
 	close(replies)
-	writeErr := <-writerDone
-	if readErr != nil {
-		return readErr
+	// A failed write closed the connection under the reader: its error
+	// says why the connection ended, not the reader's.
+	if writeErr := <-writerDone; writeErr != nil {
+		return writeErr
 	}
-	return writeErr
+	return readErr
 }
 
 // errClientGone: the client closed the connection without DISC.
