@@ -1,7 +1,8 @@
 # make test   installs what the tests need, lints, and runs every test
 # make bench  benchmarks, with the tools users would pick instead
 # make fuzz   fuzzes the NBD server's negotiation and request parsing, the
-#             client's reply parsing, and the MD, LVM and bitmap parsers
+#             client's reply parsing, the MD, LVM and bitmap parsers, the chunk
+#             codec, checked objects, manifests and write-log replay
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -37,6 +38,10 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzCodecDecode -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
 
 clean:
 	rm -rf bin
