@@ -326,8 +326,10 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 			return 0, nil, err
 		}
 	}
-	if strings.Contains(req.Label, "@") || strings.TrimSpace(req.Label) != req.Label {
-		return 0, nil, fmt.Errorf("%w: label %q: no '@' and no leading or trailing spaces", errInvalid, req.Label)
+	if req.Label != "" {
+		if err := volume.ValidLabel(req.Label); err != nil {
+			return 0, nil, err
+		}
 	}
 	v, err := s.volumeOf(r.PathValue("vol"))
 	if err != nil {

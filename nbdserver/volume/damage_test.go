@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -359,4 +360,26 @@ func TestLogAfterAGapDoesNotOpen(t *testing.T) {
 	_, err = Open(ctx, env, "db")
 	require.ErrorIs(t, err, ErrDamagedManifest)
 	assert.Contains(t, err.Error(), "its write log starts at record")
+}
+
+// A label names a snapshot in VOL@LABEL, in URIs and on command lines:
+// no '/', NUL, '@' or spaces, not endless, never an ID.
+func TestValidLabel(t *testing.T) {
+	for _, ok := range []string{"nightly", "s1", "2026-11-30T20:15:00+01:00", "pre_upgrade.v2"} {
+		assert.NoError(t, ValidLabel(ok), ok)
+	}
+	for _, bad := range []string{"", "a/b", "a\x00b", "a@b", " a", "a b", strings.Repeat("x", 10000), "-x",
+		"20261130T120000.000Z-000000000007"} {
+		assert.ErrorIs(t, ValidLabel(bad), ErrInvalid, "%q", bad)
+	}
+	ctx := context.Background()
+	v, err := Create(ctx, testEnv(t), Config{Name: "db", Size: 1 << 20})
+	require.NoError(t, err)
+	defer v.Close()
+	si, err := v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	_, err = v.Snapshot(ctx, si.ID)
+	require.Error(t, err, "a label may not be another snapshot's ID")
+	_, err = v.Snapshot(ctx, "a/b")
+	require.ErrorIs(t, err, ErrInvalid)
 }

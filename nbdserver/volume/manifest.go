@@ -41,6 +41,22 @@ func ValidName(name string) error {
 	return nil
 }
 
+var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$`)
+
+// ValidLabel says what is wrong with a snapshot label, if anything. A
+// label names a snapshot in VOL@LABEL, in URIs and on command lines, so
+// it takes the characters of a volume name and ':' and '+' (for times),
+// and is never a snapshot ID, which VOL@ID would then find twice.
+func ValidLabel(label string) error {
+	if !labelRE.MatchString(label) {
+		return fmt.Errorf("%w: snapshot label %q: use 1-128 letters, digits, '.', '_', '-', ':' or '+', starting with a letter or digit", ErrInvalid, label)
+	}
+	if idRE.MatchString(label) {
+		return fmt.Errorf("%w: snapshot label %q has the form of a snapshot ID", ErrInvalid, label)
+	}
+	return nil
+}
+
 // Validate checks a volume's configuration and says what is wrong.
 func (c Config) Validate() error {
 	if err := ValidName(c.Name); err != nil {

@@ -578,8 +578,11 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	v.markMu.Lock()
 	defer v.markMu.Unlock()
 	if label != "" {
+		if err := ValidLabel(label); err != nil {
+			return SnapshotInfo{}, err
+		}
 		v.mu.RLock()
-		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label })
+		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
 		v.mu.RUnlock()
 		if taken {
 			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
