@@ -2,7 +2,7 @@
 # make bench  benchmarks, with the tools users would pick instead
 # make fuzz   fuzzes the NBD server's negotiation and request parsing, the
 #             client's reply parsing, the MD, LVM and bitmap parsers, the chunk
-#             codec, checked objects, manifests and write-log replay
+#             codec, checked objects, manifests, index pages and write-log replay
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -42,6 +42,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
 
 clean:
 	rm -rf bin

@@ -157,9 +157,9 @@ func serverStatus(t *testing.T, s *servertest.Server) api.Status {
 	return st
 }
 
-// TestFaultS3Outage stops MinIO (SIGSTOP) for several lease TTLs while
-// qemu-io writes and flushes, then kills it and starts it again: no write
-// fails, reads of data only the repository holds fail within
+// TestFaultS3Outage stops MinIO (SIGSTOP) for three lease TTLs while
+// qemu-io writes and flushes, then kills it for two more, then starts it
+// again: no write fails, reads of data only the repository holds fail within
 // --repo-timeout instead of hanging, the server stays up and says the
 // repository is unreachable, and once MinIO is back every snapshot is
 // sealed and every byte reads back as written (nbdcopy).
@@ -214,10 +214,20 @@ func TestFaultS3Outage(t *testing.T) {
 	assert.Positive(t, st.RepositoryState.PendingBytes)
 	assert.Contains(t, s.MustCLI("status").Stdout, "UNREACHABLE since")
 
-	// The store comes back after a crash of its own.
+	t.Logf("a read of repository data failed after %s", took.Round(time.Millisecond))
+
+	// Then the store is gone (connections refused) for two more TTLs.
 	m.Kill()
+	for killed := time.Now(); time.Since(killed) < 2*ttl; {
+		off := 16*mib + (writes%16)*mib
+		b := byte(0x20 + writes%64)
+		qemuIOOK(t, s.URI("db"), fmt.Sprintf("write -P 0x%02x %d 1M", b, off), "flush")
+		fill(off, mib, b)
+		writes++
+	}
+	assert.False(t, serverStatus(t, s).RepositoryState.Reachable)
 	m.Restart()
-	t.Logf("%d writes and flushes through an outage of %s, all acknowledged", writes, time.Since(outage).Round(time.Second))
+	t.Logf("%d writes and flushes through an outage of %s (MinIO stopped, then killed), all acknowledged", writes, time.Since(outage).Round(time.Second))
 	s.MustCLI("snapshot", "create", "db", "--label", "after", "--wait")
 	st = serverStatus(t, s)
 	assert.True(t, st.RepositoryState.Reachable)

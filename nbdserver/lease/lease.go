@@ -97,7 +97,8 @@ type Lease struct {
 	// ended: released or lost; the window never opens again.
 	ended bool
 	// inflight counts fenced writes under way; cutShort is set when one
-	// was cancelled by the window's end (the store may still apply it).
+	// was cancelled (by the window's end or its caller) midway: the store
+	// may still apply it.
 	inflight sync.WaitGroup
 	cutShort bool
 }
@@ -401,7 +402,7 @@ func (f *fence) write(ctx context.Context, what string, op func(context.Context)
 	ctx, cancel := context.WithDeadline(ctx, until)
 	defer cancel()
 	err := op(ctx)
-	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+	if err != nil && ctx.Err() != nil { // cut short: the store may still apply it
 		l.win.Lock()
 		l.cutShort = true
 		l.win.Unlock()
@@ -421,8 +422,8 @@ func (f *fence) Delete(ctx context.Context, key string) error {
 //
 // It first ends the write window and waits for the fenced writes under
 // way (each ends by the window's end at the latest). If one was cut short
-// by that deadline, the store may still apply it, so the record expires a
-// Margin from now; otherwise at once.
+// midway, the store may still apply it, so the record expires a Margin
+// from now; otherwise at once.
 func (l *Lease) Release(ctx context.Context) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
