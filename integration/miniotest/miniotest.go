@@ -10,15 +10,11 @@ package miniotest
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
-	"fmt"
 	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -57,28 +53,7 @@ func Required() bool { return testenv.Required() }
 // Binary returns the path of the minio binary, or an error saying how to
 // install it.
 func Binary() (string, error) {
-	if p := os.Getenv("NBDVAULT_MINIO"); p != "" {
-		return p, nil
-	}
-	if p, err := exec.LookPath("minio"); err == nil {
-		return p, nil
-	}
-	var candidates []string
-	if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil {
-		for _, dir := range filepath.SplitList(strings.TrimSpace(string(out))) {
-			candidates = append(candidates, filepath.Join(dir, "bin", "minio"))
-		}
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		candidates = append(candidates, filepath.Join(home, ".cache", "nbdvault", "bin", "minio"))
-	}
-	for _, p := range candidates {
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("minio not found in $NBDVAULT_MINIO, $PATH or %s: run `make deps` (go install github.com/minio/minio@%s)",
-		strings.Join(candidates, ", "), Version)
+	return testenv.Binary("minio", "NBDVAULT_MINIO", "run `make deps` (go install github.com/minio/minio@"+Version+")")
 }
 
 // Start runs a new MinIO with one empty bucket, stopped at the end of t.
@@ -101,8 +76,8 @@ func newServer(t testing.TB, dir string) *Server {
 	}
 	return &Server{
 		Endpoint:  testenv.FreeAddr(t),
-		AccessKey: "nbdvault-" + randomHex(4),
-		SecretKey: randomHex(16),
+		AccessKey: "nbdvault-" + testenv.RandomHex(4),
+		SecretKey: testenv.RandomHex(16),
 		Bucket:    "nbdvault-test",
 		t:         t,
 		bin:       bin,
@@ -246,17 +221,11 @@ func (s *Server) Env() []string {
 // Backend returns a new backend under a fresh random prefix of the bucket,
 // so every caller starts empty.
 func (s *Server) Backend(t testing.TB) *chunkstore.S3 {
-	b, err := chunkstore.NewS3(s.Config("t-" + randomHex(6)))
+	b, err := chunkstore.NewS3(s.Config("t-" + testenv.RandomHex(6)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // A shared server lives for a whole test binary: TestMain calls StopShared.

@@ -13,8 +13,6 @@ package seaweedtest
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -22,7 +20,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -60,28 +57,7 @@ type Server struct {
 // Binary returns the path of the weed binary, or an error saying how to
 // install it.
 func Binary() (string, error) {
-	if p := os.Getenv("NBDVAULT_WEED"); p != "" {
-		return p, nil
-	}
-	if p, err := exec.LookPath("weed"); err == nil {
-		return p, nil
-	}
-	var candidates []string
-	if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil {
-		for _, dir := range filepath.SplitList(strings.TrimSpace(string(out))) {
-			candidates = append(candidates, filepath.Join(dir, "bin", "weed"))
-		}
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		candidates = append(candidates, filepath.Join(home, ".cache", "nbdvault", "bin", "weed"))
-	}
-	for _, p := range candidates {
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
-			return p, nil
-		}
-	}
-	return "", fmt.Errorf("weed (SeaweedFS) not found in $NBDVAULT_WEED, $PATH or %s: run `make deps` (builds ./weed of github.com/seaweedfs/seaweedfs@%s)",
-		strings.Join(candidates, ", "), Version)
+	return testenv.Binary("weed", "NBDVAULT_WEED", "run `make deps` (builds ./weed of github.com/seaweedfs/seaweedfs@"+Version+")")
 }
 
 // Start runs a new SeaweedFS with one empty bucket, stopped and removed at
@@ -110,8 +86,8 @@ func newServer(t testing.TB) *Server {
 	}
 	s := &Server{
 		Endpoint:  testenv.FreeAddr(t),
-		AccessKey: "nbdvault-" + randomHex(4),
-		SecretKey: randomHex(16),
+		AccessKey: "nbdvault-" + testenv.RandomHex(4),
+		SecretKey: testenv.RandomHex(16),
 		Bucket:    "nbdvault-test",
 		t:         t,
 		bin:       bin,
@@ -330,17 +306,11 @@ func (s *Server) Config(prefix string) chunkstore.S3Config {
 // Backend returns a new backend under a fresh random prefix of the bucket,
 // so every caller starts empty.
 func (s *Server) Backend(t testing.TB) *chunkstore.S3 {
-	b, err := chunkstore.NewS3(s.Config("t-" + randomHex(6)))
+	b, err := chunkstore.NewS3(s.Config("t-" + testenv.RandomHex(6)))
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }
 
 // A shared server lives for a whole test binary: TestMain calls StopShared.

@@ -4,10 +4,14 @@
 package testenv
 
 import (
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"testing"
 )
 
@@ -52,4 +56,40 @@ func FreeAddr(t testing.TB) string {
 	}
 	defer l.Close()
 	return l.Addr().String()
+}
+
+// Binary finds the program name that `make deps` installs: at $env if
+// set, else on $PATH, else in $(go env GOPATH)/bin or
+// ~/.cache/nbdvault/bin. The error lists where it looked and ends with
+// install, the way to get it.
+func Binary(name, env, install string) (string, error) {
+	if p := os.Getenv(env); p != "" {
+		return p, nil
+	}
+	if p, err := exec.LookPath(name); err == nil {
+		return p, nil
+	}
+	var candidates []string
+	if out, err := exec.Command("go", "env", "GOPATH").Output(); err == nil {
+		for _, dir := range filepath.SplitList(strings.TrimSpace(string(out))) {
+			candidates = append(candidates, filepath.Join(dir, "bin", name))
+		}
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		candidates = append(candidates, filepath.Join(home, ".cache", "nbdvault", "bin", name))
+	}
+	for _, p := range candidates {
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() {
+			return p, nil
+		}
+	}
+	return "", fmt.Errorf("%s not found in $%s, $PATH or %s: %s", name, env, strings.Join(candidates, ", "), install)
+}
+
+// RandomHex is n random bytes in hex: credentials and names for test
+// servers.
+func RandomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }
