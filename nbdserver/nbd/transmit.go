@@ -331,6 +331,11 @@ func (c *conn) read(ctx context.Context, s *session, req request, size uint64, m
 	if x, ok := b.(Extenter); ok && s.structured && req.flags&CmdFlagDF == 0 && req.length >= sparseReadMin {
 		var err error
 		if extents, err = x.Extents(ctx, int64(req.off), int64(req.length)); err != nil {
+			if errors.Is(err, context.DeadlineExceeded) {
+				// The backend ran out of time: reading it all would only
+				// take as long again.
+				return c.backendError(s, req, err)
+			}
 			extents = nil // read it all instead
 		}
 	}
