@@ -105,6 +105,10 @@ type config struct {
 	// rewriteSizeMiB is the size of the rewrite benchmark's volume; 0
 	// skips it.
 	rewriteSizeMiB int64
+	// scatteredRuntime and scatteredIOPS: the scattered-writes benchmark
+	// (scattered.go); a zero runtime skips it.
+	scatteredRuntime time.Duration
+	scatteredIOPS    int64
 }
 
 func main() {
@@ -119,6 +123,8 @@ func main() {
 	flag.DurationVar(&cfg.settle, "settle", 10*time.Second, "after dropping the page cache, wait this long before the timed phase (see the package comment)")
 	flag.BoolVar(&cfg.keep, "keep", false, "keep the work directory (sources, targets, repositories, server logs)")
 	flag.Int64Var(&cfg.rewriteSizeMiB, "rewrite-size-mib", 64<<10, "size in MiB of the volume whose snapshots after a 1% rewrite are counted (runs when the volume server does; 0 skips it)")
+	flag.DurationVar(&cfg.scatteredRuntime, "scattered-runtime", 3*time.Minute, "runtime of the sustained scattered 4 KiB writes into a -size-mib volume, counting the repository's growth (runs when the volume server does; 0 skips it)")
+	flag.Int64Var(&cfg.scatteredIOPS, "scattered-iops", 1000, "the rate of the scattered writes, in 4 KiB writes per second")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fatalf("unexpected arguments: %q", flag.Args())
@@ -242,6 +248,12 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 			return fmt.Errorf("rewrite benchmark: %w", err)
 		}
 	}
+	if withVolume && cfg.scatteredRuntime > 0 {
+		logf("scattered-writes benchmark: %d IOPS for %s", cfg.scatteredIOPS, cfg.scatteredRuntime)
+		if rep.scattered, err = benchScattered(ctx, cfg, work); err != nil {
+			return fmt.Errorf("scattered-writes benchmark: %w", err)
+		}
+	}
 	rep.loadEnd = loadAverage()
 	rep.write(out)
 	return nil
@@ -270,6 +282,11 @@ func spaceNeeded(cfg config) int64 {
 		default:
 			need += size
 		}
+	}
+	if slices.Contains(cfg.servers, "volume") && cfg.scatteredRuntime > 0 {
+		// The filled volume's log and repository; its growth is watched
+		// and stopped at scatteredReserve.
+		need += 2*size + scatteredReserve
 	}
 	return need
 }

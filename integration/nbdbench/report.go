@@ -36,6 +36,9 @@ type report struct {
 	serverCPU map[string]map[string][]float64
 	// rewrite is the rewrite benchmark's result; nil when it did not run.
 	rewrite *rewriteResult
+	// scattered is the scattered-writes benchmark's result; nil when it
+	// did not run.
+	scattered *scatteredResult
 }
 
 // otherWarn is the share of the CPU that other work may take during the
@@ -90,6 +93,9 @@ func (r *report) write(w io.Writer) {
 
 	if slices.Contains(r.servers, "volume") {
 		r.writeVolume(w)
+	}
+	if r.scattered != nil {
+		r.scattered.write(w)
 	}
 	if r.rewrite != nil {
 		r.rewrite.write(w)
