@@ -34,6 +34,12 @@ type Backend interface {
 	// Get returns the whole object, or an error matching ErrNotFound. The
 	// caller owns the returned slice.
 	Get(ctx context.Context, key string) ([]byte, error)
+	// GetRange returns n bytes of the object from offset off (one ranged
+	// GET on S3), or an error matching ErrNotFound. An object that ends
+	// before off+n is an error matching ErrCorrupt: callers take ranges
+	// from what describes the object, so a short object is a damaged one.
+	// The caller owns the returned slice.
+	GetRange(ctx context.Context, key string, off, n int64) ([]byte, error)
 	// Has reports whether key exists.
 	Has(ctx context.Context, key string) (bool, error)
 	// Delete removes key. Deleting a missing key is not an error.

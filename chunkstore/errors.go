@@ -40,6 +40,19 @@ func (e *CorruptError) Error() string {
 // Is makes errors.Is(err, ErrCorrupt) true for a *CorruptError.
 func (e *CorruptError) Is(target error) bool { return target == ErrCorrupt }
 
+// shortObject is the error of a range past an object's end.
+func shortObject(key string, size, off, n int64) error {
+	return &KeyError{Op: "get", Key: key, Err: fmt.Errorf("%w: the object is %d bytes; %d+%d runs past its end", ErrCorrupt, size, off, n)}
+}
+
+// checkRange refuses a negative range.
+func checkRange(key string, off, n int64) error {
+	if off < 0 || n < 0 {
+		return &KeyError{Op: "get", Key: key, Err: fmt.Errorf("%w: range %d+%d", ErrInvalidKey, off, n)}
+	}
+	return nil
+}
+
 // KeyError wraps a sentinel with the operation and key it happened to, so a
 // message says what failed where without losing errors.Is.
 type KeyError struct {

@@ -105,6 +105,32 @@ func (l *Local) Get(ctx context.Context, key string) ([]byte, error) {
 	return data, nil
 }
 
+func (l *Local) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return nil, err
+	}
+	if err := checkRange(key, off, n); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(l.path(key))
+	if err != nil {
+		return nil, &KeyError{Op: "get", Key: key, Err: translateOSError(err)}
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, &KeyError{Op: "get", Key: key, Err: translateOSError(err)}
+	}
+	if off+n > fi.Size() {
+		return nil, shortObject(key, fi.Size(), off, n)
+	}
+	data := make([]byte, n)
+	if _, err := f.ReadAt(data, off); err != nil {
+		return nil, &KeyError{Op: "get", Key: key, Err: translateOSError(err)}
+	}
+	return data, nil
+}
+
 func (l *Local) Has(ctx context.Context, key string) (bool, error) {
 	if err := opCheck(ctx, key); err != nil {
 		return false, err

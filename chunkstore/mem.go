@@ -37,6 +37,20 @@ func (m *Mem) Put(ctx context.Context, key string, data []byte) error {
 	return nil
 }
 
+func (m *Mem) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	if err := checkRange(key, off, n); err != nil {
+		return nil, err
+	}
+	data, err := m.Get(ctx, key)
+	if err != nil {
+		return nil, err
+	}
+	if off+n > int64(len(data)) {
+		return nil, shortObject(key, int64(len(data)), off, n)
+	}
+	return data[off : off+n : off+n], nil
+}
+
 func (m *Mem) Get(ctx context.Context, key string) ([]byte, error) {
 	if err := opCheck(ctx, key); err != nil {
 		return nil, err

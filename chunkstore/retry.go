@@ -101,6 +101,14 @@ func (r *Retry) Get(ctx context.Context, key string) (data []byte, err error) {
 	return data, err
 }
 
+func (r *Retry) GetRange(ctx context.Context, key string, off, n int64) (data []byte, err error) {
+	err = r.do(ctx, func() error {
+		data, err = r.next.GetRange(ctx, key, off, n)
+		return err
+	})
+	return data, err
+}
+
 func (r *Retry) Has(ctx context.Context, key string) (has bool, err error) {
 	err = r.do(ctx, func() error {
 		has, err = r.next.Has(ctx, key)

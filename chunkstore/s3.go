@@ -181,6 +181,45 @@ func (s *S3) Get(ctx context.Context, key string) ([]byte, error) {
 	return data, nil
 }
 
+func (s *S3) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	if err := opCheck(ctx, key); err != nil {
+		return nil, err
+	}
+	if err := checkRange(key, off, n); err != nil {
+		return nil, err
+	}
+	if n == 0 { // an empty range has no Range header: ask for the size
+		info, err := s.core.StatObject(ctx, s.bucket, s.prefix+key, minio.StatObjectOptions{})
+		if err != nil {
+			return nil, s.translate("get", key, err)
+		}
+		if off > info.Size {
+			return nil, shortObject(key, info.Size, off, n)
+		}
+		return []byte{}, nil
+	}
+	var opts minio.GetObjectOptions
+	if err := opts.SetRange(off, off+n-1); err != nil {
+		return nil, &KeyError{Op: "get", Key: key, Err: fmt.Errorf("%w: %v", ErrInvalidKey, err)}
+	}
+	body, info, _, err := s.core.GetObject(ctx, s.bucket, s.prefix+key, opts)
+	if err != nil {
+		if minio.ToErrorResponse(err).Code == "InvalidRange" {
+			return nil, shortObject(key, -1, off, n)
+		}
+		return nil, s.translate("get", key, err)
+	}
+	defer body.Close()
+	if info.Size != n { // the object ends inside the range
+		return nil, shortObject(key, off+info.Size, off, n)
+	}
+	data := make([]byte, n)
+	if _, err := io.ReadFull(body, data); err != nil {
+		return nil, s.translate("get", key, err)
+	}
+	return data, nil
+}
+
 func (s *S3) Has(ctx context.Context, key string) (bool, error) {
 	if err := opCheck(ctx, key); err != nil {
 		return false, err

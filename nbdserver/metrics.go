@@ -254,6 +254,11 @@ func (c *countingBackend) Get(ctx context.Context, key string) ([]byte, error) {
 	return data, c.count(1, err)
 }
 
+func (c *countingBackend) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	data, err := c.Backend.GetRange(ctx, key, off, n)
+	return data, c.count(1, err)
+}
+
 func (c *countingBackend) Has(ctx context.Context, key string) (bool, error) {
 	ok, err := c.Backend.Has(ctx, key)
 	return ok, c.count(2, err)

@@ -248,6 +248,26 @@ func Backend(t *testing.T, open Opener) {
 		assert.EqualValues(t, 1, wins.Load())
 	})
 
+	t.Run("GetRange", func(t *testing.T) {
+		b := open(t)
+		data := RandomBytes(100_000)
+		require.NoError(t, b.Put(ctx, "packs/00/p", data))
+		for _, r := range [][2]int64{{0, 100_000}, {0, 1}, {99_999, 1}, {4096, 65536}, {100_000, 0}, {50, 0}} {
+			got, err := b.GetRange(ctx, "packs/00/p", r[0], r[1])
+			require.NoError(t, err, "%v", r)
+			assert.Equal(t, data[r[0]:r[0]+r[1]], got, "%v", r)
+		}
+		for _, r := range [][2]int64{{99_999, 2}, {100_000, 1}, {200_000, 10}} {
+			_, err := b.GetRange(ctx, "packs/00/p", r[0], r[1])
+			assert.ErrorIs(t, err, chunkstore.ErrCorrupt, "a range past the end is a short (damaged) object: %v", r)
+			assert.ErrorContains(t, err, "packs/00/p")
+		}
+		_, err := b.GetRange(ctx, "packs/00/missing", 0, 10)
+		assert.ErrorIs(t, err, chunkstore.ErrNotFound)
+		_, err = b.GetRange(ctx, "packs/00/p", -1, 10)
+		assert.Error(t, err)
+	})
+
 	t.Run("CancelledContext", func(t *testing.T) {
 		b := open(t)
 		require.NoError(t, b.Put(ctx, "k", []byte("x")))
@@ -255,6 +275,8 @@ func Backend(t *testing.T, open Opener) {
 		cancel()
 		assert.ErrorIs(t, b.Put(cctx, "new", []byte("x")), context.Canceled)
 		_, err := b.Get(cctx, "k")
+		assert.ErrorIs(t, err, context.Canceled)
+		_, err = b.GetRange(cctx, "k", 0, 1)
 		assert.ErrorIs(t, err, context.Canceled)
 		_, err = b.Has(cctx, "k")
 		assert.ErrorIs(t, err, context.Canceled)
