@@ -3,6 +3,7 @@ package chunkstore
 import (
 	"errors"
 	"fmt"
+	"math"
 )
 
 // Sentinel errors. Backends translate their own errors into these once, at
@@ -47,7 +48,7 @@ func shortObject(key string, size, off, n int64) error {
 
 // checkRange refuses a negative range.
 func checkRange(key string, off, n int64) error {
-	if off < 0 || n < 0 {
+	if off < 0 || n < 0 || n > math.MaxInt64-off || n > 1<<40 {
 		return &KeyError{Op: "get", Key: key, Err: fmt.Errorf("%w: range %d+%d", ErrInvalidKey, off, n)}
 	}
 	return nil

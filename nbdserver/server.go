@@ -435,7 +435,12 @@ func (s *Server) closeAll() error {
 	if s.lease != nil {
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		if err := s.lease.Release(ctx); err != nil {
+		if err := s.lease.Release(ctx); errors.Is(err, lease.ErrLost) {
+			// Taken over while this server stopped: its logs must not be
+			// replayed over what the other server wrote.
+			s.markLeaseLost(err)
+			errs = append(errs, err)
+		} else if err != nil {
 			s.log.Warn("could not release the repository lease; the next server waits until it expires", "error", err)
 		}
 	}

@@ -357,7 +357,7 @@ func (l *Lease) Keep(ctx context.Context, report func(error)) error {
 		}
 		switch {
 		case err == nil:
-			wait = l.ttl / 3
+			wait = max(l.ttl/3-sinceRenewal(), 0) // from when it was sent, not answered
 		case errors.Is(err, ErrLost):
 			return err
 		default:
@@ -444,7 +444,17 @@ func (l *Lease) Release(ctx context.Context) error {
 	data, _ := json.Marshal(gone)
 	ver, err := l.store.PutIf(ctx, Key, data, l.version)
 	switch {
-	case errors.Is(err, chunkstore.ErrPrecondition), errors.Is(err, chunkstore.ErrNotFound):
+	case errors.Is(err, chunkstore.ErrPrecondition):
+		// Not the version we wrote last: if another server holds it now,
+		// say so (the caller marks its state folder).
+		if cur, _, gerr := l.store.GetVersion(ctx, Key); gerr == nil {
+			var h Holder
+			if json.Unmarshal(cur, &h) != nil || h.ID != l.me.ID {
+				return fmt.Errorf("release the repository lease: %w: it names the nbdvault server on %s (pid %d)", ErrLost, h.Host, h.PID)
+			}
+		}
+		return nil
+	case errors.Is(err, chunkstore.ErrNotFound):
 		return nil // not ours any more
 	case err != nil:
 		return fmt.Errorf("release the repository lease: %w", err)

@@ -84,7 +84,7 @@ func TestLeaseExpiryAndTakeover(t *testing.T) {
 			fresh, err := Acquire(ctx, b, time.Minute)
 			require.NoError(t, err, "an expired lease is taken over")
 			assert.ErrorIs(t, stale.Renew(ctx), ErrLost, "its old holder learns at its next renewal")
-			require.NoError(t, stale.Release(ctx), "releasing a lost lease leaves the new holder's alone")
+			require.ErrorIs(t, stale.Release(ctx), ErrLost, "releasing a lost lease says so, and leaves the new holder's alone")
 			_, err = Acquire(ctx, b, time.Minute)
 			assert.ErrorIs(t, err, ErrHeld)
 			require.NoError(t, fresh.Renew(ctx))

@@ -298,7 +298,16 @@ func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(
 		c := &LogCut{Segment: path, Offset: off, Seq: l.nextSeq, Why: why, Bytes: size - off}
 		damaged := len(later) > 0
 		if !damaged {
-			_, found, err := nextGoodRecord(f, off+1, size, l.nextSeq)
+			// With its header intact, the bad record's own data is not
+			// searched (it may hold anything, records included).
+			from := off + 1
+			var hdr [recordHeaderLen]byte
+			if _, err := f.ReadAt(hdr[:], off); err == nil {
+				if _, dataLen, err := parseHeader(hdr[:]); err == nil {
+					from = off + recordHeaderLen + int64(dataLen)
+				}
+			}
+			_, found, err := nextGoodRecord(f, from, size, l.nextSeq)
 			if err != nil {
 				return fail(err)
 			}
@@ -440,8 +449,8 @@ func nextGoodRecord(f *os.File, from, size int64, minSeq uint64) (int64, bool, e
 // the bytes of f from c.Offset on, and the later segments, whole. It
 // counts the good records among them, and keeps their marks, into c.
 func (l *Log) moveAside(c *LogCut, f *os.File, later []uint64) error {
-	dest := filepath.Join(filepath.Dir(l.dir), "damaged-"+time.Now().UTC().Format("20060102T150405Z"))
-	if err := os.MkdirAll(dest, 0o700); err != nil {
+	dest, err := os.MkdirTemp(filepath.Dir(l.dir), "damaged-"+time.Now().UTC().Format("20060102T150405Z")+"-")
+	if err != nil {
 		return err
 	}
 	c.MovedTo = dest
@@ -845,6 +854,13 @@ func putRecordBuf(b *[]byte) {
 // preadAll fills bufs from f at off with preadv; a short file is
 // io.ErrUnexpectedEOF.
 func preadAll(f *os.File, bufs [][]byte, off int64) error {
+	// Through the file's raw connection, which holds a reference: a
+	// concurrent Close waits for the read instead of freeing the fd
+	// number for another file.
+	sc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
 	for {
 		for len(bufs) > 0 && len(bufs[0]) == 0 {
 			bufs = bufs[1:]
@@ -852,9 +868,16 @@ func preadAll(f *os.File, bufs [][]byte, off int64) error {
 		if len(bufs) == 0 {
 			return nil
 		}
-		n, err := unix.Preadv(int(f.Fd()), bufs, off)
-		if err != nil {
+		var n int
+		var rerr error
+		if err := sc.Read(func(fd uintptr) bool {
+			n, rerr = unix.Preadv(int(fd), bufs, off)
+			return true
+		}); err != nil {
 			return err
+		}
+		if rerr != nil {
+			return rerr
 		}
 		if n == 0 {
 			return io.ErrUnexpectedEOF

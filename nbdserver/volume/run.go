@@ -111,6 +111,11 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 // nothing to free, or when ctx ends first.
 func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
 	for {
+		// Take the channel before trying: a seal that frees room after
+		// the try closes it, so the retry below cannot miss it.
+		v.mu.RLock()
+		sealed := v.sealed
+		v.mu.RUnlock()
 		err := appendFn()
 		if !errors.Is(err, syscall.ENOSPC) {
 			if err == nil && v.diskFull.Load() {
@@ -121,8 +126,12 @@ func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
 			}
 			return err
 		}
+		select {
+		case <-sealed:
+			continue // room was freed meanwhile: try again
+		default:
+		}
 		v.mu.RLock()
-		sealed := v.sealed
 		pending := len(v.layers) > 1 || v.layers[0].extents.len() > 0
 		v.mu.RUnlock()
 		if !pending {
@@ -133,11 +142,18 @@ func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
 				l.Warn("state disk full: writes wait until the uploader frees sealed log segments", "volume", v.cfg.Name, "error", err)
 			}
 		}
-		if _, cerr := v.Checkpoint(ctx); cerr != nil && !errors.Is(cerr, syscall.ENOSPC) {
-			return errors.Join(err, cerr)
+		// Without room even for the mark (the reserve taken by others),
+		// no seal can come of this layer: try again after a while.
+		var retry <-chan time.Time
+		if _, cerr := v.Checkpoint(ctx); cerr != nil {
+			if !errors.Is(cerr, syscall.ENOSPC) {
+				return errors.Join(err, cerr)
+			}
+			retry = time.After(time.Second)
 		}
 		v.nudge()
 		select {
+		case <-retry:
 		case <-sealed:
 		case <-ctx.Done():
 			return fmt.Errorf("%w (gave up waiting for the uploader to free the state disk: %v)", err, ctx.Err())

@@ -264,7 +264,10 @@ func (v *Volume) Close() error {
 	}
 	close(v.closed)
 	err := v.log.Sync()
-	if cerr := v.log.Close(); err == nil {
+	v.gcMu.Lock() // reads of log data in flight finish first
+	cerr := v.log.Close()
+	v.gcMu.Unlock()
+	if err == nil {
 		err = cerr
 	}
 	if errors.Is(err, ErrVolumeClosed) {

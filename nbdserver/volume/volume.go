@@ -275,7 +275,8 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 			}
 		}
 	}
-	if err := v.placeDamaged(damaged); err != nil {
+	mustReach, err := v.placeDamaged(damaged)
+	if err != nil {
 		return nil, err
 	}
 	for _, s := range v.snaps {
@@ -312,6 +313,13 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
 	}
 	v.log = log
+	if mustReach > 0 && log.NextSeq() <= mustReach {
+		// The log does not hold all a damaged newer manifest covered (a
+		// state folder restored from an older copy, say).
+		log.Close()
+		return nil, fmt.Errorf("volume %q: %w: its write log ends at record %d, before record %d that a damaged manifest covers; restore the manifest from a copy of the repository",
+			name, ErrDamagedManifest, log.NextSeq()-1, mustReach)
+	}
 	if c := log.TornTail(); c != nil && env.Logger != nil {
 		env.Logger.Warn("write log: cut a torn record at its end; it was never acknowledged as durable",
 			"volume", name, "segment", c.Segment, "offset", c.Offset, "record", c.Seq, "bytes", c.Bytes, "why", c.Why)
@@ -347,7 +355,11 @@ var ErrDamagedManifest = errors.New("its newest manifest is damaged")
 // is the point the write log starts from: the volume opens only if the
 // log still holds every record after the base (a seal cut short before
 // it freed them), and it will seal them again.
-func (v *Volume) placeDamaged(damaged []damagedManifest) error {
+//
+// It returns the highest sequence number a damaged manifest it let pass
+// covers: the replayed log must reach it.
+func (v *Volume) placeDamaged(damaged []damagedManifest) (uint64, error) {
+	var mustReach uint64
 	logFirst := uint64(0)
 	if firsts, err := segmentNames(filepath.Join(v.env.stateDir(v.cfg.Name), "log")); err == nil && len(firsts) > 0 {
 		logFirst = firsts[0]
@@ -367,23 +379,24 @@ func (v *Volume) placeDamaged(damaged []damagedManifest) error {
 		case d.seq <= v.base.Seq && d.kind == KindSnapshot:
 			taken, _ := time.Parse("20060102T150405.000Z", d.id[:min(len(d.id), 20)])
 			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{ID: d.id, Kind: d.kind, Volume: v.cfg.Name, Seq: d.seq, Time: taken}, sealed: true, damage: d.err})
-		case d.seq < v.base.Seq:
+		case d.seq <= v.base.Seq:
 			v.checkpoints = append(v.checkpoints, d.id) // the next seal deletes it
 		case logFirst > 0 && logFirst <= v.base.Seq+1:
+			mustReach = max(mustReach, d.seq)
 			if l != nil {
 				l.Warn("a manifest newer than the last good one is damaged; the write log still holds what it covered, which is sealed again",
 					"volume", v.cfg.Name, "manifest", d.key, "error", d.err)
 			}
 			continue
 		default:
-			return fmt.Errorf("volume %q: %w: %v; restore %s from a copy of the repository, or delete it to open the volume at the manifest before it (writes made since that one are then lost)",
+			return 0, fmt.Errorf("volume %q: %w: %v; restore %s from a copy of the repository, or delete it to open the volume at the manifest before it (writes made since that one are then lost)",
 				v.cfg.Name, ErrDamagedManifest, d.err, d.key)
 		}
 		if l != nil {
 			l.Warn("a manifest is damaged: what it describes is not served", "volume", v.cfg.Name, "manifest", d.key, "error", d.err)
 		}
 	}
-	return nil
+	return mustReach, nil
 }
 
 func (v *Volume) sortSnaps() {
