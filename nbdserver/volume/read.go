@@ -94,6 +94,10 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	if err := v.checkRange(off, int64(len(p))); err != nil {
 		return err
 	}
+	// gcMu before the plan: a seal that frees segments between the plan
+	// and the read would leave the plan pointing at deleted segments.
+	v.gcMu.RLock()
+	defer v.gcMu.RUnlock()
 	v.mu.RLock()
 	vw := v.headView()
 	pieces := vw.plan(off, int64(len(p)))
@@ -104,6 +108,8 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
+	v.gcMu.RLock() // before the plan, as in ReadAt
+	defer v.gcMu.RUnlock()
 	v.mu.RLock()
 	vw, err := v.snapshotView(id)
 	if err == nil {
@@ -120,11 +126,10 @@ func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off in
 	return v.read(ctx, vw.root, pieces, p, off)
 }
 
-// read carries out a plan. Holding gcMu keeps the log segments it reads
-// from being deleted by a seal that finished after the plan was made.
+// read carries out a plan. It is called with gcMu held shared since
+// before the plan was made, so the log segments the plan names are not
+// deleted by a seal meanwhile.
 func (v *Volume) read(ctx context.Context, root chunkstore.ID, pieces []piece, p []byte, off int64) error {
-	v.gcMu.RLock()
-	defer v.gcMu.RUnlock()
 	for _, pc := range pieces {
 		dst := p[pc.off-off : pc.off-off+pc.length]
 		switch pc.src {
