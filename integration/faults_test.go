@@ -213,6 +213,9 @@ func TestFaultS3Outage(t *testing.T) {
 	assert.True(t, st.RepositoryState.UploadsPaused, "and that uploads are paused: %+v", st.RepositoryState)
 	assert.Positive(t, st.RepositoryState.PendingBytes)
 	assert.Contains(t, s.MustCLI("status").Stdout, "UNREACHABLE since")
+	r = s.CLI("volume", "create", "late", "--size", "1M")
+	assert.False(t, r.OK(), "a change that writes the repository fails at once: %s", r)
+	assert.Contains(t, r.Stderr, "try again once `nbdvault status` shows it reachable")
 
 	t.Logf("a read of repository data failed after %s", took.Round(time.Millisecond))
 
@@ -381,9 +384,19 @@ func TestFaultRepositoryObjects(t *testing.T) {
 	qemuIOOK(t, s.URI("b"), "read -P 0x33 0 1M")
 	require.Equal(t, 0, s.Stop())
 
+	// A state folder whose server lost the lease to another is not
+	// replayed over what that server wrote.
+	marker := filepath.Join(s.Data, "state", "lease-lost")
+	require.NoError(t, os.WriteFile(marker, []byte("2026-11-30T00:00:00Z: lost\n"), 0o600))
+	out := nbdtest.Run(t, cmdTimeout, servertest.Binary(t), "serve", "--data", s.Data, "--repo", repo,
+		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.False(t, out.OK())
+	assert.Contains(t, out.Stderr, "lost the repository's lease to another")
+	require.NoError(t, os.Remove(marker))
+
 	// A damaged config stops the start, naming it.
 	flip(t, cfg, 5)
-	out := nbdtest.Run(t, cmdTimeout, servertest.Binary(t), "serve", "--data", s.Data, "--repo", repo,
+	out = nbdtest.Run(t, cmdTimeout, servertest.Binary(t), "serve", "--data", s.Data, "--repo", repo,
 		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
 	assert.False(t, out.OK())
 	assert.Contains(t, out.Stderr, "its config is damaged")
