@@ -82,9 +82,7 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 	for {
 		// Take the channel before looking at the size: a seal that frees
 		// room after the look closes this channel, so no wakeup is lost.
-		v.mu.RLock()
-		sealed := v.sealed
-		v.mu.RUnlock()
+		sealed := v.nextSeal()
 		if v.log.Size() < v.env.logLimit() {
 			return nil
 		}
@@ -92,15 +90,34 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 		if _, err := v.Checkpoint(ctx); err != nil {
 			return err
 		}
-		v.nudge()
-		select {
-		case <-sealed:
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-v.closed: // no seal will come
-			return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+		if err := v.awaitSeal(ctx, sealed, nil); err != nil {
+			return err
 		}
 	}
+}
+
+// nextSeal is the channel the next seal closes. Taken before a writer
+// looks for room, it cannot miss a seal that frees room after the look.
+func (v *Volume) nextSeal() <-chan struct{} {
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.sealed
+}
+
+// awaitSeal wakes the uploader and waits until the seal behind sealed has
+// run, retry fires (if not nil), ctx ends or the volume closes (then no
+// seal will come).
+func (v *Volume) awaitSeal(ctx context.Context, sealed <-chan struct{}, retry <-chan time.Time) error {
+	v.nudge()
+	select {
+	case <-retry:
+	case <-sealed:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-v.closed:
+		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
+	return nil
 }
 
 // whenRoom runs appendFn, and when the state disk is full (ENOSPC),
@@ -111,11 +128,7 @@ func (v *Volume) waitForRoom(ctx context.Context) error {
 // nothing to free, or when ctx ends first.
 func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
 	for {
-		// Take the channel before trying: a seal that frees room after
-		// the try closes it, so the retry below cannot miss it.
-		v.mu.RLock()
-		sealed := v.sealed
-		v.mu.RUnlock()
+		sealed := v.nextSeal() // before the try, as in waitForRoom
 		err := appendFn()
 		if !errors.Is(err, syscall.ENOSPC) {
 			if err == nil && v.diskFull.Load() {
@@ -151,14 +164,11 @@ func (v *Volume) whenRoom(ctx context.Context, appendFn func() error) error {
 			}
 			retry = time.After(time.Second)
 		}
-		v.nudge()
-		select {
-		case <-retry:
-		case <-sealed:
-		case <-ctx.Done():
-			return fmt.Errorf("%w (gave up waiting for the uploader to free the state disk: %v)", err, ctx.Err())
-		case <-v.closed:
-			return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+		if werr := v.awaitSeal(ctx, sealed, retry); werr != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%w (gave up waiting for the uploader to free the state disk: %v)", err, werr)
+			}
+			return werr
 		}
 	}
 }
