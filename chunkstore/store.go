@@ -41,6 +41,7 @@ type storeStats struct {
 	puts, dedupHits, zeroPuts         atomic.Int64
 	bytesIn, bytesStored              atomic.Int64
 	gets, cacheHits, backendGets, bad atomic.Int64
+	frameGets, packPuts               atomic.Int64
 }
 
 // Stats are a Store's counters since it was opened.
@@ -49,11 +50,13 @@ type Stats struct {
 	ZeroPuts    int64 // Puts of an all-zero chunk (nothing stored)
 	DedupHits   int64 // Puts of a chunk the backend already had
 	BytesIn     int64 // plaintext bytes given to Put
-	BytesStored int64 // object bytes written to the backend
+	BytesStored int64 // object bytes written to the backend, chunks and packs
 	Gets        int64 // Get calls
-	CacheHits   int64 // Gets answered from the cache
-	BackendGets int64 // objects fetched from the backend
-	Corrupt     int64 // objects that failed verification
+	CacheHits   int64 // Gets and GetFrames answered from the cache
+	BackendGets int64 // objects and frames fetched from the backend
+	Corrupt     int64 // objects, frames and frame refs that failed verification
+	FrameGets   int64 // GetFrame calls
+	PackPuts    int64 // packs written
 }
 
 // NewStore returns a Store over b.
@@ -225,7 +228,8 @@ func (s *Store) Stats() Stats {
 		DedupHits: s.stats.dedupHits.Load(), BytesIn: s.stats.bytesIn.Load(),
 		BytesStored: s.stats.bytesStored.Load(), Gets: s.stats.gets.Load(),
 		CacheHits: s.stats.cacheHits.Load(), BackendGets: s.stats.backendGets.Load(),
-		Corrupt: s.stats.bad.Load(),
+		Corrupt: s.stats.bad.Load(), FrameGets: s.stats.frameGets.Load(),
+		PackPuts: s.stats.packPuts.Load(),
 	}
 }
 
