@@ -2,7 +2,8 @@
 # make bench  benchmarks, with the tools users would pick instead
 # make fuzz   fuzzes the NBD server's negotiation and request parsing, the
 #             client's reply parsing, the MD, LVM and bitmap parsers, the chunk
-#             codec, checked objects, manifests, index pages and write-log replay
+#             codec, checked objects, pack footers, frame reads, manifests,
+#             index pages and write-log replay
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -40,6 +41,8 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzCodecDecode -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzPackFooter -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzFrame -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
