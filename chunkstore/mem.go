@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"context"
 	"slices"
 	"strconv"
@@ -48,7 +49,7 @@ func (m *Mem) GetRange(ctx context.Context, key string, off, n int64) ([]byte, e
 	if off+n > int64(len(data)) {
 		return nil, shortObject(key, int64(len(data)), off, n)
 	}
-	return data[off : off+n : off+n], nil
+	return bytes.Clone(data[off : off+n]), nil // not a view of the whole copy, which a cache would keep
 }
 
 func (m *Mem) Get(ctx context.Context, key string) ([]byte, error) {
