@@ -3,6 +3,8 @@ package chunkstore
 import (
 	"bytes"
 	"context"
+	"crypto/md5"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -113,7 +115,9 @@ func (s *S3) Put(ctx context.Context, key string, data []byte) error {
 	if err := opCheck(ctx, key); err != nil {
 		return err
 	}
-	_, err := s.core.PutObject(ctx, s.bucket, s.prefix+key, bytes.NewReader(data), int64(len(data)), "", "",
+	// Content-MD5 has the store check what it received: a pack's
+	// journal is the only copy once the write log is freed.
+	_, err := s.core.PutObject(ctx, s.bucket, s.prefix+key, bytes.NewReader(data), int64(len(data)), contentMD5(data), "",
 		minio.PutObjectOptions{ContentType: "application/octet-stream"})
 	return s.translate("put", key, err)
 }
@@ -147,7 +151,7 @@ func (s *S3) PutIf(ctx context.Context, key string, data []byte, match string) (
 	} else {
 		opts.SetMatchETag(match)
 	}
-	info, err := s.core.PutObject(ctx, s.bucket, s.prefix+key, bytes.NewReader(data), int64(len(data)), "", "", opts)
+	info, err := s.core.PutObject(ctx, s.bucket, s.prefix+key, bytes.NewReader(data), int64(len(data)), contentMD5(data), "", opts)
 	if err != nil {
 		err = s.translate("put-if", key, err)
 		if errors.Is(err, ErrNotFound) { // If-Match on a missing key
@@ -318,4 +322,10 @@ func isTransportError(err error) bool {
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, io.EOF) ||
 		errors.Is(err, syscall.ECONNREFUSED) || errors.Is(err, syscall.ECONNRESET) ||
 		errors.Is(err, syscall.EPIPE)
+}
+
+// contentMD5 is data's Content-MD5 header value.
+func contentMD5(data []byte) string {
+	sum := md5.Sum(data)
+	return base64.StdEncoding.EncodeToString(sum[:])
 }

@@ -690,8 +690,11 @@ type repoConfig struct {
 
 const (
 	// repoFormat 2: descriptive objects carry a checksum line (format 1
-	// repositories are upgraded in place at start).
-	repoFormat  = 2
+	// repositories are upgraded in place at start). 3: manifests may
+	// name journal deltas (format 2 is raised to 3 at start: its
+	// manifests have none, so nothing is rewritten; an older nbdvault
+	// then refuses the repository instead of ignoring the deltas).
+	repoFormat  = 3
 	repoChunkID = "blake3-256"
 )
 
@@ -750,7 +753,10 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 		}
 		log.Info("repository upgraded", "format", repoFormat, "objects", n, "damaged", len(damaged))
 		c.Upgrading = false
+	} else if c.Format < repoFormat {
+		log.Info("repository raised to the format of this nbdvault; an older nbdvault no longer opens it", "from_format", c.Format, "to_format", repoFormat)
 	}
+	c.Format = repoFormat
 	return c, writeRepoConfig(ctx, repo, c)
 }
 

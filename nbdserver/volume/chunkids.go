@@ -21,6 +21,7 @@ func (v *Volume) ChunkIDs(ctx context.Context, first uint64, n int) ([]chunkstor
 	if n < 0 || first > total || uint64(n) > total-first {
 		return nil, fmt.Errorf("chunks %d+%d of volume %q (%d chunks): %w", first, n, v.cfg.Name, total, ErrOutOfRange)
 	}
+	v.gcMu.RLock() // before the view, as in ReadAt: its deltas' packs stay
 	v.mu.RLock()
 	vw := v.headView()
 	dirty := make([]bool, n)
@@ -37,6 +38,20 @@ func (v *Volume) ChunkIDs(ctx context.Context, first uint64, n int) ([]chunkstor
 		}
 	}
 	v.mu.RUnlock()
+	// Chunks the journal changed since the index was built are read too.
+	start := int64(first) * cs
+	err := v.resolveDeltas(ctx, vw.deltas, start, min(int64(n)*cs, size-start), func(x xext) error {
+		if x.kind != dxBase {
+			for c := x.off / cs; c <= (x.end()-1)/cs; c++ {
+				dirty[c-int64(first)] = true
+			}
+		}
+		return nil
+	})
+	v.gcMu.RUnlock()
+	if err != nil {
+		return nil, err
+	}
 
 	out := make([]chunkstore.ID, n)
 	var buf []byte

@@ -56,6 +56,10 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.mu.Lock()
 	v.snaps = slices.DeleteFunc(v.snaps, func(x *snapshot) bool { return x == s })
 	v.mu.Unlock()
+	if len(s.Deltas) > 0 {
+		v.sweepDue = true
+		v.sweepPacks(ctx)
+	}
 	return nil
 }
 

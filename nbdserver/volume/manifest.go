@@ -96,6 +96,9 @@ type Manifest struct {
 	// every record up to it is in Root.
 	Seq    uint64 `json:"seq"`
 	Parent string `json:"parent,omitempty"`
+	// Deltas apply over Root, oldest first (format 3): the journal of
+	// what was written since Root's chunks were built.
+	Deltas []DeltaRef `json:"deltas,omitempty"`
 }
 
 func volumeKey(name string) string { return volumePrefix(name) + "volume" }
@@ -197,6 +200,16 @@ func checkManifest(m Manifest, key, vol string, kind Kind, chunkSize int64) erro
 		why = fmt.Sprintf("its chunk size %d is not the volume's %d", m.ChunkSize, chunkSize)
 	case m.Size <= 0 || m.Size > MaxSize:
 		why = fmt.Sprintf("size %d", m.Size)
+	case len(m.Deltas) > 4*maxDepth:
+		why = fmt.Sprintf("%d deltas", len(m.Deltas))
+	}
+	for _, d := range m.Deltas {
+		if why != "" {
+			break
+		}
+		if err := chunkstore.CheckKey(d.Pack); err != nil || d.Top.Len == 0 || d.Top.Plain == 0 || d.Top.Plain > chunkstore.MaxFrameSize {
+			why = fmt.Sprintf("delta %q at %d is not a frame of a pack", d.Pack, d.Top.Off)
+		}
 	}
 	if why != "" {
 		return &chunkstore.KeyError{Op: "check", Key: key, Err: fmt.Errorf("%w: %s", chunkstore.ErrCorrupt, why)}

@@ -27,13 +27,14 @@ const (
 // v.mu, which plan holds.
 type view struct {
 	root   chunkstore.ID
+	deltas []DeltaRef // over root, oldest first
 	layers []*layer
 	size   int64
 }
 
 // headView is the live head: the base and every layer.
 func (v *Volume) headView() view {
-	return view{root: v.base.Root, layers: v.layers, size: v.size.Load()}
+	return view{root: v.base.Root, deltas: v.base.Deltas, layers: v.layers, size: v.size.Load()}
 }
 
 // snapshotView is what snapshot id holds: its own index once sealed, else
@@ -47,11 +48,11 @@ func (v *Volume) snapshotView(id string) (view, error) {
 			return view{}, fmt.Errorf("snapshot %s of volume %q: %w", s.ID, v.cfg.Name, s.damage)
 		}
 		if s.sealed {
-			return view{root: s.Root, size: s.Size}, nil
+			return view{root: s.Root, deltas: s.Deltas, size: s.Size}, nil
 		}
 		for i, l := range v.layers {
 			if l.mark != nil && l.mark.ID == s.ID {
-				return view{root: v.base.Root, layers: v.layers[:i+1], size: s.Size}, nil
+				return view{root: v.base.Root, deltas: v.base.Deltas, layers: v.layers[:i+1], size: s.Size}, nil
 			}
 		}
 		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
@@ -102,7 +103,7 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 	vw := v.headView()
 	pieces := vw.plan(off, int64(len(p)))
 	v.mu.RUnlock()
-	return v.read(ctx, vw.root, pieces, p, off)
+	return v.read(ctx, vw, pieces, p, off)
 }
 
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
@@ -123,13 +124,13 @@ func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off in
 	if err != nil {
 		return err
 	}
-	return v.read(ctx, vw.root, pieces, p, off)
+	return v.read(ctx, vw, pieces, p, off)
 }
 
 // read carries out a plan. It is called with gcMu held shared since
 // before the plan was made, so the log segments the plan names are not
 // deleted by a seal meanwhile.
-func (v *Volume) read(ctx context.Context, root chunkstore.ID, pieces []piece, p []byte, off int64) error {
+func (v *Volume) read(ctx context.Context, vw view, pieces []piece, p []byte, off int64) error {
 	for _, pc := range pieces {
 		dst := p[pc.off-off : pc.off-off+pc.length]
 		switch pc.src {
@@ -140,12 +141,35 @@ func (v *Volume) read(ctx context.Context, root chunkstore.ID, pieces []piece, p
 				return fmt.Errorf("volume %q: read log: %w", v.cfg.Name, err)
 			}
 		case fromBase:
-			if err := v.readIndex(ctx, root, dst, pc.off); err != nil {
+			if err := v.readBase(ctx, vw, dst, pc.off); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// readBase fills dst with the bytes at off of vw's deltas over its root.
+func (v *Volume) readBase(ctx context.Context, vw view, dst []byte, off int64) error {
+	if len(vw.deltas) == 0 {
+		return v.readIndex(ctx, vw.root, dst, off)
+	}
+	return v.resolveDeltas(ctx, vw.deltas, off, int64(len(dst)), func(x xext) error {
+		d := dst[x.off-off : x.end()-off]
+		switch x.kind {
+		case dxZero:
+			clear(d)
+		case dxBase:
+			return v.readIndex(ctx, vw.root, d, x.off)
+		case dxData:
+			data, err := v.store.GetFrame(ctx, x.pack, x.ref)
+			if err != nil {
+				return fmt.Errorf("volume %q: read journal: %w", v.cfg.Name, err)
+			}
+			copy(d, data[x.in:int64(x.in)+x.length])
+		}
+		return nil
+	})
 }
 
 // readIndex fills dst with the bytes at off of the index rooted at root.
@@ -190,6 +214,8 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
+	v.gcMu.RLock() // before the plan, as in ReadAt
+	defer v.gcMu.RUnlock()
 	v.mu.RLock()
 	vw := v.headView()
 	var err error
@@ -223,16 +249,26 @@ func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) (
 		case fromLog:
 			add(pc.length, false)
 		case fromBase:
-			for o, end := pc.off, pc.off+pc.length; o < end; {
-				c := o / cs
-				id, next, err := lookupRun(ctx, v.store, vw.root, uint64(c))
-				if err != nil {
-					return nil, fmt.Errorf("volume %q: %w", v.cfg.Name, err)
+			err := v.resolveDeltas(ctx, vw.deltas, pc.off, pc.length, func(x xext) error {
+				if x.kind != dxBase {
+					add(x.length, x.kind == dxZero)
+					return nil
 				}
-				// A hole may cover a whole empty subtree: skip it at once.
-				k := min(end, int64(next)*cs) - o
-				add(k, id.IsZero())
-				o += k
+				for o, end := x.off, x.end(); o < end; {
+					c := o / cs
+					id, next, err := lookupRun(ctx, v.store, vw.root, uint64(c))
+					if err != nil {
+						return fmt.Errorf("volume %q: %w", v.cfg.Name, err)
+					}
+					// A hole may cover a whole empty subtree: skip it at once.
+					k := min(end, int64(next)*cs) - o
+					add(k, id.IsZero())
+					o += k
+				}
+				return nil
+			})
+			if err != nil {
+				return nil, err
 			}
 		}
 	}

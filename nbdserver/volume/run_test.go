@@ -56,7 +56,7 @@ func TestRunCheckpointsOnItsOwn(t *testing.T) {
 	ms, _, err := listManifests(ctx, mem, "", "v", KindCheckpoint, DefaultChunkSize)
 	require.NoError(t, err)
 	require.Len(t, ms, 1)
-	assert.False(t, ms[0].Root.IsZero())
+	assert.True(t, !ms[0].Root.IsZero() || len(ms[0].Deltas) > 0, "the checkpoint holds the write")
 	assert.Zero(t, v.LogSize(), "sealed log segments are freed")
 	assert.Empty(t, v.Snapshots(), "checkpoints are not snapshots")
 

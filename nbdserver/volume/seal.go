@@ -56,6 +56,7 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 	err = v.log.RemoveBefore(m.Seq + 1)
 	v.gcMu.Unlock()
 	v.dropOldCheckpoints(ctx, m)
+	v.sweepPacks(ctx)
 	// Wake writers waiting for room only now that the room exists: woken
 	// earlier, one could look, find the log still full, and wait for a
 	// seal that never comes.
@@ -67,20 +68,23 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 }
 
 // storeLayer writes layer l over base to the repository and returns the
-// manifest it wrote.
+// manifest it wrote. Its packs are in v.packs whether it succeeds or not.
 func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manifest, error) {
-	touched, zeros := l.chunkWork(v.cfg.ChunkSize)
-	points, err := v.buildChunks(ctx, base.Root, l, touched)
+	res, err := v.shipLayer(ctx, base, l)
+	for _, k := range res.packs {
+		v.packs[k] = struct{}{}
+	}
 	if err != nil {
 		return Manifest{}, err
 	}
-	root, err := updateIndex(ctx, v.store, base.Root, indexUpdate{zeros: zeros, points: points})
-	if err != nil {
-		return Manifest{}, fmt.Errorf("volume %q: update index: %w", v.cfg.Name, err)
+	if res.merged {
+		v.sweepDue = true
 	}
+	v.foldCredit = min(maxFoldCredit, max(0, v.foldCredit+2*res.shipped-int64(res.folded)*v.cfg.ChunkSize))
 	m := Manifest{
 		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
-		Size: l.mark.Size, ChunkSize: v.cfg.ChunkSize, Root: root, Seq: l.mark.seq, Parent: base.ID,
+		Size: l.mark.Size, ChunkSize: v.cfg.ChunkSize, Root: res.root, Seq: l.mark.seq, Parent: base.ID,
+		Deltas: res.deltas,
 	}
 	key := manifestKey(v.cfg.Name, m.Kind, m.ID)
 	if err := putJSON(ctx, v.repo, v.env.RepoID, key, m); err != nil {
@@ -92,7 +96,7 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	if err := getJSON(ctx, v.repo, v.env.RepoID, key, &back); err != nil {
 		return Manifest{}, fmt.Errorf("volume %q: read back the manifest just written: %w", v.cfg.Name, err)
 	}
-	if back.Seq != m.Seq || back.Root != m.Root || back.Size != m.Size {
+	if back.Seq != m.Seq || back.Root != m.Root || back.Size != m.Size || !slices.Equal(back.Deltas, m.Deltas) {
 		return Manifest{}, fmt.Errorf("volume %q: manifest %s: %w: it reads back other than written", v.cfg.Name, key, chunkstore.ErrCorrupt)
 	}
 	return m, nil

@@ -82,6 +82,15 @@ type Volume struct {
 	sealErr  error // the last seal's failure, until one succeeds
 	// diskFull is set while writes wait for room on a full state disk.
 	diskFull atomic.Bool
+
+	// packs are the journal packs of the volume in the repository, as
+	// listed at Open and written since; sweepDue says some may be dead.
+	// foldCredit is how many bytes of chunks the next folds may write:
+	// twice the journal bytes shipped and not yet paid by a fold. Guarded
+	// by sealMu.
+	packs      map[string]struct{}
+	sweepDue   bool
+	foldCredit int64
 }
 
 // layer is the log records between two marks: what they wrote, as an
@@ -140,6 +149,9 @@ type Env struct {
 	LogLimit int64
 	// Logger, if set, hears of upload failures and recoveries.
 	Logger *slog.Logger
+
+	deltaOnce  sync.Once
+	deltaCache *deltaCache // decoded delta tops and pages of all volumes
 }
 
 func (e *Env) checkpointInterval() time.Duration {
@@ -275,6 +287,10 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 			}
 		}
 	}
+	if err := v.listPacks(ctx); err != nil {
+		return nil, err
+	}
+	v.sweepDue = len(v.packs) > 0
 	mustReach, err := v.placeDamaged(damaged)
 	if err != nil {
 		return nil, err

@@ -146,9 +146,19 @@ func (g *rig) step() string {
 		_, err := g.v.SealNext(ctx)
 		require.NoError(g.t, err)
 		return "seal"
-	case op < 93:
+	case op < 90:
 		g.reopen()
 		return "reopen"
+	case op < 93: // delete a sealed snapshot
+		for _, s := range g.v.Snapshots() {
+			if s.Sealed && s.Damaged == nil {
+				require.NoError(g.t, g.v.DeleteSnapshot(ctx, s.ID))
+				delete(g.m.snaps, s.ID)
+				delete(g.m.snaps, s.Label)
+				return "delete snapshot " + s.ID
+			}
+		}
+		return "no snapshot to delete"
 	case op < 96: // grow by a few chunks and an odd number of bytes
 		n := g.r.Int64N(3*cs) + 1
 		require.NoError(g.t, g.v.Grow(ctx, size+n))
@@ -163,6 +173,46 @@ func (g *rig) step() string {
 		g.v = v
 		return "crash"
 	}
+}
+
+// checkPacks sweeps the volume's journal packs and checks that every
+// pack left in the repository is one a manifest names.
+func (g *rig) checkPacks() {
+	ctx := context.Background()
+	v := g.v
+	v.sealMu.Lock()
+	defer v.sealMu.Unlock()
+	v.sweepDue = true
+	v.sweepPacks(ctx)
+	named := map[string]bool{}
+	for _, m := range append([]Manifest{v.base}, g.snapManifests()...) {
+		for _, d := range m.Deltas {
+			top, err := v.loadTop(ctx, d)
+			require.NoError(g.t, err)
+			for _, p := range top.packs {
+				named[p] = true
+			}
+		}
+	}
+	var left []string
+	require.NoError(g.t, g.repo.List(ctx, journalPrefix("vol"), func(k string) error {
+		if !named[k] {
+			left = append(left, k)
+		}
+		return nil
+	}))
+	_, known := v.packs[firstOr(left)]
+	require.Empty(g.t, left, "journal packs no manifest names (base %x, known %v, checkpoints %v)", v.base.Seq, known, v.checkpoints)
+}
+
+func (g *rig) snapManifests() []Manifest {
+	var out []Manifest
+	for _, s := range g.v.snaps {
+		if s.sealed {
+			out = append(out, s.Manifest)
+		}
+	}
+	return out
 }
 
 func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds int) {
@@ -184,6 +234,7 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 			for _, s := range g.v.Snapshots() {
 				assert.True(t, s.Sealed, "snapshot %s sealed", s.ID)
 			}
+			g.checkPacks()
 		})
 	}
 }
@@ -406,4 +457,11 @@ func TestSealSkipsChunksRewrittenWhole(t *testing.T) {
 			assert.LessOrEqual(t, gets, int64(3+1+3), "gets in the second seal")
 		}
 	}
+}
+
+func firstOr(s []string) string {
+	if len(s) == 0 {
+		return ""
+	}
+	return s[0]
 }

@@ -1,0 +1,102 @@
+package volume
+
+import (
+	"context"
+	"strconv"
+	"strings"
+)
+
+// packSeq is the log sequence number a journal pack of volume name is
+// named after: the mark of the seal that wrote it.
+func packSeq(name, key string) (uint64, bool) {
+	rest, ok := strings.CutPrefix(key, journalPrefix(name))
+	if !ok || len(rest) < 17 || rest[16] != '-' {
+		return 0, false
+	}
+	seq, err := strconv.ParseUint(rest[:16], 16, 64)
+	return seq, err == nil
+}
+
+// sweepPacks deletes the volume's journal packs that no manifest names:
+// those that merges, folds and deleted snapshots left behind, and those of
+// seals cut short. Called with sealMu held, after a seal or a snapshot
+// deletion has written its manifests.
+//
+// It deletes nothing while a manifest of the volume is damaged (its packs
+// are what a repair needs), while superseded checkpoint manifests are
+// still in the repository (a restart may resume from them), or when a
+// delta's top cannot be read. A pack named after a mark newer than the
+// base belongs to a seal that has not finished: its manifest may be in
+// the repository already, so it is kept until a seal of that mark
+// succeeds (which writes the same manifest key, naming other packs).
+func (v *Volume) sweepPacks(ctx context.Context) {
+	if !v.sweepDue || len(v.packs) == 0 {
+		return
+	}
+	v.mu.RLock()
+	base := v.base
+	named := []Manifest{base}
+	damaged := false
+	for _, s := range v.snaps {
+		switch {
+		case s.damage != nil:
+			damaged = true
+		case s.sealed:
+			named = append(named, s.Manifest)
+		}
+	}
+	v.mu.RUnlock()
+	for _, id := range v.checkpoints {
+		damaged = damaged || id != base.ID
+	}
+	if damaged {
+		return
+	}
+	live := map[string]bool{}
+	for _, m := range named {
+		for _, d := range m.Deltas {
+			t, err := v.loadTop(ctx, d)
+			if err != nil {
+				if l := v.env.Logger; l != nil {
+					l.Warn("journal packs not swept: a delta of a manifest cannot be read", "volume", v.cfg.Name, "manifest", m.ID, "error", err)
+				}
+				return
+			}
+			for _, p := range t.packs {
+				live[p] = true
+			}
+		}
+	}
+	var dead []string
+	for k := range v.packs {
+		if seq, ok := packSeq(v.cfg.Name, k); ok && seq <= base.Seq && !live[k] {
+			dead = append(dead, k)
+		}
+	}
+	if len(dead) > 0 {
+		// Every read planned against a view that named these packs holds
+		// gcMu shared until it is done; views made from now on do not
+		// name them.
+		v.gcMu.Lock()
+		v.gcMu.Unlock() //nolint:staticcheck // an empty critical section: a barrier
+	}
+	for _, k := range dead {
+		if err := v.store.DeletePack(ctx, k); err != nil {
+			if l := v.env.Logger; l != nil {
+				l.Warn("journal pack not deleted; tried again after the next seal", "volume", v.cfg.Name, "pack", k, "error", err)
+			}
+			return
+		}
+		delete(v.packs, k)
+	}
+	v.sweepDue = false
+}
+
+// listPacks lists the volume's journal packs in the repository.
+func (v *Volume) listPacks(ctx context.Context) error {
+	v.packs = map[string]struct{}{}
+	return v.repo.List(ctx, journalPrefix(v.cfg.Name), func(k string) error {
+		v.packs[k] = struct{}{}
+		return nil
+	})
+}
