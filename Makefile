@@ -3,7 +3,7 @@
 # make fuzz   fuzzes the NBD server's negotiation and request parsing, the
 #             client's reply parsing, the MD, LVM and bitmap parsers, the chunk
 #             codec, checked objects, pack footers, frame reads, manifests,
-#             index pages and write-log replay
+#             index pages, journal delta tops and pages, and write-log replay
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -46,6 +46,8 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzDeltaTop -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzDeltaPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
 
 clean:
 	rm -rf bin
