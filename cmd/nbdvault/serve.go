@@ -33,7 +33,7 @@ func serveCommand() *cli.Command {
 				Usage: "admin API and /metrics `address` (HOST:PORT)"},
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"NBDVAULT_LOG_LEVEL"},
 				Usage: "`level` of the log on stderr: debug, info, warn or error"},
-			&cli.DurationFlag{Name: "checkpoint-interval", Value: 30 * time.Second, EnvVars: []string{"NBDVAULT_CHECKPOINT_INTERVAL"},
+			&cli.DurationFlag{Name: "checkpoint-interval", Value: 10 * time.Second, EnvVars: []string{"NBDVAULT_CHECKPOINT_INTERVAL"},
 				Usage: "upload a checkpoint at most this `long` after a write: how far the repository may lag"},
 			&cli.StringFlag{Name: "log-limit", Value: "8G", EnvVars: []string{"NBDVAULT_LOG_LIMIT"},
 				Usage: "write log `size` per volume past which writes wait for the uploader"},

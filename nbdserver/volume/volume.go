@@ -142,7 +142,7 @@ type Env struct {
 	StateDir string
 	// CheckpointInterval: after a write, Run makes a checkpoint at most
 	// this long after it, bounding how far the repository lags the
-	// volume. Default 30s.
+	// volume. Default 10s.
 	CheckpointInterval time.Duration
 	// LogLimit: past this many bytes of write log, writes wait for the
 	// uploader. Default 8 GiB.
@@ -158,7 +158,7 @@ func (e *Env) checkpointInterval() time.Duration {
 	if e.CheckpointInterval > 0 {
 		return e.CheckpointInterval
 	}
-	return 30 * time.Second
+	return 10 * time.Second
 }
 
 // stateDir is where volume name keeps its write log.
