@@ -1,8 +1,10 @@
 package volume
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -145,4 +147,83 @@ func TestJournalFoldsHalfChangedChunks(t *testing.T) {
 	got := make([]byte, size)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
 	require.True(t, bytesEqual(want, got), "after a restart")
+}
+
+// TestVolumeModelJournal is the model test with the load journal shipping
+// is for: small writes scattered over a volume of many chunks, sealed
+// often, so chains grow deep, merge partly and fully, and fold; with
+// snapshots kept and deleted, zeros, whole-chunk rewrites (which mask
+// older deltas), restarts and crashes among them.
+func TestVolumeModelJournal(t *testing.T) {
+	runJournalModel(t, func(*testing.T) chunkstore.Backend { return chunkstore.NewMem() }, 4, 600)
+}
+
+func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds uint64, steps int) {
+	for seed := range seeds {
+		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			ctx := context.Background()
+			cs := int64(MinChunkSize)
+			size := 128*cs + int64(seed)*4097
+			g := newRig(t, repo(t), size, cs, seed+100)
+			depth, partial := 0, 0
+			for i := range steps {
+				switch op := g.r.IntN(100); {
+				case op < 70:
+					off := g.r.Int64N(size - 4096)
+					p := randomBytes(1 + g.r.IntN(8192))
+					p = p[:min(int64(len(p)), size-off)]
+					require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+					copy(g.m.head[off:], p)
+				case op < 73: // a whole chunk, or a few
+					c := g.r.Int64N(size/cs - 3)
+					p := randomBytes(int(cs) * (1 + g.r.IntN(3)))
+					require.NoError(t, g.v.WriteAt(ctx, p, c*cs, false))
+					copy(g.m.head[c*cs:], p)
+				case op < 76:
+					off := g.r.Int64N(size)
+					n := 1 + g.r.Int64N(min(size-off, 3*cs))
+					require.NoError(t, g.v.Zero(ctx, off, n))
+					clear(g.m.head[off : off+n])
+				case op < 90:
+					made, err := g.v.Checkpoint(ctx)
+					require.NoError(t, err)
+					before := len(g.v.base.Deltas)
+					require.NoError(t, g.v.SealAll(ctx))
+					after := len(g.v.base.Deltas)
+					depth = max(depth, after)
+					if made && after > 1 && after <= before {
+						partial++
+					}
+				case op < 94:
+					s, err := g.v.Snapshot(ctx, "")
+					require.NoError(t, err)
+					g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+				case op < 96:
+					for _, s := range g.v.Snapshots() {
+						if s.Sealed && g.r.IntN(2) == 0 {
+							require.NoError(t, g.v.DeleteSnapshot(ctx, s.ID))
+							delete(g.m.snaps, s.ID)
+							break
+						}
+					}
+				case op < 98:
+					g.reopen()
+				default:
+					v, err := Open(ctx, g.env(), "vol")
+					require.NoError(t, err)
+					g.v.log.Close()
+					g.v = v
+				}
+				if i%50 == 49 {
+					g.check(fmt.Sprintf("seed %d step %d", seed, i), true)
+				}
+			}
+			require.NoError(t, g.v.SealAll(ctx))
+			g.check("after sealing everything", true)
+			g.checkPacks()
+			t.Logf("deepest chain %d deltas, %d seals merged part of the chain", depth, partial)
+			assert.Greater(t, depth, 2, "chains grow")
+			assert.Greater(t, partial, 0, "partial merges happen")
+		})
+	}
 }

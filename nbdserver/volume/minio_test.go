@@ -30,6 +30,11 @@ func TestVolumeModelMinIO(t *testing.T) {
 		require.NotNil(t, b)
 		return chunkstore.NewRetry(b, chunkstore.DefaultRetryPolicy)
 	}, 2)
+	t.Run("journal", func(t *testing.T) {
+		runJournalModel(t, func(t *testing.T) chunkstore.Backend {
+			return chunkstore.NewRetry(m.Backend(t), chunkstore.DefaultRetryPolicy)
+		}, 1, 600)
+	})
 }
 
 // TestVolumeModelSeaweedFS runs it on SeaweedFS, a second S3 server.
@@ -38,4 +43,9 @@ func TestVolumeModelSeaweedFS(t *testing.T) {
 	runModel(t, func(t *testing.T) chunkstore.Backend {
 		return chunkstore.NewRetry(w.Backend(t), chunkstore.DefaultRetryPolicy)
 	}, 2)
+	t.Run("journal", func(t *testing.T) {
+		runJournalModel(t, func(t *testing.T) chunkstore.Backend {
+			return chunkstore.NewRetry(w.Backend(t), chunkstore.DefaultRetryPolicy)
+		}, 1, 600)
+	})
 }
