@@ -124,6 +124,9 @@ func TestServeVolumeLifecycle(t *testing.T) {
 			assert.Regexp(t, `nbdvault_nbd_bytes_total\{export="db",op="write"\} [1-9]`, metrics)
 			assert.Regexp(t, `nbdvault_chunks_stored_total [1-9]`, metrics)
 			assert.Contains(t, metrics, `nbdvault_volume_size_bytes{volume="db"} 1.6777216e+07`)
+			for _, m := range []string{"journal_deltas", "journal_packs", "journal_bytes_shipped_total", "chunks_folded_total"} {
+				assert.Contains(t, metrics, `nbdvault_volume_`+m+`{volume="db"}`)
+			}
 
 			// A restart keeps everything: the head (from the log), the
 			// sealed snapshot, the new size.

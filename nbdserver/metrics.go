@@ -153,6 +153,14 @@ var (
 		"Bytes free for the server on the file system of its state folder (the write logs).", nil, nil)
 	descDiskFull = prometheus.NewDesc("nbdvault_volume_disk_full",
 		"1 while the volume's writes wait for room on a full state disk, else 0.", []string{"volume"}, nil)
+	descDeltas = prometheus.NewDesc("nbdvault_volume_journal_deltas",
+		"Journal deltas the volume's head reads through above its chunks (kept short by merges).", []string{"volume"}, nil)
+	descJournalPacks = prometheus.NewDesc("nbdvault_volume_journal_packs",
+		"Journal packs the volume has in the repository.", []string{"volume"}, nil)
+	descShipped = prometheus.NewDesc("nbdvault_volume_journal_bytes_shipped_total",
+		"Bytes of writes checkpoints stored as journal (before compression).", []string{"volume"}, nil)
+	descFolded = prometheus.NewDesc("nbdvault_volume_chunks_folded_total",
+		"Chunks rebuilt from journal once half of them changed.", []string{"volume"}, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -160,7 +168,8 @@ var (
 func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
-		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull} {
+		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
+		descDeltas, descJournalPacks, descShipped, descFolded} {
 		ch <- d
 	}
 }
@@ -191,6 +200,10 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descSealFailing, failing, name)
 		gauge(descDamaged, boolGauge(errors.Is(st.SealError, volume.ErrLogCorrupt)), name)
 		gauge(descDiskFull, boolGauge(st.DiskFull), name)
+		gauge(descDeltas, float64(st.Deltas), name)
+		gauge(descJournalPacks, float64(st.JournalPacks), name)
+		ch <- prometheus.MustNewConstMetric(descShipped, prometheus.CounterValue, float64(st.Shipped), name)
+		ch <- prometheus.MustNewConstMetric(descFolded, prometheus.CounterValue, float64(st.Folded), name)
 	}
 	for name := range c.s.Failed() {
 		gauge(descDamaged, 1, name)

@@ -189,6 +189,14 @@ type Status struct {
 	// DiskFull: writes wait because the state disk is full, until the
 	// uploader frees sealed log segments.
 	DiskFull bool
+	// Deltas is how many journal deltas the head reads through above its
+	// index; JournalPacks how many journal packs the volume has in the
+	// repository. Shipped is the journal bytes checkpoints stored since
+	// the volume opened, Folded the chunks rebuilt from journal since.
+	Deltas       int
+	JournalPacks int64
+	Shipped      int64
+	Folded       int64
 }
 
 // Status reports the volume's upload state.
@@ -197,6 +205,8 @@ func (v *Volume) Status() Status {
 	v.mu.RLock()
 	defer v.mu.RUnlock()
 	st.PendingLayers, st.LastSeal, st.SealError = len(v.layers)-1, v.lastSeal, v.sealErr
+	st.Deltas, st.JournalPacks = len(v.base.Deltas), v.nPacks.Load()
+	st.Shipped, st.Folded = v.shipped.Load(), v.folded.Load()
 	for _, l := range v.layers {
 		if !l.since.IsZero() {
 			st.Lag = time.Since(l.since)

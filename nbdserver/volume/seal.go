@@ -74,12 +74,15 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	for _, k := range res.packs {
 		v.packs[k] = struct{}{}
 	}
+	v.nPacks.Store(int64(len(v.packs)))
 	if err != nil {
 		return Manifest{}, err
 	}
 	if res.merged {
 		v.sweepDue = true
 	}
+	v.shipped.Add(res.shipped)
+	v.folded.Add(int64(res.folded))
 	v.foldCredit = min(maxFoldCredit, max(0, v.foldCredit+2*res.shipped-int64(res.folded)*v.cfg.ChunkSize))
 	m := Manifest{
 		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,

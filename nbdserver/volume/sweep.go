@@ -88,6 +88,7 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 			return
 		}
 		delete(v.packs, k)
+		v.nPacks.Store(int64(len(v.packs)))
 	}
 	v.sweepDue = false
 }
@@ -95,8 +96,10 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 // listPacks lists the volume's journal packs in the repository.
 func (v *Volume) listPacks(ctx context.Context) error {
 	v.packs = map[string]struct{}{}
-	return v.repo.List(ctx, journalPrefix(v.cfg.Name), func(k string) error {
+	err := v.repo.List(ctx, journalPrefix(v.cfg.Name), func(k string) error {
 		v.packs[k] = struct{}{}
 		return nil
 	})
+	v.nPacks.Store(int64(len(v.packs)))
+	return err
 }

@@ -91,6 +91,10 @@ type Volume struct {
 	packs      map[string]struct{}
 	sweepDue   bool
 	foldCredit int64
+	// For Status, which must not wait for a seal: the number of packs,
+	// journal bytes shipped and chunks folded since Open.
+	nPacks          atomic.Int64
+	shipped, folded atomic.Int64
 }
 
 // layer is the log records between two marks: what they wrote, as an
