@@ -18,6 +18,7 @@ type countingBackend struct {
 	dataPuts, dataBytes         atomic.Int64 // chunks of volume data
 	pagePuts, pageBytes         atomic.Int64 // index pages (chunks too)
 	manifestPuts, manifestBytes atomic.Int64 // snapshots' and checkpoints' manifests
+	journalPuts, journalBytes   atomic.Int64 // journal packs (repository format 3)
 	otherPuts, otherBytes       atomic.Int64 // the volume record
 	has, gets                   atomic.Int64
 }
@@ -45,6 +46,9 @@ func (c *countingBackend) Put(ctx context.Context, key string, data []byte) erro
 	case strings.Contains(key, "/snapshots/") || strings.Contains(key, "/checkpoints/"):
 		c.manifestPuts.Add(1)
 		c.manifestBytes.Add(n)
+	case strings.Contains(key, "/journal/"):
+		c.journalPuts.Add(1)
+		c.journalBytes.Add(n)
 	case !strings.HasPrefix(key, "chunks/"):
 		c.otherPuts.Add(1)
 		c.otherBytes.Add(n)
@@ -74,6 +78,7 @@ type repoCounts struct {
 	DataPuts, DataBytes         int64
 	PagePuts, PageBytes         int64
 	ManifestPuts, ManifestBytes int64
+	JournalPuts, JournalBytes   int64
 	OtherPuts, OtherBytes       int64
 	Has, Gets                   int64
 }
@@ -83,6 +88,7 @@ func (c *countingBackend) counts() repoCounts {
 		DataPuts: c.dataPuts.Load(), DataBytes: c.dataBytes.Load(),
 		PagePuts: c.pagePuts.Load(), PageBytes: c.pageBytes.Load(),
 		ManifestPuts: c.manifestPuts.Load(), ManifestBytes: c.manifestBytes.Load(),
+		JournalPuts: c.journalPuts.Load(), JournalBytes: c.journalBytes.Load(),
 		OtherPuts: c.otherPuts.Load(), OtherBytes: c.otherBytes.Load(),
 		Has: c.has.Load(), Gets: c.gets.Load(),
 	}
@@ -94,13 +100,16 @@ func (r repoCounts) since(earlier repoCounts) repoCounts {
 		DataPuts: r.DataPuts - earlier.DataPuts, DataBytes: r.DataBytes - earlier.DataBytes,
 		PagePuts: r.PagePuts - earlier.PagePuts, PageBytes: r.PageBytes - earlier.PageBytes,
 		ManifestPuts: r.ManifestPuts - earlier.ManifestPuts, ManifestBytes: r.ManifestBytes - earlier.ManifestBytes,
+		JournalPuts: r.JournalPuts - earlier.JournalPuts, JournalBytes: r.JournalBytes - earlier.JournalBytes,
 		OtherPuts: r.OtherPuts - earlier.OtherPuts, OtherBytes: r.OtherBytes - earlier.OtherBytes,
 		Has: r.Has - earlier.Has, Gets: r.Gets - earlier.Gets,
 	}
 }
 
 // Puts is every object written; Bytes their size.
-func (r repoCounts) Puts() int64 { return r.DataPuts + r.PagePuts + r.ManifestPuts + r.OtherPuts }
+func (r repoCounts) Puts() int64 {
+	return r.DataPuts + r.PagePuts + r.ManifestPuts + r.JournalPuts + r.OtherPuts
+}
 func (r repoCounts) Bytes() int64 {
-	return r.DataBytes + r.PageBytes + r.ManifestBytes + r.OtherBytes
+	return r.DataBytes + r.PageBytes + r.ManifestBytes + r.JournalBytes + r.OtherBytes
 }

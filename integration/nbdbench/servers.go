@@ -72,7 +72,7 @@ func startServer(ctx context.Context, name, file, work, sock, logPath string, si
 	case "nbdvault":
 		return startNbdvault(file, sock, logPath)
 	case "volume":
-		return startVolume(ctx, work, sock, logPath, size)
+		return startVolume(ctx, work, sock, logPath, size, phaseInterval)
 	}
 	return startExternal(ctx, serverArgs(name, file, sock), sock, logPath)
 }

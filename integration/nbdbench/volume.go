@@ -35,11 +35,17 @@ type volumeServer struct {
 
 // volumeCmdline describes the in-process server the way the others'
 // command lines do.
-func volumeCmdline(repoDir, stateDir, sock string, size int64) string {
-	return fmt.Sprintf("in process: repo := chunkstore.Open(%q); volume.Create(ctx, &volume.Env{Repo: repo, Store: chunkstore.NewStore(repo, chunkstore.Options{}), StateDir: %q}, volume.Config{Name: %q, Size: %d}) "+
-		"(1 MiB chunks, checkpoint interval 30s, log limit 8 GiB: the defaults); go v.Run(ctx); exports := nbdserver.NewExports(); exports.Add(v); (&nbd.Server{Exports: exports}).Serve(nbd.Listen(%q)), other fields default",
-		repoDir, stateDir, volumeName, size, "unix:"+sock)
+func volumeCmdline(repoDir, stateDir, sock string, size int64, interval time.Duration) string {
+	return fmt.Sprintf("in process: repo := chunkstore.Open(%q); volume.Create(ctx, &volume.Env{Repo: repo, Store: chunkstore.NewStore(repo, chunkstore.Options{}), StateDir: %q, CheckpointInterval: %v}, volume.Config{Name: %q, Size: %d}) "+
+		"(1 MiB chunks, log limit 8 GiB: the defaults); go v.Run(ctx); exports := nbdserver.NewExports(); exports.Add(v); (&nbd.Server{Exports: exports}).Serve(nbd.Listen(%q)), other fields default",
+		repoDir, stateDir, interval, volumeName, size, "unix:"+sock)
 }
+
+// phaseInterval is the checkpoint interval of the volume the timed
+// phases use: they checkpoint it themselves before each phase, and the
+// snapshot phase needs its layer to be the write before it, however long
+// that write took. The scattered-writes run uses the default.
+const phaseInterval = time.Hour
 
 // openVolumeRepo opens a repository directory as the server will
 // (chunkstore.Open: the local backend inside Retry), behind the counter.
@@ -54,7 +60,7 @@ func openVolumeRepo(dir string) (*countingBackend, error) {
 // newVolumeServer creates a fresh volume of size bytes in repoDir and
 // stateDir (removing what an earlier run left there) and starts its
 // uploader. It does not serve it yet.
-func newVolumeServer(ctx context.Context, repoDir, stateDir string, size int64) (*volumeServer, error) {
+func newVolumeServer(ctx context.Context, repoDir, stateDir string, size int64, interval time.Duration) (*volumeServer, error) {
 	for _, d := range []string{repoDir, stateDir} {
 		if err := os.RemoveAll(d); err != nil {
 			return nil, err
@@ -68,7 +74,7 @@ func newVolumeServer(ctx context.Context, repoDir, stateDir string, size int64) 
 	if err != nil {
 		return nil, err
 	}
-	env := &volume.Env{Repo: repo, Store: store, StateDir: stateDir}
+	env := &volume.Env{Repo: repo, Store: store, StateDir: stateDir, CheckpointInterval: interval}
 	v, err := volume.Create(ctx, env, volume.Config{Name: volumeName, Size: size})
 	if err != nil {
 		return nil, fmt.Errorf("create the benchmark volume: %w", err)
@@ -170,13 +176,13 @@ func (s *volumeServer) waitSealed(ctx context.Context, id string) error {
 
 // startVolume serves a fresh volume of size bytes on the Unix socket
 // sock. The repository and state directories are next to the socket.
-func startVolume(ctx context.Context, work, sock, logPath string, size int64) (*server, error) {
+func startVolume(ctx context.Context, work, sock, logPath string, size int64, interval time.Duration) (*server, error) {
 	repoDir, stateDir := filepath.Join(work, "volume-repo"), filepath.Join(work, "volume-state")
 	logFile, err := os.Create(logPath)
 	if err != nil {
 		return nil, err
 	}
-	vs, err := newVolumeServer(ctx, repoDir, stateDir, size)
+	vs, err := newVolumeServer(ctx, repoDir, stateDir, size, interval)
 	if err != nil {
 		logFile.Close()
 		return nil, err
@@ -189,7 +195,10 @@ func startVolume(ctx context.Context, work, sock, logPath string, size int64) (*
 	if err != nil {
 		return nil, err
 	}
-	return &server{cmdline: volumeCmdline(repoDir, stateDir, sock, size), alive: alive, stop: stop, vol: vs}, nil
+	if interval == 0 {
+		interval = 10 * time.Second // the default
+	}
+	return &server{cmdline: volumeCmdline(repoDir, stateDir, sock, size, interval), alive: alive, stop: stop, vol: vs}, nil
 }
 
 // uploaderActivity is what the volume's uploader did during a phase.
@@ -261,7 +270,7 @@ func (r *serverRun) volumePhases(text string) error {
 	}
 	// The snapshot's layer must be the write: a checkpoint the uploader
 	// made meanwhile would have taken it.
-	const tookLayer = "the uploader made a checkpoint between the write and the snapshot, so the snapshot's layer is not the write: keep -settle well below the volume's 30s checkpoint interval"
+	const tookLayer = "the uploader made a checkpoint between the write and the snapshot, so the snapshot's layer is not the write: keep -settle well below the phases' checkpoint interval"
 	beforeSeal := vs.repo.counts()
 	if beforeSeal.since(afterWrite).ManifestPuts > 0 || vs.v.Status().PendingLayers > 0 {
 		return errors.New(tookLayer)
