@@ -109,6 +109,7 @@ type config struct {
 	// (scattered.go); a zero runtime skips it.
 	scatteredRuntime time.Duration
 	scatteredIOPS    int64
+	scatteredSizeMiB int64 // 0: sizeMiB
 }
 
 func main() {
@@ -125,6 +126,7 @@ func main() {
 	flag.Int64Var(&cfg.rewriteSizeMiB, "rewrite-size-mib", 64<<10, "size in MiB of the volume whose snapshots after a 1% rewrite are counted (runs when the volume server does; 0 skips it)")
 	flag.DurationVar(&cfg.scatteredRuntime, "scattered-runtime", 3*time.Minute, "runtime of the sustained scattered 4 KiB writes into a -size-mib volume, counting the repository's growth (runs when the volume server does; 0 skips it)")
 	flag.Int64Var(&cfg.scatteredIOPS, "scattered-iops", 1000, "the rate of the scattered writes, in 4 KiB writes per second")
+	flag.Int64Var(&cfg.scatteredSizeMiB, "scattered-size-mib", 0, "size in MiB of the scattered-writes volume (0: -size-mib)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fatalf("unexpected arguments: %q", flag.Args())
@@ -286,7 +288,7 @@ func spaceNeeded(cfg config) int64 {
 	if slices.Contains(cfg.servers, "volume") && cfg.scatteredRuntime > 0 {
 		// The filled volume's log and repository; its growth is watched
 		// and stopped at scatteredReserve.
-		need += 2*size + scatteredReserve
+		need += 2*cfg.scatteredSize() + scatteredReserve
 	}
 	return need
 }
@@ -604,4 +606,12 @@ func fioArgs(uri string, p fioPhase, runtime time.Duration) []string {
 		"--time_based", fmt.Sprintf("--runtime=%ds", int(runtime.Seconds())),
 		"--output-format=json",
 	}
+}
+
+// scatteredSize is the size of the scattered-writes volume in bytes.
+func (cfg config) scatteredSize() int64 {
+	if cfg.scatteredSizeMiB > 0 {
+		return cfg.scatteredSizeMiB << 20
+	}
+	return cfg.sizeMiB << 20
 }

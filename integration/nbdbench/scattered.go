@@ -47,7 +47,7 @@ type scatteredResult struct {
 const scatteredReserve = 4 << 30
 
 func benchScattered(ctx context.Context, cfg config, work string) (*scatteredResult, error) {
-	res := &scatteredResult{size: cfg.sizeMiB << 20, iops: cfg.scatteredIOPS, runtime: cfg.scatteredRuntime}
+	res := &scatteredResult{size: cfg.scatteredSize(), iops: cfg.scatteredIOPS, runtime: cfg.scatteredRuntime}
 	sock := filepath.Join(work, "scattered.sock")
 	srv, err := startVolume(ctx, work, sock, filepath.Join(work, "scattered-server.log"), res.size, 0)
 	if err != nil {
@@ -55,7 +55,7 @@ func benchScattered(ctx context.Context, cfg config, work string) (*scatteredRes
 	}
 	defer srv.stop()
 	v := srv.vol.v
-	logf("scattered: filling the %d MiB volume with random data", cfg.sizeMiB)
+	logf("scattered: filling the %d MiB volume with random data", res.size>>20)
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < res.size; off += int64(len(buf)) {
 		_, _ = rand.Read(buf)
