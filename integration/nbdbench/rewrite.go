@@ -35,9 +35,9 @@ import (
 // repository meanwhile), and the objects it writes are counted by a
 // wrapper around the repository. Since repository format 3 a seal stores
 // the chunks a layer rewrote whole (and the index pages on the paths to
-// them) and ships everything else as journal: at most two journal packs
-// (the layer's, and the merged delta's when its chain merges), and the
-// manifest.
+// them) and ships everything else as journal: two journal packs at most
+// (the layer's, and the merged delta's when its chain merges) and one
+// more per 32 MiB they hold, and the manifest.
 
 // maxRewriteMiB bounds -rewrite-size-mib: 1 TiB. Beyond it the samplers'
 // memory and the write log (1% of the volume) grow out of proportion to
@@ -78,24 +78,26 @@ func (c rewriteCase) pageTotal() int {
 	return n
 }
 
-// maxJournalPacks is how many journal packs a seal of a small layer
-// writes at most: the layer's, and the merged delta's.
-const maxJournalPacks = 2
+// maxJournalPacks is how many journal packs a seal writes at most: the
+// layer's and the merged delta's, and one more for every 32 MiB they hold
+// (a pack is closed there).
+func (c rewriteCase) maxJournalPacks() int64 { return 2 + c.counts.JournalBytes/(32<<20) }
 
 // minimum is the fewest objects the seal can write: every chunk rewritten
 // whole, the index pages on the paths to them, and the manifest; most
 // adds the journal packs.
 func (c rewriteCase) minimum() int64 { return int64(c.whole + c.pageTotal() + 1) }
-func (c rewriteCase) most() int64    { return c.minimum() + maxJournalPacks }
+func (c rewriteCase) most() int64    { return c.minimum() + c.maxJournalPacks() }
 
 // withinObjects says whether the seal wrote what it should: the whole
-// chunks as chunks, their pages, one manifest, and at most two journal
-// packs (at least one when not every change was a whole chunk).
+// chunks as chunks, their pages, one manifest, and no more journal packs
+// than maxJournalPacks (at least one when not every change was a whole
+// chunk).
 func (c rewriteCase) withinObjects() bool {
 	k := c.counts
 	journal := k.JournalPuts >= 1 || c.whole == c.chunks
 	return k.DataPuts == int64(c.whole) && k.PagePuts == int64(c.pageTotal()) && k.ManifestPuts == 1 &&
-		k.JournalPuts <= maxJournalPacks && k.OtherPuts == 0 && journal
+		k.JournalPuts <= c.maxJournalPacks() && k.OtherPuts == 0 && journal
 }
 
 // storedBound is what a change may cost in bytes: twice what was written

@@ -102,7 +102,7 @@ func (rw *rewriteResult) write(w io.Writer) {
 		"After each: a snapshot, the page cache dropped, and `SealAll` (no uploader runs, so nothing else writes to the repository). "+
 		"Objects and bytes are what the seal wrote to the repository (a counting wrapper around it; index pages told from data chunks by the plaintext length in the object header). "+
 		"Since repository format 3 a seal stores as chunks only those the layer rewrote whole, with the index pages on the paths to them (the index is 3 levels of 4096-entry pages), and ships the rest as journal: "+
-		"at most two journal packs (the layer's, and the merged delta's when the chain of deltas merges) and the manifest. "+
+		"two journal packs at most (the layer's, and the merged delta's when the chain of deltas merges) and one more per 32 MiB they hold, and the manifest. "+
 		"A change should so cost its bytes: at most twice what was written plus 64 KiB.\n\n",
 		rw.chunkSize>>10, rw.chunkSize>>10)
 	header, align := []string{""}, []string{"---"}
@@ -126,7 +126,7 @@ func (rw *rewriteResult) write(w io.Writer) {
 	row("index pages on their paths: leaf + inner + root", func(c rewriteCase) string {
 		return fmt.Sprintf("%d + %d + %d", c.pages[0], c.pages[1], c.pages[2])
 	})
-	row("**objects expected**: those chunks + pages + manifest, and ≤ 2 journal packs", func(c rewriteCase) string {
+	row("**objects expected**: those chunks + pages + manifest, and the journal packs", func(c rewriteCase) string {
 		return fmt.Sprintf("%d to %d", c.minimum(), c.most())
 	})
 	row("**objects the seal wrote**", func(c rewriteCase) string { return fmt.Sprint(c.counts.Puts()) })
