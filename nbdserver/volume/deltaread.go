@@ -3,9 +3,12 @@ package volume
 import (
 	"container/list"
 	"context"
+	"encoding/binary"
 	"fmt"
 	"sort"
 	"sync"
+
+	"lukechampine.com/blake3"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 )
@@ -111,7 +114,8 @@ func (v *Volume) loadTop(ctx context.Context, d DeltaRef) (*deltaTop, error) {
 func (v *Volume) loadPage(ctx context.Context, t *deltaTop, i int) (*deltaPage, error) {
 	pr := t.pages[i]
 	c := v.env.deltas()
-	if p, ok := c.get(pr.ref.Sum); ok {
+	key := pageKey(pr, len(t.packs))
+	if p, ok := c.get(key); ok {
 		if p, ok := p.(*deltaPage); ok {
 			return p, nil
 		}
@@ -125,8 +129,21 @@ func (v *Volume) loadPage(ctx context.Context, t *deltaTop, i int) (*deltaPage, 
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: delta page in %s at %d: %w", v.cfg.Name, pack, pr.ref.Off, err)
 	}
-	c.add(pr.ref.Sum, &p, int64(len(p.ext))*40+int64(len(p.frames))*64)
+	c.add(key, &p, int64(len(p.ext))*40+int64(len(p.frames))*64)
 	return &p, nil
+}
+
+// pageKey is what a decoded page is cached under: its hash and what its
+// top says of it. A page's offsets are relative to its first byte, so two
+// pages with the same bytes at other places decode to other extents, and
+// are checked against other counts.
+func pageKey(pr pageRef, npacks int) chunkstore.ID {
+	b := make([]byte, 0, len(pr.ref.Sum)+5*binary.MaxVarintLen64)
+	b = append(b, pr.ref.Sum[:]...)
+	for _, n := range []int64{pr.first, pr.end, pr.extents, pr.dataBytes, int64(npacks)} {
+		b = binary.AppendVarint(b, n)
+	}
+	return blake3.Sum256(b)
 }
 
 // wide resolves extent x of page p of top t.
