@@ -559,8 +559,8 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 			if err == nil {
 				err = fo.finishChunk()
 			}
-			if werr := wk.finish(); err == nil {
-				err = werr
+			if werr := wk.finish(); werr != nil {
+				err = werr // the job's error, not the cancellation it caused
 			}
 			zeros = fo.zeros
 			res.folded = len(fp)

@@ -68,9 +68,15 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 		}
 	}
 	var dead []string
+	kept := false // packs of a seal not finished: swept after it is
 	for k := range v.packs {
-		if seq, ok := packSeq(v.cfg.Name, k); ok && seq <= base.Seq && !live[k] {
+		seq, ok := packSeq(v.cfg.Name, k)
+		switch {
+		case !ok || live[k]:
+		case seq <= base.Seq:
 			dead = append(dead, k)
+		default:
+			kept = true
 		}
 	}
 	if len(dead) > 0 {
@@ -90,7 +96,7 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 		delete(v.packs, k)
 		v.nPacks.Store(int64(len(v.packs)))
 	}
-	v.sweepDue = false
+	v.sweepDue = kept
 }
 
 // listPacks lists the volume's journal packs in the repository.
