@@ -465,6 +465,8 @@ type sealResult struct {
 	merged  bool  // deltas were merged: packs may have died
 	folded  int   // chunks folded
 	shipped int64 // bytes of data shipped as journal
+	// repacked is the bytes of journal copied out of sparse packs.
+	repacked int64
 }
 
 // shipLayer stores layer l over base: its whole chunks as chunks, the
@@ -529,7 +531,15 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 		}
 		srcs = append(srcs, memSource(ext))
 		dw := newDeltaWriter(pw)
-		sink := dw.add
+		// Packs whose journal is mostly dead have their live extents
+		// copied into this seal's pack, so a delta's pack list (and the
+		// packs kept) stays bounded.
+		sparse, err := v.sparsePacks(ctx, res.deltas[len(below):], ext, pw.written)
+		if err != nil {
+			return res, err
+		}
+		cp := &copier{v: v, ctx: ctx, w: pw, sparse: sparse, next: dw.add}
+		sink := cp.add
 		var fp []pointUpdate
 		var fpMu sync.Mutex
 		var wk *workers
@@ -541,7 +551,7 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 			// (a chunk folds once half of it changed), so no seal
 			// rewrites the whole volume at once.
 			budget := v.foldCredit + 2*res.shipped + foldAllowance*cs
-			fo = &folder{cs: cs, cur: -1, budget: budget, residual: dw.add, fold: func(c uint64, ext []xext) error {
+			fo = &folder{cs: cs, cur: -1, budget: budget, residual: cp.add, fold: func(c uint64, ext []xext) error {
 				return wk.do(func(ctx context.Context, buf []byte) error {
 					id, err := v.foldChunk(ctx, base.Root, c, ext, buf)
 					if err == nil {
@@ -554,7 +564,7 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 			}}
 			sink = fo.add
 		}
-		err := overlay(srcs, sink)
+		err = overlay(srcs, sink)
 		if fo != nil {
 			if err == nil {
 				err = fo.finishChunk()
@@ -567,9 +577,13 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 			points = append(points, fp...)
 			slices.SortFunc(points, func(a, b pointUpdate) int { return cmpUint(a.c, b.c) })
 		}
+		if err == nil {
+			err = cp.flush()
+		}
 		if err != nil {
 			return res, err
 		}
+		res.repacked = cp.copied
 		ref, ok, err := dw.finish()
 		if err != nil {
 			return res, err
@@ -591,4 +605,135 @@ func (v *Volume) shipLayer(ctx context.Context, base Manifest, l *layer) (res se
 		res.root = root
 	}
 	return res, nil
+}
+
+// Repacking: once the deltas a merge reads name more than repackAbove
+// packs, the live extents of those holding less than repackBelow bytes of
+// them are copied into the merge's pack, and the sparse packs die (the
+// sweep deletes them). Scattered writes that never fold would otherwise
+// keep one pack per checkpoint alive for ever, and grow the top's list of
+// packs past what a frame holds. Variables, so tests can make them small.
+var (
+	repackAbove = 256
+	repackBelow = int64(packTarget / 4)
+)
+
+// sparsePacks counts the live journal bytes each pack holds in deltas
+// (oldest first) and ext (newer), and returns the packs to copy out of:
+// none while they are at most repackAbove. Packs of this seal (fresh) are
+// never copied.
+func (v *Volume) sparsePacks(ctx context.Context, deltas []DeltaRef, ext []xext, fresh []string) (map[string]bool, error) {
+	names := map[string]bool{}
+	for _, d := range deltas {
+		t, err := v.loadTop(ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		for _, p := range t.packs {
+			names[p] = true
+		}
+	}
+	if len(names) <= repackAbove {
+		return nil, nil
+	}
+	srcs := make([]*deltaSource, 0, len(deltas)+1)
+	for _, d := range deltas {
+		s, err := v.storedSource(ctx, d)
+		if err != nil {
+			return nil, err
+		}
+		srcs = append(srcs, s)
+	}
+	srcs = append(srcs, memSource(ext))
+	live := map[string]int64{}
+	if err := overlay(srcs, func(x xext) error {
+		if x.kind == dxData {
+			live[x.pack] += x.length
+		}
+		return nil
+	}); err != nil {
+		return nil, err
+	}
+	sparse := map[string]bool{}
+	for p, n := range live {
+		if n < repackBelow && !slices.Contains(fresh, p) {
+			sparse[p] = true
+		}
+	}
+	return sparse, nil
+}
+
+// copier passes a sorted stream of extents on to next, copying the data
+// of those in sparse packs into new frames of w first. The stream's order
+// is kept: extents wait in the queue until the frame their copy is in has
+// its place.
+type copier struct {
+	v       *Volume
+	ctx     context.Context
+	w       *packWriter
+	sparse  map[string]bool
+	next    func(xext) error
+	buf     []byte
+	queue   []xext
+	pending []int // indexes in queue of the copies in buf
+	copied  int64
+}
+
+// copierQueue bounds the extents a copier holds back.
+const copierQueue = 4096
+
+func (c *copier) add(x xext) error {
+	if x.kind != dxData || !c.sparse[x.pack] {
+		if len(c.queue) == 0 {
+			return c.next(x)
+		}
+		c.queue = append(c.queue, x)
+		if len(c.queue) >= copierQueue {
+			return c.flush()
+		}
+		return nil
+	}
+	data, err := c.v.store.GetFrame(c.ctx, x.pack, x.ref)
+	if err != nil {
+		return fmt.Errorf("volume %q: repack journal: %w", c.v.cfg.Name, err)
+	}
+	src := data[x.in : int64(x.in)+x.length]
+	for off := x.off; len(src) > 0; {
+		if len(c.buf) == frameTarget {
+			if err := c.flush(); err != nil {
+				return err
+			}
+		}
+		if c.buf == nil {
+			c.buf = make([]byte, 0, frameTarget)
+		}
+		n := min(len(src), frameTarget-len(c.buf))
+		c.pending = append(c.pending, len(c.queue))
+		c.queue = append(c.queue, xext{off: off, length: int64(n), kind: dxData, in: uint32(len(c.buf))})
+		c.buf = append(c.buf, src[:n]...)
+		c.copied += int64(n)
+		src, off = src[n:], off+int64(n)
+	}
+	return nil
+}
+
+// flush writes the frame being filled and passes the queue on.
+func (c *copier) flush() error {
+	if len(c.buf) > 0 {
+		key, ref, err := c.w.add(c.buf)
+		if err != nil {
+			return err
+		}
+		for _, i := range c.pending {
+			c.queue[i].pack, c.queue[i].ref = key, ref
+		}
+		c.buf, c.pending = c.buf[:0], c.pending[:0]
+	}
+	for _, x := range c.queue {
+		if err := c.next(x); err != nil {
+			return err
+		}
+	}
+	c.queue = c.queue[:0]
+	return nil
 }

@@ -165,6 +165,10 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 			cs := int64(MinChunkSize)
 			size := 128*cs + int64(seed)*4097
 			g := newRig(t, repo(t), size, cs, seed+100)
+			if seed%2 == 1 { // repack often
+				defer func(a int, b int64) { repackAbove, repackBelow = a, b }(repackAbove, repackBelow)
+				repackAbove, repackBelow = 4, 256<<10
+			}
 			depth, partial := 0, 0
 			for i := range steps {
 				switch op := g.r.IntN(100); {
@@ -221,9 +225,59 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 			require.NoError(t, g.v.SealAll(ctx))
 			g.check("after sealing everything", true)
 			g.checkPacks()
-			t.Logf("deepest chain %d deltas, %d seals merged part of the chain", depth, partial)
+			t.Logf("deepest chain %d deltas, %d seals merged part of the chain, %d bytes repacked, %d chunks folded",
+				depth, partial, g.v.repacked.Load(), g.v.folded.Load())
 			assert.Greater(t, depth, 2, "chains grow")
 			assert.Greater(t, partial, 0, "partial merges happen")
 		})
 	}
+}
+
+// TestJournalRepacksSparsePacks: scattered writes that never fold leave a
+// little live journal in every pack. Once a merge reads more packs than
+// repackAbove, the live extents of sparse ones are copied into its pack
+// and the sparse packs are deleted: the packs kept (and a delta's list
+// of them) stay bounded, and everything reads back, also after a restart.
+func TestJournalRepacksSparsePacks(t *testing.T) {
+	defer func(a int, b int64) { repackAbove, repackBelow = a, b }(repackAbove, repackBelow)
+	repackAbove, repackBelow = 6, 1<<20
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
+	const size, cs = 8 << 20, MinChunkSize
+	v, err := Create(ctx, env, Config{Name: "v", Size: size, ChunkSize: cs})
+	require.NoError(t, err)
+	defer func() { v.Close() }()
+	want := make([]byte, size)
+	packs := func() int {
+		n := 0
+		require.NoError(t, mem.List(ctx, journalPrefix("v"), func(string) error { n++; return nil }))
+		return n
+	}
+	most := 0
+	for r := range 80 {
+		for i := range 3 { // three 512-byte writes per checkpoint: no chunk gets near half
+			off := int64((r*3+i)*7919%(size/cs))*cs + int64(r%100)*512
+			p := randomBytes(512)
+			require.NoError(t, v.WriteAt(ctx, p, off, false))
+			copy(want[off:], p)
+		}
+		_, err := v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.NoError(t, v.SealAll(ctx))
+		most = max(most, packs())
+	}
+	assert.Zero(t, v.folded.Load(), "no chunk was folded: the packs were freed by repacking")
+	assert.Positive(t, v.repacked.Load(), "live journal was copied out of sparse packs")
+	assert.LessOrEqual(t, most, 4*repackAbove, "packs stay bounded (80 checkpoints made 80 or more)")
+	got := make([]byte, size)
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytesEqual(want, got))
+	require.NoError(t, v.Close())
+	v, err = Open(ctx, env, "v")
+	require.NoError(t, err)
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytesEqual(want, got), "after a restart")
 }

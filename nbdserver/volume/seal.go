@@ -81,6 +81,7 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	if res.merged {
 		v.sweepDue = true
 	}
+	v.repacked.Add(res.repacked)
 	v.shipped.Add(res.shipped)
 	v.folded.Add(int64(res.folded))
 	v.foldCredit = min(maxFoldCredit, max(0, v.foldCredit+2*res.shipped-int64(res.folded)*v.cfg.ChunkSize))

@@ -95,6 +95,7 @@ type Volume struct {
 	// journal bytes shipped and chunks folded since Open.
 	nPacks          atomic.Int64
 	shipped, folded atomic.Int64
+	repacked        atomic.Int64
 }
 
 // layer is the log records between two marks: what they wrote, as an
