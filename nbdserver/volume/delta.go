@@ -91,14 +91,6 @@ func (t *deltaTop) extents() int64 {
 	return n
 }
 
-func (t *deltaTop) dataBytes() int64 {
-	var n int64
-	for _, p := range t.pages {
-		n += p.dataBytes
-	}
-	return n
-}
-
 // Limits of the delta format.
 const (
 	pageExtents  = 16384 // extents per page a writer puts at most

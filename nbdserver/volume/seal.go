@@ -106,46 +106,6 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	return m, nil
 }
 
-// chunkWork lists the chunks a layer changes: touched chunks (any data, or
-// a zero that covers only part of them), in order and unique, and ranges
-// of whole chunks it zeroes, sorted and disjoint from the touched ones.
-func (l *layer) chunkWork(cs int64) ([]uint64, []chunkRange) {
-	var touched []uint64
-	var zeros []chunkRange
-	touch := func(c uint64) {
-		if n := len(touched); n == 0 || touched[n-1] < c {
-			touched = append(touched, c)
-		}
-	}
-	l.extents.t.Ascend(func(x extent) bool {
-		first, last := uint64(x.off/cs), uint64((x.end()-1)/cs)
-		if !x.zero {
-			for c := first; c <= last; c++ {
-				touch(c)
-			}
-			return true
-		}
-		// Whole chunks inside the zero become holes; the ends, if
-		// partial, are touched.
-		whole0, whole1 := uint64((x.off+cs-1)/cs), uint64(x.end()/cs)
-		if x.off%cs != 0 {
-			touch(first)
-		}
-		if whole0 < whole1 {
-			if n := len(zeros); n > 0 && zeros[n-1].end == whole0 {
-				zeros[n-1].end = whole1
-			} else {
-				zeros = append(zeros, chunkRange{whole0, whole1})
-			}
-		}
-		if x.end()%cs != 0 {
-			touch(last)
-		}
-		return true
-	})
-	return touched, zeros
-}
-
 // buildChunks makes the new content of each touched chunk (the old chunk
 // overlaid with the layer) and stores it, on several workers. Chunks that
 // end up all zeros become holes.

@@ -84,7 +84,8 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 		// gcMu shared until it is done; views made from now on do not
 		// name them.
 		v.gcMu.Lock()
-		v.gcMu.Unlock() //nolint:staticcheck // an empty critical section: a barrier
+		//lint:ignore SA2001 an empty critical section is the barrier
+		v.gcMu.Unlock()
 	}
 	for _, k := range dead {
 		if err := v.store.DeletePack(ctx, k); err != nil {
