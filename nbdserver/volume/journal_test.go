@@ -82,26 +82,34 @@ func TestSweepKeepsPacksOfAnUnfinishedSeal(t *testing.T) {
 
 func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 
+// newJournalVolume creates volume "v" of size bytes in 64 KiB chunks in a
+// repository in memory; packs counts its journal packs there.
+func newJournalVolume(t *testing.T, size int64) (*Env, *Volume, func() int) {
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
+	v, err := Create(context.Background(), env, Config{Name: "v", Size: size, ChunkSize: MinChunkSize})
+	require.NoError(t, err)
+	packs := func() int {
+		n := 0
+		require.NoError(t, mem.List(context.Background(), journalPrefix("v"), func(string) error { n++; return nil }))
+		return n
+	}
+	return env, v, packs
+}
+
 // TestJournalFoldsHalfChangedChunks: scattered writes stay journal until
 // half of a chunk has changed; then a full merge folds the chunk into the
 // index, the journal packs nothing names any more are deleted, and the
 // volume reads back the same before and after a restart.
 func TestJournalFoldsHalfChangedChunks(t *testing.T) {
-	ctx := context.Background()
-	mem := chunkstore.NewMem()
-	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
-	require.NoError(t, err)
-	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
 	const size, cs = 2 << 20, MinChunkSize
-	v, err := Create(ctx, env, Config{Name: "v", Size: size, ChunkSize: cs})
-	require.NoError(t, err)
+	ctx := context.Background()
+	env, v, packs := newJournalVolume(t, size)
 	defer func() { v.Close() }()
+	store := env.Store
 	want := make([]byte, size)
-	packs := func() int {
-		n := 0
-		require.NoError(t, mem.List(ctx, journalPrefix("v"), func(string) error { n++; return nil }))
-		return n
-	}
 	// Round r writes 4 KiB block r of every chunk: after 8 rounds every
 	// chunk is half changed.
 	maxPacks := 0
@@ -142,7 +150,7 @@ func TestJournalFoldsHalfChangedChunks(t *testing.T) {
 	assert.Less(t, packs(), maxPacks, "packs nothing names are deleted")
 
 	require.NoError(t, v.Close())
-	v, err = Open(ctx, env, "v")
+	v, err := Open(ctx, env, "v")
 	require.NoError(t, err)
 	got := make([]byte, size)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
@@ -241,21 +249,11 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 func TestJournalRepacksSparsePacks(t *testing.T) {
 	defer func(a int, b int64) { repackAbove, repackBelow = a, b }(repackAbove, repackBelow)
 	repackAbove, repackBelow = 6, 1<<20
-	ctx := context.Background()
-	mem := chunkstore.NewMem()
-	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
-	require.NoError(t, err)
-	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
 	const size, cs = 8 << 20, MinChunkSize
-	v, err := Create(ctx, env, Config{Name: "v", Size: size, ChunkSize: cs})
-	require.NoError(t, err)
+	ctx := context.Background()
+	env, v, packs := newJournalVolume(t, size)
 	defer func() { v.Close() }()
 	want := make([]byte, size)
-	packs := func() int {
-		n := 0
-		require.NoError(t, mem.List(ctx, journalPrefix("v"), func(string) error { n++; return nil }))
-		return n
-	}
 	most := 0
 	for r := range 80 {
 		for i := range 3 { // three 512-byte writes per checkpoint: no chunk gets near half
@@ -276,7 +274,7 @@ func TestJournalRepacksSparsePacks(t *testing.T) {
 	require.NoError(t, v.ReadAt(ctx, got, 0))
 	require.True(t, bytesEqual(want, got))
 	require.NoError(t, v.Close())
-	v, err = Open(ctx, env, "v")
+	v, err := Open(ctx, env, "v")
 	require.NoError(t, err)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
 	require.True(t, bytesEqual(want, got), "after a restart")
