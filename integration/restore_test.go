@@ -7,8 +7,6 @@ package integration
 
 import (
 	"bytes"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,18 +80,22 @@ func writeRestoreVolume(t *testing.T, s *servertest.Server, tools map[string]str
 	return id, image, path
 }
 
-// sha256Printed is the SHA-256 restore printed in its summary.
-var sha256Printed = regexp.MustCompile(`sha256 ([0-9a-f]{64})`)
+// digestPrinted is the digest restore's summary ends with, and its name.
+var digestPrinted = regexp.MustCompile(`; (blake3|sha256) ([0-9a-f]{64})\n$`)
 
-// checkSHA256 fails t unless the summary r printed gives content's SHA-256.
-func checkSHA256(t *testing.T, r *nbdtest.Result, content []byte) {
+// checkDigest fails t unless the summary r printed ends with the digest
+// name (blake3 or sha256) that tool (b3sum or sha256sum) prints for the
+// file at path.
+func checkDigest(t *testing.T, r *nbdtest.Result, name, tool, path string) {
 	t.Helper()
-	m := sha256Printed.FindStringSubmatch(r.Stdout)
-	if !assert.NotNil(t, m, "restore prints a SHA-256:\n%s", r) {
+	m := digestPrinted.FindStringSubmatch(r.Stdout)
+	if !assert.NotNil(t, m, "restore prints a digest last:\n%s", r) {
 		return
 	}
-	sum := sha256.Sum256(content)
-	assert.Equal(t, hex.EncodeToString(sum[:]), m[1], "the printed SHA-256 is the content's")
+	assert.Equal(t, name, m[1], "the digest printed:\n%s", r)
+	out := nbdtest.MustRun(t, cmdTimeout, tool, path)
+	want, _, _ := strings.Cut(out.Stdout, " ")
+	assert.Equal(t, want, m[2], "the printed %s is what %s prints for %s", name, filepath.Base(tool), path)
 }
 
 // allocatedBytes is how much disk the file at path uses.
@@ -134,17 +136,17 @@ func TestRestoreMinIO(t *testing.T) {
 }
 
 func runRestore(t *testing.T, opts servertest.Options, seal bool) {
-	tools := nbdtest.Tools(t, "nbdcopy", "qemu-io")
+	tools := nbdtest.Tools(t, "nbdcopy", "qemu-io", "b3sum", "sha256sum")
 	s := servertest.Start(t, opts)
 	id, image, imagePath := writeRestoreVolume(t, s, tools, seal)
 	dir := t.TempDir()
 
-	// By ID, to a new file.
+	// By ID, to a new file. The summary ends with the file's BLAKE3.
 	out := filepath.Join(dir, "by-id.img")
 	r := s.MustCLI("restore", "db@"+id, "--to", out)
 	got := nbdtest.ReadFile(t, out)
 	nbdtest.SameBytes(t, image, got, "restore by ID")
-	checkSHA256(t, r, got)
+	checkDigest(t, r, "blake3", tools["b3sum"], out)
 	assert.NoFileExists(t, out+".partial")
 
 	// Sparse where the snapshot has holes: the disk the image uses, give
@@ -157,11 +159,11 @@ func runRestore(t *testing.T, opts servertest.Options, seal bool) {
 	assert.Equal(t, 40*mib, nextData(t, out, 24*mib), "the hole at 24M stays a hole")
 	assert.Equal(t, restoreSize, nextData(t, out, 44*mib), "the hole at the end stays a hole")
 
-	// By label, with the NBD address given.
+	// By label, with the NBD address given, and the SHA-256 instead.
 	out2 := filepath.Join(dir, "by-label.img")
-	r = s.MustCLI("restore", "db@one", "--to", out2, "--nbd", s.NBD)
+	r = s.MustCLI("restore", "db@one", "--to", out2, "--nbd", s.NBD, "--checksum", "sha256")
 	nbdtest.SameBytes(t, image, nbdtest.ReadFile(t, out2), "restore by label")
-	checkSHA256(t, r, image)
+	checkDigest(t, r, "sha256", tools["sha256sum"], out2)
 
 	// An existing file is refused without --force and left alone.
 	keep := filepath.Join(dir, "keep.img")
@@ -171,9 +173,11 @@ func runRestore(t *testing.T, opts servertest.Options, seal bool) {
 	assert.Contains(t, r.Stderr, "--force")
 	assert.Equal(t, "do not overwrite", string(nbdtest.ReadFile(t, keep)))
 	assert.NoFileExists(t, keep+".partial")
-	r = s.MustCLI("restore", "db@one", "--to", keep, "--force")
+	// With --force, and no digest.
+	r = s.MustCLI("restore", "db@one", "--to", keep, "--force", "--checksum", "none")
 	nbdtest.SameBytes(t, image, nbdtest.ReadFile(t, keep), "restore with --force")
-	checkSHA256(t, r, image)
+	assert.True(t, strings.HasSuffix(r.Stdout, " holes not written\n"), "--checksum none prints no digest:\n%s", r)
+	assert.NotRegexp(t, `blake3|sha256|[0-9a-f]{64}`, r.Stdout, "--checksum none prints no digest")
 
 	// A missing snapshot: exit code 3, nothing created.
 	missing := filepath.Join(dir, "missing.img")
@@ -187,11 +191,15 @@ func runRestore(t *testing.T, opts servertest.Options, seal bool) {
 		{"restore", "db", "--to", missing},
 		{"restore", "db@one"},
 		{"restore", "db@one", "db@one", "--to", missing},
+		{"restore", "db@one", "--to", missing, "--checksum", "md5"},
 	} {
 		r = s.CLI(args...)
 		assert.Equal(t, 2, r.ExitCode, "a usage error:\n%s", r)
 		assert.Equal(t, 1, strings.Count(strings.TrimSpace(r.Stderr), "\n")+1, "one line:\n%s", r)
 	}
+	assert.Contains(t, r.Stderr, "blake3", "a wrong --checksum: the error names the values")
+	assert.NoFileExists(t, missing)
+	assert.NoFileExists(t, missing+".partial")
 
 	// The head moved on: the snapshot did not.
 	head := filepath.Join(dir, "head.img")
@@ -244,7 +252,7 @@ func TestRestoreCorruptChunk(t *testing.T) {
 // snapshot's end stays as it was. Then the device is imported back.
 func TestRestoreToBlockDevice(t *testing.T) {
 	nbdtest.RequireRoot(t, "losetup")
-	tools := nbdtest.Tools(t, "nbdcopy", "qemu-io", "losetup")
+	tools := nbdtest.Tools(t, "nbdcopy", "qemu-io", "losetup", "b3sum")
 	s := servertest.Start(t, servertest.Options{})
 	id, image, _ := writeRestoreVolume(t, s, tools, false)
 
@@ -260,7 +268,10 @@ func TestRestoreToBlockDevice(t *testing.T) {
 	require.Len(t, got, int(devSize))
 	nbdtest.SameBytes(t, image, got[:restoreSize], "the device holds the snapshot, zeros over old data in its holes")
 	nbdtest.SameBytes(t, bytes.Repeat([]byte{0x5a}, int(mib)), got[restoreSize:], "the device past the snapshot")
-	checkSHA256(t, r, image)
+	// The digest is of the snapshot's bytes, the device's first ones.
+	restored := filepath.Join(t.TempDir(), "restored")
+	require.NoError(t, os.WriteFile(restored, got[:restoreSize], 0o600))
+	checkDigest(t, r, "blake3", tools["b3sum"], restored)
 
 	// A device smaller than the snapshot is refused.
 	small := filepath.Join(t.TempDir(), "small")
