@@ -43,7 +43,7 @@ func restoreCommand() *cli.Command {
 		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "to", Usage: "the `path` to write: a new file, or a block device (required)"},
 			&cli.BoolFlag{Name: "force", Usage: "replace the file at --to if there is one"},
-			&cli.StringFlag{Name: "checksum", Value: "blake3", Usage: "the digest of the restored bytes to print: `blake3`, sha256 or none"},
+			&cli.StringFlag{Name: "checksum", Value: "blake3", Usage: "the `digest` of the restored bytes to print: blake3, sha256 or none"},
 			nbdFlag,
 		}, clientFlags...),
 		Action: restore,
