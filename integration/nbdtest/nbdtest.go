@@ -41,6 +41,8 @@ var packages = map[string]string{
 	"mount":       "mount",
 	"umount":      "mount",
 	"losetup":     "mount",
+	"b3sum":       "b3sum",
+	"sha256sum":   "coreutils",
 }
 
 // sbinDirs are searched after $PATH: a non-root $PATH often lacks them.
