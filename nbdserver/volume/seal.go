@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"runtime"
 	"slices"
-	"sync"
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -111,42 +110,19 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 // end up all zeros become holes.
 func (v *Volume) buildChunks(ctx context.Context, root chunkstore.ID, l *layer, touched []uint64) ([]pointUpdate, error) {
 	points := make([]pointUpdate, len(touched))
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	var (
-		wg       sync.WaitGroup
-		firstErr error
-		errOnce  sync.Once
-		next     = make(chan int)
-	)
-	fail := func(err error) {
-		errOnce.Do(func() { firstErr = err; cancel() })
-	}
-	for range min(uploadWorkers, len(touched)) {
-		wg.Go(func() {
-			buf := make([]byte, v.cfg.ChunkSize)
-			for i := range next {
-				id, err := v.buildChunk(ctx, root, l, touched[i], buf)
-				if err != nil {
-					fail(err)
-					continue
-				}
-				points[i] = pointUpdate{c: touched[i], id: id}
-			}
+	wk := startWorkers(ctx, min(uploadWorkers, len(touched)), v.cfg.ChunkSize)
+	for i, c := range touched {
+		err := wk.do(func(ctx context.Context, buf []byte) error {
+			id, err := v.buildChunk(ctx, root, l, c, buf)
+			points[i] = pointUpdate{c: c, id: id}
+			return err
 		})
-	}
-feed:
-	for i := range touched {
-		select {
-		case next <- i:
-		case <-ctx.Done():
-			break feed
+		if err != nil {
+			break // finish says why
 		}
 	}
-	close(next)
-	wg.Wait()
-	if firstErr != nil {
-		return nil, firstErr
+	if err := wk.finish(); err != nil {
+		return nil, err
 	}
 	if err := ctx.Err(); err != nil {
 		return nil, err
