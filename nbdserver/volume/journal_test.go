@@ -77,10 +77,8 @@ func TestSweepKeepsPacksOfAnUnfinishedSeal(t *testing.T) {
 	require.NoError(t, err)
 	got := make([]byte, size)
 	require.NoError(t, v.ReadAt(ctx, got, 0), "the unfinished seal's pack is still there")
-	assert.True(t, bytesEqual(want, got), "every write reads back")
+	assert.True(t, bytes.Equal(want, got), "every write reads back")
 }
-
-func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 
 // newJournalVolume creates volume "v" of size bytes in 64 KiB chunks in a
 // repository in memory; packs counts its journal packs there.
@@ -126,7 +124,7 @@ func TestJournalFoldsHalfChangedChunks(t *testing.T) {
 		maxPacks = max(maxPacks, packs())
 		got := make([]byte, size)
 		require.NoError(t, v.ReadAt(ctx, got, 0))
-		require.True(t, bytesEqual(want, got), "round %d", r)
+		require.True(t, bytes.Equal(want, got), "round %d", r)
 	}
 	v.mu.RLock()
 	base := v.base
@@ -154,7 +152,7 @@ func TestJournalFoldsHalfChangedChunks(t *testing.T) {
 	require.NoError(t, err)
 	got := make([]byte, size)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
-	require.True(t, bytesEqual(want, got), "after a restart")
+	require.True(t, bytes.Equal(want, got), "after a restart")
 }
 
 // TestVolumeModelJournal is the model test with the load journal shipping
@@ -272,10 +270,10 @@ func TestJournalRepacksSparsePacks(t *testing.T) {
 	assert.LessOrEqual(t, most, 4*repackAbove, "packs stay bounded (80 checkpoints made 80 or more)")
 	got := make([]byte, size)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
-	require.True(t, bytesEqual(want, got))
+	require.True(t, bytes.Equal(want, got))
 	require.NoError(t, v.Close())
 	v, err := Open(ctx, env, "v")
 	require.NoError(t, err)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
-	require.True(t, bytesEqual(want, got), "after a restart")
+	require.True(t, bytes.Equal(want, got), "after a restart")
 }
