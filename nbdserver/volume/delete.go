@@ -48,7 +48,9 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
 			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
 		}
-		v.checkpoints = append(v.checkpoints, keep.ID)
+		v.mu.Lock()
+		v.addCut(keep)
+		v.mu.Unlock()
 	}
 	if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindSnapshot, s.ID)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 		return fmt.Errorf("delete snapshot %s: %w", s.ID, err)

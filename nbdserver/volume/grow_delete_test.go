@@ -3,6 +3,7 @@ package volume
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"testing"
 	"time"
@@ -179,31 +180,59 @@ func TestCloseReleasesWaitingWriters(t *testing.T) {
 	assert.ErrorIs(t, err, ErrVolumeClosed)
 }
 
-// Only the newest checkpoint manifest stays: a restart reads every
-// manifest, and a busy volume makes one every 30 s.
-func TestOldCheckpointsAreDeleted(t *testing.T) {
-	ctx := context.Background()
-	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
-	for i := range 5 {
-		p := bytes.Repeat([]byte{byte(i + 1)}, 1000)
-		require.NoError(t, g.v.WriteAt(ctx, p, int64(i)*5000, false))
-		copy(g.m.head[i*5000:], p)
-		_, err := g.v.Checkpoint(ctx)
-		require.NoError(t, err)
-		require.NoError(t, g.v.SealAll(ctx))
-		assert.Len(t, keysUnder(t, g.repo, "volumes/vol/checkpoints/"), 1, "after checkpoint %d", i)
+// Checkpoints are points in time for --journal-retention: those older
+// than the window leave, but for the newest of them (the window's first
+// times need it), and with no retention only the newest stays, as a
+// restart needs it.
+func TestCheckpointsLeaveWithTheRetentionWindow(t *testing.T) {
+	for _, ret := range []time.Duration{25 * time.Second, -1} {
+		t.Run(fmt.Sprint("retention ", ret), func(t *testing.T) {
+			ctx := context.Background()
+			g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+			g.retention = ret
+			g.reopen()
+			kept := func() int { return len(keysUnder(t, g.repo, "volumes/vol/checkpoints/")) }
+			for i := range 6 {
+				g.tick(10 * time.Second)
+				p := bytes.Repeat([]byte{byte(i + 1)}, 1000)
+				require.NoError(t, g.v.WriteAt(ctx, p, int64(i)*5000, false))
+				copy(g.m.head[i*5000:], p)
+				made, err := g.v.Checkpoint(ctx)
+				require.NoError(t, err)
+				require.True(t, made)
+				g.cut(g.lastMark())
+				require.NoError(t, g.v.SealAll(ctx))
+				if ret > 0 {
+					// Three in the window, and the one before it.
+					assert.Equal(t, min(i+1, 4), kept(), "after checkpoint %d", i)
+				} else {
+					assert.Equal(t, 1, kept(), "after checkpoint %d", i)
+				}
+				g.checkPoints(fmt.Sprint("after checkpoint ", i))
+			}
+			g.tick(time.Hour)
+			s, err := g.v.Snapshot(ctx, "")
+			require.NoError(t, err)
+			g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+			g.cut(s.ID)
+			require.NoError(t, g.v.SealAll(ctx))
+			if ret > 0 {
+				assert.Equal(t, 1, kept(), "the newest checkpoint is what the window's first times read")
+			} else {
+				assert.Equal(t, 0, kept(), "a sealed snapshot is the base")
+			}
+			g.checkPoints("after the snapshot")
+			g.reopen()
+			g.check("after reopening", true)
+			g.checkPoints("after reopening")
+			require.NoError(t, g.v.Close())
+			g.stateDir = t.TempDir() // and from the repository alone
+			g.v, err = Open(ctx, g.env(), "vol")
+			require.NoError(t, err)
+			g.check("from the repository alone", true)
+			g.checkPoints("from the repository alone")
+		})
 	}
-	_, err := g.v.Snapshot(ctx, "")
-	require.NoError(t, err)
-	require.NoError(t, g.v.SealAll(ctx))
-	assert.Empty(t, keysUnder(t, g.repo, "volumes/vol/checkpoints/"), "a sealed snapshot is the newest base")
-	g.reopen()
-	g.check("after reopening", true)
-	require.NoError(t, g.v.Close())
-	g.stateDir = t.TempDir() // and from the repository alone
-	g.v, err = Open(ctx, g.env(), "vol")
-	require.NoError(t, err)
-	g.check("from the repository alone", true)
 }
 
 // A label is taken once, however many ask for it at the same moment.

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -86,7 +87,8 @@ func newJournalVolume(t *testing.T, size int64) (*Env, *Volume, func() int) {
 	mem := chunkstore.NewMem()
 	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
 	require.NoError(t, err)
-	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir()}
+	// No points in time kept: what the merges leave is dead at once.
+	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir(), JournalRetention: -1}
 	v, err := Create(context.Background(), env, Config{Name: "v", Size: size, ChunkSize: MinChunkSize})
 	require.NoError(t, err)
 	packs := func() int {
@@ -171,12 +173,17 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 			cs := int64(MinChunkSize)
 			size := 128*cs + int64(seed)*4097
 			g := newRig(t, repo(t), size, cs, seed+100)
+			// Points in time: kept for a minute of steps, or the default
+			// (all of them).
+			g.retention = []time.Duration{time.Minute, 0}[seed%2]
+			g.reopen()
 			if seed%2 == 1 { // repack often
 				defer func(a int, b int64) { repackAbove, repackBelow = a, b }(repackAbove, repackBelow)
 				repackAbove, repackBelow = 4, 256<<10
 			}
 			depth, partial := 0, 0
 			for i := range steps {
+				g.tick(time.Second)
 				switch op := g.r.IntN(100); {
 				case op < 70:
 					off := g.r.Int64N(size - 4096)
@@ -197,6 +204,9 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 				case op < 90:
 					made, err := g.v.Checkpoint(ctx)
 					require.NoError(t, err)
+					if made {
+						g.cut(g.lastMark())
+					}
 					before := len(g.v.base.Deltas)
 					require.NoError(t, g.v.SealAll(ctx))
 					after := len(g.v.base.Deltas)
@@ -208,10 +218,12 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 					s, err := g.v.Snapshot(ctx, "")
 					require.NoError(t, err)
 					g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+					g.cut(s.ID)
 				case op < 96:
 					for _, s := range g.v.Snapshots() {
 						if s.Sealed && g.r.IntN(2) == 0 {
 							require.NoError(t, g.v.DeleteSnapshot(ctx, s.ID))
+							g.deleted(s.ID)
 							delete(g.m.snaps, s.ID)
 							break
 						}
@@ -226,13 +238,17 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 				}
 				if i%50 == 49 {
 					g.check(fmt.Sprintf("seed %d step %d", seed, i), true)
+					g.checkPoints(fmt.Sprintf("seed %d step %d", seed, i))
 				}
 			}
 			require.NoError(t, g.v.SealAll(ctx))
 			g.check("after sealing everything", true)
-			g.checkPacks()
+			g.checkPoints("after sealing everything")
 			t.Logf("deepest chain %d deltas, %d seals merged part of the chain, %d bytes repacked, %d chunks folded",
 				depth, partial, g.v.repacked.Load(), g.v.folded.Load())
+			g.reopen()
+			g.checkPoints("after a restart")
+			g.checkPacks()
 			assert.Greater(t, depth, 2, "chains grow")
 			assert.Greater(t, partial, 0, "partial merges happen")
 		})

@@ -357,3 +357,49 @@ func UpgradeObjects(ctx context.Context, repo chunkstore.Backend, repoID string,
 	}
 	return upgraded, damaged, nil
 }
+
+// listCheckpoints lists the checkpoint manifests of a volume, but reads
+// only the newest that reads well (newest first): the others are known
+// by their keys, whose IDs carry their time and sequence number, and are
+// read when a point in time needs them. It returns that manifest (nil if
+// none reads), every checkpoint as a cut by sequence number, and those
+// it found damaged.
+func listCheckpoints(ctx context.Context, b chunkstore.Backend, repoID, volume string, chunkSize int64) (*Manifest, []*cut, []damagedManifest, error) {
+	var cuts []*cut
+	var bad []damagedManifest
+	if err := b.List(ctx, manifestPrefix(volume, KindCheckpoint), func(k string) error {
+		id := k[strings.LastIndexByte(k, '/')+1:]
+		if c, ok := cutOf(id); ok {
+			cuts = append(cuts, c)
+		} else {
+			bad = append(bad, damagedManifest{key: k, id: id, kind: KindCheckpoint, err: fmt.Errorf("%s: %w: not a checkpoint ID", k, chunkstore.ErrCorrupt)})
+		}
+		return nil
+	}); err != nil {
+		return nil, nil, nil, err
+	}
+	slices.SortFunc(cuts, func(a, c *cut) int { return cmpUint(a.seq, c.seq) })
+	for i := len(cuts) - 1; i >= 0; i-- {
+		c := cuts[i]
+		k := manifestKey(volume, KindCheckpoint, c.id)
+		data, err := b.Get(ctx, k)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			cuts = slices.Delete(cuts, i, i+1) // deleted while we listed
+			continue
+		}
+		if err != nil && !errors.Is(err, chunkstore.ErrCorrupt) {
+			return nil, nil, nil, err
+		}
+		var m Manifest
+		if err == nil {
+			m, err = decodeManifest(repoID, k, volume, KindCheckpoint, chunkSize, data)
+		}
+		if err != nil {
+			bad = append(bad, damagedManifest{key: k, id: c.id, kind: KindCheckpoint, seq: c.seq, seqOK: true, err: err})
+			continue
+		}
+		c.m = &m
+		return &m, cuts, bad, nil
+	}
+	return nil, cuts, bad, nil
+}

@@ -38,7 +38,9 @@ func (v *Volume) headView() view {
 }
 
 // snapshotView is what snapshot id holds: its own index once sealed, else
-// the base and the layers up to its mark. Called with v.mu held.
+// the base and the layers up to its mark. id may also be a checkpoint's
+// (a point in time): its manifest must have been read (loadCut). Called
+// with v.mu held.
 func (v *Volume) snapshotView(id string) (view, error) {
 	for _, s := range v.snaps {
 		if s.ID != id && s.Label != id {
@@ -50,14 +52,31 @@ func (v *Volume) snapshotView(id string) (view, error) {
 		if s.sealed {
 			return view{root: s.Root, deltas: s.Deltas, size: s.Size}, nil
 		}
-		for i, l := range v.layers {
-			if l.mark != nil && l.mark.ID == s.ID {
-				return view{root: v.base.Root, deltas: v.base.Deltas, layers: v.layers[:i+1], size: s.Size}, nil
-			}
+		if vw, ok := v.markView(s.ID); ok {
+			return vw, nil
 		}
 		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
 	}
+	if c := v.cutIDs[id]; c != nil && c.m != nil {
+		return view{root: c.m.Root, deltas: c.m.Deltas, size: c.m.Size}, nil
+	}
+	if vw, ok := v.markView(id); ok {
+		return vw, nil
+	}
+	if _, ok := seqOfID(id); ok {
+		return view{}, fmt.Errorf("checkpoint %s of volume %q: %w: it left the retention window", id, v.cfg.Name, ErrNoSnapshot)
+	}
 	return view{}, fmt.Errorf("snapshot %q of volume %q: %w", id, v.cfg.Name, ErrNoSnapshot)
+}
+
+// markView is the view at the mark id of a layer not sealed yet.
+func (v *Volume) markView(id string) (view, bool) {
+	for i, l := range v.layers {
+		if l.mark != nil && l.mark.ID == id {
+			return view{root: v.base.Root, deltas: v.base.Deltas, layers: v.layers[:i+1], size: l.mark.Size}, true
+		}
+	}
+	return view{}, false
 }
 
 // plan resolves [off, off+n) in vw into pieces, newest layer first, in
@@ -109,6 +128,9 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
+	if _, err := v.loadCut(ctx, id); err != nil {
+		return err
+	}
 	v.gcMu.RLock() // before the plan, as in ReadAt
 	defer v.gcMu.RUnlock()
 	v.mu.RLock()
@@ -214,6 +236,9 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
+	if _, err := v.loadCut(ctx, snapshotID); err != nil {
+		return nil, err
+	}
 	v.gcMu.RLock() // before the plan, as in ReadAt
 	defer v.gcMu.RUnlock()
 	v.mu.RLock()
@@ -281,7 +306,7 @@ func (v *Volume) Snapshots() []SnapshotInfo {
 	defer v.mu.RUnlock()
 	out := make([]SnapshotInfo, 0, len(v.snaps))
 	for _, s := range v.snaps {
-		out = append(out, SnapshotInfo{ID: s.ID, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
+		out = append(out, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
 	}
 	return out
 }

@@ -48,13 +48,16 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 			s.Manifest, s.sealed = m, true
 		}
 	}
+	if m.Kind == KindCheckpoint {
+		v.addCut(m) // in the same step as its layer leaves: reads of it find one or the other
+	}
 	v.lastSeal, v.sealErr = time.Now(), nil
 	v.mu.Unlock()
 
 	v.gcMu.Lock()
 	err = v.log.RemoveBefore(m.Seq + 1)
 	v.gcMu.Unlock()
-	v.dropOldCheckpoints(ctx, m)
+	v.expireCheckpoints(ctx, m)
 	v.sweepPacks(ctx)
 	// Wake writers waiting for room only now that the room exists: woken
 	// earlier, one could look, find the log still full, and wait for a
@@ -160,27 +163,6 @@ func (v *Volume) buildChunk(ctx context.Context, root chunkstore.ID, l *layer, c
 		return chunkstore.ZeroID, fmt.Errorf("volume %q chunk %d: %w", v.cfg.Name, c, err)
 	}
 	return id, nil
-}
-
-// dropOldCheckpoints deletes the checkpoint manifests older than m, the
-// new base: a restart reads every manifest, and only the newest is ever
-// used. A failed delete is tried again after the next seal. Called with
-// sealMu held.
-func (v *Volume) dropOldCheckpoints(ctx context.Context, m Manifest) {
-	keep := v.checkpoints[:0]
-	for _, id := range v.checkpoints {
-		if id == m.ID {
-			keep = append(keep, id)
-			continue
-		}
-		if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindCheckpoint, id)); err != nil {
-			keep = append(keep, id)
-		}
-	}
-	v.checkpoints = keep
-	if m.Kind == KindCheckpoint && !slices.Contains(v.checkpoints, m.ID) {
-		v.checkpoints = append(v.checkpoints, m.ID)
-	}
 }
 
 // SealAll seals every closed layer, oldest first.

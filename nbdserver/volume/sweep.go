@@ -22,13 +22,16 @@ func packSeq(name, key string) (uint64, bool) {
 // seals cut short. Called with sealMu held, after a seal or a snapshot
 // deletion has written its manifests.
 //
-// It deletes nothing while a manifest of the volume is damaged (its packs
-// are what a repair needs), while superseded checkpoint manifests are
-// still in the repository (a restart may resume from them), or when a
-// delta's top cannot be read. A pack named after a mark newer than the
-// base belongs to a seal that has not finished: its manifest may be in
-// the repository already, so it is kept until a seal of that mark
-// succeeds (which writes the same manifest key, naming other packs).
+// It deletes nothing while a snapshot's manifest is damaged (its packs
+// are what a repair needs), or when a delta's top cannot be read. A pack
+// named after a mark newer than the base belongs to a seal that has not
+// finished: its manifest may be in the repository already, so it is kept
+// until a seal of that mark succeeds (which writes the same manifest key,
+// naming other packs). A pack the base stopped naming is kept while a
+// checkpoint older than that base is (a point in time may read it): the
+// base's chain only ever drops packs, so the manifests older than the
+// first base that did not name it are the only ones that may
+// (docs/architecture.md, "Step 2").
 func (v *Volume) sweepPacks(ctx context.Context) {
 	if !v.sweepDue || len(v.packs) == 0 {
 		return
@@ -45,10 +48,11 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 			named = append(named, s.Manifest)
 		}
 	}
-	v.mu.RUnlock()
-	for _, id := range v.checkpoints {
-		damaged = damaged || id != base.ID
+	oldest := base.Seq // every checkpoint manifest is at least this
+	if len(v.checkpoints) > 0 {
+		oldest = min(oldest, v.checkpoints[0].seq)
 	}
+	v.mu.RUnlock()
 	if damaged {
 		return
 	}
@@ -73,10 +77,21 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 		seq, ok := packSeq(v.cfg.Name, k)
 		switch {
 		case !ok || live[k]:
-		case seq <= base.Seq:
-			dead = append(dead, k)
-		default:
+		case seq > base.Seq:
 			kept = true
+		default:
+			dropped, ok := v.dropped[k]
+			if !ok {
+				// At least the point it was dropped at: conservative
+				// after a restart, when the map starts empty.
+				dropped = base.Seq
+				v.dropped[k] = dropped
+			}
+			if oldest >= dropped {
+				dead = append(dead, k)
+			} else {
+				kept = true
+			}
 		}
 	}
 	if len(dead) > 0 {
@@ -95,6 +110,7 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 			return
 		}
 		delete(v.packs, k)
+		delete(v.dropped, k)
 		v.nPacks.Store(int64(len(v.packs)))
 	}
 	v.sweepDue = kept

@@ -69,10 +69,12 @@ type Volume struct {
 	// Grow and DeleteSnapshot refuse (they hold growMu or sealMu, which
 	// Close takes).
 	closed chan struct{}
-	// checkpoints are the IDs of the checkpoint manifests in the
-	// repository; a seal deletes those older than the new base. Guarded
-	// by sealMu.
-	checkpoints []string
+	// checkpoints are the checkpoint manifests in the repository, by
+	// sequence number, and by ID in cutIDs: the points in time kept (a
+	// seal deletes those that left the retention window). Guarded by mu;
+	// changed with sealMu held too.
+	checkpoints []*cut
+	cutIDs      map[string]*cut
 
 	// The uploader: kick wakes Run; sealed is closed and replaced after
 	// every seal, waking writers held back by a full log. Guarded by mu.
@@ -89,6 +91,7 @@ type Volume struct {
 	// twice the journal bytes shipped and not yet paid by a fold. Guarded
 	// by sealMu.
 	packs      map[string]struct{}
+	dropped    map[string]uint64 // pack: the base's seq when first found unnamed
 	sweepDue   bool
 	foldCredit int64
 	// For Status, which must not wait for a seal: the number of packs,
@@ -126,7 +129,9 @@ type snapshot struct {
 
 // SnapshotInfo describes a snapshot for listing.
 type SnapshotInfo struct {
-	ID     string
+	ID string
+	// Kind is KindCheckpoint for a point in time (At, Find).
+	Kind   Kind
 	Label  string
 	Time   time.Time
 	Size   int64
@@ -152,11 +157,16 @@ type Env struct {
 	// LogLimit: past this many bytes of write log, writes wait for the
 	// uploader. Default 8 GiB.
 	LogLimit int64
+	// JournalRetention is how long checkpoints are kept as points in time
+	// (VOL@TIME). Zero: DefaultJournalRetention; negative: none are kept.
+	JournalRetention time.Duration
 	// Logger, if set, hears of upload failures and recoveries.
 	Logger *slog.Logger
 
 	deltaOnce  sync.Once
 	deltaCache *deltaCache // decoded delta tops and pages of all volumes
+
+	clock func() time.Time // tests; nil: time.Now
 }
 
 func (e *Env) checkpointInterval() time.Duration {
@@ -260,7 +270,7 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		return nil, err
 	}
 	repo := env.Repo
-	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{}), closed: make(chan struct{})}
+	v := &Volume{env: env, repo: repo, store: env.Store, kick: make(chan struct{}, 1), sealed: make(chan struct{}), closed: make(chan struct{}), cutIDs: map[string]*cut{}, dropped: map[string]uint64{}}
 	if err := getJSON(ctx, repo, env.RepoID, volumeKey(name), &v.cfg); err != nil {
 		if errors.Is(err, chunkstore.ErrNotFound) {
 			return nil, fmt.Errorf("volume %q: %w", name, ErrNoVolume)
@@ -274,23 +284,27 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		return nil, fmt.Errorf("volume record %s: %w: it says it is of volume %q", volumeKey(name), chunkstore.ErrCorrupt, v.cfg.Name)
 	}
 	v.size.Store(v.cfg.Size)
-	var damaged []damagedManifest
-	for _, kind := range []Kind{KindSnapshot, KindCheckpoint} {
-		ms, bad, err := listManifests(ctx, repo, env.RepoID, name, kind, v.cfg.ChunkSize)
-		if err != nil {
-			return nil, err
+	snaps, damaged, err := listManifests(ctx, repo, env.RepoID, name, KindSnapshot, v.cfg.ChunkSize)
+	if err != nil {
+		return nil, err
+	}
+	for _, m := range snaps {
+		if m.Seq > v.base.Seq {
+			v.base = m
 		}
-		damaged = append(damaged, bad...)
-		for _, m := range ms {
-			if m.Seq > v.base.Seq {
-				v.base = m
-			}
-			if kind == KindSnapshot {
-				v.snaps = append(v.snaps, &snapshot{Manifest: m, sealed: true})
-			} else {
-				v.checkpoints = append(v.checkpoints, m.ID)
-			}
-		}
+		v.snaps = append(v.snaps, &snapshot{Manifest: m, sealed: true})
+	}
+	newest, cuts, bad, err := listCheckpoints(ctx, repo, env.RepoID, name, v.cfg.ChunkSize)
+	if err != nil {
+		return nil, err
+	}
+	damaged = append(damaged, bad...)
+	for _, c := range cuts {
+		v.checkpoints = append(v.checkpoints, c)
+		v.cutIDs[c.id] = c
+	}
+	if newest != nil && newest.Seq > v.base.Seq {
+		v.base = *newest
 	}
 	if err := v.listPacks(ctx); err != nil {
 		return nil, err
@@ -401,7 +415,8 @@ func (v *Volume) placeDamaged(damaged []damagedManifest) (uint64, error) {
 			taken, _ := time.Parse("20060102T150405.000Z", d.id[:min(len(d.id), 20)])
 			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{ID: d.id, Kind: d.kind, Volume: v.cfg.Name, Seq: d.seq, Time: taken}, sealed: true, damage: d.err})
 		case d.seq <= v.base.Seq:
-			v.checkpoints = append(v.checkpoints, d.id) // the next seal deletes it
+			// An old checkpoint: a read of its time fails, and it leaves
+			// with the retention window.
 		case logFirst > 0 && logFirst <= v.base.Seq+1:
 			mustReach = max(mustReach, d.seq)
 			if l != nil {
@@ -622,9 +637,13 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
 		}
 	}
-	m := mark{Kind: kind, Label: label, Time: time.Now().UTC()}
+	m := mark{Kind: kind, Label: label}
 	var applyErr error
 	_, err := v.log.AppendMark(func(seq uint64) []byte {
+		// The time, too, under the append lock: every write acknowledged
+		// before it is in the log before the mark (a point in time at
+		// this time holds it), and none appended after.
+		m.Time = v.env.now().UTC().Truncate(time.Millisecond) // as its ID says
 		m.ID = snapshotID(m.Time, seq)
 		// Under the log's append lock: a write past the old end of a
 		// volume that grew is in the log after Grow, so this sees the size

@@ -7,7 +7,9 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -30,12 +32,28 @@ type rig struct {
 	v        *Volume
 	m        model
 	r        *rand.Rand
+	// now is the volumes' clock; retention their JournalRetention.
+	now       time.Time
+	retention time.Duration
+	// cuts are the newest points in time made, with what they hold.
+	cuts []cutModel
 }
+
+// cutModel is a point in time and the bytes it holds.
+type cutModel struct {
+	id   string
+	at   time.Time
+	data []byte
+}
+
+// maxCutModels is how many points the model keeps: each is a copy of the
+// volume.
+const maxCutModels = 12
 
 func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed uint64) *rig {
 	store, err := chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20})
 	require.NoError(t, err)
-	g := &rig{t: t, repo: repo, store: store, stateDir: t.TempDir(),
+	g := &rig{t: t, repo: repo, store: store, stateDir: t.TempDir(), now: time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC),
 		m: model{head: make([]byte, size), snaps: map[string][]byte{}}, r: rand.New(rand.NewPCG(seed, 7))}
 	g.v, err = Create(context.Background(), g.env(), Config{Name: "vol", Size: size, ChunkSize: chunkSize})
 	require.NoError(t, err)
@@ -43,7 +61,78 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 	return g
 }
 
-func (g *rig) env() *Env { return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir} }
+func (g *rig) env() *Env {
+	return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir, JournalRetention: g.retention, clock: func() time.Time { return g.now }}
+}
+
+// lastMark is the ID of the newest mark, which must not be sealed yet.
+func (g *rig) lastMark() string { return g.v.layers[len(g.v.layers)-2].mark.ID }
+
+// deleted notes that snapshot id was deleted: it is no longer a point in
+// time, unless it was the base (a checkpoint then takes its place).
+func (g *rig) deleted(id string) {
+	if g.v.cutIDs[id] == nil {
+		g.cuts = slices.DeleteFunc(g.cuts, func(c cutModel) bool { return c.id == id })
+	}
+}
+
+// tick moves the clock on by d.
+func (g *rig) tick(d time.Duration) { g.now = g.now.Add(d) }
+
+// cut notes that a checkpoint or snapshot was just made: a point in time
+// at the clock's time holds the head as it is.
+func (g *rig) cut(id string) {
+	if n := len(g.cuts); n > 0 && g.cuts[n-1].at.Equal(g.now) {
+		g.cuts = g.cuts[:n-1]
+	}
+	g.cuts = append(g.cuts, cutModel{id: id, at: g.now, data: bytes.Clone(g.m.head)})
+	if len(g.cuts) > maxCutModels {
+		g.cuts = g.cuts[1:]
+	}
+}
+
+// checkPoints reads the volume at a few times and compares with the
+// model: every time from the oldest point kept (and the model knows) to
+// now reads as the newest point made at or before it, and times outside
+// the window are refused.
+func (g *rig) checkPoints(what string) {
+	ctx := context.Background()
+	if g.v.env.journalRetention() == 0 {
+		_, err := g.v.Find(ctx, g.now.Format(time.RFC3339Nano))
+		require.ErrorIs(g.t, err, ErrNoPointInTime, "%s: no points in time kept", what)
+		return
+	}
+	if len(g.cuts) == 0 {
+		return
+	}
+	from := g.v.PointsInTime()
+	require.False(g.t, from.IsZero(), "%s: points in time are kept", what)
+	require.False(g.t, from.After(g.cuts[len(g.cuts)-1].at), "%s: the newest point made is kept", what)
+	_, err := g.v.Find(ctx, g.now.Add(time.Second).Format(time.RFC3339Nano))
+	require.ErrorIs(g.t, err, ErrNoPointInTime, "%s: a time in the future", what)
+	_, err = g.v.Find(ctx, from.Add(-time.Millisecond).Format(time.RFC3339Nano))
+	require.ErrorIs(g.t, err, ErrNoPointInTime, "%s: a time before the oldest point kept", what)
+	lo := g.cuts[0].at
+	if from.After(lo) {
+		lo = from
+	}
+	r := rand.New(rand.NewPCG(uint64(g.now.UnixNano()), 3)) // not g.r: the ops stay as they were
+	for range 3 {
+		at := lo.Add(time.Duration(r.Int64N(int64(g.now.Sub(lo)) + 1)))
+		i := len(g.cuts) - 1
+		for i > 0 && g.cuts[i].at.After(at) {
+			i--
+		}
+		want := g.cuts[i]
+		si, err := g.v.Find(ctx, at.Format(time.RFC3339Nano))
+		require.NoError(g.t, err, "%s: at %s", what, at)
+		require.Equal(g.t, want.at, si.Time.UTC(), "%s: at %s, the newest point made at or before it", what, at)
+		got := make([]byte, len(want.data))
+		require.Equal(g.t, int64(len(want.data)), si.Size, "%s: size at %s", what, at)
+		require.NoError(g.t, g.v.ReadSnapshotAt(ctx, si.ID, got, 0), "%s: read at %s (%s)", what, at, si.ID)
+		require.True(g.t, bytes.Equal(want.data, got), "%s: at %s (%s, made %s) differs at %d", what, at, si.ID, want.at, firstDiff(want.data, got))
+	}
+}
 
 func (g *rig) reopen() {
 	require.NoError(g.t, g.v.Close())
@@ -102,6 +191,7 @@ func (g *rig) step() string {
 	ctx := context.Background()
 	size := int64(len(g.m.head))
 	cs := g.v.cfg.ChunkSize
+	g.tick(time.Second)
 	switch op := g.r.IntN(100); {
 	case op < 45: // write: small, chunk-sized, or spanning chunks
 		off := g.r.Int64N(size)
@@ -134,13 +224,17 @@ func (g *rig) step() string {
 		s, err := g.v.Snapshot(ctx, label)
 		require.NoError(g.t, err)
 		g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+		g.cut(s.ID)
 		if label != "" {
 			g.m.snaps[label] = g.m.snaps[s.ID]
 		}
 		return "snapshot " + s.ID
 	case op < 76:
-		_, err := g.v.Checkpoint(ctx)
+		made, err := g.v.Checkpoint(ctx)
 		require.NoError(g.t, err)
+		if made {
+			g.cut(g.lastMark())
+		}
 		return "checkpoint"
 	case op < 88:
 		_, err := g.v.SealNext(ctx)
@@ -153,6 +247,7 @@ func (g *rig) step() string {
 		for _, s := range g.v.Snapshots() {
 			if s.Sealed && s.Damaged == nil {
 				require.NoError(g.t, g.v.DeleteSnapshot(ctx, s.ID))
+				g.deleted(s.ID)
 				delete(g.m.snaps, s.ID)
 				delete(g.m.snaps, s.Label)
 				return "delete snapshot " + s.ID
@@ -175,13 +270,16 @@ func (g *rig) step() string {
 	}
 }
 
-// checkPacks sweeps the volume's journal packs and checks that every
-// pack left in the repository is one a manifest names.
+// checkPacks lets every checkpoint but the newest leave the retention
+// window, sweeps the volume's journal packs and checks that every pack
+// left in the repository is one a manifest names.
 func (g *rig) checkPacks() {
 	ctx := context.Background()
 	v := g.v
 	v.sealMu.Lock()
 	defer v.sealMu.Unlock()
+	g.tick(v.env.journalRetention() + time.Second)
+	v.expireCheckpoints(ctx, v.base)
 	v.sweepDue = true
 	v.sweepPacks(ctx)
 	named := map[string]bool{}
@@ -220,6 +318,8 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 			cs := int64(MinChunkSize)
 			size := 16*cs + int64(seed)*777 // not a whole number of chunks
 			g := newRig(t, repo(t), size, cs, seed)
+			g.retention = []time.Duration{0, 20 * time.Second, -1}[seed%3]
+			g.reopen()
 			var ops []string
 			for i := range 120 {
 				ops = append(ops, g.step())
@@ -227,6 +327,9 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 					ops = ops[1:]
 				}
 				g.check(fmt.Sprintf("seed %d after %v", seed, ops), i%10 == 9)
+				if i%10 == 9 {
+					g.checkPoints(fmt.Sprintf("seed %d after %v", seed, ops))
+				}
 			}
 			require.NoError(t, g.v.SealAll(context.Background()))
 			g.check("after sealing everything", true)

@@ -1,0 +1,275 @@
+package volume
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// ErrNoPointInTime: the time asked for has no point kept for it.
+var ErrNoPointInTime = errors.New("no point in time kept for it")
+
+// cut is a checkpoint manifest of the volume in the repository: a point
+// in time while it is kept (docs/architecture.md, "Step 2").
+type cut struct {
+	id   string
+	seq  uint64
+	time time.Time
+	m    *Manifest // nil until a read needs it
+}
+
+// cutOf makes the cut a checkpoint ID names; ok is false if it is not an
+// ID.
+func cutOf(id string) (*cut, bool) {
+	seq, ok := seqOfID(id)
+	if !ok {
+		return nil, false
+	}
+	t, err := time.Parse("20060102T150405.000Z", id[:strings.IndexByte(id, '-')])
+	if err != nil {
+		return nil, false
+	}
+	return &cut{id: id, seq: seq, time: t}, true
+}
+
+func (e *Env) now() time.Time {
+	if e.clock != nil {
+		return e.clock()
+	}
+	return time.Now()
+}
+
+// journalRetention is how long checkpoints are kept; zero keeps none
+// but the newest.
+func (e *Env) journalRetention() time.Duration {
+	switch {
+	case e.JournalRetention < 0:
+		return 0
+	case e.JournalRetention == 0:
+		return DefaultJournalRetention
+	}
+	return e.JournalRetention
+}
+
+// DefaultJournalRetention is how long checkpoints are kept as points in
+// time unless the Env says otherwise.
+const DefaultJournalRetention = time.Hour
+
+// addCut records checkpoint manifest m, which a seal or a snapshot
+// deletion has just written. Called with v.mu held.
+func (v *Volume) addCut(m Manifest) {
+	if _, ok := v.cutIDs[m.ID]; ok {
+		return
+	}
+	c := &cut{id: m.ID, seq: m.Seq, time: m.Time, m: &m}
+	i, _ := slices.BinarySearchFunc(v.checkpoints, c.seq, func(x *cut, seq uint64) int { return cmpUint(x.seq, seq) })
+	v.checkpoints = slices.Insert(v.checkpoints, i, c)
+	v.cutIDs[c.id] = c
+}
+
+// expireCheckpoints deletes the checkpoint manifests that left the
+// retention window, oldest first: all older than the newest one that did
+// (which every time in the window may need), and never the base m. It
+// stops at the first delete that fails, so the cuts kept are always the
+// newest ones without a gap, and a failed one is tried after the next
+// seal. Called with sealMu held.
+func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) {
+	ret := v.env.journalRetention()
+	cutoff := v.env.now().Add(-ret)
+	v.mu.RLock()
+	older := 0 // the checkpoints before the base
+	for older < len(v.checkpoints) && v.checkpoints[older].seq < m.Seq {
+		older++
+	}
+	keepFrom := older
+	if ret > 0 && !m.Time.Before(cutoff) {
+		// The newest one older than the window stays.
+		keepFrom = 0
+		for i, c := range v.checkpoints[:older] {
+			if c.time.Before(cutoff) {
+				keepFrom = i
+			}
+		}
+	}
+	old := slices.Clone(v.checkpoints[:keepFrom])
+	v.mu.RUnlock()
+	for _, c := range old {
+		if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindCheckpoint, c.id)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
+			if l := v.env.Logger; l != nil {
+				l.Warn("an old checkpoint manifest not deleted; tried again after the next seal", "volume", v.cfg.Name, "checkpoint", c.id, "error", err)
+			}
+			break
+		}
+		v.mu.Lock()
+		v.checkpoints = v.checkpoints[1:]
+		delete(v.cutIDs, c.id)
+		v.mu.Unlock()
+	}
+}
+
+// At finds the point in time a read of the volume at t serves: the
+// newest cut (a checkpoint or a snapshot, sealed or still in the write
+// log) made at or before t. It is an error if t is in the future, or
+// older than the oldest checkpoint kept (the points before it are gone),
+// or if the server keeps no points in time.
+func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
+	if v.env.journalRetention() == 0 {
+		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: the server keeps no points in time (--journal-retention is 0)", v.cfg.Name, t.Format(time.RFC3339), ErrNoPointInTime)
+	}
+	if now := v.env.now(); t.After(now) {
+		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: it is in the future (the server's clock says %s)", v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, now.UTC().Format(time.RFC3339))
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	from := v.oldestPoint()
+	var best SnapshotInfo
+	var bestSeq uint64
+	found := false
+	consider := func(seq uint64, si SnapshotInfo) {
+		if !si.Time.After(t) && (!found || seq > bestSeq) {
+			best, bestSeq, found = si, seq, true
+		}
+	}
+	for _, c := range v.checkpoints {
+		size := v.cfg.Size
+		if c.m != nil {
+			size = c.m.Size
+		}
+		consider(c.seq, SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: size, Sealed: true})
+	}
+	for _, s := range v.snaps {
+		if s.damage == nil {
+			consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed})
+		}
+	}
+	for _, l := range v.layers {
+		if m := l.mark; m != nil && m.Kind == KindCheckpoint {
+			consider(m.seq, SnapshotInfo{ID: m.ID, Kind: KindCheckpoint, Time: m.Time, Size: m.Size})
+		}
+	}
+	if !found || t.Before(from) {
+		oldest := "none is kept yet"
+		if !from.IsZero() {
+			oldest = "the oldest kept is " + from.UTC().Format(time.RFC3339Nano)
+		}
+		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: %s (the server keeps checkpoints for --journal-retention)", v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, oldest)
+	}
+	return best, nil
+}
+
+// PointsInTime is the time of the oldest point in time kept, or zero if
+// none is.
+func (v *Volume) PointsInTime() time.Time {
+	if v.env.journalRetention() == 0 {
+		return time.Time{}
+	}
+	v.mu.RLock()
+	defer v.mu.RUnlock()
+	return v.oldestPoint()
+}
+
+// oldestPoint is the time of the oldest point in time a read may use:
+// those before the oldest checkpoint kept may have been deleted; with
+// none kept, nothing older than the base was; with no base either,
+// nothing was ever deleted. Zero if there is no point. Called with v.mu
+// held.
+func (v *Volume) oldestPoint() time.Time {
+	switch {
+	case len(v.checkpoints) > 0:
+		return v.checkpoints[0].time
+	case v.base.ID != "":
+		return v.base.Time
+	}
+	var oldest time.Time
+	for _, s := range v.snaps {
+		if s.damage == nil && (oldest.IsZero() || s.Time.Before(oldest)) {
+			oldest = s.Time
+		}
+	}
+	for _, l := range v.layers {
+		if m := l.mark; m != nil && (oldest.IsZero() || m.Time.Before(oldest)) {
+			oldest = m.Time
+		}
+	}
+	return oldest
+}
+
+// Find finds what name means among the volume's points: a snapshot's ID
+// or label, a kept checkpoint's ID, or an RFC 3339 time (At), in that
+// order. A checkpoint's manifest is read here if it was not yet, so a
+// damaged one is an error now rather than at the first read.
+func (v *Volume) Find(ctx context.Context, name string) (SnapshotInfo, error) {
+	for _, s := range v.Snapshots() {
+		if s.ID == name || (s.Label != "" && s.Label == name) {
+			return s, nil
+		}
+	}
+	var si SnapshotInfo
+	if t, err := time.Parse(time.RFC3339Nano, name); err == nil {
+		if si, err = v.At(t); err != nil {
+			return SnapshotInfo{}, err
+		}
+	} else {
+		v.mu.RLock()
+		c := v.cutIDs[name]
+		if c != nil {
+			si = SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: v.cfg.Size, Sealed: true}
+		}
+		for _, l := range v.layers {
+			if m := l.mark; m != nil && m.Kind == KindCheckpoint && m.ID == name {
+				si = SnapshotInfo{ID: m.ID, Kind: KindCheckpoint, Time: m.Time, Size: m.Size}
+			}
+		}
+		v.mu.RUnlock()
+		if si.ID == "" {
+			return SnapshotInfo{}, fmt.Errorf("snapshot %q of volume %q: %w", name, v.cfg.Name, ErrNoSnapshot)
+		}
+	}
+	if si.Kind == KindCheckpoint && si.Sealed {
+		m, err := v.loadCut(ctx, si.ID)
+		if err != nil {
+			return SnapshotInfo{}, err
+		}
+		if m != nil {
+			si.Size = m.Size
+		}
+	}
+	return si, nil
+}
+
+// loadCut reads the manifest of kept checkpoint id if no read has yet,
+// and returns it (nil if id is not a kept checkpoint).
+func (v *Volume) loadCut(ctx context.Context, id string) (*Manifest, error) {
+	v.mu.RLock()
+	c := v.cutIDs[id]
+	var m *Manifest
+	if c != nil {
+		m = c.m
+	}
+	v.mu.RUnlock()
+	if c == nil || m != nil {
+		return m, nil
+	}
+	key := manifestKey(v.cfg.Name, KindCheckpoint, id)
+	data, err := v.repo.Get(ctx, key)
+	if err == nil {
+		var got Manifest
+		got, err = decodeManifest(v.env.RepoID, key, v.cfg.Name, KindCheckpoint, v.cfg.ChunkSize, data)
+		m = &got
+	}
+	if errors.Is(err, chunkstore.ErrNotFound) {
+		return nil, fmt.Errorf("checkpoint %s of volume %q: %w: it left the retention window", id, v.cfg.Name, ErrNoSnapshot)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("checkpoint %s of volume %q: %w", id, v.cfg.Name, err)
+	}
+	v.mu.Lock()
+	c.m = m
+	v.mu.Unlock()
+	return m, nil
+}
