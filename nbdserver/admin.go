@@ -312,7 +312,7 @@ func (s *Server) listSnapshots(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) getSnapshot(r *http.Request) (int, any, error) {
-	v, si, err := s.snapshotOf(r.PathValue("vol"), r.PathValue("snap"))
+	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -347,9 +347,12 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 	if err := s.writable(); err != nil {
 		return 0, nil, err
 	}
-	v, si, err := s.snapshotOf(r.PathValue("vol"), r.PathValue("snap"))
+	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
 	if err != nil {
 		return 0, nil, err
+	}
+	if si.Kind == volume.KindCheckpoint {
+		return 0, nil, fmt.Errorf("%w: %q is a point in time the server keeps (checkpoint %s), not a snapshot: it leaves by itself with --journal-retention", errInvalid, r.PathValue("snap"), si.ID)
 	}
 	if err := v.DeleteSnapshot(r.Context(), si.ID); err != nil {
 		return 0, nil, err
@@ -360,17 +363,19 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 }
 
 // snapshotOf finds snapshot snap (an ID or a label) of volume vol.
-func (s *Server) snapshotOf(vol, snap string) (*volume.Volume, volume.SnapshotInfo, error) {
+func (s *Server) snapshotOf(ctx context.Context, vol, snap string) (*volume.Volume, volume.SnapshotInfo, error) {
 	v, err := s.volumeOf(vol)
 	if err != nil {
 		return nil, volume.SnapshotInfo{}, err
 	}
-	for _, si := range v.Snapshots() {
-		if si.ID == snap || (si.Label != "" && si.Label == snap) {
-			return v, si, nil
-		}
+	si, err := v.Find(ctx, snap)
+	switch {
+	case errors.Is(err, volume.ErrNoSnapshot):
+		return nil, volume.SnapshotInfo{}, fmt.Errorf("snapshot %q of volume %q: %w (nbdvault snapshot list %s shows them; VOLUME@TIME reads a point in time, TIME as in 2026-11-30T17:55:03Z)", snap, vol, volume.ErrNoSnapshot, vol)
+	case err != nil:
+		return nil, volume.SnapshotInfo{}, err
 	}
-	return nil, volume.SnapshotInfo{}, fmt.Errorf("snapshot %q of volume %q: %w (nbdvault snapshot list %s shows them)", snap, vol, volume.ErrNoSnapshot, vol)
+	return v, si, nil
 }
 
 func volumeInfo(v *volume.Volume) api.Volume {
@@ -391,6 +396,10 @@ func volumeInfo(v *volume.Volume) api.Volume {
 		vs.LogError = st.LogError.Error()
 	}
 	vs.DiskFull = st.DiskFull
+	if from := v.PointsInTime(); !from.IsZero() {
+		from = from.UTC()
+		vs.PointsInTimeFrom = &from
+	}
 	for _, si := range v.Snapshots() {
 		if si.Sealed {
 			vs.LastSealedSnapshot = si.ID
@@ -401,6 +410,9 @@ func volumeInfo(v *volume.Volume) api.Volume {
 
 func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
 	out := api.Snapshot{Volume: v.Config().Name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size, Sealed: si.Sealed}
+	if si.Kind == volume.KindCheckpoint {
+		out.Kind = string(volume.KindCheckpoint)
+	}
 	if si.Damaged != nil {
 		out.Damaged = si.Damaged.Error()
 	}

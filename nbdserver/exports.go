@@ -19,7 +19,8 @@ import (
 )
 
 // Exports offers volumes to an nbd.Server: "VOL" is the writable head,
-// "VOL@SNAP" a snapshot (by ID or label), read-only.
+// "VOL@SNAP" a snapshot (by ID or label), read-only, and "VOL@TIME" (RFC
+// 3339) the volume at that time, read-only.
 type Exports struct {
 	m *metrics // nil: not counted
 	// ReadTimeout bounds a read or block-status request (what the
@@ -76,12 +77,17 @@ func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
 	if !ok || !isSnap {
 		return h, ok
 	}
-	for _, s := range v.Snapshots() {
-		if s.Damaged == nil && (s.ID == snap || (s.Label != "" && s.Label == snap)) {
-			return e.snapshotExport(v, s, true), true
-		}
+	ctx, cancel := context.Background(), func() {}
+	if e.ReadTimeout > 0 {
+		ctx, cancel = context.WithTimeout(ctx, e.ReadTimeout)
 	}
-	return nil, false
+	defer cancel()
+	// A snapshot's ID or label, a kept checkpoint's ID, or a time.
+	s, err := v.Find(ctx, snap)
+	if err != nil || s.Damaged != nil {
+		return nil, false
+	}
+	return e.snapshotExport(v, s, true), true
 }
 
 // snapshotExport makes snapshot s of v an export; served ones count in
@@ -94,6 +100,9 @@ func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served
 		m = e.m.export(name)
 	}
 	desc := "snapshot " + s.ID + " of " + v.Config().Name
+	if s.Kind == volume.KindCheckpoint {
+		desc = "volume " + v.Config().Name + " at " + s.Time.UTC().Format(time.RFC3339Nano) + " (checkpoint " + s.ID + ")"
+	}
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}

@@ -40,6 +40,9 @@ type Options struct {
 	// Passed to every volume; zero takes the engine's defaults.
 	CheckpointInterval time.Duration
 	LogLimit           int64
+	// JournalRetention: how long checkpoints are kept as points in time
+	// (VOL@TIME); negative keeps none.
+	JournalRetention time.Duration
 	// CacheBytes bounds the chunk cache: a quarter of MaxMemory when 0,
 	// or chunkstore's default without MaxMemory.
 	CacheBytes int64
@@ -179,7 +182,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	s.env = &volume.Env{
 		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
-		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit,
+		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		Logger: s.log.With("part", "upload"),
 	}
 	names, err := listVolumes(ctx, s.repo)

@@ -250,9 +250,21 @@ func stopProgress(p *progress) {
 func splitSnapshot(arg string) (vol, snap string, err error) {
 	vol, snap, ok := strings.Cut(arg, "@")
 	if !ok || vol == "" || snap == "" {
-		return "", "", usageErrorf("%q: want VOLUME@SNAPSHOT, where SNAPSHOT is an ID or a label", arg)
+		return "", "", usageErrorf("%q: want VOLUME@SNAPSHOT, where SNAPSHOT is an ID, a label or an RFC 3339 time (2026-11-30T17:55:03Z)", arg)
 	}
 	return vol, snap, nil
+}
+
+// describePoint is what to print after VOL@ID to say what s is: its
+// label, or the time a point in time shows the volume at.
+func describePoint(s api.Snapshot) string {
+	switch {
+	case s.Kind == "checkpoint":
+		return " (the volume at " + s.Time.UTC().Format(time.RFC3339Nano) + ")"
+	case s.Label != "":
+		return " (" + s.Label + ")"
+	}
+	return ""
 }
 
 // parseSize reads a size in bytes: a number with an optional binary unit

@@ -48,7 +48,8 @@ func mountCommand() *cli.Command {
 		Name:      "mount",
 		Usage:     "mount a snapshot's file system read-only on DIR (restore by mount; needs root)",
 		ArgsUsage: "VOLUME@SNAPSHOT DIR",
-		Description: "SNAPSHOT is an ID or a label. The export is attached through nbdfuse and a\n" +
+		Description: "SNAPSHOT is an ID or a label, or an RFC 3339 time such as 2026-11-30T17:55:03Z\n" +
+			"for the volume as it was then (within the server's --journal-retention). The export is attached through nbdfuse and a\n" +
 			"read-only loop device, and stays attached after this command returns;\n" +
 			"nbdvault umount DIR undoes it all. A journal that needs replaying\n" +
 			"(ext3/ext4, xfs) is not replayed: the device is read-only.",
@@ -318,10 +319,7 @@ func mountAction(c *cli.Context) error {
 		}
 		return err
 	}
-	what := export
-	if s.Label != "" {
-		what += " (" + s.Label + ")"
-	}
+	what := export + describePoint(s)
 	fmt.Printf("mounted %s read-only on %s (%s); when done: nbdvault umount %s\n", what, dir, st.FSType, dir)
 	return nil
 }

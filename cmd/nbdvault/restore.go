@@ -27,7 +27,9 @@ func restoreCommand() *cli.Command {
 		Name:      "restore",
 		Usage:     "write a snapshot to a file or a block device",
 		ArgsUsage: "VOLUME@SNAPSHOT",
-		Description: "Reads the snapshot (SNAPSHOT is an ID or a label) over NBD, many chunks at a\n" +
+		Description: "Reads the snapshot (SNAPSHOT is an ID or a label, or an RFC 3339 time such as\n" +
+			"2026-11-30T17:55:03Z for the volume as it was then: the newest checkpoint at or\n" +
+			"before it, within the server's --journal-retention) over NBD, many chunks at a\n" +
 			"time, and writes it to --to. The server verifies every chunk it reads; a\n" +
 			"damaged one stops the restore.\n\n" +
 			"A file is written as PATH.partial, sparse where the snapshot has holes, and\n" +
@@ -112,9 +114,7 @@ func restore(c *cli.Context) error {
 
 	elapsed := time.Since(p.start)
 	name := export
-	if s.Label != "" {
-		name += " (" + s.Label + ")"
-	}
+	name += describePoint(s)
 	holes := "holes not written"
 	if device {
 		holes = "holes written as zeros"

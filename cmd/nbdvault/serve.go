@@ -13,6 +13,7 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/nbdvault/nbdvault/nbdserver"
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
 )
 
 func serveCommand() *cli.Command {
@@ -35,6 +36,9 @@ func serveCommand() *cli.Command {
 				Usage: "`level` of the log on stderr: debug, info, warn or error"},
 			&cli.DurationFlag{Name: "checkpoint-interval", Value: 10 * time.Second, EnvVars: []string{"NBDVAULT_CHECKPOINT_INTERVAL"},
 				Usage: "upload a checkpoint at most this `long` after a write: how far the repository may lag"},
+			&cli.DurationFlag{Name: "journal-retention", Value: volume.DefaultJournalRetention, EnvVars: []string{"NBDVAULT_JOURNAL_RETENTION"},
+				Usage: "keep checkpoints this `long` as points in time that VOL@TIME reads (an RFC 3339 time, e.g. vol@2026-11-30T17:55:03Z); " +
+					"they keep what was written meanwhile in the repository; 0 keeps none"},
 			&cli.StringFlag{Name: "log-limit", Value: "8G", EnvVars: []string{"NBDVAULT_LOG_LIMIT"},
 				Usage: "write log `size` per volume past which writes wait for the uploader"},
 			&cli.StringFlag{Name: "cache", EnvVars: []string{"NBDVAULT_CACHE"},
@@ -64,6 +68,13 @@ func serve(c *cli.Context) error {
 	logLimit, err := parseSize(c.String("log-limit"))
 	if err != nil {
 		return usageErrorf("--log-limit: %v", err)
+	}
+	journalRetention := c.Duration("journal-retention")
+	switch {
+	case journalRetention < 0:
+		return usageErrorf("--journal-retention %s: want a duration such as 30m, 1h or 168h, or 0 to keep no points in time", journalRetention)
+	case journalRetention == 0:
+		journalRetention = -1 // the engine's "none"
 	}
 	maxMemory := defaultMaxMemory(physicalMemory())
 	if v := c.String("max-memory"); v != "" {
@@ -105,6 +116,7 @@ func serve(c *cli.Context) error {
 		Logger:             logger,
 		CheckpointInterval: c.Duration("checkpoint-interval"),
 		LogLimit:           logLimit,
+		JournalRetention:   journalRetention,
 		CacheBytes:         cache,
 		RepoTimeout:        c.Duration("repo-timeout"),
 		LeaseTTL:           c.Duration("lease-ttl"),

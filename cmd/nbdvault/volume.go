@@ -89,7 +89,7 @@ func volumeList(c *cli.Context) error {
 // printVolumes prints volumes with their upload state as a table.
 func printVolumes(vs []api.Volume) {
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "NAME\tSIZE\tTO UPLOAD\tLAST CHECKPOINT\tLAST SEALED SNAPSHOT\tUPLOAD")
+	fmt.Fprintln(w, "NAME\tSIZE\tTO UPLOAD\tLAST CHECKPOINT\tPOINT IN TIME FROM\tLAST SEALED SNAPSHOT\tUPLOAD")
 	for _, v := range vs {
 		st := v.Status
 		if st == nil {
@@ -98,6 +98,10 @@ func printVolumes(vs []api.Volume) {
 		last := "never"
 		if st.LastSeal != nil {
 			last = time.Since(*st.LastSeal).Round(time.Second).String() + " ago"
+		}
+		from := "-"
+		if st.PointsInTimeFrom != nil {
+			from = st.PointsInTimeFrom.UTC().Format(time.RFC3339)
 		}
 		snap := st.LastSealedSnapshot
 		if snap == "" {
@@ -114,7 +118,7 @@ func printVolumes(vs []api.Volume) {
 		case st.SealError != "":
 			upload = "FAILING: " + st.SealError
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(st.PendingBytes), last, snap, upload)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(st.PendingBytes), last, from, snap, upload)
 	}
 	w.Flush()
 }

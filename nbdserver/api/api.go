@@ -35,6 +35,9 @@ type VolumeStatus struct {
 	LagSeconds float64 `json:"lag_seconds"`
 	// LastSeal is when the last snapshot or checkpoint was sealed.
 	LastSeal *time.Time `json:"last_seal,omitempty"`
+	// PointsInTimeFrom is the oldest time VOL@TIME reads (the server
+	// keeps checkpoints for --journal-retention); unset when none.
+	PointsInTimeFrom *time.Time `json:"points_in_time_from,omitempty"`
 	// LastSealedSnapshot is the newest sealed snapshot's ID, if any.
 	LastSealedSnapshot string `json:"last_sealed_snapshot,omitempty"`
 	// SealError is the last upload's failure, until one succeeds.
@@ -65,6 +68,9 @@ type Snapshot struct {
 	// snapshot is not served; delete it, or restore its manifest from a
 	// copy of the repository.
 	Damaged string `json:"damaged,omitempty"`
+	// Kind is "checkpoint" when the snapshot is a point in time the
+	// server kept (VOL@TIME): it leaves with the retention window.
+	Kind string `json:"kind,omitempty"`
 }
 
 // Status is the server's state: where it keeps data, where it serves NBD,
