@@ -28,7 +28,7 @@ func TestPointInTime(t *testing.T) {
 	})
 	t.Run("minio", func(t *testing.T) {
 		m := miniotest.StartShared(t)
-		testPointInTime(t, servertest.Options{Repo: m.Location("pit"), Env: m.Env()})
+		testPointInTime(t, servertest.Options{Repo: m.Location(fmt.Sprint("pit-", time.Now().UnixNano())), Env: m.Env()})
 	})
 }
 

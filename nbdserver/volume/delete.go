@@ -19,9 +19,11 @@ var ErrNotSealed = errors.New("not sealed yet")
 // The chunks it alone used stay until garbage collection exists. An
 // unsealed snapshot is refused with ErrNotSealed: wait for its seal.
 //
-// The newest manifest is what a restart resumes from, so when the snapshot
-// is the newest, a checkpoint with the same root and sequence number is
-// written first.
+// The newest manifest is what a restart resumes from, and points in time
+// are read from every cut in the retention window, so a checkpoint with
+// the same root and sequence number is written first when the snapshot
+// is the newest, or points in time are kept (it then leaves with the
+// window).
 func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.sealMu.Lock() // no seal may change the base meanwhile
 	defer v.sealMu.Unlock()
@@ -42,7 +44,11 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	case !s.sealed:
 		return fmt.Errorf("snapshot %s of volume %q: %w: wait until it is, then delete it", s.ID, v.cfg.Name, ErrNotSealed)
 	}
-	if s.Seq == base.Seq {
+	// A point in time stays one: the newest manifest is what a restart
+	// resumes from, and a snapshot in the retention window is what the
+	// times after it read. A checkpoint of the same root and sequence
+	// number takes its place (and leaves with the window).
+	if s.Seq == base.Seq || v.env.journalRetention() > 0 {
 		keep := s.Manifest
 		keep.Kind, keep.Label = KindCheckpoint, ""
 		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {

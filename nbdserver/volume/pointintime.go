@@ -108,6 +108,7 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) {
 		v.mu.Lock()
 		v.checkpoints = v.checkpoints[1:]
 		delete(v.cutIDs, c.id)
+		v.pitFrom = v.keptFrom()
 		v.mu.Unlock()
 	}
 }
@@ -143,9 +144,8 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 		consider(c.seq, SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: size, Sealed: true})
 	}
 	for _, s := range v.snaps {
-		if s.damage == nil {
-			consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed})
-		}
+		// A damaged one too: the time it covers reads nothing else.
+		consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
 	}
 	for _, l := range v.layers {
 		if m := l.mark; m != nil && m.Kind == KindCheckpoint {
@@ -158,6 +158,9 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 			oldest = "the oldest kept is " + from.UTC().Format(time.RFC3339Nano)
 		}
 		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: %s (the server keeps checkpoints for --journal-retention)", v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, oldest)
+	}
+	if best.Damaged != nil {
+		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: the newest point at or before it, snapshot %s, is damaged: %w", v.cfg.Name, t.Format(time.RFC3339Nano), best.ID, best.Damaged)
 	}
 	return best, nil
 }
@@ -173,30 +176,44 @@ func (v *Volume) PointsInTime() time.Time {
 	return v.oldestPoint()
 }
 
-// oldestPoint is the time of the oldest point in time a read may use:
-// those before the oldest checkpoint kept may have been deleted; with
-// none kept, nothing older than the base was; with no base either,
-// nothing was ever deleted. Zero if there is no point. Called with v.mu
-// held.
+// oldestPoint is the time of the oldest point in time a read may use.
+// Checkpoints are deleted oldest first, so every one deleted is older
+// than the oldest kept, or, with none kept, than the base: pitFrom says
+// so since the last deletion (or since Open, which cannot know whether
+// any was). Zero pitFrom: none was, and every cut is a point. Called with
+// v.mu held.
 func (v *Volume) oldestPoint() time.Time {
-	switch {
-	case len(v.checkpoints) > 0:
-		return v.checkpoints[0].time
-	case v.base.ID != "":
-		return v.base.Time
+	if !v.pitFrom.IsZero() {
+		return v.pitFrom
 	}
 	var oldest time.Time
-	for _, s := range v.snaps {
-		if s.damage == nil && (oldest.IsZero() || s.Time.Before(oldest)) {
-			oldest = s.Time
+	older := func(t time.Time) {
+		if oldest.IsZero() || t.Before(oldest) {
+			oldest = t
 		}
 	}
+	for _, c := range v.checkpoints {
+		older(c.time)
+	}
+	for _, s := range v.snaps {
+		older(s.Time)
+	}
 	for _, l := range v.layers {
-		if m := l.mark; m != nil && (oldest.IsZero() || m.Time.Before(oldest)) {
-			oldest = m.Time
+		if m := l.mark; m != nil {
+			older(m.Time)
 		}
 	}
 	return oldest
+}
+
+// keptFrom is the bound oldestPoint keeps after checkpoints were deleted
+// (or at Open): the oldest kept, else the base's time. Called with v.mu
+// held.
+func (v *Volume) keptFrom() time.Time {
+	if len(v.checkpoints) > 0 {
+		return v.checkpoints[0].time
+	}
+	return v.base.Time
 }
 
 // Find finds what name means among the volume's points: a snapshot's ID

@@ -75,6 +75,10 @@ type Volume struct {
 	// changed with sealMu held too.
 	checkpoints []*cut
 	cutIDs      map[string]*cut
+	// pitFrom is the oldest time a point in time may be read at: zero
+	// until checkpoints are deleted (or at Open, if any manifest is
+	// sealed), since all deleted ones are older. Guarded by mu.
+	pitFrom time.Time
 
 	// The uploader: kick wakes Run; sealed is closed and replaced after
 	// every seal, waking writers held back by a full log. Guarded by mu.
@@ -305,6 +309,9 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	}
 	if newest != nil && newest.Seq > v.base.Seq {
 		v.base = *newest
+	}
+	if v.base.ID != "" {
+		v.pitFrom = v.keptFrom() // older checkpoints may have been deleted
 	}
 	if err := v.listPacks(ctx); err != nil {
 		return nil, err
