@@ -161,6 +161,8 @@ var (
 		"Bytes of writes checkpoints stored as journal (before compression).", []string{"volume"}, nil)
 	descFolded = prometheus.NewDesc("nbdvault_volume_chunks_folded_total",
 		"Chunks rebuilt from journal once half of them changed.", []string{"volume"}, nil)
+	descPointsFrom = prometheus.NewDesc("nbdvault_volume_points_in_time_window_seconds",
+		"How far back VOL@TIME reads: seconds from the oldest point in time kept to now (0 when none is kept).", []string{"volume"}, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -169,7 +171,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
-		descDeltas, descJournalPacks, descShipped, descFolded} {
+		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom} {
 		ch <- d
 	}
 }
@@ -202,6 +204,11 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descDiskFull, boolGauge(st.DiskFull), name)
 		gauge(descDeltas, float64(st.Deltas), name)
 		gauge(descJournalPacks, float64(st.JournalPacks), name)
+		window := 0.0
+		if from := v.PointsInTime(); !from.IsZero() {
+			window = max(0, time.Since(from).Seconds())
+		}
+		gauge(descPointsFrom, window, name)
 		ch <- prometheus.MustNewConstMetric(descShipped, prometheus.CounterValue, float64(st.Shipped), name)
 		ch <- prometheus.MustNewConstMetric(descFolded, prometheus.CounterValue, float64(st.Folded), name)
 	}
