@@ -365,11 +365,12 @@ func TestLogAfterAGapDoesNotOpen(t *testing.T) {
 // A label names a snapshot in VOL@LABEL, in URIs and on command lines:
 // no '/', NUL, '@' or spaces, not endless, never an ID.
 func TestValidLabel(t *testing.T) {
-	for _, ok := range []string{"nightly", "s1", "2026-11-30T20:15:00+01:00", "pre_upgrade.v2"} {
+	for _, ok := range []string{"nightly", "s1", "db-2026-11-30T20:15:00+01:00", "pre_upgrade.v2", "2026-11-30"} {
 		assert.NoError(t, ValidLabel(ok), ok)
 	}
 	for _, bad := range []string{"", "a/b", "a\x00b", "a@b", " a", "a b", strings.Repeat("x", 10000), "-x",
-		"20261130T120000.000Z-000000000007"} {
+		"20261130T120000.000Z-000000000007",
+		"2026-11-30T20:15:00+01:00", "2026-11-30T20:15:00.5Z"} { // VOL@TIME is a point in time
 		assert.ErrorIs(t, ValidLabel(bad), ErrInvalid, "%q", bad)
 	}
 	ctx := context.Background()

@@ -51,12 +51,14 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	if s.Seq == base.Seq || v.env.journalRetention() > 0 {
 		keep := s.Manifest
 		keep.Kind, keep.Label = KindCheckpoint, ""
-		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
-			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
-		}
+		// Known before it is written: a put that fails may still have
+		// stored it, and the sweep must count what it names.
 		v.mu.Lock()
 		v.addCut(keep)
 		v.mu.Unlock()
+		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
+			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
+		}
 	}
 	if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindSnapshot, s.ID)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 		return fmt.Errorf("delete snapshot %s: %w", s.ID, err)

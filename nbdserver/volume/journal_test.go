@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -292,4 +293,79 @@ func TestJournalRepacksSparsePacks(t *testing.T) {
 	require.NoError(t, err)
 	require.NoError(t, v.ReadAt(ctx, got, 0))
 	require.True(t, bytes.Equal(want, got), "after a restart")
+}
+
+// TestDroppedPacksFreedAcrossRestarts: a pack the head stopped naming
+// waits for the checkpoints older than that to leave the window. The
+// volume keeps when it stopped naming each in its state folder, so a
+// server restarted more often than the window still frees them; without
+// it every restart would start their wait again, and none would ever go.
+func TestDroppedPacksFreedAcrossRestarts(t *testing.T) {
+	defer func(a int, b int64) { repackAbove, repackBelow = a, b }(repackAbove, repackBelow)
+	repackAbove, repackBelow = 4, 1<<20 // repack, and so drop packs, often
+	ctx := context.Background()
+	const size = 64 * MinChunkSize
+	g := newRig(t, chunkstore.NewMem(), size, MinChunkSize, 5)
+	g.retention = 30 * time.Second
+	g.reopen()
+	unnamed := func() int {
+		named := map[string]bool{}
+		manifests := append([]Manifest{g.v.base}, g.snapManifests()...)
+		for _, c := range g.v.checkpoints {
+			m, err := g.v.loadCut(ctx, c.id)
+			require.NoError(t, err)
+			manifests = append(manifests, *m)
+		}
+		for _, m := range manifests {
+			for _, d := range m.Deltas {
+				top, err := g.v.loadTop(ctx, d)
+				require.NoError(t, err)
+				for _, p := range top.packs {
+					named[p] = true
+				}
+			}
+		}
+		n := 0
+		require.NoError(t, g.repo.List(ctx, journalPrefix("vol"), func(k string) error {
+			if !named[k] {
+				n++
+			}
+			return nil
+		}))
+		return n
+	}
+	most := 0
+	for i := range 60 {
+		g.tick(5 * time.Second)
+		for range 4 {
+			off := g.r.Int64N(size - 512)
+			p := randomBytes(512)
+			require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+			copy(g.m.head[off:], p)
+		}
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.NoError(t, g.v.SealAll(ctx))
+		if i%3 == 2 {
+			g.reopen() // every 15 s, half the window
+		}
+		if i > 20 {
+			most = max(most, unnamed())
+		}
+	}
+	g.check("after restarts", false)
+	t.Logf("at most %d packs no kept manifest names", most)
+	// A pack waits for the checkpoints older than its drop: one window
+	// (six seals) and one more interval.
+	assert.LessOrEqual(t, most, 16, "dropped packs are freed although the server restarts more often than the window")
+
+	// A damaged file is ignored: the packs then wait one window more.
+	file := g.v.droppedFile()
+	data, err := os.ReadFile(file)
+	require.NoError(t, err)
+	data[len(data)/3] ^= 1
+	require.NoError(t, os.WriteFile(file, data, 0o600))
+	g.reopen()
+	assert.Empty(t, g.v.dropped)
+	g.check("after a damaged list of dropped packs", false)
 }

@@ -46,13 +46,18 @@ var labelRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$`)
 // ValidLabel says what is wrong with a snapshot label, if anything. A
 // label names a snapshot in VOL@LABEL, in URIs and on command lines, so
 // it takes the characters of a volume name and ':' and '+' (for times),
-// and is never a snapshot ID, which VOL@ID would then find twice.
+// and is never a snapshot ID, which VOL@ID would then find twice, nor an
+// RFC 3339 time, which VOL@TIME reads as a point in time.
 func ValidLabel(label string) error {
 	if !labelRE.MatchString(label) {
 		return fmt.Errorf("%w: snapshot label %q: use 1-128 letters, digits, '.', '_', '-', ':' or '+', starting with a letter or digit", ErrInvalid, label)
 	}
 	if idRE.MatchString(label) {
 		return fmt.Errorf("%w: snapshot label %q has the form of a snapshot ID", ErrInvalid, label)
+	}
+	if _, err := time.Parse(time.RFC3339Nano, label); err == nil {
+		// VOL@TIME is the volume at that time; a label would hide it.
+		return fmt.Errorf("%w: snapshot label %q is a time, which VOL@TIME reads as a point in time; add a word (db-%s)", ErrInvalid, label, label)
 	}
 	return nil
 }

@@ -63,10 +63,13 @@ const DefaultJournalRetention = time.Hour
 // addCut records checkpoint manifest m, which a seal or a snapshot
 // deletion has just written. Called with v.mu held.
 func (v *Volume) addCut(m Manifest) {
-	if _, ok := v.cutIDs[m.ID]; ok {
+	if c, ok := v.cutIDs[m.ID]; ok {
+		c.time = m.Time // a damaged one, written again
+		v.remember(c, &m)
 		return
 	}
-	c := &cut{id: m.ID, seq: m.Seq, time: m.Time, m: &m}
+	c := &cut{id: m.ID, seq: m.Seq, time: m.Time}
+	v.remember(c, &m)
 	i, _ := slices.BinarySearchFunc(v.checkpoints, c.seq, func(x *cut, seq uint64) int { return cmpUint(x.seq, seq) })
 	v.checkpoints = slices.Insert(v.checkpoints, i, c)
 	v.cutIDs[c.id] = c
@@ -108,6 +111,7 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) {
 		v.mu.Lock()
 		v.checkpoints = v.checkpoints[1:]
 		delete(v.cutIDs, c.id)
+		v.loaded = slices.DeleteFunc(v.loaded, func(x *cut) bool { return x == c })
 		v.pitFrom = v.keptFrom()
 		v.mu.Unlock()
 	}
@@ -122,6 +126,10 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 	if v.env.journalRetention() == 0 {
 		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: the server keeps no points in time (--journal-retention is 0)", v.cfg.Name, t.Format(time.RFC3339), ErrNoPointInTime)
 	}
+	// Not while a mark is being made: its time is taken before it is
+	// applied, and it is handed out only once durable.
+	v.markMu.Lock()
+	defer v.markMu.Unlock()
 	if now := v.env.now(); t.After(now) {
 		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: it is in the future (the server's clock says %s)", v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, now.UTC().Format(time.RFC3339))
 	}
@@ -286,7 +294,24 @@ func (v *Volume) loadCut(ctx context.Context, id string) (*Manifest, error) {
 		return nil, fmt.Errorf("checkpoint %s of volume %q: %w", id, v.cfg.Name, err)
 	}
 	v.mu.Lock()
-	c.m = m
+	v.remember(c, m)
 	v.mu.Unlock()
 	return m, nil
+}
+
+// maxLoadedCuts is how many checkpoint manifests the volume keeps in
+// memory (about 1 KB each): a day of 10 s checkpoints would be 8,640.
+const maxLoadedCuts = 64
+
+// remember keeps m as c's manifest, forgetting the one kept longest once
+// more than maxLoadedCuts are. Called with v.mu held.
+func (v *Volume) remember(c *cut, m *Manifest) {
+	if c.m == nil {
+		v.loaded = append(v.loaded, c)
+	}
+	c.m = m
+	if len(v.loaded) > maxLoadedCuts {
+		v.loaded[0].m = nil
+		v.loaded = slices.Delete(v.loaded, 0, 1)
+	}
 }

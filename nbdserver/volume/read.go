@@ -39,9 +39,9 @@ func (v *Volume) headView() view {
 
 // snapshotView is what snapshot id holds: its own index once sealed, else
 // the base and the layers up to its mark. id may also be a checkpoint's
-// (a point in time): its manifest must have been read (loadCut). Called
-// with v.mu held.
-func (v *Volume) snapshotView(id string) (view, error) {
+// (a point in time): loaded is its manifest (loadCut), nil for others.
+// Called with v.mu held.
+func (v *Volume) snapshotView(id string, loaded *Manifest) (view, error) {
 	for _, s := range v.snaps {
 		if s.ID != id && s.Label != id {
 			continue
@@ -57,8 +57,9 @@ func (v *Volume) snapshotView(id string) (view, error) {
 		}
 		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
 	}
-	if c := v.cutIDs[id]; c != nil && c.m != nil {
-		return view{root: c.m.Root, deltas: c.m.Deltas, size: c.m.Size}, nil
+	if c := v.cutIDs[id]; c != nil && loaded != nil {
+		// Still kept: its packs are (the sweep's barrier is behind gcMu).
+		return view{root: loaded.Root, deltas: loaded.Deltas, size: loaded.Size}, nil
 	}
 	if vw, ok := v.markView(id); ok {
 		return vw, nil
@@ -128,13 +129,14 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
-	if _, err := v.loadCut(ctx, id); err != nil {
+	loaded, err := v.loadCut(ctx, id)
+	if err != nil {
 		return err
 	}
 	v.gcMu.RLock() // before the plan, as in ReadAt
 	defer v.gcMu.RUnlock()
 	v.mu.RLock()
-	vw, err := v.snapshotView(id)
+	vw, err := v.snapshotView(id, loaded)
 	if err == nil {
 		err = v.checkRangeOf(id, vw.size, off, int64(len(p)))
 	}
@@ -236,16 +238,16 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
-	if _, err := v.loadCut(ctx, snapshotID); err != nil {
+	loaded, err := v.loadCut(ctx, snapshotID)
+	if err != nil {
 		return nil, err
 	}
 	v.gcMu.RLock() // before the plan, as in ReadAt
 	defer v.gcMu.RUnlock()
 	v.mu.RLock()
 	vw := v.headView()
-	var err error
 	if snapshotID != "" {
-		vw, err = v.snapshotView(snapshotID)
+		vw, err = v.snapshotView(snapshotID, loaded)
 	}
 	if err == nil {
 		err = v.checkRangeOf(snapshotID, vw.size, off, n)

@@ -2,8 +2,13 @@ package volume
 
 import (
 	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
 )
 
 // packSeq is the log sequence number a journal pack of volume name is
@@ -73,10 +78,16 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 	}
 	var dead []string
 	kept := false // packs of a seal not finished: swept after it is
+	changed := false
 	for k := range v.packs {
 		seq, ok := packSeq(v.cfg.Name, k)
 		switch {
 		case !ok || live[k]:
+			if _, ok := v.dropped[k]; ok {
+				// Named again: the volume resumed from an older manifest.
+				delete(v.dropped, k)
+				changed = true
+			}
 		case seq > base.Seq:
 			kept = true
 		default:
@@ -86,6 +97,7 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 				// after a restart, when the map starts empty.
 				dropped = base.Seq
 				v.dropped[k] = dropped
+				changed = true
 			}
 			if oldest >= dropped {
 				dead = append(dead, k)
@@ -93,6 +105,9 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 				kept = true
 			}
 		}
+	}
+	if changed {
+		v.saveDropped()
 	}
 	if len(dead) > 0 {
 		// Every read planned against a view that named these packs holds
@@ -113,7 +128,68 @@ func (v *Volume) sweepPacks(ctx context.Context) {
 		delete(v.dropped, k)
 		v.nPacks.Store(int64(len(v.packs)))
 	}
+	if len(dead) > 0 {
+		v.saveDropped()
+	}
 	v.sweepDue = kept
+}
+
+// droppedFile keeps v.dropped across restarts: without it, a restart
+// gives every unnamed pack the base's sequence number again, and a server
+// restarted more often than the retention window would never free one.
+// A value may only be too high (the pack is kept longer), never too low:
+// it is written from the map, whose values never decrease, checked by a
+// checksum, and a file that fails it is ignored.
+func (v *Volume) droppedFile() string { return filepath.Join(v.env.stateDir(v.cfg.Name), "dropped") }
+
+const droppedKey = "state/dropped"
+
+// saveDropped writes v.dropped to the state folder; a failure is logged,
+// and costs only a wait after the next restart.
+func (v *Volume) saveDropped() {
+	data, err := json.Marshal(v.dropped)
+	if err == nil {
+		err = writeFileAtomic(v.droppedFile(), chunkstore.Checked(v.env.RepoID, droppedKey, data))
+	}
+	if err != nil && v.env.Logger != nil {
+		v.env.Logger.Warn("could not keep which journal packs wait for the retention window; after a restart they wait one window more", "volume", v.cfg.Name, "error", err)
+	}
+}
+
+// loadDropped reads what saveDropped wrote, for the packs the volume has.
+func (v *Volume) loadDropped() {
+	obj, err := os.ReadFile(v.droppedFile())
+	if err != nil {
+		return
+	}
+	doc, _, err := chunkstore.Unchecked(v.env.RepoID, droppedKey, obj, true)
+	var m map[string]uint64
+	if err == nil {
+		err = json.Unmarshal(doc, &m)
+	}
+	if err != nil {
+		if l := v.env.Logger; l != nil {
+			l.Warn("ignored a damaged list of journal packs waiting for the retention window; they wait one window more", "volume", v.cfg.Name, "file", v.droppedFile(), "error", err)
+		}
+		return
+	}
+	for k, seq := range m {
+		if _, ok := v.packs[k]; ok {
+			v.dropped[k] = seq
+		}
+	}
+}
+
+// writeFileAtomic replaces path with data: whole or not at all.
+func writeFileAtomic(path string, data []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	tmp := path + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, path)
 }
 
 // listPacks lists the volume's journal packs in the repository.
@@ -124,5 +200,8 @@ func (v *Volume) listPacks(ctx context.Context) error {
 		return nil
 	})
 	v.nPacks.Store(int64(len(v.packs)))
+	if err == nil {
+		v.loadDropped()
+	}
 	return err
 }

@@ -63,8 +63,11 @@ type Volume struct {
 	sealMu sync.Mutex
 	// growMu makes Grows run one at a time.
 	growMu sync.Mutex
-	// markMu makes a label's uniqueness check and its mark one step.
-	markMu sync.Mutex
+	// markMu makes a label's uniqueness check and its mark one step, and
+	// holds At back while a mark is made. lastMark is the newest mark's
+	// time (guarded by the log's append lock, and set in Open).
+	markMu   sync.Mutex
+	lastMark time.Time
 	// closed is closed by Close: writers waiting for room give up, and
 	// Grow and DeleteSnapshot refuse (they hold growMu or sealMu, which
 	// Close takes).
@@ -75,6 +78,7 @@ type Volume struct {
 	// changed with sealMu held too.
 	checkpoints []*cut
 	cutIDs      map[string]*cut
+	loaded      []*cut // those whose manifest is in memory, oldest first
 	// pitFrom is the oldest time a point in time may be read at: zero
 	// until checkpoints are deleted (or at Open, if any manifest is
 	// sealed), since all deleted ones are older. Guarded by mu.
@@ -313,6 +317,12 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	if v.base.ID != "" {
 		v.pitFrom = v.keptFrom() // older checkpoints may have been deleted
 	}
+	for _, c := range v.checkpoints {
+		v.lastMark = maxTime(v.lastMark, c.time)
+	}
+	for _, s := range v.snaps {
+		v.lastMark = maxTime(v.lastMark, s.Time)
+	}
 	if err := v.listPacks(ctx); err != nil {
 		return nil, err
 	}
@@ -320,6 +330,12 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	mustReach, err := v.placeDamaged(damaged)
 	if err != nil {
 		return nil, err
+	}
+	// Checkpoints newer than the base are damaged ones the log replays
+	// (placeDamaged): until sealed again, their marks are read from it.
+	for len(v.checkpoints) > 0 && v.checkpoints[len(v.checkpoints)-1].seq > v.base.Seq {
+		delete(v.cutIDs, v.checkpoints[len(v.checkpoints)-1].id)
+		v.checkpoints = v.checkpoints[:len(v.checkpoints)-1]
 	}
 	for _, s := range v.snaps {
 		if s.damage == nil && s.Size > v.cfg.Size {
@@ -466,6 +482,9 @@ func (v *Volume) apply(r Record, pos Pos) error {
 			return fmt.Errorf("%w: mark record %d: %v", ErrLogCorrupt, r.Seq, err)
 		}
 		m.seq = r.Seq
+		if m.Time.After(v.lastMark) {
+			v.lastMark = m.Time // replayed
+		}
 		if m.Size == 0 {
 			m.Size = v.size.Load()
 		}
@@ -649,8 +668,18 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	_, err := v.log.AppendMark(func(seq uint64) []byte {
 		// The time, too, under the append lock: every write acknowledged
 		// before it is in the log before the mark (a point in time at
-		// this time holds it), and none appended after.
-		m.Time = v.env.now().UTC().Truncate(time.Millisecond) // as its ID says
+		// this time holds it), and none appended after. Kept to the
+		// millisecond (as its ID says), and never before the previous
+		// mark's, so times order marks as sequence numbers do even if the
+		// clock steps back.
+		m.Time = v.env.now().UTC().Truncate(time.Millisecond)
+		if !m.Time.After(v.lastMark) {
+			if l := v.env.Logger; l != nil && v.lastMark.Sub(m.Time) > time.Second {
+				l.Warn("the clock is behind the volume's last mark; marks keep their order", "volume", v.cfg.Name, "clock", m.Time, "last_mark", v.lastMark)
+			}
+			m.Time = v.lastMark.Add(time.Millisecond)
+		}
+		v.lastMark = m.Time
 		m.ID = snapshotID(m.Time, seq)
 		// Under the log's append lock: a write past the old end of a
 		// volume that grew is in the log after Grow, so this sees the size
@@ -672,4 +701,11 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	// started the next layer in a segment of its own.
 	v.nudge()
 	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: m.Size}, nil
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
 }
