@@ -396,6 +396,9 @@ func volumeInfo(v *volume.Volume) api.Volume {
 		vs.LogError = st.LogError.Error()
 	}
 	vs.DiskFull = st.DiskFull
+	if st.ExpiryError != nil {
+		vs.ExpiryError = st.ExpiryError.Error()
+	}
 	if from := v.PointsInTime(); !from.IsZero() {
 		from = from.UTC()
 		vs.PointsInTimeFrom = &from

@@ -117,6 +117,8 @@ func printVolumes(vs []api.Volume) {
 			upload = "STATE DISK FULL: writes wait for the uploader to free the write log"
 		case st.SealError != "":
 			upload = "FAILING: " + st.SealError
+		case st.ExpiryError != "":
+			upload = "EXPIRY FAILING: " + st.ExpiryError
 		}
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", v.Name, formatSize(v.Size), formatSize(st.PendingBytes), last, from, snap, upload)
 	}

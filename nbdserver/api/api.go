@@ -38,6 +38,10 @@ type VolumeStatus struct {
 	// PointsInTimeFrom is the oldest time VOL@TIME reads (the server
 	// keeps checkpoints for --journal-retention); unset when none.
 	PointsInTimeFrom *time.Time `json:"points_in_time_from,omitempty"`
+	// ExpiryError says why a checkpoint that left the retention window
+	// could not be deleted: it, and the journal it keeps, stay until it
+	// is. Empty when expiry works.
+	ExpiryError string `json:"expiry_error,omitempty"`
 	// LastSealedSnapshot is the newest sealed snapshot's ID, if any.
 	LastSealedSnapshot string `json:"last_sealed_snapshot,omitempty"`
 	// SealError is the last upload's failure, until one succeeds.

@@ -3,8 +3,11 @@ package volume
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"os"
+	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -292,4 +295,85 @@ func TestChunkIDs(t *testing.T) {
 	check("log over the index")
 	_, err = g.v.ChunkIDs(ctx, 10, 2)
 	assert.ErrorIs(t, err, ErrOutOfRange)
+}
+
+// deletesFail fails every Delete of a checkpoint manifest while set.
+type deletesFail struct {
+	chunkstore.Backend
+	on atomic.Bool
+}
+
+func (f *deletesFail) Delete(ctx context.Context, key string) error {
+	if f.on.Load() && strings.Contains(key, "/checkpoints/") {
+		return errors.New("access denied")
+	}
+	return f.Backend.Delete(ctx, key)
+}
+
+// TestCheckpointExpiry: a point being read stays past the window until
+// reads of it stop; a delete that fails stops expiry there (no gap in the
+// window) and says so in Status until it works; one pass deletes at most
+// maxExpirePerPass; a volume not written expires on its own.
+func TestCheckpointExpiry(t *testing.T) {
+	defer func(n int) { maxExpirePerPass = n }(maxExpirePerPass)
+	maxExpirePerPass = 4
+	ctx := context.Background()
+	repo := &deletesFail{Backend: chunkstore.NewMem()}
+	g := newRig(t, repo, 4*MinChunkSize, MinChunkSize, 1)
+	g.retention = time.Minute
+	g.reopen()
+	kept := func() int { return len(keysUnder(t, g.repo, "volumes/vol/checkpoints/")) }
+	write := func() {
+		g.tick(10 * time.Second)
+		require.NoError(t, g.v.WriteAt(ctx, randomBytes(100), g.r.Int64N(4*MinChunkSize-100), false))
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.NoError(t, g.v.SealAll(ctx))
+	}
+	for range 10 {
+		write()
+	}
+	require.Equal(t, 8, kept(), "six in the window, the one before it, and the base")
+
+	// A read of the oldest pins it.
+	oldest := g.v.checkpoints[0].id
+	p := make([]byte, 4096)
+	require.NoError(t, g.v.ReadSnapshotAt(ctx, oldest, p, 0))
+	for range 3 {
+		write()
+	}
+	assert.Equal(t, 11, kept(), "a point being read and those after it stay")
+	require.NoError(t, g.v.ReadSnapshotAt(ctx, oldest, p, 0), "and read on")
+	g.tick(pinFor)
+	for n := kept(); ; n = kept() {
+		write()
+		assert.GreaterOrEqual(t, kept(), n+1-4, "at most four go in a pass")
+		if kept() >= n {
+			break
+		}
+	}
+	g.checkPoints("after catching up")
+	require.ErrorIs(t, g.v.ReadSnapshotAt(ctx, oldest, p, 0), ErrNoSnapshot, "once reads stop, the point leaves")
+
+	// Deletes fail: the window stays whole, Status says why.
+	repo.on.Store(true)
+	g.tick(time.Minute)
+	n := kept()
+	write()
+	write()
+	assert.Equal(t, n+2, kept(), "nothing deleted")
+	require.Error(t, g.v.Status().ExpiryError)
+	assert.Contains(t, g.v.Status().ExpiryError.Error(), "access denied")
+	g.checkPoints("while deletes fail")
+	repo.on.Store(false)
+
+	// Not written any more: expiry runs on its own and catches up.
+	g.tick(time.Hour)
+	for kept() > 1 {
+		n := kept()
+		g.v.expireIdle(ctx)
+		require.Equal(t, max(1, n-4), kept(), "four a pass, down to the base")
+	}
+	assert.NoError(t, g.v.Status().ExpiryError)
+	g.checkPoints("after expiry")
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -21,7 +22,19 @@ type cut struct {
 	seq  uint64
 	time time.Time
 	m    *Manifest // nil until a read needs it
+	// lastRead is when a read last used it (UnixNano of Env.now): a cut
+	// read within pinFor stays past the window.
+	lastRead atomic.Int64
 }
+
+// pinFor is how long a read holds the point it reads past the retention
+// window: a restore or a mount of a point near the window's edge goes on
+// while it reads.
+const pinFor = 10 * time.Minute
+
+// maxExpirePerPass bounds the manifests one pass deletes (a seal waits for
+// it): after the retention is shortened, the rest go in the next passes.
+var maxExpirePerPass = 256 // a var for tests
 
 // cutOf makes the cut a checkpoint ID names; ok is false if it is not an
 // ID.
@@ -80,8 +93,8 @@ func (v *Volume) addCut(m Manifest) {
 // (which every time in the window may need), and never the base m. It
 // stops at the first delete that fails, so the cuts kept are always the
 // newest ones without a gap, and a failed one is tried after the next
-// seal. Called with sealMu held.
-func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) {
+// seal. It reports whether it deleted any. Called with sealMu held.
+func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted bool) {
 	ret := v.env.journalRetention()
 	cutoff := v.env.now().Add(-ret)
 	v.mu.RLock()
@@ -99,22 +112,53 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) {
 			}
 		}
 	}
-	old := slices.Clone(v.checkpoints[:keepFrom])
+	now := v.env.now().UnixNano()
+	for i, c := range v.checkpoints[:keepFrom] {
+		if now-c.lastRead.Load() < int64(pinFor) {
+			keepFrom = i // being read: it and those after it stay
+			break
+		}
+	}
+	old := slices.Clone(v.checkpoints[:min(keepFrom, maxExpirePerPass)])
 	v.mu.RUnlock()
 	for _, c := range old {
-		if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindCheckpoint, c.id)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
+		err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindCheckpoint, c.id))
+		if err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
 			if l := v.env.Logger; l != nil {
 				l.Warn("an old checkpoint manifest not deleted; tried again after the next seal", "volume", v.cfg.Name, "checkpoint", c.id, "error", err)
 			}
-			break
+			v.mu.Lock()
+			v.expiryErr = fmt.Errorf("checkpoint %s left the retention window but could not be deleted (it and the journal it names stay until it is): %w", c.id, err)
+			v.mu.Unlock()
+			return deleted
 		}
 		v.mu.Lock()
-		v.checkpoints = v.checkpoints[1:]
+		v.checkpoints = slices.DeleteFunc(v.checkpoints, func(x *cut) bool { return x == c })
 		delete(v.cutIDs, c.id)
 		v.loaded = slices.DeleteFunc(v.loaded, func(x *cut) bool { return x == c })
 		v.pitFrom = v.keptFrom()
+		v.expiryErr = nil
 		v.mu.Unlock()
+		deleted = true
 	}
+	return deleted
+}
+
+// expireIdle runs expireCheckpoints and the sweep on their own, for a
+// volume that is not written: seals run them otherwise.
+func (v *Volume) expireIdle(ctx context.Context) {
+	v.sealMu.Lock()
+	defer v.sealMu.Unlock()
+	if v.isClosed() {
+		return
+	}
+	v.mu.RLock()
+	base := v.base
+	v.mu.RUnlock()
+	if base.ID != "" && v.expireCheckpoints(ctx, base) {
+		v.sweepDue = true
+	}
+	v.sweepPacks(ctx)
 }
 
 // At finds the point in time a read of the volume at t serves: the
@@ -277,6 +321,9 @@ func (v *Volume) loadCut(ctx context.Context, id string) (*Manifest, error) {
 		m = c.m
 	}
 	v.mu.RUnlock()
+	if c != nil {
+		c.lastRead.Store(v.env.now().UnixNano())
+	}
 	if c == nil || m != nil {
 		return m, nil
 	}

@@ -31,6 +31,7 @@ func (v *Volume) Run(ctx context.Context) {
 	tick := time.NewTicker(min(max(interval/4, 10*time.Millisecond), time.Second))
 	defer tick.Stop()
 	backoff := time.Duration(0)
+	lastExpiry := time.Now()
 	for {
 		select {
 		case <-ctx.Done():
@@ -73,6 +74,11 @@ func (v *Volume) Run(ctx context.Context) {
 			l.Info("upload works again", "volume", v.cfg.Name)
 		}
 		backoff = 0
+		if time.Since(lastExpiry) >= time.Minute {
+			// Seals expire checkpoints; a volume not written needs this.
+			v.expireIdle(ctx)
+			lastExpiry = time.Now()
+		}
 	}
 }
 
@@ -197,6 +203,10 @@ type Status struct {
 	JournalPacks int64
 	Shipped      int64
 	Folded       int64
+	// ExpiryError says why a checkpoint that left the retention window
+	// is still in the repository (with the journal it names), until it
+	// is deleted.
+	ExpiryError error
 }
 
 // Status reports the volume's upload state.
@@ -207,6 +217,7 @@ func (v *Volume) Status() Status {
 	st.PendingLayers, st.LastSeal, st.SealError = len(v.layers)-1, v.lastSeal, v.sealErr
 	st.Deltas, st.JournalPacks = len(v.base.Deltas), v.nPacks.Load()
 	st.Shipped, st.Folded = v.shipped.Load(), v.folded.Load()
+	st.ExpiryError = v.expiryErr
 	for _, l := range v.layers {
 		if !l.since.IsZero() {
 			st.Lag = time.Since(l.since)

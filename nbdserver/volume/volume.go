@@ -79,6 +79,7 @@ type Volume struct {
 	checkpoints []*cut
 	cutIDs      map[string]*cut
 	loaded      []*cut // those whose manifest is in memory, oldest first
+	expiryErr   error  // why the last checkpoint to leave the window is still there
 	// pitFrom is the oldest time a point in time may be read at: zero
 	// until checkpoints are deleted (or at Open, if any manifest is
 	// sealed), since all deleted ones are older. Guarded by mu.

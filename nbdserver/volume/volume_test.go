@@ -116,6 +116,12 @@ func (g *rig) checkPoints(what string) {
 	if from.After(lo) {
 		lo = from
 	}
+	// An observer: the reads here do not hold points past the window.
+	defer func() {
+		for _, c := range g.v.checkpoints {
+			c.lastRead.Store(0)
+		}
+	}()
 	r := rand.New(rand.NewPCG(uint64(g.now.UnixNano()), 3)) // not g.r: the ops stay as they were
 	for range 3 {
 		at := lo.Add(time.Duration(r.Int64N(int64(g.now.Sub(lo)) + 1)))
@@ -278,8 +284,9 @@ func (g *rig) checkPacks() {
 	v := g.v
 	v.sealMu.Lock()
 	defer v.sealMu.Unlock()
-	g.tick(v.env.journalRetention() + time.Second)
-	v.expireCheckpoints(ctx, v.base)
+	g.tick(v.env.journalRetention() + pinFor + time.Second)
+	for v.expireCheckpoints(ctx, v.base) {
+	}
 	v.sweepDue = true
 	v.sweepPacks(ctx)
 	named := map[string]bool{}
