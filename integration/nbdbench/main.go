@@ -54,6 +54,11 @@
 // objects and bytes written to the repository next to the minimum, the
 // changed chunks plus the changed index pages.
 //
+// Last, with -restic (the default), the real `nbdvault serve` binary next
+// to restic through the same MinIO on 127.0.0.1: ingest, restore and a
+// scattered change of a 2 GiB ext4 image (restic.go). -only-restic runs
+// it alone.
+//
 // Before every timed phase the page cache is written back and dropped
 // (sync; echo 3 > /proc/sys/vm/drop_caches; this needs root, see
 // -drop-caches), and then it waits 10 s (-settle) before starting the
@@ -110,6 +115,9 @@ type config struct {
 	scatteredRuntime time.Duration
 	scatteredIOPS    int64
 	scatteredSizeMiB int64 // 0: sizeMiB
+	// restic runs the comparison with restic (restic.go); onlyRestic runs
+	// it alone.
+	restic, onlyRestic bool
 }
 
 func main() {
@@ -127,6 +135,8 @@ func main() {
 	flag.DurationVar(&cfg.scatteredRuntime, "scattered-runtime", 3*time.Minute, "runtime of the sustained scattered 4 KiB writes into a -size-mib volume, counting the repository's growth (runs when the volume server does; 0 skips it)")
 	flag.Int64Var(&cfg.scatteredIOPS, "scattered-iops", 1000, "the rate of the scattered writes, in 4 KiB writes per second")
 	flag.Int64Var(&cfg.scatteredSizeMiB, "scattered-size-mib", 0, "size in MiB of the scattered-writes volume (0: -size-mib)")
+	flag.BoolVar(&cfg.restic, "restic", true, "compare nbdvault with restic through the same MinIO: ingest, restore and a scattered change of a 2 GiB ext4 image (restic.go; a missing restic skips it, or fails the run under NBDVAULT_REQUIRE_TOOLS)")
+	flag.BoolVar(&cfg.onlyRestic, "only-restic", false, "run the restic comparison alone (no NBD throughput, rewrite or scattered-writes benchmark)")
 	flag.Parse()
 	if flag.NArg() > 0 {
 		fatalf("unexpected arguments: %q", flag.Args())
@@ -167,6 +177,9 @@ func logf(format string, args ...any) {
 
 // run runs the benchmark and writes the report to out.
 func run(ctx context.Context, cfg config, out io.Writer) (err error) {
+	if cfg.onlyRestic {
+		return runResticOnly(ctx, cfg, out)
+	}
 	tools, err := checkTools(ctx, cfg.servers)
 	if err != nil {
 		return err
@@ -256,6 +269,12 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 			return fmt.Errorf("scattered-writes benchmark: %w", err)
 		}
 	}
+	if cfg.restic {
+		logf("restic comparison: a %d MiB ext4 image through the same MinIO", resticImageSize>>20)
+		if rep.restic, err = benchRestic(ctx, cfg, work); err != nil {
+			return fmt.Errorf("restic comparison: %w", err)
+		}
+	}
 	rep.loadEnd = loadAverage()
 	rep.write(out)
 	return nil
@@ -289,6 +308,9 @@ func spaceNeeded(cfg config) int64 {
 		// The filled volume's log and repository; its growth is watched
 		// and stopped at scatteredReserve.
 		need += 2*cfg.scatteredSize() + scatteredReserve
+	}
+	if cfg.restic {
+		need += resticSpaceNeeded
 	}
 	return need
 }

@@ -39,6 +39,8 @@ type report struct {
 	// scattered is the scattered-writes benchmark's result; nil when it
 	// did not run.
 	scattered *scatteredResult
+	// restic is the restic comparison's result; nil when it did not run.
+	restic *resticResult
 }
 
 // otherWarn is the share of the CPU that other work may take during the
@@ -102,6 +104,9 @@ func (r *report) write(w io.Writer) {
 	}
 	if slices.Contains(r.servers, "volume") {
 		r.writeGoals(w)
+	}
+	if r.restic != nil {
+		r.restic.write(w)
 	}
 
 	fmt.Fprintf(w, "\nWhat each server advertised (nbdinfo --json):\n\n")
