@@ -18,8 +18,9 @@ WEED_VERSION=v0.0.0-20261109003541-7506e5f91cd6
 # Debian packages the tests use: mount (full-disk test); the third-party NBD
 # clients and servers (libnbd-bin: nbdinfo, nbdcopy, nbdfuse; qemu-utils:
 # qemu-img, qemu-io, qemu-nbd; nbdkit; fio); fuse3 and e2fsprogs for
-# nbdfuse + mkfs.ext4; b3sum, to check the BLAKE3 that restore prints.
-APT_PACKAGES=(util-linux libnbd-bin fuse3 e2fsprogs qemu-utils nbdkit fio b3sum)
+# nbdfuse + mkfs.ext4; b3sum, to check the BLAKE3 that restore prints;
+# restic, which make bench compares nbdvault with (integration/nbdbench/restic.go).
+APT_PACKAGES=(util-linux libnbd-bin fuse3 e2fsprogs qemu-utils nbdkit fio b3sum restic)
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
