@@ -16,7 +16,8 @@ go test -run '^$' -bench . -benchtime "${BENCHTIME:-3s}" ./chunkstore/ | tee "$o
 echo "results in $out/chunkstore-$stamp.txt"
 
 echo "== NBD: nbdvault's server and a volume next to qemu-nbd and nbdkit (nbdcopy, fio);"
-echo "   snapshot, seal and sealed reads of the volume; snapshot cost of a 64 GiB volume after a 1% rewrite"
+echo "   snapshot, seal and sealed reads of the volume; snapshot cost of a 64 GiB volume after a 1% rewrite;"
+echo "   ingest, restore and a scattered change of a 2 GiB ext4 image next to restic, through the same MinIO"
 # shellcheck disable=SC2086 # NBDBENCH_FLAGS is split into flags on purpose
 go run ./integration/nbdbench ${NBDBENCH_FLAGS:-} | tee "$out/nbd-$stamp.md"
 echo "results in $out/nbd-$stamp.md"
