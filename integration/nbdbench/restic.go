@@ -862,8 +862,8 @@ func (r *resticResult) write(w io.Writer) {
 		return fmt.Sprintf("%.2f", rst/n)
 	}
 	row := func(title, n, rst, ratio string) { fmt.Fprintf(w, "| %s | %s | %s | %s |\n", title, n, rst, ratio) }
-	timeRows := func(what string, n, rst phaseCost) {
-		row(what+": wall time (s)", "**"+sec(n.wall)+"**", "**"+sec(rst.wall)+"**", "**"+ratio(n.wall.Seconds(), rst.wall.Seconds())+"**")
+	timeRows := func(what, wallWhat string, n, rst phaseCost) {
+		row(wallWhat+": wall time (s)", "**"+sec(n.wall)+"**", "**"+sec(rst.wall)+"**", "**"+ratio(n.wall.Seconds(), rst.wall.Seconds())+"**")
 		row(what+": client CPU (s)", sec(n.client), sec(rst.client), ratio(n.client.Seconds(), rst.client.Seconds()))
 		row(what+": `nbdvault serve` CPU (s)", sec(n.server), "–", "–")
 		row(what+": MinIO CPU (s)", sec(n.minio), sec(rst.minio), ratio(n.minio.Seconds(), rst.minio.Seconds()))
@@ -874,15 +874,15 @@ func (r *resticResult) write(w io.Writer) {
 
 	fmt.Fprintln(w, "| | nbdvault | restic | restic/nbdvault |")
 	fmt.Fprintln(w, "|---|---:|---:|---:|")
-	timeRows("ingest", r.nbd.ingest, r.rst.ingest)
+	timeRows("ingest", "ingest", r.nbd.ingest, r.rst.ingest)
 	row("stored after the ingest: objects", fmt.Sprint(r.nbd.stored.objects), fmt.Sprint(r.rst.stored.objects),
 		ratio(float64(r.nbd.stored.objects), float64(r.rst.stored.objects)))
 	row("stored after the ingest: MiB", fmt.Sprintf("%.1f", mib(r.nbd.stored.bytes)), fmt.Sprintf("%.1f", mib(r.rst.stored.bytes)),
 		ratio(float64(r.nbd.stored.bytes), float64(r.rst.stored.bytes)))
 	row("objects per GiB stored", fmt.Sprintf("**%.0f**", perGiB(r.nbd.stored)), fmt.Sprintf("%.0f", perGiB(r.rst.stored)),
 		ratio(perGiB(r.nbd.stored), perGiB(r.rst.stored)))
-	timeRows("restore", r.nbd.restore, r.rst.restore)
-	timeRows("change: `snapshot create --wait` / 2nd `backup`", r.nbd.change, r.rst.change)
+	timeRows("restore", "restore", r.nbd.restore, r.rst.restore)
+	timeRows("change", "change: `snapshot create --wait` / 2nd `backup`", r.nbd.change, r.rst.change)
 	row("change: MiB added to the repository", fmt.Sprintf("%.2f", mib(r.nbd.added.bytes)), fmt.Sprintf("%.2f", mib(r.rst.added.bytes)),
 		ratio(float64(r.nbd.added.bytes), float64(r.rst.added.bytes)))
 	row("change: added / the change (7.8 MiB)", fmt.Sprintf("**%.2f×**", float64(r.nbd.added.bytes)/float64(change)),
