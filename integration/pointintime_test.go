@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -90,6 +91,16 @@ func testPointInTime(t *testing.T, opts servertest.Options) {
 	st := volumeStatus(t, s, "db").Status
 	require.NotNil(t, st.PointsInTimeFrom)
 	assert.False(t, st.PointsInTimeFrom.After(points[0].at), "the window starts at or before the first point: %s", st.PointsInTimeFrom)
+
+	// A point kept as a snapshot: listed, and read by its label.
+	r = s.MustCLI("snapshot", "create", "db", "--from", points[3].at.UTC().Format(time.RFC3339Nano), "--label", "keep")
+	id := strings.TrimSpace(r.Stdout)
+	assert.Contains(t, s.MustCLI("snapshot", "list", "db").Stdout, id)
+	got, r2 := nbdcopyOut(t, s.URI("db@keep"))
+	require.NotNil(t, got, "%s", r2)
+	nbdtest.SameBytes(t, points[3].data, got, "db@keep, kept from a point in time")
+	r = s.CLI("snapshot", "create", "db", "--from", points[0].at.Add(-time.Hour).UTC().Format(time.RFC3339))
+	assert.Equal(t, exitNotFound, r.ExitCode, "a time with no point: %s", r)
 
 	// Kept in the repository: a restart reads the same times.
 	require.Equal(t, 0, s.Stop())

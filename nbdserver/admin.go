@@ -102,7 +102,7 @@ func apiError(err error) *api.Error {
 	}
 	code := api.ErrInternal
 	switch {
-	case errors.Is(err, volume.ErrNoVolume), errors.Is(err, volume.ErrNoSnapshot):
+	case errors.Is(err, volume.ErrNoVolume), errors.Is(err, volume.ErrNoSnapshot), errors.Is(err, volume.ErrNoPointInTime):
 		code = api.ErrNotFound
 	case errors.Is(err, volume.ErrVolumeClosed):
 		code = api.ErrNotFound
@@ -334,6 +334,17 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 	v, err := s.volumeOf(r.PathValue("vol"))
 	if err != nil {
 		return 0, nil, err
+	}
+	if req.From != "" {
+		if err := s.writable(); err != nil {
+			return 0, nil, err
+		}
+		si, err := v.KeepPoint(r.Context(), req.From, req.Label)
+		if err != nil {
+			return 0, nil, err
+		}
+		s.log.Info("point in time kept as a snapshot", "volume", v.Config().Name, "from", req.From, "id", si.ID, "label", si.Label)
+		return http.StatusCreated, snapshotInfo(v, si), nil
 	}
 	si, err := v.Snapshot(r.Context(), req.Label)
 	if err != nil {

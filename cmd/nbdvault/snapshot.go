@@ -18,9 +18,11 @@ func snapshotCommand() *cli.Command {
 		Usage: "take, list and delete snapshots",
 		Subcommands: []*cli.Command{
 			{
-				Name: "create", Usage: "snapshot a volume now; prints the snapshot's ID", ArgsUsage: "VOLUME",
+				Name: "create", Usage: "snapshot a volume now, or keep a point in time; prints the snapshot's ID", ArgsUsage: "VOLUME",
 				Flags: append([]cli.Flag{
 					&cli.StringFlag{Name: "label", Usage: "a `name` for the snapshot, unique in the volume"},
+					&cli.StringFlag{Name: "from", Usage: "keep the volume as it was at this `TIME` (RFC 3339, e.g. 2026-11-30T17:55:03Z) as a snapshot, " +
+						"so it stays after the server's --journal-retention; no data is copied"},
 					&cli.BoolFlag{Name: "wait", Usage: "return once the snapshot is sealed (uploaded)"},
 				}, clientFlags...),
 				Action: snapshotCreate,
@@ -40,7 +42,7 @@ func snapshotCreate(c *cli.Context) error {
 		return err
 	}
 	vol := c.Args().First()
-	s, err := cl.CreateSnapshot(c.Context, vol, c.String("label"))
+	s, err := cl.KeepPoint(c.Context, vol, c.String("from"), c.String("label"))
 	if err != nil {
 		return err
 	}

@@ -154,6 +154,9 @@ type ResizeVolume struct {
 // CreateSnapshot is the body of POST /v1/volumes/{name}/snapshots.
 type CreateSnapshot struct {
 	Label string `json:"label,omitempty"`
+	// From, if set, keeps a point in time as the snapshot instead of
+	// marking the head: an RFC 3339 time or a checkpoint's ID.
+	From string `json:"from,omitempty"`
 }
 
 // ChunkIDs is the answer of GET /v1/volumes/{name}/chunks: the content

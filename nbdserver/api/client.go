@@ -99,8 +99,15 @@ func (c *Client) Snapshot(ctx context.Context, vol, snap string) (Snapshot, erro
 
 // CreateSnapshot takes a snapshot of volume vol's head.
 func (c *Client) CreateSnapshot(ctx context.Context, vol, label string) (Snapshot, error) {
+	return c.KeepPoint(ctx, vol, "", label)
+}
+
+// KeepPoint makes the point in time from (an RFC 3339 time or a
+// checkpoint's ID) of volume vol a snapshot, so it stays after the
+// retention window; with from empty, it takes a snapshot of the head.
+func (c *Client) KeepPoint(ctx context.Context, vol, from, label string) (Snapshot, error) {
 	var s Snapshot
-	return s, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/snapshots", CreateSnapshot{Label: label}, &s)
+	return s, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/snapshots", CreateSnapshot{Label: label, From: from}, &s)
 }
 
 // DeleteSnapshot deletes a sealed snapshot.

@@ -377,3 +377,52 @@ func TestCheckpointExpiry(t *testing.T) {
 	assert.NoError(t, g.v.Status().ExpiryError)
 	g.checkPoints("after expiry")
 }
+
+// TestKeepPoint: a point in time kept as a snapshot stays after the
+// window, reads what the point held, before and after a restart, and is
+// deleted like any snapshot; a time that is already a snapshot, or a label
+// taken, is refused.
+func TestKeepPoint(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	g.retention = time.Minute
+	g.reopen()
+	var at time.Time
+	var want []byte
+	for i := range 6 {
+		g.tick(10 * time.Second)
+		p := randomBytes(3000)
+		off := g.r.Int64N(4*MinChunkSize - 3000)
+		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+		copy(g.m.head[off:], p)
+		made, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		require.True(t, made)
+		require.NoError(t, g.v.SealAll(ctx))
+		if i == 2 {
+			at, want = g.now.Add(5*time.Second), bytes.Clone(g.m.head)
+		}
+	}
+	s, err := g.v.KeepPoint(ctx, at.Format(time.RFC3339), "before-upgrade")
+	require.NoError(t, err)
+	assert.Equal(t, "before-upgrade", s.Label)
+	_, err = g.v.KeepPoint(ctx, at.Format(time.RFC3339), "again")
+	assert.ErrorIs(t, err, ErrExists, "the point is a snapshot already")
+	_, err = g.v.KeepPoint(ctx, g.now.Format(time.RFC3339), "before-upgrade")
+	assert.ErrorIs(t, err, ErrLabelTaken)
+	g.m.snaps[s.ID] = want
+	g.m.snaps["before-upgrade"] = want
+
+	g.tick(time.Hour)
+	for g.v.expireCheckpoints(ctx, g.v.base) {
+	}
+	g.checkPacks()
+	g.check("the kept point after the window", true)
+	g.reopen()
+	g.check("after a restart", true)
+	require.NoError(t, g.v.DeleteSnapshot(ctx, "before-upgrade"))
+	delete(g.m.snaps, s.ID)
+	delete(g.m.snaps, "before-upgrade")
+	g.checkPacks()
+	g.check("after deleting it", true)
+}

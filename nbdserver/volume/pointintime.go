@@ -188,16 +188,18 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 			best, bestSeq, found = si, seq, true
 		}
 	}
+	// Snapshots first: a kept point is a snapshot and a checkpoint of
+	// the same ID, and the snapshot (with its label) is the answer.
+	for _, s := range v.snaps {
+		// A damaged one too: the time it covers reads nothing else.
+		consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
+	}
 	for _, c := range v.checkpoints {
 		size := v.cfg.Size
 		if c.m != nil {
 			size = c.m.Size
 		}
 		consider(c.seq, SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: size, Sealed: true})
-	}
-	for _, s := range v.snaps {
-		// A damaged one too: the time it covers reads nothing else.
-		consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
 	}
 	for _, l := range v.layers {
 		if m := l.mark; m != nil && m.Kind == KindCheckpoint {
@@ -361,4 +363,66 @@ func (v *Volume) remember(c *cut, m *Manifest) {
 		v.loaded[0].m = nil
 		v.loaded = slices.Delete(v.loaded, 0, 1)
 	}
+}
+
+// KeepPoint makes the point in time from names (a time or a kept
+// checkpoint's ID, as Find takes them) a snapshot, with label if not
+// empty: it then stays after the retention window, like any snapshot. No
+// data is copied: the snapshot's manifest is the checkpoint's, under the
+// same ID. A point still in the write log is refused with ErrNotSealed.
+func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInfo, error) {
+	v.sealMu.Lock() // no expiry meanwhile
+	defer v.sealMu.Unlock()
+	if v.isClosed() {
+		return SnapshotInfo{}, fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
+	si, err := v.Find(ctx, from)
+	switch {
+	case err != nil:
+		return SnapshotInfo{}, err
+	case si.Kind != KindCheckpoint:
+		return SnapshotInfo{}, fmt.Errorf("%q of volume %q is snapshot %s already: %w", from, v.cfg.Name, si.ID, ErrExists)
+	case !si.Sealed:
+		return SnapshotInfo{}, fmt.Errorf("the point %s of volume %q is not uploaded yet: %w: try again in a moment", si.ID, v.cfg.Name, ErrNotSealed)
+	}
+	m, err := v.loadCut(ctx, si.ID)
+	if err != nil {
+		return SnapshotInfo{}, err
+	}
+	if m == nil {
+		return SnapshotInfo{}, fmt.Errorf("checkpoint %s of volume %q: %w: it left the retention window", si.ID, v.cfg.Name, ErrNoSnapshot)
+	}
+	v.markMu.Lock() // a label's uniqueness check and its use, as in mark
+	defer v.markMu.Unlock()
+	if label != "" {
+		if err := ValidLabel(label); err != nil {
+			return SnapshotInfo{}, err
+		}
+		v.mu.RLock()
+		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
+		v.mu.RUnlock()
+		if taken {
+			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
+		}
+	}
+	keep := *m
+	keep.Kind, keep.Label = KindSnapshot, label
+	key := manifestKey(v.cfg.Name, KindSnapshot, keep.ID)
+	// Listed before it is written: a put that fails may still have
+	// stored it, and the sweep must count what it names.
+	s := &snapshot{Manifest: keep, sealed: true}
+	v.mu.Lock()
+	v.snaps = append(v.snaps, s)
+	v.sortSnaps()
+	v.mu.Unlock()
+	if err := putJSON(ctx, v.repo, v.env.RepoID, key, keep); err != nil {
+		if derr := v.repo.Delete(ctx, key); derr != nil && !errors.Is(derr, chunkstore.ErrNotFound) {
+			return SnapshotInfo{}, fmt.Errorf("keep %s of volume %q as a snapshot: %w (it may have been stored: snapshot list shows it if so)", si.ID, v.cfg.Name, err)
+		}
+		v.mu.Lock()
+		v.snaps = slices.DeleteFunc(v.snaps, func(x *snapshot) bool { return x == s })
+		v.mu.Unlock()
+		return SnapshotInfo{}, fmt.Errorf("keep %s of volume %q as a snapshot: %w", si.ID, v.cfg.Name, err)
+	}
+	return SnapshotInfo{ID: keep.ID, Kind: KindSnapshot, Label: label, Time: keep.Time, Size: keep.Size, Sealed: true}, nil
 }
