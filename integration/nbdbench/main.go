@@ -175,6 +175,25 @@ func logf(format string, args ...any) {
 	fmt.Fprintf(os.Stderr, "nbdbench: "+format+"\n", args...)
 }
 
+// workDir checks that the page cache can be dropped if asked to, and
+// makes the run's work directory; cleanup removes it unless -keep.
+func workDir(cfg config) (work string, cleanup func(), err error) {
+	if cfg.dropCaches {
+		if err := dropCaches(); err != nil {
+			return "", nil, fmt.Errorf("%w (run as root, or pass -drop-caches=false and the report says the cache was kept)", err)
+		}
+	}
+	work, err = os.MkdirTemp(cfg.dir, "nbdbench-")
+	if err != nil {
+		return "", nil, err
+	}
+	if cfg.keep {
+		logf("work directory %s is kept", work)
+		return work, func() {}, nil
+	}
+	return work, func() { os.RemoveAll(work) }, nil
+}
+
 // run runs the benchmark and writes the report to out.
 func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 	if cfg.onlyRestic {
@@ -184,21 +203,11 @@ func run(ctx context.Context, cfg config, out io.Writer) (err error) {
 	if err != nil {
 		return err
 	}
-	if cfg.dropCaches {
-		if err := dropCaches(); err != nil {
-			return fmt.Errorf("%w (run as root, or pass -drop-caches=false and the report says the cache was kept)", err)
-		}
-	}
-
-	work, err := os.MkdirTemp(cfg.dir, "nbdbench-")
+	work, cleanup, err := workDir(cfg)
 	if err != nil {
 		return err
 	}
-	if cfg.keep {
-		logf("work directory %s is kept", work)
-	} else {
-		defer os.RemoveAll(work)
-	}
+	defer cleanup()
 	size := cfg.sizeMiB << 20
 	withVolume := slices.Contains(cfg.servers, "volume")
 	fsType, err := checkSpace(work, spaceNeeded(cfg))

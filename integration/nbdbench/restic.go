@@ -817,20 +817,11 @@ func (s *serveProcess) restart(ctx context.Context) error {
 // runResticOnly runs the restic comparison alone (-only-restic) and
 // writes its report.
 func runResticOnly(ctx context.Context, cfg config, out io.Writer) error {
-	if cfg.dropCaches {
-		if err := dropCaches(); err != nil {
-			return fmt.Errorf("%w (run as root, or pass -drop-caches=false and the report says the cache was kept)", err)
-		}
-	}
-	work, err := os.MkdirTemp(cfg.dir, "nbdbench-")
+	work, cleanup, err := workDir(cfg)
 	if err != nil {
 		return err
 	}
-	if cfg.keep {
-		logf("work directory %s is kept", work)
-	} else {
-		defer os.RemoveAll(work)
-	}
+	defer cleanup()
 	fsType, err := checkSpace(work, resticSpaceNeeded)
 	if err != nil {
 		return err

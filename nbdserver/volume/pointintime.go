@@ -394,16 +394,8 @@ func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInf
 	}
 	v.markMu.Lock() // a label's uniqueness check and its use, as in mark
 	defer v.markMu.Unlock()
-	if label != "" {
-		if err := ValidLabel(label); err != nil {
-			return SnapshotInfo{}, err
-		}
-		v.mu.RLock()
-		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
-		v.mu.RUnlock()
-		if taken {
-			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
-		}
+	if err := v.checkLabel(label); err != nil {
+		return SnapshotInfo{}, err
 	}
 	keep := *m
 	keep.Kind, keep.Label = KindSnapshot, label

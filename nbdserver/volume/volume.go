@@ -650,19 +650,30 @@ func (v *Volume) Checkpoint(ctx context.Context) (bool, error) {
 	return err == nil, err
 }
 
+// checkLabel says what is wrong with label for a new snapshot: its form,
+// or another snapshot has it. Called with markMu held, which the new
+// snapshot is made under.
+func (v *Volume) checkLabel(label string) error {
+	if label == "" {
+		return nil
+	}
+	if err := ValidLabel(label); err != nil {
+		return err
+	}
+	v.mu.RLock()
+	taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
+	v.mu.RUnlock()
+	if taken {
+		return fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
+	}
+	return nil
+}
+
 func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	v.markMu.Lock()
 	defer v.markMu.Unlock()
-	if label != "" {
-		if err := ValidLabel(label); err != nil {
-			return SnapshotInfo{}, err
-		}
-		v.mu.RLock()
-		taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
-		v.mu.RUnlock()
-		if taken {
-			return SnapshotInfo{}, fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
-		}
+	if err := v.checkLabel(label); err != nil {
+		return SnapshotInfo{}, err
 	}
 	m := mark{Kind: kind, Label: label}
 	var applyErr error
