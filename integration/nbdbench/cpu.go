@@ -125,3 +125,22 @@ func (o otherCPU) share(cpus int) float64 {
 	}
 	return 100 * o.other.Seconds() / (o.wall.Seconds() * float64(cpus))
 }
+
+// processPeakRSS is the peak resident memory of process pid since it
+// started (VmHWM in /proc/PID/status), in bytes.
+func processPeakRSS(pid int) (int64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			f := strings.Fields(rest) // "123456 kB"
+			if len(f) == 2 && f[1] == "kB" {
+				n, err := strconv.ParseInt(f[0], 10, 64)
+				return n << 10, err
+			}
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status: no VmHWM", pid)
+}

@@ -79,6 +79,9 @@ type phaseCost struct {
 	client time.Duration // user + system of the client commands
 	server time.Duration // `nbdvault serve`; 0 for restic
 	minio  time.Duration
+	// Peak resident memory: of the largest client command, and of
+	// `nbdvault serve` since it started (0 for restic).
+	clientRSS, serverRSS int64
 }
 
 // bucketUsage is what a bucket (or prefix) holds.
@@ -283,6 +286,8 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 			total.client += c.client
 			total.server += c.server
 			total.minio += c.minio
+			total.clientRSS = max(total.clientRSS, c.clientRSS)
+			total.serverRSS = max(total.serverRSS, c.serverRSS)
 			last = out
 		}
 		return last, total, nil
@@ -441,6 +446,12 @@ func runCost(ctx context.Context, env, args []string, serverPID, minioPID int) (
 		return "", "", c, fmt.Errorf("%s: %v: %s%s", shellJoin(args), err, errOut.Bytes(), out.Bytes())
 	}
 	c.client = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
+	if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+		c.clientRSS = ru.Maxrss << 10 // kB on Linux
+	}
+	if serverPID != 0 {
+		c.serverRSS, _ = processPeakRSS(serverPID)
+	}
 	return out.String(), errOut.String(), c, nil
 }
 
@@ -860,6 +871,9 @@ func (r *resticResult) write(w io.Writer) {
 		row(what+": MinIO CPU (s)", sec(n.minio), sec(rst.minio), ratio(n.minio.Seconds(), rst.minio.Seconds()))
 		nt, rt := n.client+n.server+n.minio, rst.client+rst.minio
 		row(what+": CPU, all of it (s)", sec(nt), sec(rt), ratio(nt.Seconds(), rt.Seconds()))
+		row(what+": client peak RSS (MiB)", fmt.Sprintf("%.0f", mib(n.clientRSS)), fmt.Sprintf("%.0f", mib(rst.clientRSS)),
+			ratio(float64(n.clientRSS), float64(rst.clientRSS)))
+		row(what+": `nbdvault serve` peak RSS since its start (MiB)", fmt.Sprintf("%.0f", mib(n.serverRSS)), "–", "–")
 	}
 	perGiB := func(u bucketUsage) float64 { return float64(u.objects) / (float64(u.bytes) / (1 << 30)) }
 
