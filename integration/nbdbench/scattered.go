@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -39,7 +40,8 @@ type scatteredResult struct {
 	objsBefore    int64
 	objsAfter     int64
 	maxLag        time.Duration
-	stoppedEarly  string // why, if it did
+	cpu           time.Duration // this process's (NBD server and uploader) while fio ran
+	stoppedEarly  string        // why, if it did
 	cmd           string
 }
 
@@ -93,6 +95,7 @@ func benchScattered(ctx context.Context, cfg config, work string) (*scatteredRes
 	}
 	done := make(chan fioDone, 1)
 	start := time.Now()
+	cpu0, _ := processCPU(os.Getpid())
 	go func() {
 		r, err := runFio(fioCtx, args, "randwrite")
 		done <- fioDone{r, err}
@@ -103,6 +106,8 @@ func benchScattered(ctx context.Context, cfg config, work string) (*scatteredRes
 		select {
 		case d := <-done:
 			res.took = time.Since(start)
+			cpu1, _ := processCPU(os.Getpid())
+			res.cpu = cpu1 - cpu0
 			if d.err != nil && res.stoppedEarly == "" {
 				return nil, d.err
 			}
@@ -143,17 +148,21 @@ func dirUsage(dir string) (bytes, files int64, err error) {
 func (s *scatteredResult) write(w io.Writer) {
 	fmt.Fprintf(w, "\n### Sustained scattered 4 KiB writes into a %d MiB volume (%d IOPS, %s)\n\n", s.size>>20, s.iops, s.took.Round(time.Second))
 	growth := s.repoAfter - s.repoBefore
-	fmt.Fprintln(w, "| written by fio | repository growth | growth / written | objects added | max lag |")
-	fmt.Fprintln(w, "|---|---|---|---|---|")
+	fmt.Fprintln(w, "| written by fio | repository growth | growth / written | objects added | max lag | server CPU (share of one core) |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|")
 	ratio := "-"
 	if s.written > 0 {
 		ratio = fmt.Sprintf("%.1f×", float64(growth)/float64(s.written))
 	}
-	fmt.Fprintf(w, "| %.1f MiB | %.1f MiB | %s | %d | %s |\n", float64(s.written)/(1<<20), float64(growth)/(1<<20), ratio,
-		s.objsAfter-s.objsBefore, s.maxLag.Round(time.Second))
+	share := "-"
+	if s.took > 0 {
+		share = fmt.Sprintf("%.0f%%", 100*s.cpu.Seconds()/s.took.Seconds())
+	}
+	fmt.Fprintf(w, "| %.1f MiB | %.1f MiB | %s | %d | %s | %s |\n", float64(s.written)/(1<<20), float64(growth)/(1<<20), ratio,
+		s.objsAfter-s.objsBefore, s.maxLag.Round(time.Second), share)
 	if s.stoppedEarly != "" {
 		fmt.Fprintf(w, "\nStopped early: %s.\n", s.stoppedEarly)
 	}
-	fmt.Fprintf(w, "\nThe volume was filled with random data and sealed first (repository %.1f MiB, %d objects); then `%s`. Issue 11's goal: growth ≤ 3× the bytes written, the lag bounded.\n",
+	fmt.Fprintf(w, "\nThe volume was filled with random data and sealed first (repository %.1f MiB, %d objects); then `%s`. Server CPU is this process's (the NBD server, the write log and the uploader) while fio ran. Issue 11's goal: growth ≤ 3× the bytes written, the lag bounded.\n",
 		float64(s.repoBefore)/(1<<20), s.objsBefore, s.cmd)
 }
