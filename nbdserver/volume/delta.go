@@ -204,6 +204,12 @@ func (r *reader) bytes(n int, what string) []byte {
 	return out
 }
 
+// minRef is the fewest bytes a FrameRef takes: three numbers of a byte
+// each and the hash. The counts of entries that hold one are bounded by
+// it, so it must not be more than the least an entry can be, or a small
+// valid delta would be refused.
+const minRef = 3 + 32
+
 func (r *reader) ref() chunkstore.FrameRef {
 	var f chunkstore.FrameRef
 	f.Off = int64(r.uvarint(1<<62, "frame offset"))
@@ -248,7 +254,7 @@ func decodeTop(b []byte) (deltaTop, error) {
 		}
 		t.packs = append(t.packs, k)
 	}
-	n = r.count(5+32+5, "page count")
+	n = r.count(5+minRef, "page count") // five numbers and a reference
 	t.pages = make([]pageRef, 0, n)
 	prev := int64(0)
 	for i := 0; i < n && r.err == nil; i++ {
@@ -282,7 +288,7 @@ func decodePage(b []byte, pr pageRef, npacks int) (deltaPage, error) {
 	r := &reader{b: b}
 	r.magic(pageMagic)
 	var p deltaPage
-	n := r.count(5+32, "frame count")
+	n := r.count(1+minRef, "frame count") // a pack and a reference
 	p.frames = make([]frameLoc, 0, n)
 	for i := 0; i < n && r.err == nil; i++ {
 		var f frameLoc

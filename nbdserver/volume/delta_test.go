@@ -78,6 +78,26 @@ func TestDeltaEncoding(t *testing.T) {
 	}
 }
 
+// TestDeltaEncodingSmallest: a top and a page whose entries take the
+// fewest bytes they can (a delta of a few bytes near the start of the
+// volume, in a frame near the start of its pack) decode. The entry counts
+// are bounded by the smallest entry: a bound one byte too high refused
+// the delta of a 9-byte write at offset 100.
+func TestDeltaEncodingSmallest(t *testing.T) {
+	ref := chunkstore.FrameRef{Off: 1, Len: 20, Plain: 9}
+	p := deltaPage{frames: []frameLoc{{pack: 0, ref: ref}}, ext: []dext{{off: 100, length: 9, kind: dxData}}}
+	pr := pageRef{first: 100, end: 109, extents: 1, dataBytes: 9, pack: 0}
+	b := encodePage(p, pr.first)
+	got, err := decodePage(b, pr, 1)
+	require.NoError(t, err)
+	require.Equal(t, p, got)
+	pr.ref = chunkstore.FrameRef{Off: 21, Len: uint32(len(b)), Plain: uint32(len(b))}
+	top := deltaTop{packs: []string{"volumes/v/journal/0000000000000002-a"}, pages: []pageRef{pr}}
+	gotTop, err := decodeTop(encodeTop(top))
+	require.NoError(t, err)
+	require.Equal(t, top, gotTop)
+}
+
 // flatten is what a list of deltas (oldest first) says of [0, size):
 // for each byte, the newest extent's kind and source, as a string.
 func flatten(size int64, deltas [][]xext) []string {
