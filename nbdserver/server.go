@@ -183,7 +183,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	s.env = &volume.Env{
 		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
-		Logger: s.log.With("part", "upload"),
+		UploadMemory: opts.MaxMemory / 4,
+		Logger:       s.log.With("part", "upload"),
 	}
 	names, err := listVolumes(ctx, s.repo)
 	if err != nil {

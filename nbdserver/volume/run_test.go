@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -262,4 +265,67 @@ func TestStateDiskFullMarkUsesReserve(t *testing.T) {
 	got := make([]byte, len(a))
 	require.NoError(t, v.ReadSnapshotAt(ctx, "full", got, 0))
 	require.True(t, bytes.Equal(a, got))
+}
+
+// concurrentPacks counts the journal pack puts in flight at once, each
+// held for a moment so that seals running together overlap.
+type concurrentPacks struct {
+	chunkstore.Backend
+	now, most atomic.Int64
+}
+
+func (c *concurrentPacks) Put(ctx context.Context, key string, data []byte) error {
+	if strings.Contains(key, "/journal/") {
+		n := c.now.Add(1)
+		defer c.now.Add(-1)
+		for {
+			m := c.most.Load()
+			if n <= m || c.most.CompareAndSwap(m, n) {
+				break
+			}
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return c.Backend.Put(ctx, key, data)
+}
+
+// TestUploadMemoryBoundsSeals: the seals of all volumes together hold at
+// most UploadMemory: with room for one, volumes that all have a layer to
+// seal take turns, and every write still reaches the repository.
+func TestUploadMemoryBoundsSeals(t *testing.T) {
+	for _, room := range []int64{SealMemory, 0} {
+		t.Run(fmt.Sprint("room ", room), func(t *testing.T) {
+			ctx := context.Background()
+			repo := &concurrentPacks{Backend: chunkstore.NewMem()}
+			store, err := chunkstore.NewStore(repo, chunkstore.Options{})
+			require.NoError(t, err)
+			env := &Env{Repo: repo, Store: store, StateDir: t.TempDir(), UploadMemory: room}
+			var vols []*Volume
+			for i := range 4 {
+				v, err := Create(ctx, env, Config{Name: fmt.Sprint("v", i), Size: 4 * MinChunkSize, ChunkSize: MinChunkSize})
+				require.NoError(t, err)
+				defer v.Close()
+				require.NoError(t, v.WriteAt(ctx, []byte("scattered"), 100, false))
+				_, err = v.Checkpoint(ctx)
+				require.NoError(t, err)
+				vols = append(vols, v)
+			}
+			var wg sync.WaitGroup
+			for _, v := range vols {
+				wg.Go(func() { assert.NoError(t, v.SealAll(ctx)) })
+			}
+			wg.Wait()
+			if room > 0 {
+				assert.Equal(t, int64(1), repo.most.Load(), "one seal at a time")
+			} else {
+				assert.Greater(t, repo.most.Load(), int64(1), "without a bound, seals overlap (else this test shows nothing)")
+			}
+			for _, v := range vols {
+				p := make([]byte, 9)
+				require.NoError(t, v.ReadAt(ctx, p, 100))
+				assert.Equal(t, "scattered", string(p))
+				assert.Zero(t, v.Status().PendingLayers)
+			}
+		})
+	}
 }

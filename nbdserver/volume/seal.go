@@ -32,7 +32,12 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 	}
 
 	// A closed layer never changes, so it is read without v.mu.
+	release, err := v.env.sealSlot(ctx)
+	if err != nil {
+		return false, err
+	}
 	m, err := v.storeLayer(ctx, base, l)
+	release()
 	if err != nil {
 		v.mu.Lock()
 		v.sealErr = err

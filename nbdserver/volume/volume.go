@@ -169,11 +169,19 @@ type Env struct {
 	// JournalRetention is how long checkpoints are kept as points in time
 	// (VOL@TIME). Zero: DefaultJournalRetention; negative: none are kept.
 	JournalRetention time.Duration
+	// UploadMemory bounds what the seals of all volumes hold at once: a
+	// seal takes about SealMemory (its journal pack, chunks being built),
+	// so at most UploadMemory / SealMemory run at a time (at least one).
+	// Zero: no bound.
+	UploadMemory int64
 	// Logger, if set, hears of upload failures and recoveries.
 	Logger *slog.Logger
 
 	deltaOnce  sync.Once
 	deltaCache *deltaCache // decoded delta tops and pages of all volumes
+
+	slotsOnce sync.Once
+	slots     chan struct{} // seals running; nil: no bound
 
 	clock func() time.Time // tests; nil: time.Now
 }
@@ -720,4 +728,27 @@ func maxTime(a, b time.Time) time.Time {
 		return b
 	}
 	return a
+}
+
+// SealMemory is about what one seal holds at its peak: its journal pack
+// (up to 32 MiB) and the chunks its workers build and compress.
+var SealMemory = int64(packTarget) + 2*int64(uploadWorkers)*DefaultChunkSize
+
+// sealSlot waits until a seal may run under UploadMemory, and returns the
+// function that lets the next one run.
+func (e *Env) sealSlot(ctx context.Context) (func(), error) {
+	e.slotsOnce.Do(func() {
+		if e.UploadMemory > 0 {
+			e.slots = make(chan struct{}, max(1, e.UploadMemory/SealMemory))
+		}
+	})
+	if e.slots == nil {
+		return func() {}, nil
+	}
+	select {
+	case e.slots <- struct{}{}:
+		return func() { <-e.slots }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
