@@ -115,6 +115,7 @@ type config struct {
 	scatteredRuntime time.Duration
 	scatteredIOPS    int64
 	scatteredSizeMiB int64 // 0: sizeMiB
+	scatteredFill    string // "random" or "text"
 	// restic runs the comparison with restic (restic.go); onlyRestic runs
 	// it alone.
 	restic, onlyRestic bool
@@ -135,6 +136,7 @@ func main() {
 	flag.DurationVar(&cfg.scatteredRuntime, "scattered-runtime", 3*time.Minute, "runtime of the sustained scattered 4 KiB writes into a -size-mib volume, counting the repository's growth (runs when the volume server does; 0 skips it)")
 	flag.Int64Var(&cfg.scatteredIOPS, "scattered-iops", 1000, "the rate of the scattered writes, in 4 KiB writes per second")
 	flag.Int64Var(&cfg.scatteredSizeMiB, "scattered-size-mib", 0, "size in MiB of the scattered-writes volume (0: -size-mib)")
+	flag.StringVar(&cfg.scatteredFill, "scattered-fill", "random", "what the scattered-writes volume is filled with first: random, or text (compressible: a 64 GiB volume then fits a smaller disk)")
 	flag.BoolVar(&cfg.restic, "restic", true, "compare nbdvault with restic through the same MinIO: ingest, restore and a scattered change of a 2 GiB ext4 image (restic.go; a missing restic skips it, or fails the run under NBDVAULT_REQUIRE_TOOLS)")
 	flag.BoolVar(&cfg.onlyRestic, "only-restic", false, "run the restic comparison alone (no NBD throughput, rewrite or scattered-writes benchmark)")
 	flag.Parse()

@@ -19,7 +19,7 @@ import (
 // (in this process, uploader with its defaults: 1 MiB chunks, checkpoints
 // every 10 s):
 //
-//  1. a volume of -size-mib filled with random data through the volume
+//  1. a volume of -size-mib filled with random data (or text, -scattered-fill) through the volume
 //     API (incompressible, so nothing is saved by zstd), snapshot, seal;
 //  2. fio's nbd engine writes 4 KiB blocks at random offsets at a fixed
 //     rate (-scattered-iops) for -scattered-runtime, queue depth 16;
@@ -43,6 +43,7 @@ type scatteredResult struct {
 	cpu           time.Duration // this process's (NBD server and uploader) while fio ran
 	stoppedEarly  string        // why, if it did
 	cmd           string
+	fill          string // what filled the volume first
 }
 
 // scatteredReserve is the free space under which the run stops early.
@@ -57,10 +58,19 @@ func benchScattered(ctx context.Context, cfg config, work string) (*scatteredRes
 	}
 	defer srv.stop()
 	v := srv.vol.v
-	logf("scattered: filling the %d MiB volume with random data", res.size>>20)
+	res.fill = cfg.scatteredFill
+	logf("scattered: filling the %d MiB volume with %s data", res.size>>20, res.fill)
 	buf := make([]byte, 1<<20)
+	text := newTextGen(7)
 	for off := int64(0); off < res.size; off += int64(len(buf)) {
-		_, _ = rand.Read(buf)
+		switch res.fill {
+		case "text":
+			text.fill(buf, fmt.Sprint("chunk ", off))
+		case "random":
+			_, _ = rand.Read(buf)
+		default:
+			return nil, fmt.Errorf("-scattered-fill %q: want random or text", res.fill)
+		}
 		if err := v.WriteAt(ctx, buf, off, false); err != nil {
 			return nil, err
 		}
@@ -163,6 +173,6 @@ func (s *scatteredResult) write(w io.Writer) {
 	if s.stoppedEarly != "" {
 		fmt.Fprintf(w, "\nStopped early: %s.\n", s.stoppedEarly)
 	}
-	fmt.Fprintf(w, "\nThe volume was filled with random data and sealed first (repository %.1f MiB, %d objects); then `%s`. Server CPU is this process's (the NBD server, the write log and the uploader) while fio ran. Issue 11's goal: growth ≤ 3× the bytes written, the lag bounded.\n",
+	fmt.Fprintf(w, "\nThe volume was filled with "+s.fill+" data and sealed first (repository %.1f MiB, %d objects); then `%s`. Server CPU is this process's (the NBD server, the write log and the uploader) while fio ran. Issue 11's goal: growth ≤ 3× the bytes written, the lag bounded.\n",
 		float64(s.repoBefore)/(1<<20), s.objsBefore, s.cmd)
 }
