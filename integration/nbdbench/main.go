@@ -114,7 +114,7 @@ type config struct {
 	// (scattered.go); a zero runtime skips it.
 	scatteredRuntime time.Duration
 	scatteredIOPS    int64
-	scatteredSizeMiB int64 // 0: sizeMiB
+	scatteredSizeMiB int64  // 0: sizeMiB
 	scatteredFill    string // "random" or "text"
 	// restic runs the comparison with restic (restic.go); onlyRestic runs
 	// it alone.

@@ -19,8 +19,9 @@ import (
 // (in this process, uploader with its defaults: 1 MiB chunks, checkpoints
 // every 10 s):
 //
-//  1. a volume of -size-mib filled with random data (or text, -scattered-fill) through the volume
-//     API (incompressible, so nothing is saved by zstd), snapshot, seal;
+//  1. a volume of -size-mib filled through the volume API with random
+//     data (incompressible, so nothing is saved by zstd; or text with
+//     -scattered-fill text), snapshot, seal;
 //  2. fio's nbd engine writes 4 KiB blocks at random offsets at a fixed
 //     rate (-scattered-iops) for -scattered-runtime, queue depth 16;
 //  3. every 5 s: the repository's bytes and objects (a walk of its
