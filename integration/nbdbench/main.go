@@ -316,9 +316,14 @@ func spaceNeeded(cfg config) int64 {
 		}
 	}
 	if slices.Contains(cfg.servers, "volume") && cfg.scatteredRuntime > 0 {
-		// The filled volume's log and repository; its growth is watched
-		// and stopped at scatteredReserve.
-		need += 2*cfg.scatteredSize() + scatteredReserve
+		// The filled volume's log (at most the log limit: the uploader
+		// seals as it fills) and repository (text: zstd stores about
+		// 40%); its growth is watched and stopped at scatteredReserve.
+		repo := cfg.scatteredSize()
+		if cfg.scatteredFill == "text" {
+			repo = repo / 2
+		}
+		need += min(cfg.scatteredSize(), 8<<30) + repo + scatteredReserve
 	}
 	if cfg.restic {
 		need += resticSpaceNeeded
