@@ -23,7 +23,8 @@ import (
 // local repository and on MinIO: serve, create a volume, attach its head
 // with nbdfuse, mkfs.ext4, write files, freeze, snapshot, thaw, write more,
 // mount the snapshot (its files, with their checksums, and none written
-// after it), restore it (byte for byte the snapshot, a clean fsck).
+// after it), restore it (byte for byte the snapshot, a clean fsck), and
+// mount the volume at a time after the later files (all of them).
 func TestWalkthrough(t *testing.T) {
 	for _, repo := range []string{"local", "minio"} {
 		t.Run(repo, func(t *testing.T) {
@@ -74,6 +75,19 @@ func TestWalkthrough(t *testing.T) {
 			want := readNBD(t, s, "web@"+id)
 			require.True(t, bytes.Equal(want, got), "the restored image is the snapshot: %s", nbdtest.Diff(want, got))
 			nbdtest.MustRun(t, time.Minute, tools["e2fsck"], "-fn", img)
+
+			// A point in time: frozen, so the point is a clean file system;
+			// once the repository holds it, the time after it reads both
+			// the files before the snapshot and those after.
+			nbdtest.MustRun(t, time.Minute, tools["fsfreeze"], "-f", fs.Dir)
+			waitSealed(t, s, "web")
+			at := time.Now().UTC().Format(time.RFC3339Nano)
+			nbdtest.MustRun(t, time.Minute, tools["fsfreeze"], "-u", fs.Dir)
+			then := t.TempDir()
+			s.MustCLI("mount", "web@"+at, then)
+			checkFiles(t, then, before)
+			checkFiles(t, then, after)
+			s.MustCLI("umount", then)
 
 			fs.Unmount(t)
 			head.Unmount(t)
