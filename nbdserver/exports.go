@@ -65,6 +65,7 @@ func (e *Exports) Remove(name string) {
 	delete(e.vols, name)
 	delete(e.heads, name)
 	e.m.forget(name)
+	e.m.forget(name + "@point-in-time")
 }
 
 // Lookup implements nbd.Exports.
@@ -96,7 +97,12 @@ func (e *Exports) Lookup(name string) (*nbd.Export, bool) {
 func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served bool) *nbd.Export {
 	name := v.Config().Name + "@" + s.ID
 	var m *exportMetrics
-	if served {
+	switch {
+	case served && s.Kind == volume.KindCheckpoint:
+		// One series for all points in time: one per point would grow
+		// without end.
+		m = e.m.export(v.Config().Name + "@point-in-time")
+	case served:
 		m = e.m.export(name)
 	}
 	desc := "snapshot " + s.ID + " of " + v.Config().Name
