@@ -101,6 +101,11 @@ func testPointInTime(t *testing.T, opts servertest.Options) {
 	nbdtest.SameBytes(t, points[3].data, got, "db@keep, kept from a point in time")
 	r = s.CLI("snapshot", "create", "db", "--from", points[0].at.Add(-time.Hour).UTC().Format(time.RFC3339))
 	assert.Equal(t, exitNotFound, r.ExitCode, "a time with no point: %s", r)
+	// A delete takes a snapshot's name, never a time (which would find
+	// whatever snapshot lies before it).
+	r = s.CLI("snapshot", "delete", "db@"+points[3].at.UTC().Format(time.RFC3339Nano)) // resolves to the kept point
+	assert.Equal(t, exitUsage, r.ExitCode, "%s", r)
+	assert.Contains(t, s.MustCLI("snapshot", "list", "db").Stdout, id, "the kept point is still there")
 
 	// Kept in the repository: a restart reads the same times.
 	require.Equal(t, 0, s.Stop())

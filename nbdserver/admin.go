@@ -362,8 +362,10 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if si.Kind == volume.KindCheckpoint {
-		return 0, nil, fmt.Errorf("%w: %q is a point in time the server keeps (checkpoint %s), not a snapshot: it leaves by itself with --journal-retention", errInvalid, r.PathValue("snap"), si.ID)
+	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || (si.ID != snap && si.Label != snap) {
+		// Only a snapshot named exactly: a time finds whatever point lies
+		// before it.
+		return 0, nil, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: points leave by themselves with --journal-retention", errInvalid, snap, si.ID)
 	}
 	if err := v.DeleteSnapshot(r.Context(), si.ID); err != nil {
 		return 0, nil, err

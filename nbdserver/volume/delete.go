@@ -47,8 +47,19 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	// A point in time stays one: the newest manifest is what a restart
 	// resumes from, and a snapshot in the retention window is what the
 	// times after it read. A checkpoint of the same root and sequence
-	// number takes its place (and leaves with the window).
-	if s.Seq == base.Seq || v.env.journalRetention() > 0 {
+	// number takes its place (and leaves with the window), unless one is
+	// there already (a kept point). Not for a snapshot older than the
+	// window: a checkpoint older than the kept ones would move the
+	// window's start back at the next restart, over deleted points.
+	v.mu.RLock()
+	inWindow := v.env.journalRetention() > 0 && !s.Time.Before(v.oldestPoint())
+	_, haveCut := v.cutIDs[s.ID]
+	v.mu.RUnlock()
+	if s.damage != nil && inWindow {
+		// Its times would read the point before it: other bytes.
+		return fmt.Errorf("snapshot %s of volume %q is damaged and inside the point-in-time window (--journal-retention): deleting it would make the times after it read an older point; restore its manifest from a copy of the repository, or delete it once the window has passed it", s.ID, v.cfg.Name)
+	}
+	if (s.Seq == base.Seq || inWindow) && !haveCut && s.damage == nil {
 		keep := s.Manifest
 		keep.Kind, keep.Label = KindCheckpoint, ""
 		// Known before it is written: a put that fails may still have

@@ -426,3 +426,107 @@ func TestKeepPoint(t *testing.T) {
 	g.checkPacks()
 	g.check("after deleting it", true)
 }
+
+// TestDeleteSnapshotKeepsTheWindowWhole: deleting a snapshot never makes a
+// time read another point's bytes. One inside the window is replaced by a
+// checkpoint; one older than the window is not (a restart would otherwise
+// take the window's start back over deleted points); a damaged one inside
+// the window is refused until the window passes it.
+func TestDeleteSnapshotKeepsTheWindowWhole(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	g.retention = time.Minute
+	g.reopen()
+	write := func() {
+		g.tick(10 * time.Second)
+		p := randomBytes(2000)
+		off := g.r.Int64N(4*MinChunkSize - 2000)
+		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+		copy(g.m.head[off:], p)
+	}
+	checkpoint := func() {
+		write()
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		g.cut(g.lastMark())
+		require.NoError(t, g.v.SealAll(ctx))
+	}
+	snapshot := func() SnapshotInfo {
+		write()
+		s, err := g.v.Snapshot(ctx, "")
+		require.NoError(t, err)
+		g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+		g.cut(s.ID)
+		require.NoError(t, g.v.SealAll(ctx))
+		return s
+	}
+	old := snapshot()
+	for range 12 { // two minutes: the window passes old
+		checkpoint()
+	}
+	inside := snapshot()
+	checkpoint()
+	damaged := snapshot()
+	checkpoint()
+	from := g.v.PointsInTime()
+	require.True(t, old.Time.Before(from), "old is older than the window")
+
+	// Inside the window: its times still read it.
+	require.NoError(t, g.v.DeleteSnapshot(ctx, inside.ID))
+	delete(g.m.snaps, inside.ID)
+	g.checkPoints("after deleting a snapshot inside the window")
+	si, err := g.v.Find(ctx, inside.Time.Format(time.RFC3339Nano))
+	require.NoError(t, err)
+	assert.Equal(t, inside.ID, si.ID, "the deleted snapshot's time reads its point")
+
+	// Older than the window: gone, and the window does not move back.
+	require.NoError(t, g.v.DeleteSnapshot(ctx, old.ID))
+	delete(g.m.snaps, old.ID)
+	g.reopen()
+	assert.Equal(t, from, g.v.PointsInTime(), "a restart keeps the window's start")
+	_, err = g.v.Find(ctx, old.Time.Add(time.Second).Format(time.RFC3339Nano))
+	assert.ErrorIs(t, err, ErrNoPointInTime, "times before the window stay refused")
+
+	// Damaged inside the window: refused, then allowed once it is out.
+	require.NoError(t, g.v.Close())
+	env := g.env()
+	editObject(t, env, manifestKey("vol", KindSnapshot, damaged.ID), func(b []byte) []byte { return bytes.Replace(b, []byte(`"size"`), []byte(`"sise"`), 1) })
+	g.v, err = Open(ctx, env, "vol")
+	require.NoError(t, err)
+	err = g.v.DeleteSnapshot(ctx, damaged.ID)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "inside the point-in-time window")
+	_, err = g.v.Find(ctx, damaged.Time.Add(time.Millisecond).Format(time.RFC3339Nano))
+	assert.ErrorIs(t, err, chunkstore.ErrCorrupt, "its times are an error, not the point before it")
+	for range 8 {
+		checkpoint()
+	}
+	require.NoError(t, g.v.DeleteSnapshot(ctx, damaged.ID), "out of the window, it goes")
+	delete(g.m.snaps, damaged.ID)
+	g.check("after the deletes", true)
+	g.checkNamedPacksExist()
+}
+
+// TestReadOfAPointSealedMeanwhile: a read of a point still in the write
+// log that is sealed between finding it and planning reads the sealed
+// point, not an error.
+func TestReadOfAPointSealedMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	want := randomBytes(4096)
+	require.NoError(t, g.v.WriteAt(ctx, want, 0, false))
+	_, err := g.v.Checkpoint(ctx)
+	require.NoError(t, err)
+	id := g.lastMark()
+	loaded, err := g.v.loadCut(ctx, id)
+	require.NoError(t, err)
+	require.Nil(t, loaded, "in the log: nothing to load")
+	require.NoError(t, g.v.SealAll(ctx)) // the seal lands here
+	g.v.mu.RLock()
+	vw, err := g.v.snapshotView(id, loaded)
+	g.v.mu.RUnlock()
+	require.NoError(t, err)
+	got := make([]byte, 4096)
+	require.NoError(t, g.v.read(ctx, vw, vw.plan(0, 4096), got, 0))
+	assert.Equal(t, want, got)
+}

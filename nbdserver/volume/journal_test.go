@@ -240,6 +240,7 @@ func runJournalModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, s
 				if i%50 == 49 {
 					g.check(fmt.Sprintf("seed %d step %d", seed, i), true)
 					g.checkPoints(fmt.Sprintf("seed %d step %d", seed, i))
+					g.checkNamedPacksExist()
 				}
 			}
 			require.NoError(t, g.v.SealAll(ctx))

@@ -133,7 +133,11 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted boo
 			return deleted
 		}
 		v.mu.Lock()
-		v.checkpoints = slices.DeleteFunc(v.checkpoints, func(x *cut) bool { return x == c })
+		if len(v.checkpoints) > 0 && v.checkpoints[0] == c {
+			v.checkpoints = v.checkpoints[1:] // the oldest, as always under sealMu
+		} else {
+			v.checkpoints = slices.DeleteFunc(v.checkpoints, func(x *cut) bool { return x == c })
+		}
 		delete(v.cutIDs, c.id)
 		v.loaded = slices.DeleteFunc(v.loaded, func(x *cut) bool { return x == c })
 		v.pitFrom = v.keptFrom()
@@ -174,8 +178,15 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 	// applied, and it is handed out only once durable.
 	v.markMu.Lock()
 	defer v.markMu.Unlock()
-	if now := v.env.now(); t.After(now) {
+	now := v.env.now()
+	if t.After(now) {
 		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: it is in the future (the server's clock says %s)", v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, now.UTC().Format(time.RFC3339))
+	}
+	if v.lastMark.After(now.Add(time.Second)) {
+		// The clock went back: the newest points carry times after it,
+		// and a time before them could read a point older than it.
+		return SnapshotInfo{}, fmt.Errorf("volume %q at %s: %w: the server's clock (%s) is behind its newest point in time (%s), so times are ambiguous until it passes it; set the clock right (NTP)",
+			v.cfg.Name, t.Format(time.RFC3339Nano), ErrNoPointInTime, now.UTC().Format(time.RFC3339), v.lastMark.Format(time.RFC3339Nano))
 	}
 	v.mu.RLock()
 	defer v.mu.RUnlock()
@@ -318,6 +329,9 @@ func (v *Volume) Find(ctx context.Context, name string) (SnapshotInfo, error) {
 func (v *Volume) loadCut(ctx context.Context, id string) (*Manifest, error) {
 	v.mu.RLock()
 	c := v.cutIDs[id]
+	if c != nil && slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.ID == id }) {
+		c = nil // a kept point: read as the snapshot it is, which needs no GET
+	}
 	var m *Manifest
 	if c != nil {
 		m = c.m
@@ -392,21 +406,24 @@ func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInf
 	if m == nil {
 		return SnapshotInfo{}, fmt.Errorf("checkpoint %s of volume %q: %w: it left the retention window", si.ID, v.cfg.Name, ErrNoSnapshot)
 	}
-	v.markMu.Lock() // a label's uniqueness check and its use, as in mark
-	defer v.markMu.Unlock()
-	if err := v.checkLabel(label); err != nil {
-		return SnapshotInfo{}, err
-	}
 	keep := *m
 	keep.Kind, keep.Label = KindSnapshot, label
 	key := manifestKey(v.cfg.Name, KindSnapshot, keep.ID)
 	// Listed before it is written: a put that fails may still have
-	// stored it, and the sweep must count what it names.
+	// stored it, and the sweep must count what it names. Listing it also
+	// takes its label, so markMu (which a label's check and its use hold,
+	// as in mark) is not held across the put.
 	s := &snapshot{Manifest: keep, sealed: true}
+	v.markMu.Lock()
+	if err := v.checkLabel(label); err != nil {
+		v.markMu.Unlock()
+		return SnapshotInfo{}, err
+	}
 	v.mu.Lock()
 	v.snaps = append(v.snaps, s)
 	v.sortSnaps()
 	v.mu.Unlock()
+	v.markMu.Unlock()
 	if err := putJSON(ctx, v.repo, v.env.RepoID, key, keep); err != nil {
 		if derr := v.repo.Delete(ctx, key); derr != nil && !errors.Is(derr, chunkstore.ErrNotFound) {
 			return SnapshotInfo{}, fmt.Errorf("keep %s of volume %q as a snapshot: %w (it may have been stored: snapshot list shows it if so)", si.ID, v.cfg.Name, err)

@@ -2,6 +2,7 @@ package volume
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -57,9 +58,16 @@ func (v *Volume) snapshotView(id string, loaded *Manifest) (view, error) {
 		}
 		return view{}, fmt.Errorf("snapshot %s of %q: its layer is gone", id, v.cfg.Name)
 	}
-	if c := v.cutIDs[id]; c != nil && loaded != nil {
+	if c := v.cutIDs[id]; c != nil {
 		// Still kept: its packs are (the sweep's barrier is behind gcMu).
-		return view{root: loaded.Root, deltas: loaded.Deltas, size: loaded.Size}, nil
+		m := loaded
+		if m == nil {
+			m = c.m // sealed since loadCut looked: addCut kept it
+		}
+		if m == nil {
+			return view{}, errReload
+		}
+		return view{root: m.Root, deltas: m.Deltas, size: m.Size}, nil
 	}
 	if vw, ok := v.markView(id); ok {
 		return vw, nil
@@ -129,6 +137,19 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
+	for try := 0; ; try++ {
+		err := v.readSnapshotAt(ctx, id, p, off)
+		if !errors.Is(err, errReload) || try > 0 {
+			return err
+		}
+	}
+}
+
+// errReload: a point's manifest was evicted from memory between loadCut
+// and the plan; loading it again is the answer.
+var errReload = errors.New("the point's manifest must be read again")
+
+func (v *Volume) readSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
 	loaded, err := v.loadCut(ctx, id)
 	if err != nil {
 		return err
@@ -238,6 +259,15 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
+	for try := 0; ; try++ {
+		ext, err := v.extents(ctx, snapshotID, off, n)
+		if !errors.Is(err, errReload) || try > 0 {
+			return ext, err
+		}
+	}
+}
+
+func (v *Volume) extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
 	loaded, err := v.loadCut(ctx, snapshotID)
 	if err != nil {
 		return nil, err

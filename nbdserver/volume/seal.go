@@ -20,24 +20,32 @@ var uploadWorkers = 4 * runtime.GOMAXPROCS(0)
 // the layer and frees the log segments nothing else needs. It reports
 // whether there was a layer to seal.
 func (v *Volume) SealNext(ctx context.Context) (bool, error) {
+	v.mu.RLock()
+	closed := v.layers[0].mark != nil
+	v.mu.RUnlock()
+	if !closed {
+		return false, nil // nothing to seal: no share of memory needed
+	}
+	// A share of the upload memory first, so that a volume waiting for
+	// one does not hold sealMu (which its admin calls take) meanwhile.
+	release, err := v.env.sealSlot(ctx, v.cfg.ChunkSize)
+	if err != nil {
+		return false, err
+	}
+	defer release()
 	v.sealMu.Lock()
 	defer v.sealMu.Unlock()
 	v.mu.RLock()
 	l := v.layers[0]
 	base := v.base
-	closed := l.mark != nil // the open layer gets its mark under mu
+	closed = l.mark != nil // the open layer gets its mark under mu
 	v.mu.RUnlock()
 	if !closed {
 		return false, nil
 	}
 
 	// A closed layer never changes, so it is read without v.mu.
-	release, err := v.env.sealSlot(ctx)
-	if err != nil {
-		return false, err
-	}
 	m, err := v.storeLayer(ctx, base, l)
-	release()
 	if err != nil {
 		v.mu.Lock()
 		v.sealErr = err

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
 // packSeq is the log sequence number a journal pack of volume name is
@@ -151,8 +152,14 @@ func (v *Volume) saveDropped() {
 	if err == nil {
 		err = writeFileAtomic(v.droppedFile(), chunkstore.Checked(v.env.RepoID, droppedKey, data))
 	}
-	if err != nil && v.env.Logger != nil {
-		v.env.Logger.Warn("could not keep which journal packs wait for the retention window; after a restart they wait one window more", "volume", v.cfg.Name, "error", err)
+	if err != nil {
+		// An old file could say a pack was dropped earlier than it now
+		// was (the volume resumed from an older manifest since): none
+		// is safe, and removing works on a full disk.
+		_ = os.Remove(v.droppedFile())
+		if l := v.env.Logger; l != nil {
+			l.Warn("could not keep which journal packs wait for the retention window; after a restart they wait one window more", "volume", v.cfg.Name, "error", err)
+		}
 	}
 }
 
@@ -186,10 +193,24 @@ func writeFileAtomic(path string, data []byte) error {
 		return err
 	}
 	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
 		return err
 	}
-	return os.Rename(tmp, path)
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync() // else a crash may leave the new name on old bytes
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return err
+	}
+	return fsync.Dir(filepath.Dir(path))
 }
 
 // listPacks lists the volume's journal packs in the repository.

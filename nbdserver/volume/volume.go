@@ -12,6 +12,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/semaphore"
+
 	"github.com/nbdvault/nbdvault/chunkstore"
 )
 
@@ -170,9 +172,9 @@ type Env struct {
 	// (VOL@TIME). Zero: DefaultJournalRetention; negative: none are kept.
 	JournalRetention time.Duration
 	// UploadMemory bounds what the seals of all volumes hold at once: a
-	// seal takes about SealMemory (its journal pack, chunks being built),
-	// so at most UploadMemory / SealMemory run at a time (at least one).
-	// Zero: no bound.
+	// seal takes about SealMemory for 1 MiB chunks (its journal pack,
+	// chunks being built; more for larger chunks), and waits until it
+	// fits beside those running (one always runs). Zero: no bound.
 	UploadMemory int64
 	// Logger, if set, hears of upload failures and recoveries.
 	Logger *slog.Logger
@@ -181,7 +183,7 @@ type Env struct {
 	deltaCache *deltaCache // decoded delta tops and pages of all volumes
 
 	slotsOnce sync.Once
-	slots     chan struct{} // seals running; nil: no bound
+	slots     *semaphore.Weighted // memory of the seals running; nil: no bound
 
 	clock func() time.Time // tests; nil: time.Now
 }
@@ -323,9 +325,6 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	if newest != nil && newest.Seq > v.base.Seq {
 		v.base = *newest
 	}
-	if v.base.ID != "" {
-		v.pitFrom = v.keptFrom() // older checkpoints may have been deleted
-	}
 	for _, c := range v.checkpoints {
 		v.lastMark = maxTime(v.lastMark, c.time)
 	}
@@ -345,6 +344,9 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	for len(v.checkpoints) > 0 && v.checkpoints[len(v.checkpoints)-1].seq > v.base.Seq {
 		delete(v.cutIDs, v.checkpoints[len(v.checkpoints)-1].id)
 		v.checkpoints = v.checkpoints[:len(v.checkpoints)-1]
+	}
+	if v.base.ID != "" {
+		v.pitFrom = v.keptFrom() // older checkpoints may have been deleted
 	}
 	for _, s := range v.snaps {
 		if s.damage == nil && s.Size > v.cfg.Size {
@@ -730,25 +732,31 @@ func maxTime(a, b time.Time) time.Time {
 	return a
 }
 
-// SealMemory is about what one seal holds at its peak: its journal pack
-// (up to 32 MiB) and the chunks its workers build and compress.
-var SealMemory = int64(packTarget) + 2*int64(uploadWorkers)*DefaultChunkSize
+// sealMemory is about what a seal of a volume of chunkSize holds at its
+// peak: its journal pack (up to 32 MiB) and the chunks its workers build
+// and compress.
+func sealMemory(chunkSize int64) int64 {
+	return int64(packTarget) + 2*int64(uploadWorkers)*chunkSize
+}
 
-// sealSlot waits until a seal may run under UploadMemory, and returns the
-// function that lets the next one run.
-func (e *Env) sealSlot(ctx context.Context) (func(), error) {
+// SealMemory is sealMemory for the default chunk size.
+var SealMemory = sealMemory(DefaultChunkSize)
+
+// sealSlot waits until a seal of a volume of chunkSize fits in
+// UploadMemory beside those running (one always runs, however large),
+// and returns the function that gives its share back.
+func (e *Env) sealSlot(ctx context.Context, chunkSize int64) (func(), error) {
 	e.slotsOnce.Do(func() {
 		if e.UploadMemory > 0 {
-			e.slots = make(chan struct{}, max(1, e.UploadMemory/SealMemory))
+			e.slots = semaphore.NewWeighted(e.UploadMemory)
 		}
 	})
 	if e.slots == nil {
 		return func() {}, nil
 	}
-	select {
-	case e.slots <- struct{}{}:
-		return func() { <-e.slots }, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
+	n := min(sealMemory(chunkSize), e.UploadMemory)
+	if err := e.slots.Acquire(ctx, n); err != nil {
+		return nil, err
 	}
+	return func() { e.slots.Release(n) }, nil
 }

@@ -307,6 +307,32 @@ func (g *rig) checkPacks() {
 		return nil
 	}))
 	require.Empty(g.t, left, "journal packs no manifest names")
+	g.checkNamedPacksExist()
+}
+
+// checkNamedPacksExist reads every manifest of the volume in the
+// repository (snapshots, and checkpoints kept as points in time) and
+// checks that every journal pack their deltas name is there: what a
+// sweep must never break.
+func (g *rig) checkNamedPacksExist() {
+	ctx := context.Background()
+	have := map[string]bool{}
+	require.NoError(g.t, g.repo.List(ctx, journalPrefix("vol"), func(k string) error { have[k] = true; return nil }))
+	for _, kind := range []Kind{KindSnapshot, KindCheckpoint} {
+		ms, bad, err := listManifests(ctx, g.repo, "", "vol", kind, g.v.cfg.ChunkSize)
+		require.NoError(g.t, err)
+		require.Empty(g.t, bad)
+		for _, m := range ms {
+			for _, d := range m.Deltas {
+				require.True(g.t, have[d.Pack], "%s %s names delta pack %s, which is gone", kind, m.ID, d.Pack)
+				top, err := g.v.loadTop(ctx, d)
+				require.NoError(g.t, err)
+				for _, p := range top.packs {
+					require.True(g.t, have[p], "%s %s names pack %s, which is gone", kind, m.ID, p)
+				}
+			}
+		}
+	}
 }
 
 func (g *rig) snapManifests() []Manifest {
@@ -336,6 +362,7 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 				g.check(fmt.Sprintf("seed %d after %v", seed, ops), i%10 == 9)
 				if i%10 == 9 {
 					g.checkPoints(fmt.Sprintf("seed %d after %v", seed, ops))
+					g.checkNamedPacksExist()
 				}
 			}
 			require.NoError(t, g.v.SealAll(context.Background()))
