@@ -36,6 +36,20 @@ const pinFor = 10 * time.Minute
 // it): after the retention is shortened, the rest go in the next passes.
 var maxExpirePerPass = 256 // a var for tests
 
+// info describes the cut as a point in time; size is the volume's, used
+// while its manifest is not in memory.
+func (c *cut) info(size int64) SnapshotInfo {
+	if c.m != nil {
+		size = c.m.Size
+	}
+	return SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: size, Sealed: true}
+}
+
+// info describes a checkpoint mark not sealed yet as a point in time.
+func (m *mark) info() SnapshotInfo {
+	return SnapshotInfo{ID: m.ID, Kind: KindCheckpoint, Time: m.Time, Size: m.Size}
+}
+
 // cutOf makes the cut a checkpoint ID names; ok is false if it is not an
 // ID.
 func cutOf(id string) (*cut, bool) {
@@ -77,8 +91,7 @@ const DefaultJournalRetention = time.Hour
 // deletion has just written. Called with v.mu held.
 func (v *Volume) addCut(m Manifest) {
 	if c, ok := v.cutIDs[m.ID]; ok {
-		c.time = m.Time // a damaged one, written again
-		v.remember(c, &m)
+		v.remember(c, &m) // a damaged one, written again
 		return
 	}
 	c := &cut{id: m.ID, seq: m.Seq, time: m.Time}
@@ -96,7 +109,8 @@ func (v *Volume) addCut(m Manifest) {
 // seal. It reports whether it deleted any. Called with sealMu held.
 func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted bool) {
 	ret := v.env.journalRetention()
-	cutoff := v.env.now().Add(-ret)
+	now := v.env.now()
+	cutoff := now.Add(-ret)
 	v.mu.RLock()
 	older := 0 // the checkpoints before the base
 	for older < len(v.checkpoints) && v.checkpoints[older].seq < m.Seq {
@@ -112,9 +126,8 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted boo
 			}
 		}
 	}
-	now := v.env.now().UnixNano()
 	for i, c := range v.checkpoints[:keepFrom] {
-		if now-c.lastRead.Load() < int64(pinFor) {
+		if now.UnixNano()-c.lastRead.Load() < int64(pinFor) {
 			keepFrom = i // being read: it and those after it stay
 			break
 		}
@@ -206,15 +219,11 @@ func (v *Volume) At(t time.Time) (SnapshotInfo, error) {
 		consider(s.Seq, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Damaged: s.damage})
 	}
 	for _, c := range v.checkpoints {
-		size := v.cfg.Size
-		if c.m != nil {
-			size = c.m.Size
-		}
-		consider(c.seq, SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: size, Sealed: true})
+		consider(c.seq, c.info(v.cfg.Size))
 	}
 	for _, l := range v.layers {
 		if m := l.mark; m != nil && m.Kind == KindCheckpoint {
-			consider(m.seq, SnapshotInfo{ID: m.ID, Kind: KindCheckpoint, Time: m.Time, Size: m.Size})
+			consider(m.seq, m.info())
 		}
 	}
 	if !found || t.Before(from) {
@@ -298,13 +307,12 @@ func (v *Volume) Find(ctx context.Context, name string) (SnapshotInfo, error) {
 		}
 	} else {
 		v.mu.RLock()
-		c := v.cutIDs[name]
-		if c != nil {
-			si = SnapshotInfo{ID: c.id, Kind: KindCheckpoint, Time: c.time, Size: v.cfg.Size, Sealed: true}
+		if c := v.cutIDs[name]; c != nil {
+			si = c.info(v.cfg.Size)
 		}
 		for _, l := range v.layers {
 			if m := l.mark; m != nil && m.Kind == KindCheckpoint && m.ID == name {
-				si = SnapshotInfo{ID: m.ID, Kind: KindCheckpoint, Time: m.Time, Size: m.Size}
+				si = m.info()
 			}
 		}
 		v.mu.RUnlock()

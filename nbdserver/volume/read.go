@@ -137,17 +137,22 @@ func (v *Volume) ReadAt(ctx context.Context, p []byte, off int64) error {
 // ReadSnapshotAt fills p with snapshot id's bytes at off (id may be a
 // label).
 func (v *Volume) ReadSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
-	for try := 0; ; try++ {
-		err := v.readSnapshotAt(ctx, id, p, off)
-		if !errors.Is(err, errReload) || try > 0 {
-			return err
-		}
-	}
+	_, err := reloadOnce(func() (struct{}, error) { return struct{}{}, v.readSnapshotAt(ctx, id, p, off) })
+	return err
 }
 
 // errReload: a point's manifest was evicted from memory between loadCut
 // and the plan; loading it again is the answer.
 var errReload = errors.New("the point's manifest must be read again")
+
+// reloadOnce runs f, and once more if it failed with errReload.
+func reloadOnce[T any](f func() (T, error)) (T, error) {
+	x, err := f()
+	if errors.Is(err, errReload) {
+		return f()
+	}
+	return x, err
+}
 
 func (v *Volume) readSnapshotAt(ctx context.Context, id string, p []byte, off int64) error {
 	loaded, err := v.loadCut(ctx, id)
@@ -259,12 +264,7 @@ type Extent struct {
 // Extents describes [off, off+n) of the head (or of snapshot id, if not
 // empty) as runs of data and holes.
 func (v *Volume) Extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {
-	for try := 0; ; try++ {
-		ext, err := v.extents(ctx, snapshotID, off, n)
-		if !errors.Is(err, errReload) || try > 0 {
-			return ext, err
-		}
-	}
+	return reloadOnce(func() ([]Extent, error) { return v.extents(ctx, snapshotID, off, n) })
 }
 
 func (v *Volume) extents(ctx context.Context, snapshotID string, off, n int64) ([]Extent, error) {

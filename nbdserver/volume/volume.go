@@ -494,7 +494,7 @@ func (v *Volume) apply(r Record, pos Pos) error {
 		}
 		m.seq = r.Seq
 		if m.Time.After(v.lastMark) {
-			v.lastMark = m.Time // replayed
+			v.lastMark = m.Time
 		}
 		if m.Size == 0 {
 			m.Size = v.size.Load()
@@ -701,8 +701,7 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 			}
 			m.Time = v.lastMark.Add(time.Millisecond)
 		}
-		v.lastMark = m.Time
-		m.ID = snapshotID(m.Time, seq)
+		m.ID = snapshotID(m.Time, seq) // apply makes it lastMark
 		// Under the log's append lock: a write past the old end of a
 		// volume that grew is in the log after Grow, so this sees the size
 		// it fits in.
