@@ -297,14 +297,16 @@ func TestChunkIDs(t *testing.T) {
 	assert.ErrorIs(t, err, ErrOutOfRange)
 }
 
-// deletesFail fails every Delete of a checkpoint manifest while set.
+// deletesFail fails every Delete of a checkpoint manifest while on is set
+// (only is set), or of the one whose key ends so.
 type deletesFail struct {
 	chunkstore.Backend
-	on atomic.Bool
+	on   atomic.Bool
+	only atomic.Pointer[string]
 }
 
 func (f *deletesFail) Delete(ctx context.Context, key string) error {
-	if f.on.Load() && strings.Contains(key, "/checkpoints/") {
+	if only := f.only.Load(); (f.on.Load() && strings.Contains(key, "/checkpoints/")) || (only != nil && strings.HasSuffix(key, *only)) {
 		return errors.New("access denied")
 	}
 	return f.Backend.Delete(ctx, key)
@@ -529,4 +531,72 @@ func TestReadOfAPointSealedMeanwhile(t *testing.T) {
 	got := make([]byte, 4096)
 	require.NoError(t, g.v.read(ctx, vw, vw.plan(0, 4096), got, 0))
 	assert.Equal(t, want, got)
+}
+
+// TestExpiryLeavesNoGap: when one old checkpoint cannot be deleted,
+// expiry stops there: the ones after it stay, so every time after it still
+// reads the newest point at or before it, not the one that failed.
+func TestExpiryLeavesNoGap(t *testing.T) {
+	ctx := context.Background()
+	repo := &deletesFail{Backend: chunkstore.NewMem()}
+	g := newRig(t, repo, 4*MinChunkSize, MinChunkSize, 1)
+	g.retention = time.Hour
+	g.reopen()
+	checkpoint := func() {
+		g.tick(10 * time.Second)
+		p := randomBytes(3000)
+		off := g.r.Int64N(4*MinChunkSize - 3000)
+		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
+		copy(g.m.head[off:], p)
+		_, err := g.v.Checkpoint(ctx)
+		require.NoError(t, err)
+		g.cut(g.lastMark())
+		require.NoError(t, g.v.SealAll(ctx))
+	}
+	for range 8 {
+		checkpoint()
+	}
+	var ids []string
+	for _, c := range g.v.checkpoints {
+		ids = append(ids, c.id)
+	}
+	stuck := ids[2]
+	repo.only.Store(&stuck)
+	g.tick(70 * time.Minute) // the first checkpoints leave the window
+	for range 4 {
+		checkpoint()
+	}
+	for _, id := range ids[2:] {
+		_, err := repo.Get(ctx, manifestKey("vol", KindCheckpoint, id))
+		assert.NoError(t, err, "checkpoint %s, from the stuck one on, is kept", id)
+	}
+	assert.Equal(t, stuck, g.v.checkpoints[0].id, "expiry stopped at the one it could not delete")
+	c4, _ := cutOf(ids[4])
+	si, err := g.v.Find(ctx, c4.time.Format(time.RFC3339Nano))
+	require.NoError(t, err)
+	assert.Equal(t, ids[4], si.ID, "a time after the stuck checkpoint reads its own point")
+	require.Error(t, g.v.Status().ExpiryError)
+	g.checkPoints("with a checkpoint that cannot be deleted")
+}
+
+// TestMarkTimesKeepTheirOrder: a clock that steps back gives new points
+// the last one's time plus a millisecond, and times are refused until the
+// clock passes the newest point again (they could read a point from after
+// them).
+func TestMarkTimesKeepTheirOrder(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	first, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	g.tick(-time.Hour)
+	second, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	assert.Equal(t, first.Time.Add(time.Millisecond), second.Time, "the second point keeps its place after the first")
+	_, err = g.v.Find(ctx, g.now.Format(time.RFC3339Nano))
+	require.ErrorIs(t, err, ErrNoPointInTime)
+	assert.Contains(t, err.Error(), "is behind its newest point in time")
+	g.tick(time.Hour + time.Second)
+	si, err := g.v.Find(ctx, g.now.Format(time.RFC3339Nano))
+	require.NoError(t, err, "once the clock has passed it")
+	assert.Equal(t, second.ID, si.ID)
 }

@@ -370,3 +370,36 @@ func TestDroppedPacksFreedAcrossRestarts(t *testing.T) {
 	assert.Empty(t, g.v.dropped)
 	g.check("after a damaged list of dropped packs", false)
 }
+
+// TestDroppedPoints: a pack named again (the volume resumed from an older
+// manifest) loses its drop point, which could be lower than where the new
+// history drops it; and a save of the drop points that fails removes the
+// file, which could otherwise say a pack was dropped earlier than it now
+// is.
+func TestDroppedPoints(t *testing.T) {
+	ctx := context.Background()
+	_, v, _ := newJournalVolume(t, 4*MinChunkSize)
+	defer v.Close()
+	require.NoError(t, v.WriteAt(ctx, randomBytes(3000), 100, false))
+	_, err := v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	require.Len(t, v.base.Deltas, 1)
+	named := v.base.Deltas[0].Pack
+
+	v.sealMu.Lock()
+	v.dropped[named] = 1 // as if an older history had dropped it
+	v.sweepDue = true
+	v.sweepPacks(ctx)
+	_, kept := v.dropped[named]
+	v.sealMu.Unlock()
+	assert.False(t, kept, "a pack the base names has no drop point")
+
+	file := v.droppedFile()
+	require.NoError(t, os.WriteFile(file, []byte("an older list"), 0o600))
+	require.NoError(t, os.Mkdir(file+".tmp", 0o700)) // the next save cannot write its temporary file
+	v.sealMu.Lock()
+	v.saveDropped()
+	v.sealMu.Unlock()
+	assert.NoFileExists(t, file, "a failed save leaves no older list behind")
+}
