@@ -10,6 +10,7 @@ package miniotest
 
 import (
 	"context"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -59,44 +60,72 @@ func Binary() (string, error) {
 // Start runs a new MinIO with one empty bucket, stopped at the end of t.
 func Start(t testing.TB) *Server {
 	t.Helper()
-	s := newServer(t, t.TempDir())
+	s := launch(t, t.TempDir())
 	t.Cleanup(s.Kill)
-	s.start()
-	s.makeBucket()
 	return s
 }
 
-// newServer finds the binary (failing or skipping t when it is missing)
-// and prepares a server whose files live in dir.
-func newServer(t testing.TB, dir string) *Server {
+// launch is Launch for a test: a missing binary fails or skips t.
+func launch(t testing.TB, dir string) *Server {
 	t.Helper()
-	bin, err := Binary()
-	if err != nil {
+	if _, err := Binary(); err != nil {
 		testenv.Unavailable(t, err)
 	}
-	return &Server{
-		Endpoint:  testenv.FreeAddr(t),
+	s, err := Launch(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.t = t
+	return s
+}
+
+// Launch runs a new MinIO with one empty bucket, its files in dir, outside
+// a test (a benchmark): the caller stops it with Kill.
+func Launch(dir string) (*Server, error) {
+	bin, err := Binary()
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	endpoint, err := testenv.PickAddr()
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		Endpoint:  endpoint,
 		AccessKey: "nbdvault-" + testenv.RandomHex(4),
 		SecretKey: testenv.RandomHex(16),
 		Bucket:    "nbdvault-test",
-		t:         t,
 		bin:       bin,
 		dataDir:   filepath.Join(dir, "data"),
 		logPath:   filepath.Join(dir, "minio.log"),
 	}
+	if err := s.start(); err != nil {
+		return nil, err
+	}
+	if err := s.makeBucket(); err != nil {
+		s.Kill()
+		return nil, err
+	}
+	return s, nil
 }
 
-func (s *Server) start() {
-	s.t.Helper()
+func (s *Server) start() error {
 	_, port, _ := net.SplitHostPort(s.Endpoint)
+	console, err := testenv.PickAddr()
+	if err != nil {
+		return err
+	}
 	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
-		s.t.Fatal(err)
+		return err
 	}
 	defer logf.Close()
 	cmd := exec.Command(s.bin, "server", "--quiet",
 		"--address", s.Endpoint,
-		"--console-address", testenv.FreeAddr(s.t),
+		"--console-address", console,
 		"--certs-dir", filepath.Join(filepath.Dir(s.dataDir), "certs"),
 		s.dataDir)
 	cmd.Env = append(os.Environ(),
@@ -107,7 +136,7 @@ func (s *Server) start() {
 	)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
-		s.t.Fatalf("start minio: %v", err)
+		return fmt.Errorf("start minio: %w", err)
 	}
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
@@ -123,16 +152,17 @@ func (s *Server) start() {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
-				return
+				return nil
 			}
 		}
 		select {
 		case <-exited:
-			s.t.Fatalf("minio on port %s exited during start-up:\n%s", port, s.log())
+			return fmt.Errorf("minio on port %s exited during start-up:\n%s", port, s.log())
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {
-			s.t.Fatalf("minio not ready after 60s:\n%s", s.log())
+			s.Kill()
+			return fmt.Errorf("minio not ready after 60s:\n%s", s.log())
 		}
 	}
 }
@@ -145,18 +175,31 @@ func (s *Server) log() string {
 	return string(b)
 }
 
-func (s *Server) makeBucket() {
-	s.t.Helper()
+func (s *Server) makeBucket() error {
 	c, err := minio.New(s.Endpoint, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.SecretKey, "")})
 	if err != nil {
-		s.t.Fatal(err)
+		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if err := c.MakeBucket(ctx, s.Bucket, minio.MakeBucketOptions{}); err != nil {
-		s.t.Fatalf("make bucket: %v\n%s", err, s.log())
+		return fmt.Errorf("make bucket: %w\n%s", err, s.log())
 	}
+	return nil
 }
+
+// PID is MinIO's process ID (0 once killed).
+func (s *Server) PID() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cmd == nil {
+		return 0
+	}
+	return s.cmd.Process.Pid
+}
+
+// DataDir is the folder MinIO keeps its drive in.
+func (s *Server) DataDir() string { return s.dataDir }
 
 // Kill stops MinIO with SIGKILL, as a crash would, and waits for it to exit.
 // Killing a stopped server does nothing.
@@ -191,7 +234,9 @@ func (s *Server) signal(sig syscall.Signal) {
 func (s *Server) Restart() {
 	s.t.Helper()
 	s.Kill()
-	s.start()
+	if err := s.start(); err != nil {
+		s.t.Fatal(err)
+	}
 }
 
 // Config returns an S3Config for the server's bucket under prefix.
@@ -247,11 +292,8 @@ func StartShared(t testing.TB) *Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := newServer(t, dir)
-	s.start()
-	s.makeBucket()
-	sharedSrv = s
-	return s
+	sharedSrv = launch(t, dir)
+	return sharedSrv
 }
 
 // StopShared kills the shared server and removes its data.

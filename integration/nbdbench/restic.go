@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -202,17 +201,17 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 	if out, err := exec.CommandContext(ctx, "go", "build", "-o", bin, "./cmd/nbdvault").CombinedOutput(); err != nil {
 		return nil, fmt.Errorf("go build ./cmd/nbdvault (run nbdbench from the module root): %v: %s", err, out)
 	}
-	mio, err := startMinio(ctx, minioBin, filepath.Join(dir, "minio"))
+	mio, err := startMinio(filepath.Join(dir, "minio"))
 	if err != nil {
 		return nil, err
 	}
-	defer mio.stop()
+	defer mio.Kill()
 	for _, b := range []string{resticNbdBucket, resticRepoBucket} {
 		if err := mio.client.MakeBucket(ctx, b, minio.MakeBucketOptions{}); err != nil {
 			return nil, fmt.Errorf("make bucket %s: %w", b, err)
 		}
 	}
-	res.cmds = append(res.cmds, fmt.Sprintf("%s server --address %s %s   # MinIO, one drive on the work directory's disk", minioBin, mio.endpoint, mio.dataDir))
+	res.cmds = append(res.cmds, fmt.Sprintf("%s server --address %s %s   # MinIO, one drive on the work directory's disk", minioBin, mio.Endpoint, mio.DataDir()))
 	srv, err := startServe(ctx, bin, filepath.Join(dir, "serve"), mio)
 	if err != nil {
 		return nil, err
@@ -220,9 +219,9 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 	defer func() { srv.stop() }()
 	res.cmds = append(res.cmds, shellJoin(srv.args))
 
-	resticRepo := "s3:http://" + mio.endpoint + "/" + resticRepoBucket
+	resticRepo := "s3:http://" + mio.Endpoint + "/" + resticRepoBucket
 	resticCache := filepath.Join(dir, "restic-cache")
-	rstEnv := append(mio.env(), "RESTIC_PASSWORD="+resticPassword, "RESTIC_REPOSITORY="+resticRepo, "RESTIC_CACHE_DIR="+resticCache)
+	rstEnv := append(mio.Env(), "RESTIC_PASSWORD="+resticPassword, "RESTIC_REPOSITORY="+resticRepo, "RESTIC_CACHE_DIR="+resticCache)
 	restic := func(args ...string) []string { return append([]string{"restic"}, args...) }
 	init := restic("init")
 	if _, _, _, err := runCost(ctx, rstEnv, init, 0, 0); err != nil {
@@ -266,7 +265,7 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 		}
 		for _, args := range cmds {
 			res.cmds = append(res.cmds, shellJoin(args))
-			out, errOut, c, err := runCost(ctx, env, args, serverPID, mio.pid())
+			out, errOut, c, err := runCost(ctx, env, args, serverPID, mio.PID())
 			if err != nil {
 				return "", total, err
 			}
@@ -372,7 +371,7 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 		return nil, err
 	}
 	s0, _ := processCPU(srv.pid())
-	m0, _ := processCPU(mio.pid())
+	m0, _ := processCPU(mio.PID())
 	t0 := time.Now()
 	if res.touched, err = scatterWrites(ctx, image, srv.nbd); err != nil {
 		return nil, err
@@ -383,7 +382,7 @@ func benchRestic(ctx context.Context, cfg config, work string) (*resticResult, e
 		return nil, err
 	}
 	s1, _ := processCPU(srv.pid())
-	m1, _ := processCPU(mio.pid())
+	m1, _ := processCPU(mio.PID())
 	res.changeWindow = phaseCost{wall: time.Since(t0), server: s1 - s0, minio: m1 - m0}
 	if res.nbd.added, err = mio.usage(ctx, resticNbdBucket, resticNbdPrefix+"/"); err != nil {
 		return nil, err
@@ -592,75 +591,24 @@ func scatterWrites(ctx context.Context, image, addr string) (int, error) {
 	return len(chunks), conn.Shutdown(ctx)
 }
 
-// minioServer is a MinIO child process on 127.0.0.1.
+// minioServer is a MinIO child process on 127.0.0.1 (miniotest's), and
+// a client that lists its buckets.
 type minioServer struct {
-	endpoint, dataDir string
-	access, secret    string
-	cmd               *exec.Cmd
-	exited            chan struct{}
-	client            *minio.Client
+	*miniotest.Server
+	client *minio.Client
 }
 
-// freeAddr is a 127.0.0.1 TCP address that was free a moment ago.
-func freeAddr() (string, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return "", err
-	}
-	defer l.Close()
-	return l.Addr().String(), nil
-}
-
-func startMinio(ctx context.Context, bin, dir string) (*minioServer, error) {
-	endpoint, err := freeAddr()
+func startMinio(dir string) (*minioServer, error) {
+	s, err := miniotest.Launch(dir)
 	if err != nil {
 		return nil, err
 	}
-	console, err := freeAddr()
+	c, err := minio.New(s.Endpoint, &minio.Options{Creds: credentials.NewStaticV4(s.AccessKey, s.SecretKey, "")})
 	if err != nil {
+		s.Kill()
 		return nil, err
 	}
-	m := &minioServer{endpoint: endpoint, dataDir: filepath.Join(dir, "data"),
-		access: "nbdbench-" + testenv.RandomHex(4), secret: testenv.RandomHex(16), exited: make(chan struct{})}
-	if err := os.MkdirAll(m.dataDir, 0o755); err != nil {
-		return nil, err
-	}
-	logFile, err := os.Create(filepath.Join(dir, "minio.log"))
-	if err != nil {
-		return nil, err
-	}
-	defer logFile.Close()
-	m.cmd = exec.Command(bin, "server", "--quiet", "--address", endpoint, "--console-address", console,
-		"--certs-dir", filepath.Join(dir, "certs"), m.dataDir)
-	m.cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+m.access, "MINIO_ROOT_PASSWORD="+m.secret,
-		"MINIO_BROWSER=off", "MINIO_UPDATE=off")
-	m.cmd.Stdout, m.cmd.Stderr = logFile, logFile
-	if err := m.cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start minio: %w", err)
-	}
-	go func() { _ = m.cmd.Wait(); close(m.exited) }()
-	if err := waitHTTP(ctx, "http://"+endpoint+"/minio/health/ready", m.exited, true); err != nil {
-		m.stop()
-		log, _ := os.ReadFile(filepath.Join(dir, "minio.log"))
-		return nil, fmt.Errorf("minio: %w: %s", err, log)
-	}
-	m.client, err = minio.New(endpoint, &minio.Options{Creds: credentials.NewStaticV4(m.access, m.secret, "")})
-	if err != nil {
-		m.stop()
-		return nil, err
-	}
-	return m, nil
-}
-
-func (m *minioServer) pid() int { return m.cmd.Process.Pid }
-
-func (m *minioServer) env() []string {
-	return []string{"AWS_ACCESS_KEY_ID=" + m.access, "AWS_SECRET_ACCESS_KEY=" + m.secret}
-}
-
-func (m *minioServer) stop() {
-	_ = m.cmd.Process.Kill()
-	<-m.exited
+	return &minioServer{Server: s, client: c}, nil
 }
 
 // usage lists the objects under prefix in bucket.
@@ -716,18 +664,16 @@ func formatKinds(k map[string]bucketUsage) string {
 	return strings.Join(parts, ", ")
 }
 
-// waitHTTP polls url until it answers (with 200 OK if ok200) or exited
-// closes, for up to a minute.
-func waitHTTP(ctx context.Context, url string, exited <-chan struct{}, ok200 bool) error {
+// waitHTTP polls url until it answers or exited closes, for up to a
+// minute.
+func waitHTTP(ctx context.Context, url string, exited <-chan struct{}) error {
 	deadline := time.Now().Add(time.Minute)
 	for {
 		resp, err := http.Get(url)
 		if err == nil {
 			_, _ = io.Copy(io.Discard, resp.Body)
 			resp.Body.Close()
-			if !ok200 || resp.StatusCode == http.StatusOK {
-				return nil
-			}
+			return nil
 		}
 		select {
 		case <-exited:
@@ -754,16 +700,16 @@ type serveProcess struct {
 }
 
 func startServe(ctx context.Context, bin, dir string, m *minioServer) (*serveProcess, error) {
-	admin, err := freeAddr()
+	admin, err := testenv.PickAddr()
 	if err != nil {
 		return nil, err
 	}
-	nbdAddr, err := freeAddr()
+	nbdAddr, err := testenv.PickAddr()
 	if err != nil {
 		return nil, err
 	}
-	repo := "s3://" + resticNbdBucket + "/" + resticNbdPrefix + "?endpoint=" + m.endpoint + "&tls=false&path-style=true&region=us-east-1"
-	s := &serveProcess{data: filepath.Join(dir, "data"), log: filepath.Join(dir, "serve.log"), admin: admin, nbd: nbdAddr, extraEnv: m.env()}
+	repo := "s3://" + resticNbdBucket + "/" + resticNbdPrefix + "?endpoint=" + m.Endpoint + "&tls=false&path-style=true&region=us-east-1"
+	s := &serveProcess{data: filepath.Join(dir, "data"), log: filepath.Join(dir, "serve.log"), admin: admin, nbd: nbdAddr, extraEnv: m.Env()}
 	s.args = []string{bin, "serve", "--data", s.data, "--listen", nbdAddr, "--admin", admin, "--repo", repo}
 	s.env = func() []string { return []string{"NBDVAULT_SERVER=http://" + s.admin, "NBDVAULT_DATA=" + s.data} }
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -787,7 +733,7 @@ func (s *serveProcess) start(ctx context.Context) error {
 	exited := make(chan struct{})
 	s.exited = exited
 	go func() { _ = s.cmd.Wait(); close(exited) }()
-	if err := waitHTTP(ctx, "http://"+s.admin+"/v1/status", exited, false); err != nil {
+	if err := waitHTTP(ctx, "http://"+s.admin+"/v1/status", exited); err != nil {
 		_ = s.stop()
 		log, _ := os.ReadFile(s.log)
 		return fmt.Errorf("nbdvault serve: %w: %s", err, log)

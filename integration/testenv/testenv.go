@@ -50,12 +50,21 @@ func Tmpfs(t testing.TB, size string) string {
 // a server the test starts.
 func FreeAddr(t testing.TB) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := PickAddr()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return addr
+}
+
+// PickAddr is FreeAddr outside a test (a benchmark).
+func PickAddr() (string, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
 	defer l.Close()
-	return l.Addr().String()
+	return l.Addr().String(), nil
 }
 
 // Binary finds the program name that `make deps` installs: at $env if
