@@ -327,10 +327,8 @@ func TestCheckpointExpiry(t *testing.T) {
 	kept := func() int { return len(keysUnder(t, g.repo, "volumes/vol/checkpoints/")) }
 	write := func() {
 		g.tick(10 * time.Second)
-		require.NoError(t, g.v.WriteAt(ctx, randomBytes(100), g.r.Int64N(4*MinChunkSize-100), false))
-		_, err := g.v.Checkpoint(ctx)
-		require.NoError(t, err)
-		require.NoError(t, g.v.SealAll(ctx))
+		g.writeRandom(100)
+		g.checkpointNow()
 	}
 	for range 10 {
 		write()
@@ -393,14 +391,8 @@ func TestKeepPoint(t *testing.T) {
 	var want []byte
 	for i := range 6 {
 		g.tick(10 * time.Second)
-		p := randomBytes(3000)
-		off := g.r.Int64N(4*MinChunkSize - 3000)
-		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
-		copy(g.m.head[off:], p)
-		made, err := g.v.Checkpoint(ctx)
-		require.NoError(t, err)
-		require.True(t, made)
-		require.NoError(t, g.v.SealAll(ctx))
+		g.writeRandom(3000)
+		g.checkpointNow()
 		if i == 2 {
 			at, want = g.now.Add(5*time.Second), bytes.Clone(g.m.head)
 		}
@@ -441,17 +433,11 @@ func TestDeleteSnapshotKeepsTheWindowWhole(t *testing.T) {
 	g.reopen()
 	write := func() {
 		g.tick(10 * time.Second)
-		p := randomBytes(2000)
-		off := g.r.Int64N(4*MinChunkSize - 2000)
-		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
-		copy(g.m.head[off:], p)
+		g.writeRandom(2000)
 	}
 	checkpoint := func() {
 		write()
-		_, err := g.v.Checkpoint(ctx)
-		require.NoError(t, err)
-		g.cut(g.lastMark())
-		require.NoError(t, g.v.SealAll(ctx))
+		g.checkpointNow()
 	}
 	snapshot := func() SnapshotInfo {
 		write()
@@ -544,14 +530,8 @@ func TestExpiryLeavesNoGap(t *testing.T) {
 	g.reopen()
 	checkpoint := func() {
 		g.tick(10 * time.Second)
-		p := randomBytes(3000)
-		off := g.r.Int64N(4*MinChunkSize - 3000)
-		require.NoError(t, g.v.WriteAt(ctx, p, off, false))
-		copy(g.m.head[off:], p)
-		_, err := g.v.Checkpoint(ctx)
-		require.NoError(t, err)
-		g.cut(g.lastMark())
-		require.NoError(t, g.v.SealAll(ctx))
+		g.writeRandom(3000)
+		g.checkpointNow()
 	}
 	for range 8 {
 		checkpoint()

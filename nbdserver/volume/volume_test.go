@@ -76,6 +76,26 @@ func (g *rig) deleted(id string) {
 	}
 }
 
+// writeRandom writes n random bytes at a random offset, to the volume and
+// the model.
+func (g *rig) writeRandom(n int64) {
+	p := randomBytes(int(n))
+	off := g.r.Int64N(int64(len(g.m.head)) - n)
+	require.NoError(g.t, g.v.WriteAt(context.Background(), p, off, false))
+	copy(g.m.head[off:], p)
+}
+
+// checkpointNow closes the open layer, which must hold writes, notes the
+// point in the model, and seals it.
+func (g *rig) checkpointNow() {
+	ctx := context.Background()
+	made, err := g.v.Checkpoint(ctx)
+	require.NoError(g.t, err)
+	require.True(g.t, made)
+	g.cut(g.lastMark())
+	require.NoError(g.t, g.v.SealAll(ctx))
+}
+
 // tick moves the clock on by d.
 func (g *rig) tick(d time.Duration) { g.now = g.now.Add(d) }
 
