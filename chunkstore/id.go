@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 
@@ -66,11 +67,18 @@ func (BLAKE3) Scheme() string     { return "blake3-256" }
 // nothing about the plaintext to whoever can list the repository. It is what
 // an encrypted repository will use.
 type KeyedBLAKE3 struct {
-	key [32]byte
+	key   [32]byte
+	words [8]uint32 // key as BLAKE3's tree takes it (tree.go)
 }
 
 // NewKeyedBLAKE3 returns a keyed hasher.
-func NewKeyedBLAKE3(key [32]byte) *KeyedBLAKE3 { return &KeyedBLAKE3{key: key} }
+func NewKeyedBLAKE3(key [32]byte) *KeyedBLAKE3 {
+	k := &KeyedBLAKE3{key: key}
+	for i := range k.words {
+		k.words[i] = binary.LittleEndian.Uint32(key[4*i:])
+	}
+	return k
+}
 
 func (k *KeyedBLAKE3) Sum(data []byte) ID {
 	h := blake3.New(len(ID{}), k.key[:])
