@@ -40,6 +40,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzCodecDecode -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzFramed -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzPackFooter -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzFrame -fuzztime $(FUZZTIME) ./chunkstore/

@@ -76,23 +76,23 @@ func (c *lru) removeElement(e *list.Element) {
 // fetch runs on its own context, detached from any single caller, and is
 // cancelled only when every caller waiting on it has given up; each caller
 // still returns as soon as its own context is done.
-type flight struct {
+type flight[T any] struct {
 	mu    sync.Mutex
-	calls map[ID]*call
+	calls map[ID]*call[T]
 }
 
-type call struct {
+type call[T any] struct {
 	done    chan struct{}
-	data    []byte
+	data    T
 	err     error
 	waiters int
 	cancel  context.CancelFunc
 }
 
-func (f *flight) do(ctx context.Context, id ID, fetch func(context.Context) ([]byte, error)) ([]byte, error) {
+func (f *flight[T]) do(ctx context.Context, id ID, fetch func(context.Context) (T, error)) (T, error) {
 	f.mu.Lock()
 	if f.calls == nil {
-		f.calls = make(map[ID]*call)
+		f.calls = make(map[ID]*call[T])
 	}
 	c, ok := f.calls[id]
 	if !ok {
@@ -107,7 +107,7 @@ func (f *flight) do(ctx context.Context, id ID, fetch func(context.Context) ([]b
 		} else {
 			fctx, cancel = context.WithCancel(base)
 		}
-		c = &call{done: make(chan struct{}), cancel: cancel}
+		c = &call[T]{done: make(chan struct{}), cancel: cancel}
 		f.calls[id] = c
 		go func() {
 			c.data, c.err = fetch(fctx)
@@ -142,11 +142,12 @@ func (f *flight) do(ctx context.Context, id ID, fetch func(context.Context) ([]b
 			}
 		}
 		f.mu.Unlock()
+		var none T
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			// The store did not answer in time: to the caller that is an
 			// unavailable store, like a fetch that failed on its own.
-			return nil, fmt.Errorf("waiting for chunk %s: %w: %w", id, ErrUnavailable, ctx.Err())
+			return none, fmt.Errorf("waiting for chunk %s: %w: %w", id, ErrUnavailable, ctx.Err())
 		}
-		return nil, fmt.Errorf("waiting for chunk %s: %w", id, ctx.Err())
+		return none, fmt.Errorf("waiting for chunk %s: %w", id, ctx.Err())
 	}
 }

@@ -44,7 +44,7 @@ func TestLRUBoundedBySize(t *testing.T) {
 }
 
 // waitWaiters spins until n callers have joined the fetch of id.
-func waitWaiters(f *flight, id ID, n int) {
+func waitWaiters(f *flight[[]byte], id ID, n int) {
 	for {
 		f.mu.Lock()
 		c := f.calls[id]
@@ -58,7 +58,7 @@ func waitWaiters(f *flight, id ID, n int) {
 }
 
 func TestFlightSharesOneFetch(t *testing.T) {
-	var f flight
+	var f flight[[]byte]
 	var fetches atomic.Int32
 	release := make(chan struct{})
 	fetch := func(ctx context.Context) ([]byte, error) {
@@ -83,7 +83,7 @@ func TestFlightSharesOneFetch(t *testing.T) {
 }
 
 func TestFlightCallerCancellation(t *testing.T) {
-	var f flight
+	var f flight[[]byte]
 	fetchCtx := make(chan context.Context, 1)
 	release := make(chan struct{})
 	fetch := func(ctx context.Context) ([]byte, error) {
@@ -128,7 +128,7 @@ func TestFlightCallerCancellation(t *testing.T) {
 }
 
 func TestFlightKeepsDeadline(t *testing.T) {
-	var f flight
+	var f flight[[]byte]
 	ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
 	defer cancel()
 	want, _ := ctx.Deadline()

@@ -56,12 +56,14 @@ func newPackStore(t *testing.T, b Backend, opts Options) *Store {
 // set, holds each until hold is closed.
 type ranges struct {
 	Backend
-	n    atomic.Int32
-	hold chan struct{}
+	n     atomic.Int32
+	bytes atomic.Int64 // asked for
+	hold  chan struct{}
 }
 
 func (r *ranges) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
 	r.n.Add(1)
+	r.bytes.Add(n)
 	if r.hold != nil {
 		<-r.hold
 	}

@@ -21,6 +21,11 @@ type Options struct {
 	// CacheBytes bounds the cache of verified plaintexts. 0 means
 	// DefaultCacheBytes; negative disables the cache.
 	CacheBytes int64
+	// FrameBits is log2 of the frame size chunks are stored with
+	// (framed.go): 0 means FrameBits (64 KiB); -1 stores every chunk
+	// whole, as version 1 objects (as nbdvault did before repository
+	// format 4). Reads decode either.
+	FrameBits int
 }
 
 // DefaultCacheBytes is the default size of a Store's read cache.
@@ -33,7 +38,10 @@ type Store struct {
 	hasher  Hasher
 	codec   *codec
 	cache   *lru
-	flight  flight
+	flight  flight[[]byte]
+	frames  flight[[][]byte]
+	fbits   uint // frame size new chunks are stored with; 0: whole
+	seq     seqReads
 	stats   storeStats
 }
 
@@ -42,6 +50,7 @@ type storeStats struct {
 	bytesIn, bytesStored              atomic.Int64
 	gets, cacheHits, backendGets, bad atomic.Int64
 	frameGets, packPuts               atomic.Int64
+	reads, frameReads                 atomic.Int64
 }
 
 // Stats are a Store's counters since it was opened.
@@ -57,6 +66,8 @@ type Stats struct {
 	Corrupt     int64 // objects, frames and frame refs that failed verification
 	FrameGets   int64 // GetFrame calls
 	PackPuts    int64 // packs written
+	Reads       int64 // ReadAt calls
+	FrameReads  int64 // ReadAts answered from a chunk's frames, not all of it
 }
 
 // NewStore returns a Store over b.
@@ -81,7 +92,20 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes)}, nil
+	var fbits uint
+	switch {
+	case opts.FrameBits == 0:
+		fbits = FrameBits
+	case opts.FrameBits < 0:
+	case opts.FrameBits < minFrameBits || opts.FrameBits > maxFrameBits:
+		return nil, fmt.Errorf("frame size 2^%d: want 2^%d to 2^%d", opts.FrameBits, minFrameBits, maxFrameBits)
+	default:
+		fbits = uint(opts.FrameBits)
+	}
+	if _, _, ok := treeKey(opts.Hasher); !ok {
+		fbits = 0 // frames are verified through BLAKE3's tree
+	}
+	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits}, nil
 }
 
 // Backend returns the backend the store writes to.
@@ -117,10 +141,17 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 	if len(data) > MaxChunkSize {
 		return ZeroID, fmt.Errorf("put chunk: %d bytes exceeds the maximum chunk size %d", len(data), MaxChunkSize)
 	}
-	id := s.Sum(data)
-	if id.IsZero() {
+	if allZero(data) {
 		s.stats.zeroPuts.Add(1)
-		return id, nil
+		return ZeroID, nil
+	}
+	// A framed chunk's ID comes from its frames' CVs: one pass of hashing.
+	var cvs []cv
+	var id ID
+	if n, ok := framable(int64(len(data)), s.fbits); ok && s.fbits != 0 {
+		cvs, id = frameCVs(data, s.fbits, n, s.hasher)
+	} else {
+		id = s.hasher.Sum(data)
 	}
 	key := Key(id)
 	has, err := s.backend.Has(ctx, key)
@@ -131,7 +162,12 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		s.stats.dedupHits.Add(1)
 		return id, nil
 	}
-	obj := s.codec.encode(data)
+	var obj *[]byte
+	if cvs != nil {
+		obj = s.codec.encodeFramed(data, s.fbits, cvs)
+	} else {
+		obj = s.codec.encode(data)
+	}
 	defer bufPool.Put(obj)
 	if err := s.backend.Put(ctx, key, *obj); err != nil {
 		return ZeroID, fmt.Errorf("put chunk %s: %w", id, err)
@@ -178,6 +214,13 @@ func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
 
 // open decodes obj and checks that it is chunk id.
 func (s *Store) open(id ID, obj []byte) ([]byte, error) {
+	if len(obj) > 2 && obj[2] == framedVersion {
+		data, err := s.codec.decodeFramed(obj, id, s.hasher)
+		if err != nil {
+			return nil, &CorruptError{ID: id, Reason: err.Error()}
+		}
+		return data, nil
+	}
 	data, err := s.codec.decode(obj)
 	if err != nil {
 		return nil, &CorruptError{ID: id, Reason: err.Error()}
@@ -215,6 +258,7 @@ func (s *Store) Delete(ctx context.Context, id ID) error {
 		return nil
 	}
 	s.cache.remove(id)
+	s.cache.remove(tableKey(id))
 	if err := s.backend.Delete(ctx, Key(id)); err != nil {
 		return fmt.Errorf("delete chunk %s: %w", id, err)
 	}
@@ -229,7 +273,8 @@ func (s *Store) Stats() Stats {
 		BytesStored: s.stats.bytesStored.Load(), Gets: s.stats.gets.Load(),
 		CacheHits: s.stats.cacheHits.Load(), BackendGets: s.stats.backendGets.Load(),
 		Corrupt: s.stats.bad.Load(), FrameGets: s.stats.frameGets.Load(),
-		PackPuts: s.stats.packPuts.Load(),
+		PackPuts: s.stats.packPuts.Load(), Reads: s.stats.reads.Load(),
+		FrameReads: s.stats.frameReads.Load(),
 	}
 }
 

@@ -697,8 +697,11 @@ const (
 	// repositories are upgraded in place at start). 3: manifests may
 	// name journal deltas (format 2 is raised to 3 at start: its
 	// manifests have none, so nothing is rewritten; an older nbdvault
-	// then refuses the repository instead of ignoring the deltas).
-	repoFormat  = 3
+	// then refuses the repository instead of ignoring the deltas). 4:
+	// chunk objects may be framed (chunkstore/framed.go; raised from 3
+	// at start, nothing rewritten, so that an older nbdvault refuses the
+	// repository rather than fail on reads of framed chunks).
+	repoFormat  = 4
 	repoChunkID = "blake3-256"
 )
 

@@ -116,9 +116,29 @@ func Store(t *testing.T, open Opener) {
 		nobj, err := b.Get(ctx, chunkstore.Key(nid))
 		require.NoError(t, err)
 		assert.Less(t, len(tobj), len(text)/3, "log text compresses at least 3:1")
+		assert.Equal(t, byte(2), tobj[2], "a 1 MiB chunk is stored framed")
+		frames := len(noise) >> chunkstore.FrameBits
+		assert.Len(t, nobj, len(noise)+12+36*frames, "random data is kept raw behind its header and frame table")
+
+		// Whole objects, as before repository format 4.
+		whole := newStore(t, b, chunkstore.Options{FrameBits: -1})
+		text2 := CompressibleBytes(1<<20, 3)
+		tid2, err := whole.Put(ctx, text2)
+		require.NoError(t, err)
+		nid2, err := whole.Put(ctx, RandomBytes(1<<20))
+		require.NoError(t, err)
+		tobj, err = b.Get(ctx, chunkstore.Key(tid2))
+		require.NoError(t, err)
+		nobj, err = b.Get(ctx, chunkstore.Key(nid2))
+		require.NoError(t, err)
+		assert.Equal(t, byte(1), tobj[2])
 		assert.Equal(t, byte(chunkstore.CompressionZstd), tobj[3])
 		assert.Len(t, nobj, len(noise)+8, "random data is kept raw behind its 8-byte header")
 		assert.Equal(t, byte(chunkstore.CompressionNone), nobj[3])
+		for _, id := range []chunkstore.ID{tid, nid, tid2, nid2} {
+			_, err := s.Get(ctx, id)
+			require.NoError(t, err, "any store reads whole and framed objects")
+		}
 
 		raw := newStore(t, b, chunkstore.Options{Uncompressed: true})
 		got, err := raw.Get(ctx, tid)

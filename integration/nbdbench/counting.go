@@ -20,7 +20,7 @@ type countingBackend struct {
 	manifestPuts, manifestBytes atomic.Int64 // snapshots' and checkpoints' manifests
 	journalPuts, journalBytes   atomic.Int64 // journal packs (repository format 3)
 	otherPuts, otherBytes       atomic.Int64 // the volume record
-	has, gets                   atomic.Int64
+	has, gets                   atomic.Int64 // gets: whole and ranged
 }
 
 // indexPageLen is the plaintext size of an index page: 4096 IDs of 32
@@ -65,6 +65,13 @@ func (c *countingBackend) Put(ctx context.Context, key string, data []byte) erro
 func (c *countingBackend) Get(ctx context.Context, key string) ([]byte, error) {
 	c.gets.Add(1)
 	return c.Backend.Get(ctx, key)
+}
+
+// GetRange is a GET too (a ranged one: journal frames, a framed chunk's
+// table or frames).
+func (c *countingBackend) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	c.gets.Add(1)
+	return c.Backend.GetRange(ctx, key, off, n)
 }
 
 func (c *countingBackend) Has(ctx context.Context, key string) (bool, error) {

@@ -238,15 +238,9 @@ func (v *Volume) readIndex(ctx context.Context, root chunkstore.ID, dst []byte, 
 		}
 		if id.IsZero() {
 			clear(dst[:n])
-		} else {
-			data, err := v.store.Get(ctx, id)
-			if err != nil {
-				return fmt.Errorf("volume %q chunk %d: %w", v.cfg.Name, c, err)
-			}
-			if int64(len(data)) != cs {
-				return fmt.Errorf("volume %q chunk %d (%s): %d bytes, want %d: %w", v.cfg.Name, c, id, len(data), cs, chunkstore.ErrCorrupt)
-			}
-			copy(dst[:n], data[in:])
+		} else if err := v.store.ReadAt(ctx, id, cs, dst[:n], in); err != nil {
+			// A small read fetches only the frames it needs.
+			return fmt.Errorf("volume %q chunk %d: %w", v.cfg.Name, c, err)
 		}
 		dst, off = dst[n:], off+n
 	}

@@ -37,6 +37,10 @@ type rig struct {
 	retention time.Duration
 	// cuts are the newest points in time made, with what they hold.
 	cuts []cutModel
+	// frameBits are the store's Options.FrameBits, one per reopen in
+	// turn (none: the default).
+	frameBits []int
+	reopens   int
 }
 
 // cutModel is a point in time and the bytes it holds.
@@ -162,6 +166,14 @@ func (g *rig) checkPoints(what string) {
 
 func (g *rig) reopen() {
 	require.NoError(g.t, g.v.Close())
+	if len(g.frameBits) > 0 {
+		// A new store (an empty cache) that writes chunks framed or
+		// whole, in turn: the volume reads both.
+		var err error
+		g.store, err = chunkstore.NewStore(g.repo, chunkstore.Options{CacheBytes: 8 << 20, FrameBits: g.frameBits[g.reopens%len(g.frameBits)]})
+		require.NoError(g.t, err)
+	}
+	g.reopens++
 	v, err := Open(context.Background(), g.env(), "vol")
 	require.NoError(g.t, err)
 	g.v = v
@@ -188,6 +200,14 @@ func (g *rig) check(what string, snaps bool) {
 	part := make([]byte, n)
 	require.NoError(g.t, g.v.ReadAt(ctx, part, off))
 	require.True(g.t, bytes.Equal(g.m.head[off:off+n], part), "%s: head %d+%d", what, off, n)
+	// Small reads, which a framed chunk answers from its frames.
+	for range 4 {
+		n := 1 + g.r.Int64N(min(20<<10, int64(len(got))))
+		off := g.r.Int64N(int64(len(got)) - n + 1)
+		small := make([]byte, n)
+		require.NoError(g.t, g.v.ReadAt(ctx, small, off))
+		require.True(g.t, bytes.Equal(g.m.head[off:off+n], small), "%s: head %d+%d", what, off, n)
+	}
 	// Extents: whatever is a hole reads as zeros.
 	exts, err := g.v.Extents(ctx, "", 0, int64(len(got)))
 	require.NoError(g.t, err)
@@ -372,6 +392,9 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 			size := 16*cs + int64(seed)*777 // not a whole number of chunks
 			g := newRig(t, repo(t), size, cs, seed)
 			g.retention = []time.Duration{0, 20 * time.Second, -1}[seed%3]
+			// Chunks of 64 KiB are one frame of the default size: frames
+			// of 16 KiB, and whole objects, mixed in one volume.
+			g.frameBits = [][]int{nil, {14}, {-1, 14}}[(seed/2)%3]
 			g.reopen()
 			var ops []string
 			for i := range 120 {
