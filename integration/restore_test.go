@@ -216,22 +216,24 @@ func TestRestoreCorruptChunk(t *testing.T) {
 	id, _, _ := writeRestoreVolume(t, s, tools, true)
 	s.Stop()
 
-	// A raw chunk (random data does not compress) is the 8-byte header
-	// and 1 MiB of plaintext: damage one byte of one.
+	// A raw chunk (random data does not compress) is the header and frame
+	// table of 16 frames (12 + 16 × 36 bytes, chunkstore/framed.go) and
+	// 1 MiB of plaintext: damage one byte of one.
+	const head = 12 + 16*36
 	var damaged string
 	chunks := filepath.Join(s.Data, "repo", "chunks")
 	require.NoError(t, filepath.WalkDir(chunks, func(path string, d os.DirEntry, err error) error {
 		if err != nil || d.IsDir() || damaged != "" {
 			return err
 		}
-		if fi, err := d.Info(); err == nil && fi.Size() == mib+8 {
+		if fi, err := d.Info(); err == nil && fi.Size() == mib+head {
 			damaged = path
 		}
 		return nil
 	}))
 	require.NotEmpty(t, damaged, "a raw 1 MiB chunk in %s", chunks)
 	data := nbdtest.ReadFile(t, damaged)
-	data[8+1000] ^= 0xff
+	data[head+1000] ^= 0xff
 	require.NoError(t, os.WriteFile(damaged, data, 0o600))
 	s.Restart()
 
