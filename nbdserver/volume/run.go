@@ -21,8 +21,9 @@ func (v *Volume) nudge() {
 }
 
 // Run is the volume's uploader: it makes a checkpoint once the open layer
-// has held writes for CheckpointInterval (or the log passes half its
-// limit), and seals closed layers as they come. A failed seal is retried
+// has held writes for CheckpointInterval (or has taken SealAhead bytes,
+// or the log passes half its limit), and seals closed layers as they
+// come. A failed seal is retried
 // with backoff; Status reports it. Run returns when ctx ends. Writes past
 // LogLimit wait for it, so it must be running while the volume takes
 // writes.
@@ -42,7 +43,8 @@ func (v *Volume) Run(ctx context.Context) {
 		logSize := v.log.Size() // not under mu: the lock order is log, then mu
 		v.mu.RLock()
 		open := v.layers[len(v.layers)-1]
-		due := !open.since.IsZero() && (time.Since(open.since) >= interval || logSize >= v.env.logLimit()/2)
+		due := !open.since.IsZero() && (time.Since(open.since) >= interval || logSize >= v.env.logLimit()/2 ||
+			open.written >= v.env.sealAhead())
 		v.mu.RUnlock()
 		if due {
 			_, _ = v.Checkpoint(ctx) // a failure shows in the next seal's

@@ -329,3 +329,44 @@ func TestUploadMemoryBoundsSeals(t *testing.T) {
 		})
 	}
 }
+
+// A large write is sealed while it goes on: once the open layer has taken
+// SealAhead bytes, Run makes a checkpoint without waiting for the
+// interval.
+func TestRunSealsAhead(t *testing.T) {
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: mem, Store: store, StateDir: t.TempDir(), CheckpointInterval: time.Hour, SealAhead: 1 << 20}
+	v, err := Create(ctx, env, Config{Name: "v", Size: 16 << 20})
+	require.NoError(t, err)
+	defer v.Close()
+	startRun(t, v)
+
+	data := randomBytes(8 << 20)
+	for off := 0; off < len(data); off += 256 << 10 {
+		require.NoError(t, v.WriteAt(ctx, data[off:off+256<<10], int64(off), false))
+	}
+	// All but the last MiB or so is sealed with no interval passing.
+	eventually(t, 20*time.Second, func() bool { return v.LogSize() <= 2<<20 && v.Status().PendingLayers == 0 },
+		"the writes are sealed as they come")
+	ms, _, err := listManifests(ctx, mem, "", "v", KindCheckpoint, DefaultChunkSize)
+	require.NoError(t, err)
+	require.NotEmpty(t, ms)
+	got := make([]byte, len(data))
+	require.NoError(t, v.ReadAt(ctx, got, 0))
+	require.True(t, bytes.Equal(data, got))
+
+	// Without it, nothing is sealed before the interval.
+	env2 := &Env{Repo: chunkstore.NewMem(), Store: store, StateDir: t.TempDir(), CheckpointInterval: time.Hour, SealAhead: -1}
+	w, err := Create(ctx, env2, Config{Name: "w", Size: 16 << 20})
+	require.NoError(t, err)
+	defer w.Close()
+	startRun(t, w)
+	for off := 0; off < len(data); off += 256 << 10 {
+		require.NoError(t, w.WriteAt(ctx, data[off:off+256<<10], int64(off), false))
+	}
+	time.Sleep(300 * time.Millisecond)
+	assert.Greater(t, w.LogSize(), int64(len(data)), "no seal without the interval or SealAhead")
+}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -118,6 +119,7 @@ type layer struct {
 	extents *extentMap
 	mark    *mark
 	since   time.Time // when its first record was applied; zero while empty
+	written int64     // bytes of the write records applied to it
 }
 
 // mark is the payload of a RecordMark.
@@ -168,6 +170,11 @@ type Env struct {
 	// LogLimit: past this many bytes of write log, writes wait for the
 	// uploader. Default 8 GiB.
 	LogLimit int64
+	// SealAhead: Run also makes a checkpoint once the open layer has taken
+	// this many bytes of writes, so that a large write (an import, a
+	// restore onto the volume) is sealed while it goes on instead of
+	// after it. Default DefaultSealAhead; negative: only by time.
+	SealAhead int64
 	// JournalRetention is how long checkpoints are kept as points in time
 	// (VOL@TIME). Zero: DefaultJournalRetention; negative: none are kept.
 	JournalRetention time.Duration
@@ -198,6 +205,19 @@ func (e *Env) checkpointInterval() time.Duration {
 // stateDir is where volume name keeps its write log.
 func (e *Env) stateDir(name string) string {
 	return filepath.Join(e.StateDir, "volumes", name)
+}
+
+// DefaultSealAhead is Env.SealAhead's default.
+const DefaultSealAhead = 256 << 20
+
+func (e *Env) sealAhead() int64 {
+	switch {
+	case e.SealAhead > 0:
+		return e.SealAhead
+	case e.SealAhead < 0:
+		return math.MaxInt64
+	}
+	return DefaultSealAhead
 }
 
 func (e *Env) logLimit() int64 {
@@ -485,6 +505,10 @@ func (v *Volume) apply(r Record, pos Pos) error {
 	switch r.Type {
 	case RecordWrite:
 		open.extents.insert(extent{off: r.Offset, length: r.Length, pos: pos})
+		if ahead := v.env.sealAhead(); open.written < ahead && open.written+r.Length >= ahead {
+			v.nudge() // Run makes the checkpoint
+		}
+		open.written += r.Length
 	case RecordZero:
 		open.extents.insert(extent{off: r.Offset, length: r.Length, zero: true})
 	case RecordMark:
