@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -84,7 +85,10 @@ func importVolume(c *cli.Context) error {
 	}
 
 	p := newProgress("importing "+from+" into "+vol, srcSize)
-	im := &importer{conn: conn, src: src, srcSize: srcSize, vol: vol, request: requestSize(conn, v.ChunkSize), p: p}
+	im := &importer{conn: conn, src: src, srcSize: srcSize, vol: vol, request: requestSize(conn, v.ChunkSize), p: p, nextData: -1}
+	if fi, err := src.Stat(); err == nil && fi.Mode().IsRegular() {
+		im.nextData = 0 // ask the file system where its data is
+	}
 	if err := im.run(ctx); err != nil {
 		stopProgress(p)
 		return fmt.Errorf("import into %s failed: %w; the volume's head now holds part of the image: import again before relying on it", vol, err)
@@ -176,6 +180,33 @@ type importer struct {
 
 	zeroBytes int64        // the reader's: bytes of zero blocks not sent
 	sent      atomic.Int64 // bytes of the image sent
+	// nextData is the reader's: where the source's next data starts
+	// (SEEK_DATA), so that holes of a sparse image are skipped without
+	// reading them; -1 when the source cannot say.
+	nextData int64
+}
+
+// inHole reports whether [off, off+n) of the source is all hole, asking
+// the file system where the next data starts (SEEK_DATA) only when the
+// last answer does not tell. Reading a hole costs the kernel a zeroed
+// page-cache page per 4 KiB: 1.6 GiB of holes in a 2 GiB image took 4.8 s
+// of system time.
+func (im *importer) inHole(off, n int64) bool {
+	if im.nextData < 0 {
+		return false
+	}
+	if im.nextData < off {
+		d, err := unix.Seek(int(im.src.Fd()), off, unix.SEEK_DATA)
+		switch {
+		case errors.Is(err, unix.ENXIO): // no data at or after off
+			d = im.srcSize
+		case err != nil: // a device or file system that cannot say
+			im.nextData = -1
+			return false
+		}
+		im.nextData = d
+	}
+	return im.nextData >= off+n
 }
 
 func (im *importer) run(ctx context.Context) error {
@@ -213,6 +244,11 @@ func (im *importer) read(ctx context.Context, work chan<- *piece) error {
 	minBlock, _, _ := im.conn.BlockSizes()
 	for off := int64(0); off < im.srcSize; off += im.request {
 		n := min(im.request, im.srcSize-off)
+		if im.inHole(off, n) {
+			im.zeroBytes += n
+			im.p.add(n)
+			continue
+		}
 		buf, err := im.pool.get(ctx)
 		if err != nil {
 			return err
