@@ -208,16 +208,7 @@ func BenchmarkGet(b *testing.B) {
 	for _, be := range benchBackends() {
 		for _, in := range inputs {
 			b.Run(be.name+"/"+in.name, func(b *testing.B) {
-				s, err := chunkstore.NewStore(be.open(b), chunkstore.Options{CacheBytes: -1})
-				if err != nil {
-					b.Fatal(err)
-				}
-				ids := make([]chunkstore.ID, len(in.chunks))
-				for i, c := range in.chunks {
-					if ids[i], err = s.Put(b.Context(), c); err != nil {
-						b.Fatal(err)
-					}
-				}
+				s, ids := storeAll(b, be.open(b), chunkstore.Options{CacheBytes: -1}, in.chunks)
 				b.SetBytes(benchChunk)
 				b.SetParallelism(benchParallelism)
 				b.ResetTimer()
@@ -249,16 +240,7 @@ func BenchmarkColdRead4K(b *testing.B) {
 				bits int
 			}{{"whole", -1}, {"framed", 0}} {
 				b.Run(be.name+"/"+in.name+"/"+kind.name, func(b *testing.B) {
-					s, err := chunkstore.NewStore(be.open(b), chunkstore.Options{CacheBytes: -1, FrameBits: kind.bits})
-					if err != nil {
-						b.Fatal(err)
-					}
-					ids := make([]chunkstore.ID, len(in.chunks))
-					for i, c := range in.chunks {
-						if ids[i], err = s.Put(b.Context(), c); err != nil {
-							b.Fatal(err)
-						}
-					}
+					s, ids := storeAll(b, be.open(b), chunkstore.Options{CacheBytes: -1, FrameBits: kind.bits}, in.chunks)
 					buf := make([]byte, 4096)
 					i := 0
 					for b.Loop() {
@@ -281,4 +263,20 @@ func BenchmarkColdRead4K(b *testing.B) {
 			}
 		}
 	}
+}
+
+// storeAll opens a store over backend and puts chunks in it, untimed.
+func storeAll(b *testing.B, backend chunkstore.Backend, opts chunkstore.Options, chunks [][]byte) (*chunkstore.Store, []chunkstore.ID) {
+	b.Helper()
+	s, err := chunkstore.NewStore(backend, opts)
+	if err != nil {
+		b.Fatal(err)
+	}
+	ids := make([]chunkstore.ID, len(chunks))
+	for i, c := range chunks {
+		if ids[i], err = s.Put(b.Context(), c); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return s, ids
 }
