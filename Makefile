@@ -35,9 +35,9 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzNegotiate -fuzztime $(FUZZTIME) ./nbdserver/nbd/
 	go test -run '^$$' -fuzz FuzzTransmit -fuzztime $(FUZZTIME) ./nbdserver/nbd/
 	go test -run '^$$' -fuzz FuzzReply -fuzztime $(FUZZTIME) ./client/
-	go test -run '^$$' -fuzz FuzzMDSuperblock -fuzztime $(FUZZTIME) ./cmd/nbdvault/
-	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./cmd/nbdvault/
-	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzMDSuperblock -fuzztime $(FUZZTIME) ./client/leg/
+	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./client/leg/
+	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./client/leg/
 	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
 	go test -run '^$$' -fuzz FuzzCodecDecode -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzFramed -fuzztime $(FUZZTIME) ./chunkstore/

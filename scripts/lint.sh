@@ -25,4 +25,10 @@ forbid nbdserver/volume nbdserver/nbd
 forbid chunkstore nbdserver/nbd
 forbid chunkstore nbdserver/volume
 
+# client/leg parses outside bytes: the standard library only.
+if go list -deps "$mod/client/leg" | grep -v -x "$mod/client/leg" | grep -q '\.'; then
+  echo "lint: client/leg must import only the standard library (see docs/architecture.md):"
+  go list -deps "$mod/client/leg" | grep -v -x "$mod/client/leg" | grep '\.'; fail=1
+fi
+
 exit $fail

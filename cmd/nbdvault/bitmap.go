@@ -9,6 +9,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdvault/nbdvault/client/leg"
 )
 
 // An MD write-intent bitmap (drivers/md/md-bitmap.h), kept by MD arrays
@@ -128,7 +130,7 @@ func findMDBitmap(dev string, read readFunc) (int64, error) {
 			return 0, err
 		}
 		le := binary.LittleEndian
-		if le.Uint32(sb[0:]) == mdMagic && le.Uint32(sb[4:]) == 1 {
+		if le.Uint32(sb[0:]) == leg.MDMagic && le.Uint32(sb[4:]) == 1 {
 			if le.Uint32(sb[8:])&1 == 0 { // feature_map: MD_FEATURE_BITMAP_OFFSET
 				return 0, fmt.Errorf("%s: the array has no internal write-intent bitmap (mdadm --grow --bitmap=internal adds one)", dev)
 			}

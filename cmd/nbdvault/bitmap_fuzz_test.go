@@ -3,6 +3,8 @@ package main
 import (
 	"fmt"
 	"testing"
+
+	"github.com/nbdvault/nbdvault/internal/testdev"
 )
 
 // bitmapSuper is a bitmap superblock, as bitmapImage writes it.
@@ -40,14 +42,14 @@ func FuzzBitmap(f *testing.F) {
 		if which {
 			mdAt = 0
 		}
-		dev := placed{size, map[int64][]byte{mdAt: md}}
-		read := func(dev placed) readFunc {
+		dev := testdev.Placed{Size: size, Parts: map[int64][]byte{mdAt: md}}
+		read := func(dev testdev.Placed) readFunc {
 			return func(off int64, n int) ([]byte, error) {
 				if n > maxBitmapBytes {
 					t.Fatalf("a read of %d bytes at %d", n, off)
 				}
-				if off < 0 || n < 0 || off > dev.size || int64(n) > dev.size-off {
-					return nil, fmt.Errorf("read %d bytes at %d: the device ends at %d", n, off, dev.size)
+				if off < 0 || n < 0 || off > dev.Size || int64(n) > dev.Size-off {
+					return nil, fmt.Errorf("read %d bytes at %d: the device ends at %d", n, off, dev.Size)
 				}
 				p := make([]byte, n)
 				_, err := dev.ReadAt(p, off)
@@ -58,7 +60,7 @@ func FuzzBitmap(f *testing.F) {
 		if err == nil && (at < 0 || at == mdAt) {
 			t.Fatalf("a bitmap at %d, the superblock being at %d", at, mdAt)
 		}
-		dev = placed{size, map[int64][]byte{4096: bitmap}}
+		dev = testdev.Placed{Size: size, Parts: map[int64][]byte{4096: bitmap}}
 		dirty, chunks, err := countBitmap("dev", 4096, read(dev))
 		if err == nil && (dirty < 0 || dirty > chunks || (chunks+7)/8 > size) {
 			t.Fatalf("%d of %d chunks dirty in a bitmap on a %d-byte device", dirty, chunks, size)

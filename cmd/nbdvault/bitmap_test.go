@@ -9,6 +9,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/internal/testdev"
 )
 
 func TestBitmapDirty(t *testing.T) {
@@ -95,7 +97,7 @@ func TestBitmapDamaged(t *testing.T) {
 // mdSuperImage is a device with an MD 1.2 superblock whose feature map
 // and bitmap offset are given.
 func mdSuperImage(features uint32, bitmapOffset int32) []byte {
-	img := mdImage(16<<10, 4096, 1, 16, 8, 8)
+	img := testdev.MDImage(16<<10, 4096, 1, 16, 8, 8)
 	binary.LittleEndian.PutUint32(img[4096+8:], features)
 	binary.LittleEndian.PutUint32(img[4096+96:], uint32(bitmapOffset))
 	return img

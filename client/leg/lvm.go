@@ -1,4 +1,4 @@
-package main
+package leg
 
 import (
 	"bytes"
@@ -18,8 +18,8 @@ import (
 // activating a copy of a live VG would clash with it) and mounts the
 // image's extents.
 
-// lvmLeg is where a raid1 image lies on the PV.
-type lvmLeg struct {
+// LVMLeg is where a raid1 image lies on the PV.
+type LVMLeg struct {
 	LV           string // the raid1 logical volume, VG/LV
 	Image        string // its image on this PV, e.g. data_rimage_1
 	Offset, Size int64  // bytes
@@ -42,11 +42,11 @@ const (
 	maxLVMText = 16 << 20
 )
 
-// findLVMLeg looks for an LVM2 physical volume in f (size bytes) holding
+// FindLVM looks for an LVM2 physical volume in f (size bytes) holding
 // one image of a raid1 logical volume. It returns nil without a PV label.
 // Whatever the label and metadata say, it reads only within the first
 // size bytes and allocates at most maxLVMText for the text.
-func findLVMLeg(f io.ReaderAt, size int64) (*lvmLeg, error) {
+func FindLVM(f io.ReaderAt, size int64) (*LVMLeg, error) {
 	var sector [512]byte
 	label := int64(-1)
 	for s := int64(0); s < 4; s++ { // the label is in one of the first four sectors
@@ -141,7 +141,7 @@ func readLVMMetadata(f io.ReaderAt, off uint64, size int64) (string, error) {
 // legFromMetadata finds, in a volume group's metadata, the raid1 image
 // whose extents are on the PV with this (undashed) uuid, within the
 // first size bytes of the PV.
-func legFromMetadata(text, uuid string, size int64) (*lvmLeg, error) {
+func legFromMetadata(text, uuid string, size int64) (*LVMLeg, error) {
 	root, err := parseLVMConfig(text)
 	if err != nil {
 		return nil, fmt.Errorf("the LVM metadata: %w", err)
@@ -213,7 +213,7 @@ func legFromMetadata(text, uuid string, size int64) (*lvmLeg, error) {
 			if first > room || count > room-first {
 				return nil, fmt.Errorf("%s (extents %d+%d of %d bytes from %d) does not fit the %d-byte volume: the metadata is damaged", what, first, count, extent, peStart, size)
 			}
-			return &lvmLeg{LV: vgName + "/" + lvName, Image: img, Offset: peStart + first*extent, Size: count * extent}, nil
+			return &LVMLeg{LV: vgName + "/" + lvName, Image: img, Offset: peStart + first*extent, Size: count * extent}, nil
 		}
 	}
 	return nil, fmt.Errorf("an LVM physical volume of volume group %s that holds no whole image of a raid1 logical volume", vgName)

@@ -1,4 +1,4 @@
-package main
+package leg
 
 import (
 	"encoding/binary"
@@ -80,7 +80,7 @@ stripes = [
 func TestLegFromMetadata(t *testing.T) {
 	leg, err := legFromMetadata(lvmText, "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb", 64<<20)
 	require.NoError(t, err)
-	assert.Equal(t, &lvmLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}, leg)
+	assert.Equal(t, &LVMLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}, leg)
 
 	_, err = legFromMetadata(lvmText, "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", 64<<20)
 	assert.ErrorContains(t, err, "holds no whole image", "pv0's image is not in this metadata")
@@ -152,8 +152,8 @@ func lvmPV(uuid, text string, mdaSize, textOff uint64) []byte {
 const pv1UUID = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 
 func TestFindLVMLeg(t *testing.T) {
-	find := func(img []byte) (*lvmLeg, error) { return findLVMLeg(sparseDevice{img, 64 << 20}, 64<<20) }
-	want := &lvmLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}
+	find := func(img []byte) (*LVMLeg, error) { return FindLVM(sparseDevice{img, 64 << 20}, 64<<20) }
+	want := &LVMLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}
 
 	leg, err := find(lvmPV(pv1UUID, lvmText, 1<<20, 512))
 	require.NoError(t, err)
@@ -193,7 +193,7 @@ func TestFindLVMLegDamaged(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			img := lvmPV(pv1UUID, lvmText, 8192, 512)
 			c.damage(img)
-			leg, err := findLVMLeg(sparseDevice{img, 64 << 20}, 64<<20)
+			leg, err := FindLVM(sparseDevice{img, 64 << 20}, 64<<20)
 			assert.Nil(t, leg)
 			assert.ErrorContains(t, err, c.want)
 		})

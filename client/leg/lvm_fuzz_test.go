@@ -1,28 +1,30 @@
-package main
+package leg
 
 import (
 	"io"
 	"strings"
 	"testing"
+
+	"github.com/nbdvault/nbdvault/internal/testdev"
 )
 
 // boundedDevice is a device that fails the test on a read the
 // parsers should have refused: past maxLVMText bytes, or of metadata
 // (beyond the label's first four sectors) past the device's end.
 type boundedDevice struct {
-	placed
+	testdev.Placed
 	t *testing.T
 }
 
 func (d boundedDevice) ReadAt(p []byte, off int64) (int, error) {
-	if len(p) > maxLVMText || off >= 2048 && int64(len(p)) > d.size-off {
-		d.t.Fatalf("a read of %d bytes at %d on a %d-byte device", len(p), off, d.size)
+	if len(p) > maxLVMText || off >= 2048 && int64(len(p)) > d.Size-off {
+		d.t.Fatalf("a read of %d bytes at %d on a %d-byte device", len(p), off, d.Size)
 	}
-	return d.placed.ReadAt(p, off)
+	return d.Placed.ReadAt(p, off)
 }
 
 // checkLeg fails the test unless leg lies within a size-byte device.
-func checkLeg(t *testing.T, leg *lvmLeg, size int64) {
+func checkLeg(t *testing.T, leg *LVMLeg, size int64) {
 	if leg != nil && (leg.Offset < 0 || leg.Size <= 0 || leg.Offset > size || leg.Size > size-leg.Offset) {
 		t.Fatalf("%s's image %s at [%d, +%d) outside the %d-byte device", leg.LV, leg.Image, leg.Offset, leg.Size, size)
 	}
@@ -53,8 +55,8 @@ func FuzzLVMLabel(f *testing.F) {
 		if size < 0 {
 			return
 		}
-		dev := placed{size, map[int64][]byte{512: label, 4096: area}}
-		leg, err := findLVMLeg(boundedDevice{dev, t}, size)
+		dev := testdev.Placed{Size: size, Parts: map[int64][]byte{512: label, 4096: area}}
+		leg, err := FindLVM(boundedDevice{dev, t}, size)
 		if err == nil {
 			checkLeg(t, leg, size)
 		}

@@ -1,9 +1,9 @@
-package main
+package leg
 
 import (
-	"errors"
-	"io"
 	"testing"
+
+	"github.com/nbdvault/nbdvault/internal/testdev"
 )
 
 // The fuzz targets here feed damaged on-disk structures to the parsers
@@ -16,41 +16,14 @@ import (
 // fuzzing found (testdata/fuzz); `make test` runs them, `make fuzz`
 // explores.
 
-// placed is a size-byte device of zeros but for parts, at their offsets.
-type placed struct {
-	size  int64
-	parts map[int64][]byte
-}
-
-func (d placed) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, errors.New("negative offset")
-	}
-	if off >= d.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), d.size-off))
-	clear(p[:n])
-	for at, b := range d.parts {
-		if at < off+int64(n) && at+int64(len(b)) > off { // overlapping
-			lo, hi := max(at, off), min(at+int64(len(b)), off+int64(n))
-			copy(p[lo-off:hi-off], b[lo-at:hi-at])
-		}
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
-// mdPlaces are where findMDMember looks on a size-byte device.
+// mdPlaces are where FindMD looks on a size-byte device.
 func mdPlaces(size int64) []int64 {
 	return []int64{4096, 0, ((size >> 9) - 16) &^ 7 * 512}
 }
 
 // mdSuper is a version-1 superblock, as mdImage writes it.
 func mdSuper(level uint32, dataOffset, dataSize, used uint64) []byte {
-	return mdImage(256, 0, level, dataOffset, dataSize, used)
+	return testdev.MDImage(256, 0, level, dataOffset, dataSize, used)
 }
 
 func FuzzMDSuperblock(f *testing.F) {
@@ -71,7 +44,7 @@ func FuzzMDSuperblock(f *testing.F) {
 		}
 		places := mdPlaces(size)
 		at := places[int(where)%len(places)]
-		m, err := findMDMember(placed{size, map[int64][]byte{at: sb}}, size)
+		m, err := FindMD(testdev.Placed{Size: size, Parts: map[int64][]byte{at: sb}}, size)
 		if err != nil || m == nil {
 			return
 		}
