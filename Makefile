@@ -38,7 +38,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzMDSuperblock -fuzztime $(FUZZTIME) ./client/leg/
 	go test -run '^$$' -fuzz FuzzLVMLabel -fuzztime $(FUZZTIME) ./client/leg/
 	go test -run '^$$' -fuzz FuzzLVMMetadata -fuzztime $(FUZZTIME) ./client/leg/
-	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./cmd/nbdvault/
+	go test -run '^$$' -fuzz FuzzBitmap -fuzztime $(FUZZTIME) ./client/mirror/
 	go test -run '^$$' -fuzz FuzzCodecDecode -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzFramed -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/

@@ -25,6 +25,16 @@ forbid nbdserver/volume nbdserver/nbd
 forbid chunkstore nbdserver/nbd
 forbid chunkstore nbdserver/volume
 
+# The source host's packages know nothing of the server (but its wire
+# protocol, nbdserver/nbd), the repository or the CLI.
+for p in $(go list "$mod/client/..."); do
+  for dep in "$mod/nbdserver" "$mod/nbdserver/volume" "$mod/nbdserver/lease" "$mod/chunkstore" github.com/urfave/cli; do
+    if go list -deps "$p" | grep -q "^$dep\(/v[0-9]*\)\?$"; then
+      echo "lint: $p must not import $dep (see docs/architecture.md)"; fail=1
+    fi
+  done
+done
+
 # client/leg parses outside bytes: the standard library only.
 if go list -deps "$mod/client/leg" | grep -v -x "$mod/client/leg" | grep -q '\.'; then
   echo "lint: client/leg must import only the standard library (see docs/architecture.md):"

@@ -6,11 +6,12 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"strings"
 	"time"
 
 	"github.com/urfave/cli/v2"
 	"golang.org/x/sys/unix"
+
+	"github.com/nbdvault/nbdvault/client/mirror"
 )
 
 // FIFREEZE and FITHAW from linux/fs.h: _IOWR('X', 119, int) and
@@ -80,15 +81,18 @@ func clientSnapshot(c *cli.Context) error {
 		return err
 	}
 	if md, lv := c.String("md"), c.String("lvm"); md != "" || lv != "" {
-		what, path, off, err := bitmapOf(md, lv)
+		b, err := bitmapOf(md, lv)
 		if err != nil {
 			return err
 		}
 		start := time.Now()
-		if err := waitBitmapClean(ctx, what, path, off); err != nil {
+		if err := b.WaitClean(ctx); err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("%w (at the --timeout)", err)
+			}
 			return err
 		}
-		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", what, time.Since(start).Round(100*time.Millisecond))
+		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", b.What, time.Since(start).Round(100*time.Millisecond))
 	}
 	if dev := c.String("nbd-device"); dev != "" {
 		if err := flushDevice(dev); err != nil {
@@ -137,56 +141,21 @@ func freezeAll(mounts []string) (thaw func(), err error) {
 	return thaw, nil
 }
 
-// waitBitmapClean waits until no bit of the write-intent bitmap at off in
-// path is set. MD (and dm-raid) clears a bit only when every leg,
-// write-mostly and write-behind ones included, has completed the writes
-// of its region (and its bitmap daemon has run, every few seconds): with
-// writes stopped by the freeze, a clean bitmap means the NBD leg has
-// everything.
-func waitBitmapClean(ctx context.Context, what, path string, off int64) error {
-	for {
-		dirty, chunks, err := bitmapDirty(path, off)
-		if err != nil {
-			return fmt.Errorf("%s: %w", what, err)
-		}
-		if dirty == 0 {
-			return nil
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s still had writes in flight to a leg (%d of %d bitmap regions dirty) at the --timeout: %w", what, dirty, chunks, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
 // bitmapOf finds the write-intent bitmap of the MD array md or the LVM
 // raid1 logical volume lv.
-func bitmapOf(md, lv string) (what, path string, off int64, err error) {
+func bitmapOf(md, lv string) (mirror.Bitmap, error) {
 	if lv != "" {
-		path, off, err = lvmBitmap(lv)
-		return lv, path, off, err
+		b, err := mirror.LVMBitmap(lv)
+		if errors.Is(err, mirror.ErrInvalid) {
+			return b, usageErrorf("--lvm %q: want VG/LV", lv)
+		}
+		return b, err
 	}
-	members, err := mdMembers(md)
+	b, err := mirror.MDBitmap(md)
 	if err != nil {
-		return "", "", 0, err
+		return b, fmt.Errorf("--md: %w", err)
 	}
-	off, err = mdBitmapAt(members[0])
-	return md, members[0], off, err
-}
-
-// mdMembers lists an MD array's member devices from sysfs.
-func mdMembers(md string) ([]string, error) {
-	name := strings.TrimPrefix(md, "/dev/")
-	entries, err := os.ReadDir("/sys/block/" + name + "/slaves")
-	if err != nil || len(entries) == 0 {
-		return nil, fmt.Errorf("--md %s: not an MD array with members (%v)", md, err)
-	}
-	var out []string
-	for _, e := range entries {
-		out = append(out, "/dev/"+e.Name())
-	}
-	return out, nil
+	return b, nil
 }
 
 // flushDevice makes the block device flush its write cache: an fsync of

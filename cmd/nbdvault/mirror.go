@@ -12,6 +12,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
+
+	"github.com/nbdvault/nbdvault/client/mirror"
 )
 
 func mirrorCommand() *cli.Command {
@@ -244,15 +246,15 @@ func mirrorStatus(c *cli.Context) error {
 		}
 		fmt.Print(out)
 	}
-	what, path, off, err := bitmapOf(md, lv)
+	b, err := bitmapOf(md, lv)
 	if err != nil {
 		return err
 	}
-	dirty, chunks, err := bitmapDirty(path, off)
+	dirty, chunks, err := b.Dirty()
 	if err != nil {
 		return err
 	}
-	fmt.Printf("   Write-intent bitmap : %d of %d regions dirty (writes not yet on every leg of %s)\n", dirty, chunks, what)
+	fmt.Printf("   Write-intent bitmap : %d of %d regions dirty (writes not yet on every leg of %s)\n", dirty, chunks, b.What)
 	return nil
 }
 
@@ -263,9 +265,9 @@ func mirrorReconnect(c *cli.Context) error {
 	// The failed NBD leg: MD keeps it as faulty until removed; its
 	// device is detached so it can be attached again. The volume is
 	// attached with the other legs' block size.
-	members, err := mdMembers(md)
+	members, err := mirror.MDMembers(md)
 	if err != nil {
-		return err
+		return fmt.Errorf("--md: %w", err)
 	}
 	local := ""
 	for _, m := range members {

@@ -1,11 +1,19 @@
-package main
+// Package mirror is the source host's side of a mirror whose other leg
+// is an nbdvault volume: the write-intent bitmap that MD and LVM raid1
+// (dm-raid) keep, read past the page cache, to tell when every write has
+// reached every leg.
+package mirror
 
 import (
+	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"math/bits"
+	"os"
 	"strings"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -26,6 +34,9 @@ const (
 // bitmap between its superblock and its data, dm-raid in the rest of one
 // extent of the rmeta LV; neither comes near it.
 const maxBitmapBytes = 64 << 20
+
+// ErrInvalid is a name that cannot be a device: a usage error.
+var ErrInvalid = errors.New("invalid argument")
 
 // readFunc reads n bytes at off, or fails.
 type readFunc func(off int64, n int) ([]byte, error)
@@ -153,8 +164,73 @@ func findMDBitmap(dev string, read readFunc) (int64, error) {
 func lvmBitmap(lv string) (string, int64, error) {
 	vg, name, ok := strings.Cut(lv, "/")
 	if !ok {
-		return "", 0, usageErrorf("--lvm %q: want VG/LV", lv)
+		return "", 0, fmt.Errorf("%w: LVM logical volume %q: want VG/LV", ErrInvalid, lv)
 	}
 	esc := func(s string) string { return strings.ReplaceAll(s, "-", "--") }
 	return "/dev/mapper/" + esc(vg) + "-" + esc(name) + "_rmeta_0", 4096, nil
+}
+
+// Bitmap is the write-intent bitmap of a raid1: the MD array or LVM
+// logical volume What, its superblock at Off in the device Path.
+type Bitmap struct {
+	What, Path string
+	Off        int64
+}
+
+// MDBitmap finds the internal bitmap of MD array md (/dev/mdN), on its
+// first member.
+func MDBitmap(md string) (Bitmap, error) {
+	members, err := MDMembers(md)
+	if err != nil {
+		return Bitmap{}, err
+	}
+	off, err := mdBitmapAt(members[0])
+	return Bitmap{What: md, Path: members[0], Off: off}, err
+}
+
+// LVMBitmap finds the bitmap of LVM raid1 logical volume VG/LV.
+func LVMBitmap(lv string) (Bitmap, error) {
+	path, off, err := lvmBitmap(lv)
+	return Bitmap{What: lv, Path: path, Off: off}, err
+}
+
+// Dirty counts the bitmap's set bits, read past the page cache.
+func (b Bitmap) Dirty() (dirty, chunks int64, err error) {
+	return bitmapDirty(b.Path, b.Off)
+}
+
+// WaitClean waits until no bit of the bitmap is set, or ctx ends. MD (and
+// dm-raid) clears a bit only when every leg, write-mostly and write-behind
+// ones included, has completed the writes of its region (and its bitmap
+// daemon has run, every few seconds): with writes stopped, a clean bitmap
+// means the NBD leg has everything.
+func (b Bitmap) WaitClean(ctx context.Context) error {
+	for {
+		dirty, chunks, err := b.Dirty()
+		if err != nil {
+			return fmt.Errorf("%s: %w", b.What, err)
+		}
+		if dirty == 0 {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s still had writes in flight to a leg (%d of %d bitmap regions dirty): %w", b.What, dirty, chunks, ctx.Err())
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// MDMembers lists an MD array's member devices, from sysfs.
+func MDMembers(md string) ([]string, error) {
+	name := strings.TrimPrefix(md, "/dev/")
+	entries, err := os.ReadDir("/sys/block/" + name + "/slaves")
+	if err != nil || len(entries) == 0 {
+		return nil, fmt.Errorf("%s: not an MD array with members (%v)", md, err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, "/dev/"+e.Name())
+	}
+	return out, nil
 }

@@ -1,11 +1,13 @@
-package main
+package mirror
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -126,4 +128,45 @@ func TestMDBitmapAt(t *testing.T) {
 	at, err = mdBitmapAt(path)
 	require.NoError(t, err)
 	assert.Equal(t, int64(8192), at)
+}
+
+// WaitClean returns once the bitmap's bits are clear (MD clears them as
+// the legs complete), and says how many were dirty when ctx ends first.
+func TestWaitClean(t *testing.T) {
+	img := bitmapImage(3*4096, 100*2048, 1<<20)
+	img[4096+bitmapSuperSize] = 0x06 // chunks 1 and 2 dirty
+	path := filepath.Join(t.TempDir(), "rmeta")
+	require.NoError(t, os.WriteFile(path, img, 0o600))
+	b := Bitmap{What: "vg/data", Path: path, Off: 4096}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	err := b.WaitClean(ctx)
+	require.ErrorIs(t, err, context.DeadlineExceeded)
+	assert.ErrorContains(t, err, "vg/data still had writes in flight to a leg (2 of 100 bitmap regions dirty)")
+
+	done := make(chan error, 1)
+	go func() { done <- b.WaitClean(context.Background()) }()
+	time.Sleep(100 * time.Millisecond)
+	img[4096+bitmapSuperSize] = 0
+	require.NoError(t, os.WriteFile(path, img, 0o600))
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("WaitClean did not see the bitmap cleaned")
+	}
+
+	_, _, err = Bitmap{What: "vg/gone", Path: filepath.Join(t.TempDir(), "none")}.Dirty()
+	require.Error(t, err)
+}
+
+func TestBitmapNames(t *testing.T) {
+	b, err := LVMBitmap("vg-1/my-data")
+	require.NoError(t, err)
+	assert.Equal(t, Bitmap{What: "vg-1/my-data", Path: "/dev/mapper/vg--1-my--data_rmeta_0", Off: 4096}, b)
+	_, err = LVMBitmap("data")
+	require.ErrorIs(t, err, ErrInvalid)
+	_, err = MDBitmap("/dev/md-not-here")
+	assert.ErrorContains(t, err, "not an MD array with members")
 }
