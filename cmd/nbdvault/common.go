@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -132,40 +131,6 @@ func closeExport(conn *client.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = conn.Shutdown(ctx)
-}
-
-// group runs goroutines that share a context, cancelled when the first
-// of them fails; Wait returns that first error. It is x/sync/errgroup's
-// idea in the few lines restore and import need.
-type group struct {
-	wg     sync.WaitGroup
-	cancel context.CancelCauseFunc
-	once   sync.Once
-	err    error
-}
-
-func newGroup(ctx context.Context) (*group, context.Context) {
-	ctx, cancel := context.WithCancelCause(ctx)
-	return &group{cancel: cancel}, ctx
-}
-
-// Go runs f in a new goroutine.
-func (g *group) Go(f func() error) {
-	g.wg.Go(func() {
-		if err := f(); err != nil {
-			g.once.Do(func() {
-				g.err = err
-				g.cancel(err)
-			})
-		}
-	})
-}
-
-// Wait waits for every goroutine and returns the first error.
-func (g *group) Wait() error {
-	g.wg.Wait()
-	g.cancel(nil)
-	return g.err
 }
 
 // requestSize is the length of the NBD requests restore and import send:

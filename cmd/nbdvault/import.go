@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
@@ -220,7 +221,7 @@ func (im *importer) run(ctx context.Context) error {
 	}
 	workers := inFlight(im.request)
 	im.pool = newBufPool(workers+1, im.request)
-	g, gctx := newGroup(ctx)
+	g, gctx := errgroup.WithContext(ctx)
 	work := make(chan *piece)
 	g.Go(func() error {
 		defer close(work)

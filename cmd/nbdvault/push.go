@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/client"
@@ -156,7 +157,7 @@ func (p *pusher) run(ctx context.Context) error {
 	perConn := inFlight(p.cs)
 	pool := newBufPool(perConn*len(p.conns)+1, p.cs)
 	work := make(chan *pushPiece, perConn)
-	g, gctx := newGroup(ctx) // ends with Wait: flush below on ctx
+	g, gctx := errgroup.WithContext(ctx) // ends with Wait: flush below on ctx
 	g.Go(func() error {
 		defer close(work)
 		return p.compare(gctx, pool, work)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
+	"golang.org/x/sync/errgroup"
 	"golang.org/x/sys/unix"
 	"lukechampine.com/blake3"
 
@@ -341,7 +342,7 @@ func (r *restorer) run(ctx context.Context) error {
 	// Twice the reads in flight lets reads go on while the hash waits for
 	// a slow one, within about 256 MiB with the largest chunks.
 	r.pool = newBufPool(max(workers+1, min(2*workers, int((256<<20)/r.request))), r.request)
-	g, gctx := newGroup(ctx)
+	g, gctx := errgroup.WithContext(ctx)
 	work := make(chan *piece)
 	order := make(chan *piece, r.pool.max)
 	g.Go(func() error {
