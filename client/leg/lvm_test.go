@@ -2,13 +2,13 @@ package leg
 
 import (
 	"encoding/binary"
-	"errors"
-	"io"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/internal/testdev"
 )
 
 // lvmText is volume group metadata of the shape LVM 2.03 writes for a
@@ -92,32 +92,6 @@ func TestLegFromMetadata(t *testing.T) {
 	assert.Error(t, err)
 }
 
-// sparseDevice is a size-byte device whose first len(data) bytes are data
-// and the rest zeros, so a test can stand for a big volume with a small
-// buffer.
-type sparseDevice struct {
-	data []byte
-	size int64
-}
-
-func (d sparseDevice) ReadAt(p []byte, off int64) (int, error) {
-	if off < 0 {
-		return 0, errors.New("negative offset")
-	}
-	if off >= d.size {
-		return 0, io.EOF
-	}
-	n := int(min(int64(len(p)), d.size-off))
-	clear(p[:n])
-	if off < int64(len(d.data)) {
-		copy(p[:n], d.data[off:])
-	}
-	if n < len(p) {
-		return n, io.EOF
-	}
-	return n, nil
-}
-
 // lvmPV is the start of an LVM2 physical volume with uuid (undashed):
 // the label in sector 1, one metadata area at 4 KiB of mdaSize bytes
 // holding text at textOff into the area (512 at least: the ring follows
@@ -152,7 +126,9 @@ func lvmPV(uuid, text string, mdaSize, textOff uint64) []byte {
 const pv1UUID = "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb"
 
 func TestFindLVMLeg(t *testing.T) {
-	find := func(img []byte) (*LVMLeg, error) { return FindLVM(sparseDevice{img, 64 << 20}, 64<<20) }
+	find := func(img []byte) (*LVMLeg, error) {
+		return FindLVM(testdev.Placed{Size: 64 << 20, Parts: map[int64][]byte{0: img}}, 64<<20)
+	}
 	want := &LVMLeg{LV: "vg/data", Image: "data_rimage_1", Offset: 1<<20 + 4<<20, Size: 32 << 20}
 
 	leg, err := find(lvmPV(pv1UUID, lvmText, 1<<20, 512))
@@ -193,7 +169,7 @@ func TestFindLVMLegDamaged(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			img := lvmPV(pv1UUID, lvmText, 8192, 512)
 			c.damage(img)
-			leg, err := FindLVM(sparseDevice{img, 64 << 20}, 64<<20)
+			leg, err := FindLVM(testdev.Placed{Size: 64 << 20, Parts: map[int64][]byte{0: img}}, 64<<20)
 			assert.Nil(t, leg)
 			assert.ErrorContains(t, err, c.want)
 		})

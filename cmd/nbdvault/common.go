@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -131,76 +130,6 @@ func closeExport(conn *client.Conn) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	_ = conn.Shutdown(ctx)
-}
-
-// requestSize is the length of the NBD requests restore and import send:
-// the volume's chunk size, so that each asks the server for whole chunks,
-// capped by the export's maximum payload, in whole minimum blocks.
-func requestSize(conn *client.Conn, chunkSize int64) int64 {
-	minBlock, _, maxPayload := conn.BlockSizes()
-	n := min(chunkSize, int64(maxPayload))
-	if n <= 0 {
-		n = 1 << 20
-	}
-	return max(n/int64(minBlock)*int64(minBlock), int64(minBlock))
-}
-
-// inFlight is how many requests restore and import keep in flight: at
-// least 16; more with small chunks, about 32 MiB of payload, up to the 64
-// the server runs at once on one connection.
-func inFlight(requestSize int64) int {
-	return int(min(max((32<<20)/requestSize, 16), 64))
-}
-
-// bufPool hands out at most max buffers of size bytes, made as needed:
-// what bounds the memory of a pipeline. get is for one goroutine only;
-// put never blocks.
-type bufPool struct {
-	free      chan []byte
-	made, max int
-	size      int64
-}
-
-func newBufPool(max int, size int64) *bufPool {
-	return &bufPool{free: make(chan []byte, max), max: max, size: size}
-}
-
-// get returns a buffer of full size, waiting for one to come back once
-// max are out.
-func (b *bufPool) get(ctx context.Context) ([]byte, error) {
-	select {
-	case buf := <-b.free:
-		return buf, nil
-	default:
-	}
-	if b.made < b.max {
-		b.made++
-		return make([]byte, b.size), nil
-	}
-	select {
-	case buf := <-b.free:
-		return buf, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// put gives back a buffer from get (any length: it is restored to full).
-func (b *bufPool) put(buf []byte) { b.free <- buf[:cap(buf)] }
-
-// zeros is a block of zeros, never written to.
-var zeros = make([]byte, 1<<20)
-
-// isZero reports whether p is all zeros.
-func isZero(p []byte) bool {
-	for len(p) > 0 {
-		k := min(len(p), len(zeros))
-		if !bytes.Equal(p[:k], zeros[:k]) {
-			return false
-		}
-		p = p[k:]
-	}
-	return true
 }
 
 // stopProgress ends p's display after a failure: a bar stays as it

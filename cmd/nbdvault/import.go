@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -86,7 +87,7 @@ func importVolume(c *cli.Context) error {
 	}
 
 	p := newProgress("importing "+from+" into "+vol, srcSize)
-	im := &importer{conn: conn, src: src, srcSize: srcSize, vol: vol, request: requestSize(conn, v.ChunkSize), p: p, nextData: -1}
+	im := &importer{conn: conn, src: src, srcSize: srcSize, vol: vol, request: transfer.RequestSize(conn, v.ChunkSize), p: p, nextData: -1}
 	if fi, err := src.Stat(); err == nil && fi.Mode().IsRegular() {
 		im.nextData = 0 // ask the file system where its data is
 	}
@@ -164,6 +165,12 @@ func checkLabelFree(ctx context.Context, cl *api.Client, vol, label string) erro
 	return err
 }
 
+// importPiece is a block of the source to send.
+type importPiece struct {
+	off, n int64
+	buf    []byte // the data, padded to the server's minimum block
+}
+
 // importer writes an image over a volume's head.
 //
 // It zeroes the whole volume first, then one goroutine reads the source in
@@ -177,7 +184,7 @@ type importer struct {
 	vol     string
 	request int64
 	p       *progress
-	pool    *bufPool
+	pool    *transfer.BufPool
 
 	zeroBytes int64        // the reader's: bytes of zero blocks not sent
 	sent      atomic.Int64 // bytes of the image sent
@@ -219,10 +226,10 @@ func (im *importer) run(ctx context.Context) error {
 	if err := im.conn.Zero(ctx, 0, im.conn.Size(), false, false, false); err != nil {
 		return fmt.Errorf("zeroing %s: %w", im.vol, err)
 	}
-	workers := inFlight(im.request)
-	im.pool = newBufPool(workers+1, im.request)
+	workers := transfer.InFlight(im.request)
+	im.pool = transfer.NewBufPool(workers+1, im.request)
 	g, gctx := errgroup.WithContext(ctx)
-	work := make(chan *piece)
+	work := make(chan *importPiece)
 	g.Go(func() error {
 		defer close(work)
 		return im.read(gctx, work)
@@ -241,7 +248,7 @@ func (im *importer) run(ctx context.Context) error {
 
 // read reads the source in order and sends the blocks that are not all
 // zeros to work.
-func (im *importer) read(ctx context.Context, work chan<- *piece) error {
+func (im *importer) read(ctx context.Context, work chan<- *importPiece) error {
 	minBlock, _, _ := im.conn.BlockSizes()
 	for off := int64(0); off < im.srcSize; off += im.request {
 		n := min(im.request, im.srcSize-off)
@@ -250,7 +257,7 @@ func (im *importer) read(ctx context.Context, work chan<- *piece) error {
 			im.p.add(n)
 			continue
 		}
-		buf, err := im.pool.get(ctx)
+		buf, err := im.pool.Get(ctx)
 		if err != nil {
 			return err
 		}
@@ -260,8 +267,8 @@ func (im *importer) read(ctx context.Context, work chan<- *piece) error {
 			}
 			return fmt.Errorf("reading the source at offset %d: %w", off, err)
 		}
-		if isZero(buf[:n]) {
-			im.pool.put(buf)
+		if transfer.IsZero(buf[:n]) {
+			im.pool.Put(buf)
 			im.zeroBytes += n
 			im.p.add(n)
 			continue
@@ -271,7 +278,7 @@ func (im *importer) read(ctx context.Context, work chan<- *piece) error {
 		length := (n + int64(minBlock) - 1) / int64(minBlock) * int64(minBlock)
 		clear(buf[n:length])
 		select {
-		case work <- &piece{off: off, n: n, buf: buf[:length]}:
+		case work <- &importPiece{off: off, n: n, buf: buf[:length]}:
 		case <-ctx.Done():
 			return ctx.Err()
 		}
@@ -280,7 +287,7 @@ func (im *importer) read(ctx context.Context, work chan<- *piece) error {
 }
 
 // write sends the blocks from work until there are no more or one fails.
-func (im *importer) write(ctx context.Context, work <-chan *piece) error {
+func (im *importer) write(ctx context.Context, work <-chan *importPiece) error {
 	for pc := range work {
 		if err := im.conn.WriteAt(ctx, pc.buf, pc.off, false); err != nil {
 			if ctx.Err() != nil {
@@ -288,7 +295,7 @@ func (im *importer) write(ctx context.Context, work <-chan *piece) error {
 			}
 			return fmt.Errorf("writing %s at offset %d: %w", im.vol, pc.off, err)
 		}
-		im.pool.put(pc.buf)
+		im.pool.Put(pc.buf)
 		im.sent.Add(pc.n)
 		im.p.add(pc.n)
 	}

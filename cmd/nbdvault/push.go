@@ -15,6 +15,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -154,8 +155,8 @@ type pushPiece struct {
 }
 
 func (p *pusher) run(ctx context.Context) error {
-	perConn := inFlight(p.cs)
-	pool := newBufPool(perConn*len(p.conns)+1, p.cs)
+	perConn := transfer.InFlight(p.cs)
+	pool := transfer.NewBufPool(perConn*len(p.conns)+1, p.cs)
 	work := make(chan *pushPiece, perConn)
 	g, gctx := errgroup.WithContext(ctx) // ends with Wait: flush below on ctx
 	g.Go(func() error {
@@ -170,7 +171,7 @@ func (p *pusher) run(ctx context.Context) error {
 					return err
 				}
 				if pc.data != nil {
-					pool.put(pc.data)
+					pool.Put(pc.data)
 				}
 			}
 			return nil
@@ -190,7 +191,7 @@ func (p *pusher) run(ctx context.Context) error {
 // compare reads the source chunk by chunk, in runs of as many chunks as
 // one answer of the admin API gives, and queues the chunks whose ID
 // differs from the volume's.
-func (p *pusher) compare(ctx context.Context, pool *bufPool, work chan<- *pushPiece) error {
+func (p *pusher) compare(ctx context.Context, pool *transfer.BufPool, work chan<- *pushPiece) error {
 	hasher := chunkstore.BLAKE3{}
 	total := uint64((p.size + p.cs - 1) / p.cs)
 	for first := uint64(0); first < total; {
@@ -204,7 +205,7 @@ func (p *pusher) compare(ctx context.Context, pool *bufPool, work chan<- *pushPi
 				ids.Hash, ids.ChunkSize, hasher.Scheme(), p.cs)
 		}
 		for i, want := range ids.IDs {
-			buf, err := pool.get(ctx)
+			buf, err := pool.Get(ctx)
 			if err != nil {
 				return err
 			}
@@ -215,18 +216,18 @@ func (p *pusher) compare(ctx context.Context, pool *bufPool, work chan<- *pushPi
 			}
 			clear(buf[n:]) // the volume's last chunk counts zero-padded
 			p.progress.add(n)
-			zero := isZero(buf)
+			zero := transfer.IsZero(buf)
 			have := ""
 			if !zero {
 				have = hasher.Sum(buf).String()
 			}
 			if have == want {
-				pool.put(buf)
+				pool.Put(buf)
 				continue
 			}
 			pc := &pushPiece{off: off, n: n, data: buf[:n]}
 			if zero {
-				pool.put(buf)
+				pool.Put(buf)
 				pc.data = nil
 			}
 			select {
