@@ -3,17 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
-	"io"
 	"net/url"
 	"os"
 	"strings"
-	"sync/atomic"
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"golang.org/x/sync/errgroup"
 
-	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -102,25 +98,38 @@ func push(c *cli.Context) error {
 			return err
 		}
 	}
-	p := &pusher{cl: cl, vol: vol, src: src, size: srcSize, cs: v.ChunkSize}
+	var nbdConns []*client.Conn
 	for range conns {
 		conn, err := dialExport(ctx, addr, vol)
 		if err != nil {
 			return err
 		}
 		defer closeExport(conn)
-		p.conns = append(p.conns, conn)
+		nbdConns = append(nbdConns, conn)
 	}
-	p.progress = newProgress("pushing "+from+" to "+vol, srcSize)
+	cs := v.ChunkSize
+	ids := func(ctx context.Context, first uint64, count int) ([]string, error) {
+		ids, err := cl.ChunkIDs(ctx, vol, first, count)
+		if err != nil {
+			return nil, err
+		}
+		if ids.Hash != transfer.ChunkIDScheme || ids.ChunkSize != cs {
+			return nil, fmt.Errorf("the server names chunks with %q in chunks of %d bytes; this client hashes with %q in chunks of %d: use a matching nbdvault release",
+				ids.Hash, ids.ChunkSize, transfer.ChunkIDScheme, cs)
+		}
+		return ids.IDs, nil
+	}
+	p := newProgress("pushing "+from+" to "+vol, srcSize)
 	start := time.Now()
-	if err := p.run(ctx); err != nil {
-		stopProgress(p.progress)
+	res, err := transfer.Push(ctx, nbdConns, src, srcSize, transfer.PushOptions{ChunkSize: cs, IDs: ids, Batch: api.MaxChunkIDs, Progress: p.add})
+	if err != nil {
+		stopProgress(p)
 		return fmt.Errorf("push to %s failed: %w; what was sent is in the volume's head: push again to finish", vol, err)
 	}
-	p.progress.finish()
+	p.finish()
 	fmt.Fprintf(os.Stderr, "pushed %s to %s in %s: %s read, %d of %d chunks differed, %s sent, %d zero chunks zeroed\n",
-		from, vol, time.Since(start).Round(10*time.Millisecond), formatSize(srcSize), p.changed.Load(),
-		(srcSize+p.cs-1)/p.cs, formatSize(p.sent.Load()), p.zeroed.Load())
+		from, vol, time.Since(start).Round(10*time.Millisecond), formatSize(srcSize), res.Changed,
+		(srcSize+cs-1)/cs, formatSize(res.Sent), res.Zeroed)
 	label := c.String("label")
 	if !c.Bool("snapshot") && label == "" {
 		return nil
@@ -130,129 +139,5 @@ func push(c *cli.Context) error {
 		return fmt.Errorf("the push is done and flushed, but the snapshot failed: %w", err)
 	}
 	fmt.Println(s.ID)
-	return nil
-}
-
-// pusher compares the source's chunks with the volume's and writes those
-// that differ over several connections.
-type pusher struct {
-	cl       *api.Client
-	vol      string
-	src      *os.File
-	size, cs int64
-	conns    []*client.Conn
-	progress *progress
-
-	changed, zeroed atomic.Int64
-	sent            atomic.Int64
-}
-
-// pushPiece is one chunk to write: data, or zeros when data is nil.
-type pushPiece struct {
-	off  int64
-	n    int64
-	data []byte
-}
-
-func (p *pusher) run(ctx context.Context) error {
-	perConn := transfer.InFlight(p.cs)
-	pool := transfer.NewBufPool(perConn*len(p.conns)+1, p.cs)
-	work := make(chan *pushPiece, perConn)
-	g, gctx := errgroup.WithContext(ctx) // ends with Wait: flush below on ctx
-	g.Go(func() error {
-		defer close(work)
-		return p.compare(gctx, pool, work)
-	})
-	for i := range perConn * len(p.conns) {
-		conn := p.conns[i%len(p.conns)]
-		g.Go(func() error {
-			for pc := range work {
-				if err := p.send(gctx, conn, pc); err != nil {
-					return err
-				}
-				if pc.data != nil {
-					pool.Put(pc.data)
-				}
-			}
-			return nil
-		})
-	}
-	if err := g.Wait(); err != nil {
-		return err
-	}
-	for _, conn := range p.conns {
-		if err := conn.Flush(ctx); err != nil {
-			return fmt.Errorf("flush: %w", err)
-		}
-	}
-	return nil
-}
-
-// compare reads the source chunk by chunk, in runs of as many chunks as
-// one answer of the admin API gives, and queues the chunks whose ID
-// differs from the volume's.
-func (p *pusher) compare(ctx context.Context, pool *transfer.BufPool, work chan<- *pushPiece) error {
-	hasher := chunkstore.BLAKE3{}
-	total := uint64((p.size + p.cs - 1) / p.cs)
-	for first := uint64(0); first < total; {
-		count := int(min(total-first, api.MaxChunkIDs))
-		ids, err := p.cl.ChunkIDs(ctx, p.vol, first, count)
-		if err != nil {
-			return fmt.Errorf("the volume's chunk IDs: %w", err)
-		}
-		if ids.Hash != hasher.Scheme() || ids.ChunkSize != p.cs || len(ids.IDs) != count {
-			return fmt.Errorf("the server names chunks with %q in chunks of %d bytes; this client hashes with %q in chunks of %d: use a matching nbdvault release",
-				ids.Hash, ids.ChunkSize, hasher.Scheme(), p.cs)
-		}
-		for i, want := range ids.IDs {
-			buf, err := pool.Get(ctx)
-			if err != nil {
-				return err
-			}
-			off := int64(first+uint64(i)) * p.cs
-			n := min(p.cs, p.size-off)
-			if _, err := io.ReadFull(io.NewSectionReader(p.src, off, n), buf[:n]); err != nil {
-				return fmt.Errorf("read %s at %d: %w", p.src.Name(), off, err)
-			}
-			clear(buf[n:]) // the volume's last chunk counts zero-padded
-			p.progress.add(n)
-			zero := transfer.IsZero(buf)
-			have := ""
-			if !zero {
-				have = hasher.Sum(buf).String()
-			}
-			if have == want {
-				pool.Put(buf)
-				continue
-			}
-			pc := &pushPiece{off: off, n: n, data: buf[:n]}
-			if zero {
-				pool.Put(buf)
-				pc.data = nil
-			}
-			select {
-			case work <- pc:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-		}
-		first += uint64(count)
-	}
-	return nil
-}
-
-func (p *pusher) send(ctx context.Context, conn *client.Conn, pc *pushPiece) error {
-	p.changed.Add(1)
-	if pc.data == nil {
-		p.zeroed.Add(1)
-		if err := conn.Zero(ctx, pc.off, pc.n, false, false, false); err != nil {
-			return fmt.Errorf("zero %d+%d: %w", pc.off, pc.n, err)
-		}
-		return nil
-	}
-	if err := conn.WriteAt(ctx, pc.data, pc.off, false); err != nil {
-		return fmt.Errorf("write %d+%d: %w", pc.off, pc.n, err)
-	}
-	p.sent.Add(pc.n)
 	return nil
 }
