@@ -1,10 +1,8 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"strings"
 	"time"
 
@@ -12,7 +10,6 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
-
 	"github.com/nbdvault/nbdvault/client/mirror"
 )
 
@@ -68,35 +65,18 @@ func mirrorCommand() *cli.Command {
 	}
 }
 
-// runner runs or, dry, prints commands.
-type runner struct{ dry bool }
-
-func (r runner) run(ctx context.Context, name string, args ...string) (string, error) {
-	if r.dry {
-		fmt.Println(shellLine(name, args))
-		return "", nil
+// runner is the mirror's command runner: it runs mdadm and LVM, or, dry,
+// prints them.
+func runner(dry bool) mirror.Runner {
+	if dry {
+		return mirror.DryRun{W: os.Stdout}
 	}
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	if err != nil {
-		return string(out), fmt.Errorf("%s: %v: %s", shellLine(name, args), err, strings.TrimSpace(string(out)))
-	}
-	return string(out), nil
-}
-
-func shellLine(name string, args []string) string {
-	q := []string{name}
-	for _, a := range args {
-		if a == "" || strings.ContainsAny(a, " \t'\"$\\") {
-			a = "'" + strings.ReplaceAll(a, "'", `'\''`) + "'"
-		}
-		q = append(q, a)
-	}
-	return strings.Join(q, " ")
+	return mirror.Exec{}
 }
 
 // attachLeg attaches the volume with the logical block size of local,
 // the mirror's other leg (or, dry, prints how).
-func (r runner) attachLeg(c *cli.Context, local string) (string, error) {
+func attachLeg(c *cli.Context, dry bool, local string) (string, error) {
 	vol := c.String("volume")
 	if vol == "" {
 		return "", usageErrorf("--volume is required")
@@ -105,8 +85,8 @@ func (r runner) attachLeg(c *cli.Context, local string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if r.dry {
-		fmt.Println(shellLine("nbdvault", []string{"client", "attach", "--server", c.String("server"), "--export", vol,
+	if dry {
+		fmt.Println(mirror.ShellLine("nbdvault", []string{"client", "attach", "--server", c.String("server"), "--export", vol,
 			"--timeout", c.Duration("timeout").String(), "--block-size", fmt.Sprint(bs), "/dev/nbd0"}))
 		return "/dev/nbd0", nil
 	}
@@ -136,116 +116,62 @@ func mirrorCreate(c *cli.Context) error {
 	if device == "" {
 		return usageErrorf("client mirror create: --device is required")
 	}
-	r := runner{dry: c.Bool("dry-run")}
-	if !c.Bool("lvm") && !c.Bool("destroy-data") && !r.dry {
+	dry := c.Bool("dry-run")
+	lvm := c.Bool("lvm")
+	if !lvm && !c.Bool("destroy-data") && !dry {
 		return usageErrorf("client mirror create: a new MD array overwrites %s; pass --destroy-data if it holds nothing you need, use --lvm to keep a logical volume's data, or --dry-run to see the commands", device)
 	}
+	if _, _, ok := strings.Cut(device, "/"); lvm && !ok {
+		return usageErrorf("--device %q: with --lvm, want VG/LV", device)
+	}
 	local := device
-	if c.Bool("lvm") {
+	if lvm {
 		local = "/dev/" + device // VG/LV
 	}
-	leg, err := r.attachLeg(c, local)
+	leg, err := attachLeg(c, dry, local)
 	if err != nil {
 		return err
 	}
-	ctx := c.Context
-	if c.Bool("lvm") {
-		vg, _, ok := strings.Cut(device, "/")
-		if !ok {
-			return usageErrorf("--device %q: with --lvm, want VG/LV", device)
-		}
-		steps := [][]string{
-			{"pvcreate", leg},
-			{"vgextend", vg, leg},
-			{"lvconvert", "--yes", "--type", "raid1", "-m", "1", device, leg},
-		}
-		for _, s := range steps {
-			if _, err := r.run(ctx, s[0], s[1:]...); err != nil {
-				return err
+	ctx, r := c.Context, runner(dry)
+	what := c.String("md")
+	if lvm {
+		what = device
+		var p *progress
+		err = mirror.CreateLVM(ctx, r, device, leg, c.Int("write-behind"), func(pct string) {
+			if p == nil {
+				p = newProgress("copying "+device+" to the volume", -1)
 			}
-		}
-		// LVM changes write-mostly only on an array in sync: the first
-		// copy to the volume has to finish.
-		if err := r.waitLVSync(ctx, device); err != nil {
-			return err
-		}
-		for _, s := range [][]string{
-			{"lvchange", "--yes", "--writemostly", leg, device},
-			{"lvchange", "--yes", "--writebehind", fmt.Sprint(c.Int("write-behind")), device},
-		} {
-			if _, err := r.run(ctx, s[0], s[1:]...); err != nil {
-				return err
+			p.note(pct + "% in sync")
+		})
+		if p != nil {
+			if err != nil {
+				stopProgress(p)
+			} else {
+				p.finish()
 			}
 		}
 	} else {
-		args := []string{"--create", c.String("md"), "--run", "--level=1", "--raid-devices=2",
-			"--metadata=1.2", "--bitmap=internal", fmt.Sprintf("--write-behind=%d", c.Int("write-behind"))}
-		if bc := c.String("bitmap-chunk"); bc != "" {
-			args = append(args, "--bitmap-chunk="+bc)
-		}
-		if _, err := r.run(ctx, "mdadm", append(args, device, "--write-mostly", leg)...); err != nil {
-			return err
-		}
+		err = mirror.CreateMD(ctx, r, device, leg, mirror.MDOptions{Array: what, WriteBehind: c.Int("write-behind"), BitmapChunk: c.String("bitmap-chunk")})
 	}
-	if !r.dry {
-		fmt.Printf("%s is the write-mostly leg (%s) of %s\n", c.String("volume"), leg, orDefault(c.Bool("lvm"), device, c.String("md")))
+	if err != nil {
+		return err
+	}
+	if !dry {
+		fmt.Printf("%s is the write-mostly leg (%s) of %s\n", c.String("volume"), leg, what)
 	}
 	return nil
-}
-
-// waitLVSync waits until the raid1 logical volume lv is in sync, showing
-// how far the copy is.
-func (r runner) waitLVSync(ctx context.Context, lv string) error {
-	if r.dry {
-		fmt.Printf("# wait until `lvs -o sync_percent %s` says 100.00\n", lv)
-		return nil
-	}
-	p := newProgress("copying "+lv+" to the volume", -1)
-	for {
-		out, err := r.run(ctx, "lvs", "--noheadings", "-o", "sync_percent", lv)
-		if err != nil {
-			stopProgress(p)
-			return err
-		}
-		pct := strings.TrimSpace(out)
-		if pct == "100.00" {
-			p.finish()
-			return nil
-		}
-		p.note(pct + "% in sync")
-		select {
-		case <-ctx.Done():
-			stopProgress(p)
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
-}
-
-func orDefault(lvm bool, lv, md string) string {
-	if lvm {
-		return lv
-	}
-	return md
 }
 
 func mirrorStatus(c *cli.Context) error {
 	md, lv := c.String("md"), c.String("lvm")
 	if lv != "" {
-		vg, _, _ := strings.Cut(lv, "/")
-		out, err := runner{}.run(c.Context, "lvs", "-a", "-o", "name,attr,devices,sync_percent,raid_sync_action,raid_write_behind", vg)
-		if err != nil {
-			return err
-		}
-		fmt.Print(out)
 		md = "" // bitmapOf: the LV's
-	} else {
-		out, err := runner{}.run(c.Context, "mdadm", "--detail", md)
-		if err != nil {
-			return err
-		}
-		fmt.Print(out)
 	}
+	out, err := mirror.Status(c.Context, mirror.Exec{}, md, lv)
+	if err != nil {
+		return err
+	}
+	fmt.Print(out)
 	b, err := bitmapOf(md, lv)
 	if err != nil {
 		return err
@@ -260,7 +186,8 @@ func mirrorStatus(c *cli.Context) error {
 
 func mirrorReconnect(c *cli.Context) error {
 	md := c.String("md")
-	r := runner{dry: c.Bool("dry-run")}
+	dry := c.Bool("dry-run")
+	r := runner(dry)
 	ctx := c.Context
 	// The failed NBD leg: MD keeps it as faulty until removed; its
 	// device is detached so it can be attached again. The volume is
@@ -269,21 +196,13 @@ func mirrorReconnect(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("--md: %w", err)
 	}
-	local := ""
-	for _, m := range members {
-		if !strings.HasPrefix(m, "/dev/nbd") {
-			local = m
-		}
-	}
+	local, nbdLegs := mirror.Legs(members)
 	if local == "" {
 		return fmt.Errorf("%s has no member but NBD devices: which disk does it mirror?", md)
 	}
-	if !r.dry {
-		for _, m := range members {
-			if !strings.HasPrefix(m, "/dev/nbd") {
-				continue
-			}
-			if _, err := r.run(ctx, "mdadm", md, "--fail", m, "--remove", m); err != nil {
+	if !dry {
+		for _, m := range nbdLegs {
+			if err := mirror.RemoveLeg(ctx, r, md, m); err != nil {
 				fmt.Fprintln(os.Stderr, "nbdvault:", err)
 			}
 			if err := client.DetachKernel(m); err != nil {
@@ -295,7 +214,7 @@ func mirrorReconnect(c *cli.Context) error {
 	// The server may be coming back: try for a while before giving up.
 	var leg string
 	for deadline := time.Now().Add(c.Duration("wait")); ; {
-		if leg, err = r.attachLeg(c, local); err == nil || time.Now().After(deadline) || ctx.Err() != nil {
+		if leg, err = attachLeg(c, dry, local); err == nil || time.Now().After(deadline) || ctx.Err() != nil {
 			break
 		}
 		time.Sleep(500 * time.Millisecond)
@@ -303,10 +222,10 @@ func mirrorReconnect(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if _, err := r.run(ctx, "mdadm", md, "--re-add", leg); err != nil {
+	if err := mirror.ReAdd(ctx, r, md, leg); err != nil {
 		return fmt.Errorf("%w (the volume does not match the array's bitmap any more: `mdadm %s --add %s` copies it whole)", err, md, leg)
 	}
-	if !r.dry {
+	if !dry {
 		fmt.Printf("%s re-added to %s as %s: MD copies the regions its bitmap marks (nbdvault client mirror status --md %s)\n", c.String("volume"), md, leg, md)
 	}
 	return nil
