@@ -171,3 +171,14 @@ func FreeKernelDevice() (string, error) {
 	}
 	return "", fmt.Errorf("nbd: all %d /dev/nbd* devices are in use (modprobe nbd nbds_max=N for more)", len(devs))
 }
+
+// WaitDetached waits a little (up to 5 s) for a disconnected kernel NBD
+// device to be free.
+func WaitDetached(dev string) {
+	for range 100 {
+		if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); errors.Is(err, os.ErrNotExist) {
+			return
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bufio"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -122,14 +121,4 @@ func attachInBackground(server, export, dev string, readOnly bool, blockSize int
 		msg = "the attach process ended without a word"
 	}
 	return "", fmt.Errorf("attach %s to %s: %s", export, dev, msg)
-}
-
-// waitDetached waits a little for a disconnected NBD device to be free.
-func waitDetached(dev string) {
-	for range 100 {
-		if _, err := os.Stat("/sys/block/" + strings.TrimPrefix(dev, "/dev/") + "/pid"); errors.Is(err, os.ErrNotExist) {
-			return
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
 }

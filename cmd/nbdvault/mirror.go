@@ -208,7 +208,7 @@ func mirrorReconnect(c *cli.Context) error {
 			if err := client.DetachKernel(m); err != nil {
 				fmt.Fprintln(os.Stderr, "nbdvault:", err)
 			}
-			waitDetached(m)
+			client.WaitDetached(m)
 		}
 	}
 	// The server may be coming back: try for a while before giving up.

@@ -1,4 +1,4 @@
-package main
+package mount
 
 import (
 	"fmt"
@@ -13,19 +13,19 @@ import (
 // What mount and umount read from Linux: the mount table, loop devices'
 // backing files, and processes, all from /proc and /sys.
 
-// mountEntry is one line of /proc/self/mountinfo.
-type mountEntry struct {
+// Entry is one line of /proc/self/mountinfo.
+type Entry struct {
 	Dir, Source, FSType string
 }
 
-// mountAt returns the topmost mount on dir, if any. dir must be absolute
+// At returns the topmost mount on dir, if any. dir must be absolute
 // with symbolic links resolved, as the kernel shows it.
-func mountAt(dir string) (mountEntry, bool, error) {
+func At(dir string) (Entry, bool, error) {
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return mountEntry{}, false, fmt.Errorf("reading the mount table: %w", err)
+		return Entry{}, false, fmt.Errorf("reading the mount table: %w", err)
 	}
-	var found mountEntry
+	var found Entry
 	ok := false
 	for _, line := range strings.Split(string(data), "\n") {
 		// ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPEROPTIONS
@@ -41,7 +41,7 @@ func mountAt(dir string) (mountEntry, bool, error) {
 			continue
 		}
 		// Later lines are mounted later: the last one is on top.
-		found, ok = mountEntry{Dir: dir, FSType: f[sep+1], Source: unescapeMountinfo(f[sep+2])}, true
+		found, ok = Entry{Dir: dir, FSType: f[sep+1], Source: unescapeMountinfo(f[sep+2])}, true
 	}
 	return found, ok, nil
 }
