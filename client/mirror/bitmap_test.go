@@ -170,3 +170,23 @@ func TestBitmapNames(t *testing.T) {
 	_, err = MDBitmap("/dev/md-not-here")
 	assert.ErrorContains(t, err, "not an MD array with members")
 }
+
+// Freeze refuses what cannot be frozen, and what it could not open;
+// thaw is safe to call then, and twice. (Freezing a real file system
+// would stop this machine's writes: the VM tests do that.)
+func TestFreezeRefuses(t *testing.T) {
+	thaw, err := Freeze([]string{filepath.Join(t.TempDir(), "missing")})
+	require.ErrorIs(t, err, os.ErrNotExist)
+	require.NoError(t, thaw())
+	require.NoError(t, thaw())
+	if os.Geteuid() == 0 {
+		// tmpfs cannot be frozen (FIFREEZE needs root to be asked at all).
+		thaw, err = Freeze([]string{"/dev/shm"})
+		require.ErrorIs(t, err, ErrNotFreezable)
+		require.NoError(t, thaw())
+	}
+	require.ErrorIs(t, FlushDevice(filepath.Join(t.TempDir(), "none")), os.ErrNotExist)
+	f := filepath.Join(t.TempDir(), "file")
+	require.NoError(t, os.WriteFile(f, []byte("x"), 0o600))
+	require.NoError(t, FlushDevice(f))
+}

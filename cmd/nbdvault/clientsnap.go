@@ -9,16 +9,8 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client/mirror"
-)
-
-// FIFREEZE and FITHAW from linux/fs.h: _IOWR('X', 119, int) and
-// _IOWR('X', 120, int). x/sys/unix does not name them.
-const (
-	ioctlFIFREEZE = 0xc0045877
-	ioctlFITHAW   = 0xc0045878
 )
 
 func clientSnapshotCommand() *cli.Command {
@@ -95,8 +87,8 @@ func clientSnapshot(c *cli.Context) error {
 		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", b.What, time.Since(start).Round(100*time.Millisecond))
 	}
 	if dev := c.String("nbd-device"); dev != "" {
-		if err := flushDevice(dev); err != nil {
-			return err
+		if err := mirror.FlushDevice(dev); err != nil {
+			return fmt.Errorf("--nbd-device %w", err)
 		}
 	}
 	s, err := cl.CreateSnapshot(ctx, vol, c.String("label"))
@@ -111,32 +103,18 @@ func clientSnapshot(c *cli.Context) error {
 	return nil
 }
 
-// freezeAll freezes each mount point, and returns what thaws them all,
-// safe to call more than once. On error the caller still calls it.
+// freezeAll freezes each --freeze mount point (mirror.Freeze), and
+// returns what thaws them all, which says on stderr what it could not
+// thaw; safe to call more than once, and on error too.
 func freezeAll(mounts []string) (thaw func(), err error) {
-	var frozen []*os.File
+	t, err := mirror.Freeze(mounts)
 	thaw = func() {
-		for _, f := range frozen {
-			if err := unix.IoctlSetInt(int(f.Fd()), ioctlFITHAW, 0); err != nil {
-				fmt.Fprintf(os.Stderr, "nbdvault: thaw %s: %v: run fsfreeze -u %s\n", f.Name(), err, f.Name())
-			}
-			f.Close()
+		if err := t(); err != nil {
+			fmt.Fprintln(os.Stderr, "nbdvault:", err)
 		}
-		frozen = nil
 	}
-	for _, m := range mounts {
-		f, err := os.Open(m)
-		if err != nil {
-			return thaw, fmt.Errorf("--freeze %s: %w", m, err)
-		}
-		if err := unix.IoctlSetInt(int(f.Fd()), ioctlFIFREEZE, 0); err != nil {
-			f.Close()
-			if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EINVAL) {
-				return thaw, fmt.Errorf("--freeze %s: its file system cannot be frozen (%v): is it a mount point of ext4, xfs or btrfs?", m, err)
-			}
-			return thaw, fmt.Errorf("--freeze %s: %w", m, err)
-		}
-		frozen = append(frozen, f)
+	if err != nil {
+		return thaw, fmt.Errorf("--freeze %w", err)
 	}
 	return thaw, nil
 }
@@ -156,21 +134,6 @@ func bitmapOf(md, lv string) (mirror.Bitmap, error) {
 		return b, fmt.Errorf("--md: %w", err)
 	}
 	return b, nil
-}
-
-// flushDevice makes the block device flush its write cache: an fsync of
-// the device sends a FLUSH, which nbdvault answers once its log is
-// durable.
-func flushDevice(dev string) error {
-	f, err := os.Open(dev)
-	if err != nil {
-		return fmt.Errorf("--nbd-device %s: %w", dev, err)
-	}
-	defer f.Close()
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("flushing %s: %w", dev, err)
-	}
-	return nil
 }
 
 // runHook runs a --pre or --post shell command, its output to stderr.
