@@ -1,7 +1,10 @@
-// Package client is the source-host side of nbdvault. Today it holds a
-// userspace NBD client (NetworkBlockDevice/nbd doc/proto.md); kernel attach
-// through go-nbd, mirror setup with mdadm or LVM, freeze+snapshot and push
-// will build on it. (Issues #3 and #6.)
+// Package client is the source-host side of nbdvault: a userspace NBD
+// client (NetworkBlockDevice/nbd doc/proto.md) and the attach of an export
+// to the kernel's NBD driver (kernel_linux.go, our own handshake, then
+// NBD_SET_SOCK). The packages below it build on it: client/transfer
+// (restore, import, push), client/mirror (a volume as a mirror leg, its
+// write-intent bitmap, freeze and flush), client/mount (restore by mount)
+// and client/leg (the data inside a mirror leg).
 //
 // Dial (or NewConn on an existing connection) negotiates fixed newstyle,
 // optionally STARTTLS, structured replies and meta contexts, and enters

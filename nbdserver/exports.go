@@ -1,7 +1,8 @@
 // Package nbdserver is the backup server: it serves volumes over NBD (a
-// volume's head as VOL, each snapshot read-only as VOL@SNAP), and will hold
-// the listeners, admin API and metrics (issue #5). It is where
-// nbdserver/nbd and nbdserver/volume meet; neither imports the other.
+// volume's head as VOL, each snapshot or point in time read-only as
+// VOL@SNAP), and holds the listeners, the admin API and the metrics. It is
+// where nbdserver/nbd and nbdserver/volume meet; neither imports the
+// other.
 package nbdserver
 
 import (

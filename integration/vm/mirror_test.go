@@ -22,7 +22,8 @@ import (
 )
 
 // TestMirrorMD is issue #6's first scenario in a real kernel (the array
-// made by hand: `client mirror` is still to come):
+// made with mdadm by hand, as a user who already has one would have it;
+// `client mirror create` is in TestMirrorReconnect and TestMirrorLVM):
 // an MD RAID1 of a local disk and an nbdvault volume attached as the
 // write-mostly, write-behind leg; ext4 on the array; files written; the
 // `nbdvault client snapshot` in the guest (freeze, wait until the array's
