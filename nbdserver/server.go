@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/internal/fsync"
 	"github.com/nbdvault/nbdvault/nbdserver/lease"
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 	"github.com/nbdvault/nbdvault/nbdserver/volume"
@@ -250,7 +251,7 @@ const LeaseLostFile = "lease-lost"
 
 func (s *Server) markLeaseLost(err error) {
 	msg := fmt.Sprintf("%s: %v\n", time.Now().UTC().Format(time.RFC3339), err)
-	if werr := writeFileSync(filepath.Join(s.opts.Data, "state", LeaseLostFile), []byte(msg)); werr != nil {
+	if werr := fsync.WriteFile(filepath.Join(s.opts.Data, "state", LeaseLostFile), []byte(msg)); werr != nil {
 		s.log.Error("could not mark the state folder as having lost the lease", "error", werr)
 	}
 }
@@ -788,7 +789,7 @@ func bindState(dir, id, location string) error {
 	data, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, os.ErrNotExist):
-		return writeFileSync(path, []byte(id+"\n"))
+		return fsync.WriteFile(path, []byte(id+"\n"))
 	case err != nil:
 		return fmt.Errorf("state folder: %w", err)
 	}
@@ -806,23 +807,6 @@ func randomHex(n int) string {
 	return hex.EncodeToString(b)
 }
 
-// writeFileSync creates path with data, mode 0600, and syncs it.
-func writeFileSync(path string, data []byte) error {
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		f.Close()
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
-}
-
 // loadToken reads the admin token, making one (mode 0600) on first start.
 func loadToken(path string) (string, error) {
 	data, err := os.ReadFile(path)
@@ -837,7 +821,7 @@ func loadToken(path string) (string, error) {
 		return "", fmt.Errorf("admin token: %w", err)
 	}
 	tok := randomHex(32)
-	if err := writeFileSync(path, []byte(tok+"\n")); err != nil {
+	if err := fsync.WriteFile(path, []byte(tok+"\n")); err != nil {
 		return "", fmt.Errorf("admin token: %w", err)
 	}
 	return tok, nil

@@ -150,7 +150,7 @@ const droppedKey = "state/dropped"
 func (v *Volume) saveDropped() {
 	data, err := json.Marshal(v.dropped)
 	if err == nil {
-		err = writeFileAtomic(v.droppedFile(), chunkstore.Checked(v.env.RepoID, droppedKey, data))
+		err = fsync.WriteFile(v.droppedFile(), chunkstore.Checked(v.env.RepoID, droppedKey, data))
 	}
 	if err != nil {
 		// An old file could say a pack was dropped earlier than it now
@@ -185,32 +185,6 @@ func (v *Volume) loadDropped() {
 			v.dropped[k] = seq
 		}
 	}
-}
-
-// writeFileAtomic replaces path with data: whole or not at all.
-func writeFileAtomic(path string, data []byte) error {
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return err
-	}
-	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync() // else a crash may leave the new name on old bytes
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, path); err != nil {
-		return err
-	}
-	return fsync.Dir(filepath.Dir(path))
 }
 
 // listPacks lists the volume's journal packs in the repository.
