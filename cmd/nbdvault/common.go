@@ -15,16 +15,18 @@ import (
 	"github.com/urfave/cli/v2"
 
 	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/nbdserver"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
+	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
 // Defaults of the embedded configuration: everything in ./nbdvault-data,
 // NBD on the standard port, the admin API next to it, loopback only.
 const (
 	defaultData   = "nbdvault-data"
-	defaultListen = "127.0.0.1:10809"
-	defaultAdmin  = "127.0.0.1:10810"
-	tokenFileName = "admin-token"
+	defaultListen = "127.0.0.1:" + nbd.Port
+	defaultAdmin  = api.DefaultAddress
+	tokenFileName = nbdserver.TokenFile
 )
 
 // Flags every command that talks to a server takes.

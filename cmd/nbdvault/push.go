@@ -13,6 +13,7 @@ import (
 	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
+	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
 func clientCommand() *cli.Command {
@@ -54,7 +55,7 @@ func pushTarget(to string) (vol, addr string, err error) {
 	}
 	addr = u.Host
 	if u.Port() == "" {
-		addr += ":10809"
+		addr += ":" + nbd.Port
 	}
 	return strings.Trim(u.Path, "/"), addr, nil
 }

@@ -22,8 +22,12 @@ type Client struct {
 	http  *http.Client
 }
 
+// DefaultAddress is where a server listens for the admin API unless told
+// otherwise: loopback, next to NBD's port.
+const DefaultAddress = "127.0.0.1:10810"
+
 // NewClient returns a client for the server at base (e.g.
-// http://127.0.0.1:10810) that sends token.
+// "http://" + DefaultAddress) that sends token.
 func NewClient(base, token string) (*Client, error) {
 	if path, ok := strings.CutPrefix(base, "unix:"); ok {
 		// HTTP over a Unix socket: a local server, or one reached through

@@ -8,6 +8,9 @@
 // protocol's numbers, shared with the client in package client.
 package nbd
 
+// Port is NBD's IANA-registered TCP port.
+const Port = "10809"
+
 // Magic numbers.
 const (
 	MagicInit            uint64 = 0x4e42444d41474943 // "NBDMAGIC"
