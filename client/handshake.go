@@ -272,7 +272,7 @@ func (n *negotiator) list(ctx context.Context) ([]ExportInfo, error) {
 				Description: string(data[4+len(name):]),
 			})
 		default:
-			return nil, protocolf("unexpected %s to NBD_OPT_LIST", replyName(typ))
+			return nil, protocolf("unexpected %s to NBD_OPT_LIST", nbd.RepName(typ))
 		}
 	}
 }
@@ -321,7 +321,7 @@ func (n *negotiator) startTLS(ctx context.Context) error {
 		return err
 	}
 	if typ != nbd.RepAck {
-		return protocolf("unexpected %s to NBD_OPT_STARTTLS", replyName(typ))
+		return protocolf("unexpected %s to NBD_OPT_STARTTLS", nbd.RepName(typ))
 	}
 	tc := tls.Client(n.raw, n.opts.TLS)
 	if err := tc.HandshakeContext(ctx); err != nil {
@@ -352,7 +352,7 @@ func (n *negotiator) structuredReply() (bool, error) {
 		return false, err
 	}
 	if typ != nbd.RepAck {
-		return false, protocolf("unexpected %s to NBD_OPT_STRUCTURED_REPLY", replyName(typ))
+		return false, protocolf("unexpected %s to NBD_OPT_STRUCTURED_REPLY", nbd.RepName(typ))
 	}
 	return true, nil
 }
@@ -388,7 +388,7 @@ func (n *negotiator) setMetaContext(queries []string) (map[uint32]string, error)
 			}
 			contexts[binary.BigEndian.Uint32(data)] = string(data[4:])
 		default:
-			return nil, protocolf("unexpected %s to NBD_OPT_SET_META_CONTEXT", replyName(typ))
+			return nil, protocolf("unexpected %s to NBD_OPT_SET_META_CONTEXT", nbd.RepName(typ))
 		}
 	}
 }
@@ -439,7 +439,7 @@ func (n *negotiator) goExport() (*exportInfo, error) {
 				}
 			}
 		default:
-			return nil, protocolf("unexpected %s to NBD_OPT_GO", replyName(typ))
+			return nil, protocolf("unexpected %s to NBD_OPT_GO", nbd.RepName(typ))
 		}
 	}
 }
@@ -497,7 +497,7 @@ func (n *negotiator) sendOption(opt uint32, data []byte) error {
 	binary.BigEndian.PutUint32(b[12:], uint32(len(data)))
 	b = append(b, data...)
 	if _, err := n.conn.Write(b); err != nil {
-		return fmt.Errorf("nbd: send %s: %w", optionName(opt), err)
+		return fmt.Errorf("nbd: send %s: %w", nbd.OptName(opt), err)
 	}
 	return nil
 }
@@ -507,22 +507,22 @@ func (n *negotiator) sendOption(opt uint32, data []byte) error {
 func (n *negotiator) reply(opt uint32) (typ uint32, data []byte, err error) {
 	var h [20]byte
 	if _, err := io.ReadFull(n.conn, h[:]); err != nil {
-		return 0, nil, fmt.Errorf("nbd: read reply to %s: %w", optionName(opt), err)
+		return 0, nil, fmt.Errorf("nbd: read reply to %s: %w", nbd.OptName(opt), err)
 	}
 	if m := binary.BigEndian.Uint64(h[:]); m != nbd.MagicOptReply {
 		return 0, nil, protocolf("bad option reply magic %#x", m)
 	}
 	if o := binary.BigEndian.Uint32(h[8:]); o != opt {
-		return 0, nil, protocolf("reply to %s while waiting for one to %s", optionName(o), optionName(opt))
+		return 0, nil, protocolf("reply to %s while waiting for one to %s", nbd.OptName(o), nbd.OptName(opt))
 	}
 	typ = binary.BigEndian.Uint32(h[12:])
 	length := binary.BigEndian.Uint32(h[16:])
 	if length > maxOptReply {
-		return 0, nil, protocolf("%s of %d bytes to %s", replyName(typ), length, optionName(opt))
+		return 0, nil, protocolf("%s of %d bytes to %s", nbd.RepName(typ), length, nbd.OptName(opt))
 	}
 	data = make([]byte, length)
 	if _, err := io.ReadFull(n.conn, data); err != nil {
-		return 0, nil, fmt.Errorf("nbd: read reply to %s: %w", optionName(opt), err)
+		return 0, nil, fmt.Errorf("nbd: read reply to %s: %w", nbd.OptName(opt), err)
 	}
 	if typ&(1<<31) != 0 {
 		return typ, data, &OptionError{Option: opt, Reply: typ, Message: string(data)}

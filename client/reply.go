@@ -144,7 +144,7 @@ func (c *Conn) errorReply(errno uint32, msg string) error {
 
 // chunk handles one structured reply chunk for r, payload included.
 func (c *Conn) chunk(r *request, flags, typ uint16, length uint32) error {
-	name := chunkName(typ)
+	name := nbd.ReplyTypeName(typ)
 	switch {
 	case typ == nbd.ReplyTypeNone:
 		if length != 0 || flags&nbd.ReplyFlagDone == 0 {
@@ -305,24 +305,6 @@ func (c *Conn) readData(r *request, dst []byte) error {
 		dst = dst[k:]
 	}
 	return nil
-}
-
-func chunkName(typ uint16) string {
-	switch typ {
-	case nbd.ReplyTypeNone:
-		return "NBD_REPLY_TYPE_NONE"
-	case nbd.ReplyTypeOffsetData:
-		return "NBD_REPLY_TYPE_OFFSET_DATA"
-	case nbd.ReplyTypeOffsetHole:
-		return "NBD_REPLY_TYPE_OFFSET_HOLE"
-	case nbd.ReplyTypeBlockStatus:
-		return "NBD_REPLY_TYPE_BLOCK_STATUS"
-	case nbd.ReplyTypeError:
-		return "NBD_REPLY_TYPE_ERROR"
-	case nbd.ReplyTypeErrorOffset:
-		return "NBD_REPLY_TYPE_ERROR_OFFSET"
-	}
-	return fmt.Sprintf("type %d", typ)
 }
 
 // spans is a sorted list of disjoint, non-adjacent [start, end) ranges.

@@ -8,6 +8,8 @@
 // protocol's numbers, shared with the client in package client.
 package nbd
 
+import "fmt"
+
 // Port is NBD's IANA-registered TCP port.
 const Port = "10809"
 
@@ -152,3 +154,104 @@ const (
 	// MaxStringLen bounds names, descriptions, queries and messages.
 	MaxStringLen = 4096
 )
+
+// ErrnoName is errno's name (EIO) and text, as strerror says it.
+func ErrnoName(errno uint32) (name, text string) {
+	switch errno {
+	case EPERM:
+		return "EPERM", "operation not permitted"
+	case EIO:
+		return "EIO", "input/output error"
+	case ENOMEM:
+		return "ENOMEM", "cannot allocate memory"
+	case EINVAL:
+		return "EINVAL", "invalid argument"
+	case ENOSPC:
+		return "ENOSPC", "no space left on device"
+	case EOVERFLOW:
+		return "EOVERFLOW", "value too large"
+	case ENOTSUP:
+		return "ENOTSUP", "operation not supported"
+	case ESHUTDOWN:
+		return "ESHUTDOWN", "server is shutting down"
+	}
+	return fmt.Sprintf("errno %d", errno), "unknown error"
+}
+
+// OptName is an option's name in the spec (NBD_OPT_GO).
+func OptName(opt uint32) string {
+	switch opt {
+	case OptExportName:
+		return "NBD_OPT_EXPORT_NAME"
+	case OptAbort:
+		return "NBD_OPT_ABORT"
+	case OptList:
+		return "NBD_OPT_LIST"
+	case OptStartTLS:
+		return "NBD_OPT_STARTTLS"
+	case OptInfo:
+		return "NBD_OPT_INFO"
+	case OptGo:
+		return "NBD_OPT_GO"
+	case OptStructuredReply:
+		return "NBD_OPT_STRUCTURED_REPLY"
+	case OptListMetaContext:
+		return "NBD_OPT_LIST_META_CONTEXT"
+	case OptSetMetaContext:
+		return "NBD_OPT_SET_META_CONTEXT"
+	}
+	return fmt.Sprintf("option %d", opt)
+}
+
+// RepName is an option reply type's name in the spec (NBD_REP_ACK).
+func RepName(rep uint32) string {
+	switch rep {
+	case RepAck:
+		return "NBD_REP_ACK"
+	case RepServer:
+		return "NBD_REP_SERVER"
+	case RepInfo:
+		return "NBD_REP_INFO"
+	case RepMetaContext:
+		return "NBD_REP_META_CONTEXT"
+	case RepErrUnsup:
+		return "NBD_REP_ERR_UNSUP"
+	case RepErrPolicy:
+		return "NBD_REP_ERR_POLICY"
+	case RepErrInvalid:
+		return "NBD_REP_ERR_INVALID"
+	case RepErrPlatform:
+		return "NBD_REP_ERR_PLATFORM"
+	case RepErrTLSReqd:
+		return "NBD_REP_ERR_TLS_REQD"
+	case RepErrUnknown:
+		return "NBD_REP_ERR_UNKNOWN"
+	case RepErrShutdown:
+		return "NBD_REP_ERR_SHUTDOWN"
+	case RepErrBlockSizeReqd:
+		return "NBD_REP_ERR_BLOCK_SIZE_REQD"
+	case RepErrTooBig:
+		return "NBD_REP_ERR_TOO_BIG"
+	}
+	return fmt.Sprintf("reply type %#x", rep)
+}
+
+// ReplyTypeName is a structured reply chunk type's name in the spec
+// (NBD_REPLY_TYPE_OFFSET_DATA).
+func ReplyTypeName(typ uint16) string {
+	switch typ {
+	case ReplyTypeNone:
+		return "NBD_REPLY_TYPE_NONE"
+	case ReplyTypeOffsetData:
+		return "NBD_REPLY_TYPE_OFFSET_DATA"
+	case ReplyTypeOffsetHole:
+		return "NBD_REPLY_TYPE_OFFSET_HOLE"
+	case ReplyTypeBlockStatus:
+		return "NBD_REPLY_TYPE_BLOCK_STATUS"
+	case ReplyTypeError:
+		return "NBD_REPLY_TYPE_ERROR"
+	case ReplyTypeErrorOffset:
+		return "NBD_REPLY_TYPE_ERROR_OFFSET"
+	}
+	return fmt.Sprintf("type %d", typ)
+}
