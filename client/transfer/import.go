@@ -24,7 +24,8 @@ type importPiece struct {
 type ImportOptions struct {
 	// Request is the most one NBD request writes (RequestSize).
 	Request int64
-	// Progress, if set, is told of the bytes of the source done.
+	// Progress, if set, is told of the bytes of the source done; it is
+	// called from several goroutines at once.
 	Progress func(n int64)
 }
 

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -64,12 +65,12 @@ func TestImport(t *testing.T) {
 		5<<20 + 12345: pattern(1<<20-12345-1000, 3),
 	})
 	conn := serve(t, mem)
-	var progress int64
-	res, err := Import(ctx, conn, src, size-1000, ImportOptions{Request: 1 << 20, Progress: func(n int64) { progress += n }})
+	var progress atomic.Int64
+	res, err := Import(ctx, conn, src, size-1000, ImportOptions{Request: 1 << 20, Progress: func(n int64) { progress.Add(n) }})
 	require.NoError(t, err)
 	want = append(want, make([]byte, 8<<20-len(want))...)
 	require.True(t, bytes.Equal(want, readAll(t, mem)), "the export after the import")
-	assert.EqualValues(t, size-1000, progress)
+	assert.EqualValues(t, size-1000, progress.Load())
 	assert.EqualValues(t, 4<<20-1000, res.Sent, "chunks 0, 3, 4 and 5 (the last one short)")
 	assert.EqualValues(t, 2<<20, res.Zero)
 }
