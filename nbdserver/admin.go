@@ -362,7 +362,7 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || (si.ID != snap && si.Label != snap) {
+	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || !si.Is(snap) {
 		// Only a snapshot named exactly: a time finds whatever point lies
 		// before it.
 		return 0, nil, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: points leave by themselves with --journal-retention", errInvalid, snap, si.ID)

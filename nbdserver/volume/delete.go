@@ -31,7 +31,7 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
 	}
 	v.mu.RLock()
-	i := slices.IndexFunc(v.snaps, func(s *snapshot) bool { return s.ID == id || (s.Label != "" && s.Label == id) })
+	i := slices.IndexFunc(v.snaps, func(s *snapshot) bool { return s.is(id) })
 	var s *snapshot
 	if i >= 0 {
 		s = v.snaps[i]

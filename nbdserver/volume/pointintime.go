@@ -296,7 +296,7 @@ func (v *Volume) keptFrom() time.Time {
 // damaged one is an error now rather than at the first read.
 func (v *Volume) Find(ctx context.Context, name string) (SnapshotInfo, error) {
 	for _, s := range v.Snapshots() {
-		if s.ID == name || (s.Label != "" && s.Label == name) {
+		if s.Is(name) {
 			return s, nil
 		}
 	}

@@ -44,7 +44,7 @@ func (v *Volume) headView() view {
 // Called with v.mu held.
 func (v *Volume) snapshotView(id string, loaded *Manifest) (view, error) {
 	for _, s := range v.snaps {
-		if s.ID != id && s.Label != id {
+		if !s.is(id) {
 			continue
 		}
 		if s.damage != nil {

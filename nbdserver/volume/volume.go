@@ -154,6 +154,15 @@ type SnapshotInfo struct {
 	Damaged error
 }
 
+// Is reports whether name is the snapshot's ID or its label: the one way
+// a snapshot is looked up by name.
+func (s SnapshotInfo) Is(name string) bool { return isNamed(s.ID, s.Label, name) }
+
+func isNamed(id, label, name string) bool { return name != "" && (id == name || label == name) }
+
+// is reports whether name is the snapshot's ID or label (SnapshotInfo.Is).
+func (s *snapshot) is(name string) bool { return isNamed(s.ID, s.Label, name) }
+
 // Env is where volumes live: the repository, the chunk store over it, the
 // server's state folder, and the limits the engine keeps.
 type Env struct {
@@ -695,7 +704,7 @@ func (v *Volume) checkLabel(label string) error {
 		return err
 	}
 	v.mu.RLock()
-	taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.Label == label || s.ID == label })
+	taken := slices.ContainsFunc(v.snaps, func(s *snapshot) bool { return s.is(label) })
 	v.mu.RUnlock()
 	if taken {
 		return fmt.Errorf("snapshot label %q: %w", label, ErrLabelTaken)
