@@ -340,7 +340,16 @@ func TestShutdownDrains(t *testing.T) {
 	assert.Zero(t, errno)
 	assert.Equal(t, make([]byte, 512), data)
 	w.closed()
-	require.NoError(t, <-done)
+	select {
+	case err := <-done:
+		require.NoError(t, err)
+	case <-time.After(time.Minute):
+		// Once, under a heavily loaded machine, Shutdown did not return
+		// here and the package timed out after 10 minutes: say where
+		// everything stands instead.
+		buf := make([]byte, 1<<20)
+		t.Fatalf("Shutdown did not return after every connection closed; goroutines:\n%s", buf[:runtime.Stack(buf, true)])
+	}
 	_, err := dialWireErr(sock)
 	assert.Error(t, err, "no new connections after Shutdown")
 }
