@@ -24,6 +24,14 @@ forbid nbdserver/nbd nbdserver/volume
 forbid nbdserver/volume nbdserver/nbd
 forbid chunkstore nbdserver/nbd
 forbid chunkstore nbdserver/volume
+forbid nbdserver/nbd chunkstore
+
+# No product package needs the tests' harness (tests may import it).
+for p in $(go list "$mod/..." | grep -v "^$mod/integration"); do
+  if go list -deps "$p" | grep -q "^$mod/integration"; then
+    echo "lint: $p must not import $mod/integration/... (test harness)"; fail=1
+  fi
+done
 
 # The source host's packages know nothing of the server (but its wire
 # protocol, nbdserver/nbd), the repository or the CLI.
