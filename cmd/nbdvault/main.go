@@ -12,6 +12,9 @@ import (
 
 	"github.com/urfave/cli/v2"
 
+	"github.com/nbdvault/nbdvault/client/mirror"
+	"github.com/nbdvault/nbdvault/client/mount"
+	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -123,7 +126,8 @@ func exitCode(err error) int {
 		return exitFailure
 	case errors.As(err, &ec):
 		return ec.ExitCode()
-	case errors.Is(err, api.ErrInvalid):
+	case errors.Is(err, api.ErrInvalid), errors.Is(err, mirror.ErrInvalid), errors.Is(err, mount.ErrNoDir),
+		errors.Is(err, transfer.ErrNotFileOrDevice):
 		return exitUsage
 	case errors.Is(err, api.ErrNotFound):
 		return exitNotFound
@@ -131,7 +135,8 @@ func exitCode(err error) int {
 		return exitAuth
 	case errors.Is(err, api.ErrUnreachable):
 		return exitUnreachable
-	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed):
+	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed), errors.Is(err, transfer.ErrExists),
+		errors.Is(err, mount.ErrClaimed), errors.Is(err, mount.ErrMountPoint):
 		return exitConflict
 	case errors.Is(err, api.ErrDamaged):
 		return exitDamaged

@@ -9,6 +9,9 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/urfave/cli/v2"
 
+	"github.com/nbdvault/nbdvault/client/mirror"
+	"github.com/nbdvault/nbdvault/client/mount"
+	"github.com/nbdvault/nbdvault/client/transfer"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
@@ -62,6 +65,12 @@ func TestExitCode(t *testing.T) {
 		{api.Errorf(api.ErrInvalid, "bad"), exitUsage},
 		{api.Errorf(api.ErrInternal, "oops"), exitFailure},
 		{fmt.Errorf("mount: %w", &exec.ExitError{}), exitFailure},
+		{fmt.Errorf("/x: %w", transfer.ErrExists), exitConflict},
+		{fmt.Errorf("/x: %w", mount.ErrMountPoint), exitConflict},
+		{fmt.Errorf("/x: %w", mount.ErrClaimed), exitConflict},
+		{fmt.Errorf("/x: %w", mount.ErrNoDir), exitUsage},
+		{fmt.Errorf("/x: %w", transfer.ErrNotFileOrDevice), exitUsage},
+		{fmt.Errorf("vg: %w", mirror.ErrInvalid), exitUsage},
 	} {
 		assert.Equal(t, c.want, exitCode(c.err), "%v", c.err)
 	}
