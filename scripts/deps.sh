@@ -12,6 +12,7 @@ export PATH="$GOBIN:$PATH"
 # release build from the module proxy (integration/miniotest.Version).
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 STATICCHECK_VERSION=v0.8.2
+GOLANGCI_LINT_VERSION=v2.15.0
 # SeaweedFS, the second S3 server the tests run (integration/seaweedtest.Version).
 WEED_VERSION=v0.0.0-20261109003541-7506e5f91cd6
 
@@ -67,6 +68,8 @@ weed_build() {
 go_install minio "github.com/minio/minio@$MINIO_VERSION"
 weed_build
 go_install staticcheck "honnef.co/go/tools/cmd/staticcheck@$STATICCHECK_VERSION"
+# golangci-lint for its depguard: the import graph (.golangci.yml).
+go_install golangci-lint "github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$GOLANGCI_LINT_VERSION"
 
 # The VM tests' host packages (QEMU and the guest's tools).
 "$(dirname "$0")/vm-deps.sh"
