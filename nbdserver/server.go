@@ -187,7 +187,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		UploadMemory: opts.MaxMemory / 4,
 		Logger:       s.log.With("part", "upload"),
 	}
-	names, err := listVolumes(ctx, s.repo)
+	names, err := volume.List(ctx, s.repo)
 	if err != nil {
 		return nil, fmt.Errorf("repository %s: list volumes: %w", s.repo.Location(), err)
 	}
@@ -665,20 +665,6 @@ func (s *Server) Volumes() []*volume.Volume {
 	return out
 }
 
-// listVolumes returns the names of the volumes in the repository: those
-// with a record (volumes/NAME/volume).
-func listVolumes(ctx context.Context, repo chunkstore.Backend) ([]string, error) {
-	var names []string
-	err := repo.List(ctx, "volumes/", func(k string) error {
-		parts := strings.Split(k, "/")
-		if len(parts) == 3 && parts[2] == "volume" {
-			names = append(names, parts[1])
-		}
-		return nil
-	})
-	slices.Sort(names)
-	return names, err
-}
 
 // repoConfig is the repository's "config" object.
 type repoConfig struct {

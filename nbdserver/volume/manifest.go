@@ -108,6 +108,21 @@ type Manifest struct {
 
 func volumeKey(name string) string { return volumePrefix(name) + "volume" }
 
+// List returns the names of the volumes in the repository, sorted: those
+// with a record (volumes/NAME/volume).
+func List(ctx context.Context, repo chunkstore.Backend) ([]string, error) {
+	var names []string
+	err := repo.List(ctx, "volumes/", func(k string) error {
+		parts := strings.Split(k, "/")
+		if len(parts) == 3 && parts[2] == "volume" {
+			names = append(names, parts[1])
+		}
+		return nil
+	})
+	slices.Sort(names)
+	return names, err
+}
+
 // volumePrefix is where everything of volume name is in the repository.
 func volumePrefix(name string) string { return "volumes/" + name + "/" }
 
