@@ -665,7 +665,6 @@ func (s *Server) Volumes() []*volume.Volume {
 	return out
 }
 
-
 // repoConfig is the repository's "config" object.
 type repoConfig struct {
 	Format  int       `json:"format"`
