@@ -13,6 +13,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
+	"github.com/nbdvault/nbdvault/nbdserver/nbd/backendtest"
 	"github.com/nbdvault/nbdvault/nbdserver/volume"
 )
 
@@ -59,4 +60,62 @@ func TestExportsRefuseWrites(t *testing.T) {
 	require.NoError(t, b.ReadAt(ctx, got, 0))
 	assert.Equal(t, "a", string(got), "the refused write changed nothing")
 	require.NoError(t, b.Flush(ctx))
+}
+
+// testVolume is a new volume of size bytes over an in-memory repository,
+// served by a new Exports, with its uploader running.
+func testVolume(t *testing.T, size int64) (*Exports, *volume.Volume) {
+	t.Helper()
+	mem := chunkstore.NewMem()
+	store, err := chunkstore.NewStore(mem, chunkstore.Options{})
+	require.NoError(t, err)
+	v, err := volume.Create(context.Background(), &volume.Env{Repo: mem, Store: store, StateDir: t.TempDir()},
+		volume.Config{Name: "db", Size: size, ChunkSize: volume.MinChunkSize})
+	require.NoError(t, err)
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { v.Run(ctx); close(done) }()
+	t.Cleanup(func() { stop(); <-done; v.Close() })
+	e := NewExports()
+	e.Add(v)
+	return e, v
+}
+
+// A volume's head and its snapshots are NBD backends like any other.
+func TestHeadBackend(t *testing.T) {
+	backendtest.Run(t, func(t *testing.T) backendtest.Subject {
+		e, _ := testVolume(t, 2<<20+512)
+		x, ok := e.Lookup("db")
+		require.True(t, ok)
+		return backendtest.Subject{Backend: x.Backend}
+	})
+}
+
+func TestSnapshotBackend(t *testing.T) {
+	for _, sealed := range []bool{false, true} {
+		t.Run(map[bool]string{false: "unsealed", true: "sealed"}[sealed], func(t *testing.T) {
+			backendtest.Run(t, func(t *testing.T) backendtest.Subject {
+				ctx := context.Background()
+				const size = 2<<20 + 512
+				e, v := testVolume(t, size)
+				content := make([]byte, size)
+				for i := range 2 << 20 {
+					if i%100_000 < 40_000 { // data and holes
+						content[i] = byte(i*7 + 1)
+					}
+				}
+				require.NoError(t, v.WriteAt(ctx, content, 0, false))
+				s, err := v.Snapshot(ctx, "")
+				require.NoError(t, err)
+				if sealed {
+					require.NoError(t, v.SealAll(ctx))
+				}
+				// Later writes to the head are not in the snapshot.
+				require.NoError(t, v.WriteAt(ctx, make([]byte, 4096), 0, false))
+				x, ok := e.Lookup("db@" + s.ID)
+				require.True(t, ok)
+				return backendtest.Subject{Backend: x.Backend, Content: content, ReadOnly: true}
+			})
+		})
+	}
 }
