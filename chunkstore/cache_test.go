@@ -141,16 +141,3 @@ func TestFlightKeepsDeadline(t *testing.T) {
 	})
 	assert.NoError(t, err)
 }
-
-func TestAllZero(t *testing.T) {
-	assert.True(t, allZero(nil))
-	for _, n := range []int{1, 7, 64 << 10, 64<<10 + 1, 1 << 20} {
-		p := make([]byte, n)
-		assert.True(t, allZero(p), n)
-		for _, i := range []int{0, n / 2, n - 1} {
-			p[i] = 1
-			assert.False(t, allZero(p), "n=%d i=%d", n, i)
-			p[i] = 0
-		}
-	}
-}

@@ -1,12 +1,13 @@
 package chunkstore
 
 import (
-	"bytes"
 	"context"
 	"fmt"
 	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
+
+	"github.com/nbdvault/nbdvault/internal/zeros"
 )
 
 // Options configure a Store. The zero value is the default.
@@ -120,7 +121,7 @@ func Key(id ID) string {
 // Sum returns the ID data would be stored under, without storing it. An
 // all-zero data has the zero ID.
 func (s *Store) Sum(data []byte) ID {
-	if allZero(data) {
+	if zeros.Is(data) {
 		return ZeroID
 	}
 	return s.hasher.Sum(data)
@@ -141,7 +142,7 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 	if len(data) > MaxChunkSize {
 		return ZeroID, fmt.Errorf("put chunk: %d bytes exceeds the maximum chunk size %d", len(data), MaxChunkSize)
 	}
-	if allZero(data) {
+	if zeros.Is(data) {
 		s.stats.zeroPuts.Add(1)
 		return ZeroID, nil
 	}
@@ -276,19 +277,4 @@ func (s *Store) Stats() Stats {
 		PackPuts: s.stats.packPuts.Load(), Reads: s.stats.reads.Load(),
 		FrameReads: s.stats.frameReads.Load(),
 	}
-}
-
-// zeroBlock is compared against in blocks so the check runs at memequal's
-// vector speed.
-var zeroBlock [64 << 10]byte
-
-func allZero(p []byte) bool {
-	for len(p) > 0 {
-		n := min(len(p), len(zeroBlock))
-		if !bytes.Equal(p[:n], zeroBlock[:n]) {
-			return false
-		}
-		p = p[n:]
-	}
-	return true
 }

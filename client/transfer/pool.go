@@ -6,10 +6,10 @@
 package transfer
 
 import (
-	"bytes"
 	"context"
 
 	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/internal/zeros"
 )
 
 // RequestSize is the length of the NBD requests a transfer sends: the
@@ -70,17 +70,5 @@ func (b *BufPool) Get(ctx context.Context) ([]byte, error) {
 // Put gives back a buffer from Get (any length: it is restored to full).
 func (b *BufPool) Put(buf []byte) { b.free <- buf[:cap(buf)] }
 
-// zeros is a block of zeros, never written to.
-var zeros = make([]byte, 1<<20)
-
 // IsZero reports whether p is all zeros.
-func IsZero(p []byte) bool {
-	for len(p) > 0 {
-		k := min(len(p), len(zeros))
-		if !bytes.Equal(p[:k], zeros[:k]) {
-			return false
-		}
-		p = p[k:]
-	}
-	return true
-}
+func IsZero(p []byte) bool { return zeros.Is(p) }

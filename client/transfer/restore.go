@@ -18,6 +18,7 @@ import (
 
 	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/internal/fsync"
+	"github.com/nbdvault/nbdvault/internal/zeros"
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
@@ -162,8 +163,8 @@ func (t *Target) zero(off, n int64) error {
 		return nil
 	}
 	for n > 0 {
-		k := min(n, int64(len(zeros)))
-		if _, err := t.f.WriteAt(zeros[:k], off); err != nil {
+		k := min(n, int64(len(zeros.Block)))
+		if _, err := t.f.WriteAt(zeros.Block[:k], off); err != nil {
 			return fmt.Errorf("writing zeros to %s at offset %d: %w", t.path, off, err)
 		}
 		off, n = off+k, n-k
@@ -431,8 +432,8 @@ func (r *restorer) hash(ctx context.Context, order <-chan *piece) error {
 // BLAKE3's SIMD).
 func hashZeros(h hash.Hash, n int64) {
 	for n > 0 {
-		k := min(n, int64(len(zeros)))
-		h.Write(zeros[:k])
+		k := min(n, int64(len(zeros.Block)))
+		h.Write(zeros.Block[:k])
 		n -= k
 	}
 }

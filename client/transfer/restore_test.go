@@ -18,6 +18,7 @@ import (
 	"lukechampine.com/blake3"
 
 	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/internal/zeros"
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
@@ -27,8 +28,8 @@ import (
 // hash in the middle of a block or chunk, for runs shorter and longer
 // than its block of zeros and not a whole number of them.
 func TestHashZeros(t *testing.T) {
-	sizes := []int64{0, 1, 63, 64, 1023, 1024, 1025, 4096, int64(len(zeros)) - 1, int64(len(zeros)),
-		int64(len(zeros)) + 1, 3*int64(len(zeros)) + 12345}
+	sizes := []int64{0, 1, 63, 64, 1023, 1024, 1025, 4096, int64(len(zeros.Block)) - 1, int64(len(zeros.Block)),
+		int64(len(zeros.Block)) + 1, 3*int64(len(zeros.Block)) + 12345}
 	for _, cs := range Checksums {
 		if cs.New == nil {
 			continue
