@@ -130,10 +130,7 @@ func TestFramedDamage(t *testing.T) {
 	data := mixedChunk(4)
 	b := NewMem()
 	s := newPackStore(t, b, Options{})
-	id, err := s.Put(ctx, data)
-	require.NoError(t, err)
-	good, err := b.Get(ctx, Key(id))
-	require.NoError(t, err)
+	id, good := storeChunk(t, s, b, data)
 	tab, err := parseTable(good)
 	require.NoError(t, err)
 
@@ -201,6 +198,16 @@ func TestFramedDamage(t *testing.T) {
 	check(t, otherObj, "another chunk's object", true)
 }
 
+// storeChunk puts data in s over b and returns its ID and stored object.
+func storeChunk(t *testing.T, s *Store, b Backend, data []byte) (ID, []byte) {
+	t.Helper()
+	id, err := s.Put(context.Background(), data)
+	require.NoError(t, err)
+	obj, err := b.Get(context.Background(), Key(id))
+	require.NoError(t, err)
+	return id, obj
+}
+
 func itoa(i int) string { return strconv.Itoa(i) }
 
 // A frame table whose lengths are damaged still folds into the chunk ID
@@ -211,10 +218,7 @@ func TestFramedDamagedLengthsNotRemembered(t *testing.T) {
 	data := textFrame(8, 1<<20)
 	b := NewMem()
 	s := newPackStore(t, b, Options{})
-	id, err := s.Put(ctx, data)
-	require.NoError(t, err)
-	good, err := b.Get(ctx, Key(id))
-	require.NoError(t, err)
+	id, good := storeChunk(t, s, b, data)
 	bad := bytes.Clone(good)
 	l0 := binary.LittleEndian.Uint32(bad[framedHeaderLen:])
 	l1 := binary.LittleEndian.Uint32(bad[framedHeaderLen+frameEntryLen:])
@@ -245,14 +249,13 @@ func TestFramedReadAheadIsPerChunk(t *testing.T) {
 	idb, err := s.Put(ctx, b)
 	require.NoError(t, err)
 	got := make([]byte, 4096)
-	require.NoError(t, s.ReadAt(ctx, ida, 1<<20, got, 3<<16))
-	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 3<<16+4096)) // frame 3 of b: cached, shared
-	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 5<<16))      // frame 5, after 3: a jump
-	assert.Equal(t, b[5<<16:][:4096], got)
-	assert.EqualValues(t, 4, rb.n.Load(), "a's table and frame, b's table and frame 5")
+	require.NoError(t, s.ReadAt(ctx, ida, 1<<20, got, 3<<16)) // a's zero frame 3: the same as b's
+	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 4<<16)) // b's frame 4, after a shared frame 3: a jump
+	assert.Equal(t, b[4<<16:][:4096], got)
+	assert.EqualValues(t, 4, rb.n.Load(), "a's table and frame, b's table and frame 4")
 	assert.Less(t, rb.bytes.Load(), int64(3<<16), "only the frames asked for")
-	// Frame 6 of b follows: the rest of b in one GET.
-	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 6<<16))
+	// Frame 5 of b follows b's last read: the rest of b in one GET.
+	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 5<<16))
 	require.NoError(t, s.ReadAt(ctx, idb, 1<<20, got, 15<<16))
 	assert.EqualValues(t, 5, rb.n.Load())
 	assert.Equal(t, b[15<<16:][:4096], got)
@@ -283,4 +286,43 @@ func BenchmarkFrameCompression(b *testing.B) {
 			b.ReportMetric(float64(stored), "stored-bytes")
 		})
 	}
+}
+
+// The cache holds journal frames under the hash of what a client wrote. A
+// client that writes the bytes a table's key would be made of with a
+// plain hash (a prefix and the chunk ID, both known) must not plant an
+// entry that a read of that chunk takes for its table.
+func TestFrameTableKeyNotPlantable(t *testing.T) {
+	ctx := context.Background()
+	b := NewMem()
+	s := newPackStore(t, b, Options{})
+	data := mixedChunk(6)
+	id, err := s.Put(ctx, data)
+	require.NoError(t, err)
+	for _, prefix := range []string{"nbdvault-frame-table\n", "nbdvault 2026-12-01 chunk frame table"} {
+		pb := s.NewPack()
+		ref, err := pb.Add(append([]byte(prefix), id[:]...))
+		require.NoError(t, err)
+		require.NoError(t, s.PutPack(ctx, "packs/planted", pb.Finish()))
+		_, err = s.GetFrame(ctx, "packs/planted", ref) // now cached under its hash
+		require.NoError(t, err)
+	}
+	got := make([]byte, 4096)
+	require.NoError(t, s.ReadAt(ctx, id, 1<<20, got, 7<<16))
+	assert.Equal(t, data[7<<16:][:4096], got)
+}
+
+// A deleted chunk is gone for frame reads too: its table leaves the cache
+// with it.
+func TestFramedDeleteDropsTable(t *testing.T) {
+	ctx := context.Background()
+	s := newPackStore(t, NewMem(), Options{})
+	id, err := s.Put(ctx, mixedChunk(7))
+	require.NoError(t, err)
+	got := make([]byte, 4096)
+	require.NoError(t, s.ReadAt(ctx, id, 1<<20, got, 2<<16)) // table and frame 2 cached
+	require.NoError(t, s.Delete(ctx, id))
+	// Frame 2 stays cached (frames are shared by content), but the read
+	// needs the table, which is gone.
+	require.ErrorIs(t, s.ReadAt(ctx, id, 1<<20, got, 2<<16), ErrNotFound)
 }
