@@ -580,3 +580,21 @@ func TestMarkTimesKeepTheirOrder(t *testing.T) {
 	require.NoError(t, err, "once the clock has passed it")
 	assert.Equal(t, second.ID, si.ID)
 }
+
+// A snapshot is found by its ID or its label; an empty name is neither,
+// even for a snapshot without a label.
+func TestEmptyNameIsNoSnapshot(t *testing.T) {
+	ctx := context.Background()
+	v, err := Create(ctx, testEnv(t), Config{Name: "v", Size: 1 << 20})
+	require.NoError(t, err)
+	defer v.Close()
+	s, err := v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.Empty(t, s.Label)
+	got := make([]byte, 512)
+	require.NoError(t, v.ReadSnapshotAt(ctx, s.ID, got, 0))
+	require.ErrorIs(t, v.ReadSnapshotAt(ctx, "", got, 0), ErrNoSnapshot)
+	_, err = v.Find(ctx, "")
+	require.Error(t, err)
+	require.ErrorIs(t, v.DeleteSnapshot(ctx, ""), ErrNoSnapshot)
+}
