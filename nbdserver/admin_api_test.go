@@ -15,9 +15,9 @@ import (
 	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
-// testAPI opens a server on a local repository and returns the admin
-// API's client against its handler (httptest: no listener of its own,
-// no NBD), and the server.
+// testAPI opens and serves a server on a local repository and returns
+// the admin API's client against its handler (on httptest, beside the
+// server's own admin listener), and the server.
 func testAPI(t *testing.T) (*api.Client, *Server) {
 	t.Helper()
 	s, err := Open(context.Background(), Options{Data: filepath.Join(t.TempDir(), "data"),
@@ -25,8 +25,8 @@ func testAPI(t *testing.T) (*api.Client, *Server) {
 	require.NoError(t, err)
 	ctx, stop := context.WithCancel(context.Background())
 	served := make(chan error, 1)
-	go func() { served <- s.Serve(ctx) }() // runs the volumes' uploaders
-	t.Cleanup(func() { stop(); <-served })
+	go func() { served <- s.Serve(ctx) }() // runs the volumes' uploaders and the admin listener
+	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
 	hs := httptest.NewServer(s.adminHandler())
 	t.Cleanup(hs.Close)
 	cl, err := api.NewClient(hs.URL, s.token)

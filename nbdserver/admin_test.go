@@ -2,12 +2,9 @@ package nbdserver
 
 import (
 	"bytes"
-	"context"
 	"encoding/json"
 	"io"
-	"log/slog"
 	"net/http"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -20,13 +17,7 @@ import (
 // A body past the cap gets 413 in the API's error shape, whether it says
 // its length (refused unread) or not (refused once 1 MiB is read).
 func TestAdminBodyTooLarge(t *testing.T) {
-	s, err := Open(context.Background(), Options{Data: filepath.Join(t.TempDir(), "data"),
-		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler)})
-	require.NoError(t, err)
-	ctx, stop := context.WithCancel(context.Background())
-	served := make(chan error, 1)
-	go func() { served <- s.Serve(ctx) }()
-	defer func() { stop(); require.NoError(t, <-served) }()
+	_, s := testAPI(t)
 
 	post := func(body io.Reader) (*http.Response, api.Error) {
 		req, err := http.NewRequest("POST", "http://"+s.AdminAddr()+"/v1/volumes", body)
