@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -27,7 +26,7 @@ import (
 	"github.com/nbdvault/nbdvault/integration/testenv"
 )
 
-// The restic comparison (issue 11, -restic): nbdvault next to restic, the
+// The restic comparison (issue 11): nbdvault next to restic, the
 // file-level backup tool users would pick instead, through the same MinIO.
 //
 //  1. An ext4 image of 2 GiB, built without mounting (mkfs.ext4 -d) from a
@@ -129,24 +128,22 @@ type treeStats struct {
 
 func (t treeStats) total() int64 { return t.text + t.random + t.duplicate }
 
-// resticTools are the programs the comparison needs besides MinIO.
-var resticTools = []tool{
-	{"restic", []string{"restic", "version"}, true},
-	{"mkfs.ext4", []string{"mkfs.ext4", "-V"}, true},
-}
+// resticTools are the programs the comparison needs besides MinIO, with
+// the command that prints each one's version.
+var resticTools = [][]string{{"restic", "version"}, {"mkfs.ext4", "-V"}}
 
 // checkResticTools returns the tools' versions and MinIO's path, or the
 // reason the comparison cannot run.
 func checkResticTools(ctx context.Context) (versions []string, minioBin string, err error) {
 	var missing []string
 	for _, t := range resticTools {
-		if _, err := exec.LookPath(t.name); err != nil {
-			missing = append(missing, t.name)
+		if _, err := exec.LookPath(t[0]); err != nil {
+			missing = append(missing, t[0])
 			continue
 		}
-		out, err := exec.CommandContext(ctx, t.version[0], t.version[1:]...).CombinedOutput()
+		out, err := exec.CommandContext(ctx, t[0], t[1:]...).CombinedOutput()
 		if err != nil {
-			return nil, "", fmt.Errorf("%s: %v: %s", shellJoin(t.version), err, out)
+			return nil, "", fmt.Errorf("%s: %v: %s", shellJoin(t), err, out)
 		}
 		v, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
 		versions = append(versions, v)
@@ -771,29 +768,6 @@ func (s *serveProcess) restart(ctx context.Context) error {
 	return s.start(ctx)
 }
 
-// runResticOnly runs the restic comparison alone (-only-restic) and
-// writes its report.
-func runResticOnly(ctx context.Context, cfg config, out io.Writer) error {
-	work, cleanup, err := workDir(cfg)
-	if err != nil {
-		return err
-	}
-	defer cleanup()
-	fsType, err := checkSpace(work, resticSpaceNeeded)
-	if err != nil {
-		return err
-	}
-	start, load := time.Now().UTC(), loadAverage()
-	res, err := benchRestic(ctx, cfg, work)
-	if err != nil {
-		return fmt.Errorf("restic comparison: %w", err)
-	}
-	fmt.Fprintf(out, "## nbdvault next to restic (-only-restic)\n\nRun of %s in %s (%s). Machine: %d CPUs, Linux %s; load average (1, 5, 15 min) %s at the start, %s at the end.\n",
-		start.Format(time.RFC3339), work, fsType, runtime.NumCPU(), kernelRelease(), load, loadAverage())
-	res.write(out)
-	return nil
-}
-
 // write prints the comparison's section of the report.
 func (r *resticResult) write(w io.Writer) {
 	fmt.Fprintf(w, "\n### Ingest, restore and a scattered change, next to restic\n\n")
@@ -882,4 +856,18 @@ func (r *resticResult) resticVersion() string {
 		}
 	}
 	return ""
+}
+
+// sampleDistinct returns n distinct numbers from [0, total), sorted.
+func sampleDistinct(rng *rand.Rand, n, total int64) []int64 {
+	seen := make(map[int64]bool, n)
+	out := make([]int64, 0, n)
+	for int64(len(out)) < n {
+		if k := rng.Int64N(total); !seen[k] {
+			seen[k] = true
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
 }

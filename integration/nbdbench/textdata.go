@@ -1,22 +1,12 @@
 package main
 
-import (
-	"fmt"
-	"math/rand/v2"
-	"os"
-)
+import "math/rand/v2"
 
-// Compressible data for the volume's benchmarks. The read goal is
-// stated on compressible data, and what a volume stores depends on what
-// zstd makes of it, so the snapshot and rewrite benchmarks use text-like
-// blocks: lines of words drawn at random from a fixed made-up vocabulary.
-// zstd stores it at about a third of its size (the report gives the ratio
-// measured in the run), close to the compiler binary of the chunk store
-// benchmark, and decoding it takes real work (short matches and Huffman
-// literals), unlike runs of zeros.
-//
-// Every 4 KiB block starts with a line that names it, so no two blocks,
-// and so no two chunks, are the same: dedup cannot make a chunk free.
+// Compressible data for the image's text files: lines of words drawn at
+// random from a fixed made-up vocabulary. zstd stores it at about 0.4 of
+// its size, and decoding it takes real work (short matches and Huffman
+// literals), unlike runs of zeros. Every 4 KiB block starts with a line
+// that names it, so no two blocks are the same.
 
 const textBlockSize = 4096
 
@@ -76,30 +66,4 @@ func (g *textGen) fill(dst []byte, label string) {
 			n++
 		}
 	}
-}
-
-// writeTextFile writes size bytes of text blocks to path, each block
-// labelled with its offset.
-func writeTextFile(path string, size int64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	g := newTextGen(1)
-	buf := make([]byte, 4<<20)
-	for off := int64(0); off < size; off += int64(len(buf)) {
-		p := buf[:min(int64(len(buf)), size-off)]
-		for b := 0; b < len(p); b += textBlockSize {
-			g.fill(p[b:min(b+textBlockSize, len(p))], fmt.Sprintf("nbdbench text block at byte %d", off+int64(b)))
-		}
-		if _, err := f.Write(p); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
