@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -52,71 +51,27 @@ func clientSnapshot(c *cli.Context) error {
 	if _, err := cl.Volume(c.Context, vol); err != nil {
 		return err // before anything is frozen: a wrong name or server costs nothing
 	}
-	if post := c.String("post"); post != "" {
-		defer func() {
-			if err := runHook(context.WithoutCancel(c.Context), "--post", post); err != nil {
-				fmt.Fprintln(os.Stderr, "nbdvault:", err)
-			}
-		}()
-	}
-	if pre := c.String("pre"); pre != "" {
-		if err := runHook(c.Context, "--pre", pre); err != nil {
-			return err
-		}
-	}
-
-	ctx, cancel := context.WithTimeout(c.Context, c.Duration("timeout"))
-	defer cancel()
-	thaw, err := freezeAll(c.StringSlice("freeze"))
-	defer thaw()
-	if err != nil {
-		return err
+	q := mirror.Quiesce{
+		Pre: c.String("pre"), Post: c.String("post"), Freeze: c.StringSlice("freeze"),
+		Device: c.String("nbd-device"), Timeout: c.Duration("timeout"), Log: os.Stderr,
 	}
 	if md, lv := c.String("md"), c.String("lvm"); md != "" || lv != "" {
 		b, err := bitmapOf(md, lv)
 		if err != nil {
 			return err
 		}
-		start := time.Now()
-		if err := b.WaitClean(ctx); err != nil {
-			if ctx.Err() != nil {
-				return fmt.Errorf("%w (at the --timeout)", err)
-			}
-			return err
-		}
-		fmt.Fprintf(os.Stderr, "nbdvault: %s wrote every block to every leg (%s)\n", b.What, time.Since(start).Round(100*time.Millisecond))
+		q.Bitmap = &b
 	}
-	if dev := c.String("nbd-device"); dev != "" {
-		if err := mirror.FlushDevice(dev); err != nil {
-			return fmt.Errorf("--nbd-device %w", err)
-		}
-	}
-	s, err := cl.CreateSnapshot(ctx, vol, c.String("label"))
-	if err != nil {
-		if ctx.Err() == context.DeadlineExceeded {
-			return fmt.Errorf("no snapshot within --timeout %s: %w; the file systems are thawed", c.Duration("timeout"), err)
-		}
+	var id string
+	err = q.Snapshot(c.Context, func(ctx context.Context) error {
+		s, err := cl.CreateSnapshot(ctx, vol, c.String("label"))
+		id = s.ID
 		return err
+	})
+	if id != "" {
+		fmt.Println(id) // taken, even if the thaw or --post failed after
 	}
-	thaw()
-	fmt.Println(s.ID)
-	return nil
-}
-
-// freezeAll freezes each --freeze mount point (mirror.Freeze), and
-// returns what thaws them all, which says on stderr what it could not
-// thaw; safe to call more than once, and on error too.
-func freezeAll(mounts []string) (thaw func(), err error) {
-	t, err := mirror.Freeze(mounts)
-	thaw = func() {
-		if err := t(); err != nil {
-			fmt.Fprintln(os.Stderr, "nbdvault:", err)
-		}
-	}
-	if err != nil {
-		return thaw, fmt.Errorf("--freeze %w", err)
-	}
-	return thaw, nil
+	return err
 }
 
 // bitmapOf finds the write-intent bitmap of the MD array md or the LVM
@@ -134,14 +89,4 @@ func bitmapOf(md, lv string) (mirror.Bitmap, error) {
 		return b, fmt.Errorf("--md: %w", err)
 	}
 	return b, nil
-}
-
-// runHook runs a --pre or --post shell command, its output to stderr.
-func runHook(ctx context.Context, which, command string) error {
-	cmd := exec.CommandContext(ctx, "sh", "-c", command)
-	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("%s %q failed: %v", which, command, err)
-	}
-	return nil
 }

@@ -4,8 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -55,12 +53,12 @@ var (
 	}
 )
 
-// nbdAddressOf is the --nbd flag if set, else nbdAddress.
+// nbdAddressOf is the --nbd flag if set, else the server's own word.
 func nbdAddressOf(c *cli.Context, cl *api.Client) (string, error) {
 	if addr := c.String(nbdFlag.Name); addr != "" {
 		return addr, nil
 	}
-	return nbdAddress(c.Context, cl)
+	return cl.NBDAddress(c.Context)
 }
 
 // adminClient returns a client for the server the flags name.
@@ -82,35 +80,6 @@ func adminClient(c *cli.Context) (*api.Client, error) {
 		return nil, usageErrorf("%v", err)
 	}
 	return cl, nil
-}
-
-// nbdAddress is where a client reaches the server's NBD listener: the
-// first address the server listens on, with an unspecified host (0.0.0.0,
-// ::) replaced by the admin API's host.
-func nbdAddress(ctx context.Context, cl *api.Client) (string, error) {
-	st, err := cl.Status(ctx)
-	if err != nil {
-		return "", err
-	}
-	if len(st.NBD) == 0 {
-		return "", errors.New("the server has no NBD listener")
-	}
-	addr := st.NBD[0]
-	if strings.HasPrefix(addr, "unix:") {
-		return addr, nil
-	}
-	host, port, err := net.SplitHostPort(addr)
-	if err != nil {
-		return "", fmt.Errorf("the server's NBD address %q: %w", addr, err)
-	}
-	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
-		u, err := url.Parse(cl.Server())
-		if err != nil {
-			return "", err
-		}
-		host = u.Hostname()
-	}
-	return net.JoinHostPort(host, port), nil
 }
 
 // dialExport opens export on the NBD server at addr, for restore and

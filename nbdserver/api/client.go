@@ -54,6 +54,34 @@ func (c *Client) Server() string {
 	return c.base.String()
 }
 
+// NBDAddress is where a client reaches the server's NBD listener: the
+// first address the server listens on, with an unspecified host (0.0.0.0,
+// ::) replaced by the host this client reaches the admin API by.
+func (c *Client) NBDAddress(ctx context.Context) (string, error) {
+	st, err := c.Status(ctx)
+	if err != nil {
+		return "", err
+	}
+	if len(st.NBD) == 0 {
+		return "", errors.New("the server has no NBD listener")
+	}
+	addr := st.NBD[0]
+	if strings.HasPrefix(addr, "unix:") {
+		return addr, nil
+	}
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", fmt.Errorf("the server's NBD address %q: %w", addr, err)
+	}
+	if ip := net.ParseIP(host); host == "" || (ip != nil && ip.IsUnspecified()) {
+		host = c.base.Hostname()
+		if c.unix != "" {
+			host = "localhost" // the admin socket is on this host, so is the server
+		}
+	}
+	return net.JoinHostPort(host, port), nil
+}
+
 // Status returns the server's state and every volume's.
 func (c *Client) Status(ctx context.Context) (Status, error) {
 	var st Status
