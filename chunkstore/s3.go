@@ -2,6 +2,7 @@ package chunkstore
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/md5"
 	"encoding/base64"
@@ -59,9 +60,7 @@ const (
 // (AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE). Instance metadata is never
 // queried.
 func NewS3(cfg S3Config) (*S3, error) {
-	if cfg.Endpoint == "" {
-		cfg.Endpoint = "s3.amazonaws.com"
-	}
+	cfg.Endpoint = cmp.Or(cfg.Endpoint, "s3.amazonaws.com")
 	var creds *credentials.Credentials
 	if cfg.AccessKey != "" {
 		creds = credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, cfg.SessionToken)

@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"sync/atomic"
@@ -76,9 +77,7 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if opts.Hasher == nil {
 		opts.Hasher = BLAKE3{}
 	}
-	if opts.CompressionLevel == 0 {
-		opts.CompressionLevel = zstd.SpeedDefault
-	}
+	opts.CompressionLevel = cmp.Or(opts.CompressionLevel, zstd.SpeedDefault)
 	switch {
 	case opts.CacheBytes == 0:
 		opts.CacheBytes = DefaultCacheBytes

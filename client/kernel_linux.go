@@ -1,6 +1,7 @@
 package client
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -81,9 +82,7 @@ func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, 
 	defer f.Close()
 
 	bs := int64(blockSize)
-	if bs == 0 {
-		bs = 512
-	}
+	bs = cmp.Or(bs, 512)
 	if bs < 512 || bs > 4096 || bs&(bs-1) != 0 {
 		return fmt.Errorf("nbd: block size %d: want 512, 1024, 2048 or 4096", bs)
 	}

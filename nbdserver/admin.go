@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"cmp"
 	"context"
 	"crypto/subtle"
 	"encoding/json"
@@ -230,9 +231,7 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	cfg := volume.Config{Name: req.Name, Size: req.Size, ChunkSize: req.ChunkSize}
-	if cfg.ChunkSize == 0 {
-		cfg.ChunkSize = volume.DefaultChunkSize
-	}
+	cfg.ChunkSize = cmp.Or(cfg.ChunkSize, volume.DefaultChunkSize)
 	if err := cfg.Validate(); err != nil {
 		return 0, nil, err
 	}

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -239,9 +240,7 @@ func (e *Env) logLimit() int64 {
 // Create writes a new volume's record to the repository and opens it.
 func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 	repo := env.Repo
-	if cfg.ChunkSize == 0 {
-		cfg.ChunkSize = DefaultChunkSize
-	}
+	cfg.ChunkSize = cmp.Or(cfg.ChunkSize, DefaultChunkSize)
 	if cfg.Created.IsZero() {
 		cfg.Created = time.Now().UTC()
 	}
