@@ -4,9 +4,12 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"os"
 	"os/exec"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Runner runs the system commands that make and mend a mirror (mdadm,
@@ -154,6 +157,67 @@ func RemoveLeg(ctx context.Context, r Runner, md, leg string) error {
 func ReAdd(ctx context.Context, r Runner, md, leg string) error {
 	_, err := r.Run(ctx, "mdadm", md, "--re-add", leg)
 	return err
+}
+
+// Reconnect puts back the NBD leg of MD array md, whose members are
+// members (MDMembers), after its server went away and came back. Unless
+// detach is nil (a dry run), it fails and removes each NBD leg MD still
+// holds as faulty, detaching its device with detach (what goes wrong is
+// passed to warn, and the rest goes on). Then it attaches the volume
+// again with attach, given the local leg (whose block size the new leg
+// must have), retrying every half second for up to wait while the server
+// comes back, and re-adds the new leg: MD copies only the regions its
+// bitmap marks. It returns the new leg's device.
+func Reconnect(ctx context.Context, r Runner, md string, members []string, detach func(dev string) error,
+	attach func(local string) (string, error), wait time.Duration, warn func(error)) (string, error) {
+	local, nbdLegs := Legs(members)
+	if local == "" {
+		return "", fmt.Errorf("%s has no member but NBD devices: which disk does it mirror?", md)
+	}
+	if detach != nil {
+		for _, m := range nbdLegs {
+			if err := RemoveLeg(ctx, r, md, m); err != nil {
+				warn(err)
+			}
+			if err := detach(m); err != nil {
+				warn(err)
+			}
+		}
+	}
+	var leg string
+	var err error
+	for deadline := time.Now().Add(wait); ; {
+		if leg, err = attach(local); err == nil || !time.Now().Before(deadline) {
+			break
+		}
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("%w (attaching again: %v)", ctx.Err(), err)
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	if err != nil {
+		return "", err
+	}
+	if err := ReAdd(ctx, r, md, leg); err != nil {
+		return "", fmt.Errorf("%w (the volume does not match the array's bitmap any more: `mdadm %s --add %s` copies it whole)", err, md, leg)
+	}
+	return leg, nil
+}
+
+// LogicalBlockSize is a block device's logical block size (BLKSSZGET):
+// an NBD leg of a mirror must have its local leg's.
+func LogicalBlockSize(dev string) (int, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return 0, fmt.Errorf("the mirror's local leg: %w", err)
+	}
+	defer f.Close()
+	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKSSZGET)
+	if err != nil {
+		return 0, fmt.Errorf("the logical block size of %s: %w (is it a block device?)", dev, err)
+	}
+	return n, nil
 }
 
 // Status is what mdadm (for an MD array) or lvs (for an LVM raid1 VG/LV)

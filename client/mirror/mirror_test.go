@@ -4,8 +4,11 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -114,4 +117,62 @@ func TestExec(t *testing.T) {
 	assert.Equal(t, "hi\n", out)
 	_, err = Exec{}.Run(context.Background(), "sh", "-c", "echo oops; exit 3")
 	require.ErrorContains(t, err, "sh -c 'echo oops; exit 3': exit status 3: oops")
+}
+
+// TestReconnect: the faulty NBD leg is removed and detached, the volume
+// attached again once the server answers, and the new leg re-added; a
+// dry run removes and detaches nothing; a server that stays away is an
+// error after the wait.
+func TestReconnect(t *testing.T) {
+	ctx := context.Background()
+	members := []string{"/dev/vdb", "/dev/nbd0"}
+	var detached, warned []string
+	detach := func(dev string) error {
+		detached = append(detached, dev)
+		return errors.New("not attached")
+	}
+	warn := func(err error) { warned = append(warned, err.Error()) }
+	down := errors.New("connection refused")
+	tries := 0
+	attach := func(local string) (string, error) {
+		assert.Equal(t, "/dev/vdb", local, "attached with the local leg's block size")
+		if tries++; tries < 3 {
+			return "", down
+		}
+		return "/dev/nbd1", nil
+	}
+
+	f := &fake{}
+	leg, err := Reconnect(ctx, f, "/dev/md0", members, detach, attach, time.Minute, warn)
+	require.NoError(t, err)
+	assert.Equal(t, "/dev/nbd1", leg)
+	assert.Equal(t, 3, tries, "retried until the server answered")
+	assert.Equal(t, []string{"/dev/nbd0"}, detached)
+	assert.Equal(t, []string{"not attached"}, warned, "a failed detach is a warning")
+	assert.Equal(t, []string{
+		"mdadm /dev/md0 --fail /dev/nbd0 --remove /dev/nbd0",
+		"mdadm /dev/md0 --re-add /dev/nbd1",
+	}, f.ran)
+
+	f, tries, detached = &fake{}, 0, nil
+	_, err = Reconnect(ctx, f, "/dev/md0", members, nil, attach, time.Minute, warn)
+	require.NoError(t, err)
+	assert.Empty(t, detached, "a dry run detaches nothing")
+	assert.Equal(t, []string{"mdadm /dev/md0 --re-add /dev/nbd1"}, f.ran)
+
+	f = &fake{}
+	_, err = Reconnect(ctx, f, "/dev/md0", members, nil, func(string) (string, error) { return "", down }, 0, warn)
+	require.ErrorIs(t, err, down)
+	assert.Empty(t, f.ran, "nothing re-added")
+
+	f = &fake{fail: "mdadm /dev/md0 --re-add /dev/nbd1"}
+	tries = 3
+	_, err = Reconnect(ctx, f, "/dev/md0", members, nil, attach, 0, warn)
+	assert.ErrorContains(t, err, "mdadm /dev/md0 --add /dev/nbd1` copies it whole")
+
+	_, err = Reconnect(ctx, f, "/dev/md0", []string{"/dev/nbd0"}, nil, attach, 0, warn)
+	assert.ErrorContains(t, err, "no member but NBD devices")
+
+	_, err = LogicalBlockSize(filepath.Join(t.TempDir(), "none"))
+	require.ErrorIs(t, err, os.ErrNotExist)
 }

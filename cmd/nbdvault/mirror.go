@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/urfave/cli/v2"
-	"golang.org/x/sys/unix"
 
 	"github.com/nbdvault/nbdvault/client"
 	"github.com/nbdvault/nbdvault/client/mirror"
@@ -81,7 +80,7 @@ func attachLeg(c *cli.Context, dry bool, local string) (string, error) {
 	if vol == "" {
 		return "", usageErrorf("--volume is required")
 	}
-	bs, err := logicalBlockSize(local)
+	bs, err := mirror.LogicalBlockSize(local)
 	if err != nil {
 		return "", err
 	}
@@ -95,20 +94,6 @@ func attachLeg(c *cli.Context, dry bool, local string) (string, error) {
 		return "", err
 	}
 	return attachInBackground(c.String("server"), vol, dev, false, bs, c.Duration("timeout"))
-}
-
-// logicalBlockSize is a block device's logical block size (BLKSSZGET).
-func logicalBlockSize(dev string) (int, error) {
-	f, err := os.Open(dev)
-	if err != nil {
-		return 0, fmt.Errorf("the mirror's local leg: %w", err)
-	}
-	defer f.Close()
-	n, err := unix.IoctlGetInt(int(f.Fd()), unix.BLKSSZGET)
-	if err != nil {
-		return 0, fmt.Errorf("the logical block size of %s: %w (is it a block device?)", dev, err)
-	}
-	return n, nil
 }
 
 func mirrorCreate(c *cli.Context) error {
@@ -189,41 +174,23 @@ func mirrorReconnect(c *cli.Context) error {
 	dry := c.Bool("dry-run")
 	r := runner(dry)
 	ctx := c.Context
-	// The failed NBD leg: MD keeps it as faulty until removed; its
-	// device is detached so it can be attached again. The volume is
-	// attached with the other legs' block size.
 	members, err := mirror.MDMembers(md)
 	if err != nil {
 		return fmt.Errorf("--md: %w", err)
 	}
-	local, nbdLegs := mirror.Legs(members)
-	if local == "" {
-		return fmt.Errorf("%s has no member but NBD devices: which disk does it mirror?", md)
-	}
-	if !dry {
-		for _, m := range nbdLegs {
-			if err := mirror.RemoveLeg(ctx, r, md, m); err != nil {
-				fmt.Fprintln(os.Stderr, "nbdvault:", err)
-			}
-			if err := client.DetachKernel(m); err != nil {
-				fmt.Fprintln(os.Stderr, "nbdvault:", err)
-			}
-			client.WaitDetached(m)
-		}
-	}
-	// The server may be coming back: try for a while before giving up.
-	var leg string
-	for deadline := time.Now().Add(c.Duration("wait")); ; {
-		if leg, err = attachLeg(c, dry, local); err == nil || time.Now().After(deadline) || ctx.Err() != nil {
-			break
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
-	if err != nil {
+	detach := func(dev string) error {
+		err := client.DetachKernel(dev)
+		client.WaitDetached(dev)
 		return err
 	}
-	if err := mirror.ReAdd(ctx, r, md, leg); err != nil {
-		return fmt.Errorf("%w (the volume does not match the array's bitmap any more: `mdadm %s --add %s` copies it whole)", err, md, leg)
+	if dry {
+		detach = nil
+	}
+	leg, err := mirror.Reconnect(ctx, r, md, members, detach, func(local string) (string, error) {
+		return attachLeg(c, dry, local)
+	}, c.Duration("wait"), func(err error) { fmt.Fprintln(os.Stderr, "nbdvault:", err) })
+	if err != nil {
+		return err
 	}
 	if !dry {
 		fmt.Printf("%s re-added to %s as %s: MD copies the regions its bitmap marks (nbdvault client mirror status --md %s)\n", c.String("volume"), md, leg, md)
