@@ -14,6 +14,9 @@ import (
 // ErrNotSealed: the snapshot is still being uploaded.
 var ErrNotSealed = errors.New("not sealed yet")
 
+// ErrProtected: the snapshot is protected; unprotect it first.
+var ErrProtected = errors.New("protected")
+
 // DeleteSnapshot deletes a sealed snapshot (by ID or label): its manifest
 // leaves the repository and it leaves the list; its label is free again.
 // The chunks it alone used stay until garbage collection exists. An
@@ -27,6 +30,18 @@ var ErrNotSealed = errors.New("not sealed yet")
 func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.sealMu.Lock() // no seal may change the base meanwhile
 	defer v.sealMu.Unlock()
+	if err := v.deleteSnapshot(ctx, id); err != nil {
+		return err
+	}
+	if v.sweepDue {
+		v.sweepPacks(ctx)
+	}
+	return nil
+}
+
+// deleteSnapshot is DeleteSnapshot without the sweep of journal packs
+// (it sets sweepDue when one is due). The caller holds sealMu.
+func (v *Volume) deleteSnapshot(ctx context.Context, id string) error {
 	if v.isClosed() {
 		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
 	}
@@ -43,6 +58,8 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 		return fmt.Errorf("snapshot %q of volume %q: %w", id, v.cfg.Name, ErrNoSnapshot)
 	case !s.sealed:
 		return fmt.Errorf("snapshot %s of volume %q: %w: wait until it is, then delete it", s.ID, v.cfg.Name, ErrNotSealed)
+	case s.Protected:
+		return fmt.Errorf("snapshot %s of volume %q is %w: nbdvault snapshot unprotect %s@%s first", s.ID, v.cfg.Name, ErrProtected, v.cfg.Name, s.ID)
 	}
 	// A point in time stays one: the newest manifest is what a restart
 	// resumes from, and a snapshot in the retention window is what the
@@ -61,7 +78,7 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	}
 	if (s.Seq == base.Seq || inWindow) && !haveCut && s.damage == nil {
 		keep := s.Manifest
-		keep.Kind, keep.Label = KindCheckpoint, ""
+		keep.Kind, keep.Label, keep.Protected = KindCheckpoint, "", false
 		// Known before it is written: a put that fails may still have
 		// stored it, and the sweep must count what it names.
 		v.mu.Lock()
@@ -79,9 +96,50 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 	v.mu.Unlock()
 	if len(s.Deltas) > 0 {
 		v.sweepDue = true
-		v.sweepPacks(ctx)
 	}
 	return nil
+}
+
+// Protect protects a sealed snapshot (by ID or label) from delete and
+// prune, or with on false lets them remove it again: its manifest is
+// written again with the flag. An unsealed snapshot is refused with
+// ErrNotSealed, a damaged one with ErrDamagedManifest.
+func (v *Volume) Protect(ctx context.Context, id string, on bool) (SnapshotInfo, error) {
+	v.sealMu.Lock() // one manifest write at a time; DeleteSnapshot waits
+	defer v.sealMu.Unlock()
+	if v.isClosed() {
+		return SnapshotInfo{}, fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
+	v.mu.RLock()
+	i := slices.IndexFunc(v.snaps, func(s *snapshot) bool { return s.is(id) })
+	var s *snapshot
+	var m Manifest
+	if i >= 0 {
+		s, m = v.snaps[i], v.snaps[i].Manifest
+	}
+	v.mu.RUnlock()
+	switch {
+	case s == nil:
+		return SnapshotInfo{}, fmt.Errorf("snapshot %q of volume %q: %w", id, v.cfg.Name, ErrNoSnapshot)
+	case !s.sealed:
+		return SnapshotInfo{}, fmt.Errorf("snapshot %s of volume %q: %w: wait until it is", s.ID, v.cfg.Name, ErrNotSealed)
+	case s.damage != nil:
+		return SnapshotInfo{}, fmt.Errorf("snapshot %s of volume %q: %w", s.ID, v.cfg.Name, s.damage)
+	}
+	info := SnapshotInfo{ID: m.ID, Kind: KindSnapshot, Label: m.Label, Time: m.Time, Size: m.Size, Sealed: true, Protected: on}
+	if m.Protected == on {
+		return info, nil
+	}
+	m.Protected = on
+	if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindSnapshot, m.ID), m); err != nil {
+		// The put may have landed: the manifest says one or the other,
+		// and both are valid; a restart reads whichever it is.
+		return SnapshotInfo{}, fmt.Errorf("protect snapshot %s of volume %q: %w", m.ID, v.cfg.Name, err)
+	}
+	v.mu.Lock()
+	s.Protected = on
+	v.mu.Unlock()
+	return info, nil
 }
 
 // Delete deletes volume name, which must not be open: its write log, its

@@ -104,6 +104,9 @@ type Manifest struct {
 	// Deltas apply over Root, oldest first (format 3): the journal of
 	// what was written since Root's chunks were built.
 	Deltas []DeltaRef `json:"deltas,omitempty"`
+	// Protected: a snapshot that neither delete nor prune removes until
+	// it is unprotected (Volume.Protect).
+	Protected bool `json:"protected,omitempty"`
 }
 
 func volumeKey(name string) string { return volumePrefix(name) + "volume" }

@@ -150,6 +150,8 @@ type SnapshotInfo struct {
 	Time   time.Time
 	Size   int64
 	Sealed bool
+	// Protected: delete and prune leave it (Volume.Protect).
+	Protected bool
 	// Damaged is why the snapshot's manifest cannot be trusted; such a
 	// snapshot is listed but not readable.
 	Damaged error

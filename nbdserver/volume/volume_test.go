@@ -637,3 +637,41 @@ func TestSealSkipsChunksRewrittenWhole(t *testing.T) {
 		}
 	}
 }
+
+// A protected snapshot is not deleted until unprotected, and stays
+// protected across a restart; its data reads the same throughout.
+func TestProtectSnapshot(t *testing.T) {
+	ctx := context.Background()
+	g := newRig(t, chunkstore.NewMem(), 4*MinChunkSize, MinChunkSize, 1)
+	data := randomBytes(MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, data, 0, false))
+	s, err := g.v.Snapshot(ctx, "keep")
+	require.NoError(t, err)
+	_, err = g.v.Protect(ctx, "keep", true)
+	require.ErrorIs(t, err, ErrNotSealed)
+	require.NoError(t, g.v.SealAll(ctx))
+	_, err = g.v.Protect(ctx, "nope", true)
+	require.ErrorIs(t, err, ErrNoSnapshot)
+
+	si, err := g.v.Protect(ctx, "keep", true)
+	require.NoError(t, err)
+	assert.True(t, si.Protected)
+	err = g.v.DeleteSnapshot(ctx, s.ID)
+	require.ErrorIs(t, err, ErrProtected)
+	assert.ErrorContains(t, err, "nbdvault snapshot unprotect vol@"+s.ID)
+
+	g.reopen()
+	require.Len(t, g.v.Snapshots(), 1)
+	assert.True(t, g.v.Snapshots()[0].Protected, "protected after a restart")
+	require.ErrorIs(t, g.v.DeleteSnapshot(ctx, "keep"), ErrProtected)
+	got := make([]byte, MinChunkSize)
+	require.NoError(t, g.v.ReadSnapshotAt(ctx, "keep", got, 0))
+	assert.Equal(t, data, got)
+
+	_, err = g.v.Protect(ctx, s.ID, false)
+	require.NoError(t, err)
+	g.reopen()
+	assert.False(t, g.v.Snapshots()[0].Protected, "unprotected after a restart")
+	require.NoError(t, g.v.DeleteSnapshot(ctx, "keep"))
+	assert.Empty(t, g.v.Snapshots())
+}
