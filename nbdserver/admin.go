@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
@@ -54,6 +55,8 @@ func (s *Server) adminHandler() http.Handler {
 	handle("POST /v1/volumes/{vol}/snapshots", s.createSnapshot)
 	handle("GET /v1/volumes/{vol}/snapshots/{snap}", s.getSnapshot)
 	handle("DELETE /v1/volumes/{vol}/snapshots/{snap}", s.deleteSnapshot)
+	handle("PATCH /v1/volumes/{vol}/snapshots/{snap}", s.updateSnapshot)
+	handle("POST /v1/volumes/{vol}/prune", s.prune)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.ErrNotFound, "no such API endpoint: %s %s (see docs/api.md)", r.Method, r.URL.Path))
@@ -115,6 +118,8 @@ func apiError(err error) *api.Error {
 		code = api.ErrDamaged
 	case errors.Is(err, volume.ErrNotSealed):
 		code = api.ErrNotSealed
+	case errors.Is(err, volume.ErrProtected):
+		code = api.ErrProtected
 	case errors.Is(err, volume.ErrShrink), errors.Is(err, volume.ErrInvalid), errors.Is(err, errInvalid):
 		code = api.ErrInvalid
 	case errors.Is(err, chunkstore.ErrUnavailable), errors.Is(err, lease.ErrLost), errors.Is(err, lease.ErrNotConfirmed),
@@ -374,6 +379,74 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 	return http.StatusNoContent, nil, nil
 }
 
+func (s *Server) updateSnapshot(r *http.Request) (int, any, error) {
+	var req api.UpdateSnapshot
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if req.Protected == nil {
+		return 0, nil, fmt.Errorf("%w: nothing to change: want {\"protected\": true|false}", errInvalid)
+	}
+	if err := s.writable(); err != nil {
+		return 0, nil, err
+	}
+	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
+	if err != nil {
+		return 0, nil, err
+	}
+	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || !si.Is(snap) {
+		return 0, nil, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: keep it as a snapshot first (snapshot create --from)", errInvalid, snap, si.ID)
+	}
+	si, err = v.Protect(r.Context(), si.ID, *req.Protected)
+	if err != nil {
+		return 0, nil, err
+	}
+	s.log.Info("snapshot changed", "volume", v.Config().Name, "id", si.ID, "protected", si.Protected)
+	return http.StatusOK, snapshotInfo(v, si), nil
+}
+
+func (s *Server) prune(r *http.Request) (int, any, error) {
+	var req api.Prune
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if err := req.Policy.Validate(); err != nil {
+		return 0, nil, fmt.Errorf("%w: %v", errInvalid, err)
+	}
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	if !req.DryRun {
+		if err := s.writable(); err != nil {
+			return 0, nil, err
+		}
+	}
+	ds, perr := v.Prune(r.Context(), req.Policy, time.Local, req.DryRun)
+	if ds == nil && perr != nil {
+		return 0, nil, perr
+	}
+	out := api.Pruned{Volume: v.Config().Name, Policy: req.Policy.String(), DryRun: req.DryRun, Snapshots: []api.PruneDecision{}}
+	for _, d := range ds {
+		pd := api.PruneDecision{Snapshot: snapshotInfo(v, d.SnapshotInfo), Keep: d.Keep, Reasons: d.Reasons}
+		switch {
+		case d.Err != nil:
+			pd.Error = d.Err.Error()
+			out.Failed++
+		case !d.Keep && !req.DryRun:
+			out.Removed++
+			s.metrics.forget(v.Config().Name + "@" + d.ID)
+		}
+		out.Snapshots = append(out.Snapshots, pd)
+	}
+	if !req.DryRun {
+		s.log.Info("pruned", "volume", out.Volume, "policy", out.Policy, "removed", out.Removed, "failed", out.Failed)
+	}
+	// A partial failure is an answer, not an error: it says what is
+	// still there and why.
+	return http.StatusOK, out, nil
+}
+
 // snapshotOf finds snapshot snap (an ID or a label) of volume vol.
 func (s *Server) snapshotOf(ctx context.Context, vol, snap string) (*volume.Volume, volume.SnapshotInfo, error) {
 	v, err := s.volumeOf(vol)
@@ -431,5 +504,6 @@ func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
 	if si.Damaged != nil {
 		out.Damaged = si.Damaged.Error()
 	}
+	out.Protected = si.Protected
 	return out
 }

@@ -34,6 +34,7 @@ func newApp() *cli.App {
 			serveCommand(),
 			volumeCommand(),
 			snapshotCommand(),
+			pruneCommand(),
 			statusCommand(),
 			restoreCommand(),
 			importCommand(),
@@ -135,7 +136,7 @@ func exitCode(err error) int {
 		return exitAuth
 	case errors.Is(err, api.ErrUnreachable):
 		return exitUnreachable
-	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed), errors.Is(err, transfer.ErrExists),
+	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed), errors.Is(err, api.ErrProtected), errors.Is(err, transfer.ErrExists),
 		errors.Is(err, mount.ErrClaimed), errors.Is(err, mount.ErrMountPoint):
 		return exitConflict
 	case errors.Is(err, api.ErrDamaged):

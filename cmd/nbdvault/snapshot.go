@@ -29,6 +29,10 @@ func snapshotCommand() *cli.Command {
 			},
 			{Name: "list", Usage: "list a volume's snapshots", ArgsUsage: "VOLUME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: snapshotList},
 			{Name: "delete", Usage: "delete a sealed snapshot", ArgsUsage: "VOLUME@SNAPSHOT", Flags: clientFlags, Action: snapshotDelete},
+			{Name: "protect", Usage: "protect a sealed snapshot from delete and prune", ArgsUsage: "VOLUME@SNAPSHOT", Flags: clientFlags,
+				Action: func(c *cli.Context) error { return snapshotProtect(c, true) }},
+			{Name: "unprotect", Usage: "let delete and prune remove a snapshot again", ArgsUsage: "VOLUME@SNAPSHOT", Flags: clientFlags,
+				Action: func(c *cli.Context) error { return snapshotProtect(c, false) }},
 		},
 	}
 }
@@ -87,6 +91,9 @@ func snapshotList(c *cli.Context) error {
 		case s.Sealed:
 			state = "sealed"
 		}
+		if s.Protected {
+			state += ", protected"
+		}
 		label := s.Label
 		if label == "" {
 			label = "-"
@@ -112,6 +119,30 @@ func snapshotDelete(c *cli.Context) error {
 		return err
 	}
 	fmt.Printf("deleted snapshot %s@%s\n", vol, snap)
+	return nil
+}
+
+func snapshotProtect(c *cli.Context, on bool) error {
+	if err := needArgs(c, 1, "VOLUME@SNAPSHOT"); err != nil {
+		return err
+	}
+	vol, snap, err := splitSnapshot(c.Args().First())
+	if err != nil {
+		return err
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	s, err := cl.ProtectSnapshot(c.Context, vol, snap, on)
+	if err != nil {
+		return err
+	}
+	if on {
+		fmt.Printf("protected snapshot %s@%s%s: delete and prune leave it\n", vol, s.ID, describePoint(s))
+	} else {
+		fmt.Printf("unprotected snapshot %s@%s%s\n", vol, s.ID, describePoint(s))
+	}
 	return nil
 }
 

@@ -9,6 +9,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/nbdvault/nbdvault/nbdserver/retention"
 )
 
 // Volume is a volume and, in listings and shows, its upload state.
@@ -75,6 +77,44 @@ type Snapshot struct {
 	// Kind is "checkpoint" when the snapshot is a point in time the
 	// server kept (VOL@TIME): it leaves with the retention window.
 	Kind string `json:"kind,omitempty"`
+	// Protected: delete and prune leave it until it is unprotected.
+	Protected bool `json:"protected,omitempty"`
+}
+
+// UpdateSnapshot is the body of PATCH /v1/volumes/{name}/snapshots/{snap}.
+type UpdateSnapshot struct {
+	Protected *bool `json:"protected,omitempty"`
+}
+
+// Policy is a retention policy: which snapshots prune keeps.
+type Policy = retention.Policy
+
+// Prune is the body of POST /v1/volumes/{name}/prune.
+type Prune struct {
+	Policy Policy `json:"policy"`
+	// DryRun says what would be removed, and removes nothing.
+	DryRun bool `json:"dry_run,omitempty"`
+}
+
+// Pruned is the answer of POST /v1/volumes/{name}/prune: every snapshot
+// of the volume, newest first, and what prune did with it.
+type Pruned struct {
+	Volume    string          `json:"volume"`
+	Policy    string          `json:"policy"` // as flags
+	DryRun    bool            `json:"dry_run,omitempty"`
+	Snapshots []PruneDecision `json:"snapshots"`
+	Removed   int             `json:"removed"`
+	// Failed counts the snapshots to remove that are still there; each
+	// says why in Error.
+	Failed int `json:"failed,omitempty"`
+}
+
+// PruneDecision is one snapshot and what prune did with it.
+type PruneDecision struct {
+	Snapshot
+	Keep    bool     `json:"keep"`
+	Reasons []string `json:"reasons,omitempty"`
+	Error   string   `json:"error,omitempty"`
 }
 
 // Status is the server's state: where it keeps data, where it serves NBD,
@@ -196,6 +236,7 @@ var (
 	ErrNotFound     = &Error{Code: "not_found", Status: 404}
 	ErrExists       = &Error{Code: "exists", Status: 409}
 	ErrNotSealed    = &Error{Code: "not_sealed", Status: 409}
+	ErrProtected    = &Error{Code: "protected", Status: 409}
 	ErrInvalid      = &Error{Code: "invalid", Status: 400}
 	ErrUnavailable  = &Error{Code: "unavailable", Status: 503}
 	// ErrDamaged: the volume's data is damaged; the message says what to

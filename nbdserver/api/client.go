@@ -147,6 +147,20 @@ func (c *Client) DeleteSnapshot(ctx context.Context, vol, snap string) error {
 	return c.do(ctx, "DELETE", snapshotPath(vol, snap), nil, nil)
 }
 
+// ProtectSnapshot protects snapshot snap of vol from delete and prune,
+// or with on false lets them remove it again.
+func (c *Client) ProtectSnapshot(ctx context.Context, vol, snap string, on bool) (Snapshot, error) {
+	var s Snapshot
+	return s, c.do(ctx, "PATCH", snapshotPath(vol, snap), UpdateSnapshot{Protected: &on}, &s)
+}
+
+// Prune applies a retention policy to vol's snapshots (DryRun: says
+// what it would remove).
+func (c *Client) Prune(ctx context.Context, vol string, req Prune) (Pruned, error) {
+	var p Pruned
+	return p, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/prune", req, &p)
+}
+
 // RecoverVolume opens a volume whose write log is damaged at its newest
 // good state, and says what was cut.
 func (c *Client) RecoverVolume(ctx context.Context, name string) (Recovery, error) {
