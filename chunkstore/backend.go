@@ -44,6 +44,10 @@ type Backend interface {
 	Has(ctx context.Context, key string) (bool, error)
 	// Delete removes key. Deleting a missing key is not an error.
 	Delete(ctx context.Context, key string) error
+	// DeleteMany removes keys, as Delete does each (one request per
+	// 1,000 keys on S3). On error any of them may or may not be gone;
+	// the error names the keys that failed, or the request.
+	DeleteMany(ctx context.Context, keys []string) error
 	// List calls fn for every key that starts with prefix, in no particular
 	// order; callers that need one sort. An error from fn stops the listing
 	// and is returned as is.
@@ -51,6 +55,17 @@ type Backend interface {
 	// Location is the backend's location as a user would type it, for
 	// messages ("/srv/repo", "s3://bucket/prefix").
 	Location() string
+}
+
+// deleteEach is DeleteMany for a backend without a batch delete: Delete
+// of each key, stopping at the first failure.
+func deleteEach(ctx context.Context, b Backend, keys []string) error {
+	for _, k := range keys {
+		if err := b.Delete(ctx, k); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // Unwrapper is implemented by wrappers so a chain can be walked to the

@@ -157,6 +157,10 @@ func (l *Local) Delete(ctx context.Context, key string) error {
 	return &KeyError{Op: "delete", Key: key, Err: translateOSError(err)}
 }
 
+func (l *Local) DeleteMany(ctx context.Context, keys []string) error {
+	return deleteEach(ctx, l, keys)
+}
+
 func (l *Local) List(ctx context.Context, prefix string, fn func(key string) error) error {
 	if err := ctx.Err(); err != nil {
 		return err

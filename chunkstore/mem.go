@@ -89,6 +89,10 @@ func (m *Mem) Delete(ctx context.Context, key string) error {
 	return nil
 }
 
+func (m *Mem) DeleteMany(ctx context.Context, keys []string) error {
+	return deleteEach(ctx, m, keys)
+}
+
 func (m *Mem) List(ctx context.Context, prefix string, fn func(key string) error) error {
 	if err := ctx.Err(); err != nil {
 		return err

@@ -121,6 +121,11 @@ func (r *Retry) Delete(ctx context.Context, key string) error {
 	return r.do(ctx, func() error { return r.next.Delete(ctx, key) })
 }
 
+// DeleteMany is retried whole: deleting a key twice is not an error.
+func (r *Retry) DeleteMany(ctx context.Context, keys []string) error {
+	return r.do(ctx, func() error { return r.next.DeleteMany(ctx, keys) })
+}
+
 func (r *Retry) List(ctx context.Context, prefix string, fn func(key string) error) error {
 	delivered := false
 	return r.doIf(ctx, func() error {

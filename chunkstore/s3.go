@@ -250,6 +250,32 @@ func (s *S3) Delete(ctx context.Context, key string) error {
 	return err
 }
 
+// DeleteMany deletes with S3's multi-object delete: one request per
+// 1,000 keys.
+func (s *S3) DeleteMany(ctx context.Context, keys []string) error {
+	for _, k := range keys {
+		if err := opCheck(ctx, k); err != nil {
+			return err
+		}
+	}
+	objects := make(chan minio.ObjectInfo, len(keys))
+	for _, k := range keys {
+		objects <- minio.ObjectInfo{Key: s.prefix + k}
+	}
+	close(objects)
+	var errs []error
+	for e := range s.core.Client.RemoveObjects(ctx, s.bucket, objects, minio.RemoveObjectsOptions{}) {
+		err := s.translate("delete", strings.TrimPrefix(e.ObjectName, s.prefix), e.Err)
+		if !errors.Is(err, ErrNotFound) {
+			errs = append(errs, err)
+		}
+	}
+	if len(errs) > 3 {
+		errs = append(errs[:3], fmt.Errorf("and %d more keys", len(errs)-3))
+	}
+	return errors.Join(errs...)
+}
+
 func (s *S3) List(ctx context.Context, prefix string, fn func(key string) error) error {
 	if err := ctx.Err(); err != nil {
 		return err

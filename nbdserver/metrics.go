@@ -288,6 +288,10 @@ func (c *countingBackend) Delete(ctx context.Context, key string) error {
 	return c.count(3, c.Backend.Delete(ctx, key))
 }
 
+func (c *countingBackend) DeleteMany(ctx context.Context, keys []string) error {
+	return c.count(3, c.Backend.DeleteMany(ctx, keys))
+}
+
 func (c *countingBackend) List(ctx context.Context, prefix string, fn func(string) error) error {
 	return c.count(4, c.Backend.List(ctx, prefix, fn))
 }

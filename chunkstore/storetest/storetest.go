@@ -83,6 +83,27 @@ func Backend(t *testing.T, open Opener) {
 		assert.NoError(t, b.Delete(ctx, "volumes/v/volume"), "deleting a missing key is not an error")
 	})
 
+	t.Run("DeleteMany", func(t *testing.T) {
+		b := open(t)
+		// More than one S3 request's worth (1,000), present and missing
+		// keys mixed, one key that stays.
+		var keys []string
+		for i := range 1100 {
+			k := fmt.Sprintf("chunks/%02x/%06d", i%256, i)
+			keys = append(keys, k)
+			if i%3 != 0 {
+				require.NoError(t, b.Put(ctx, k, []byte{byte(i)}))
+			}
+		}
+		require.NoError(t, b.Put(ctx, "chunks/00/stays", []byte("x")))
+		require.NoError(t, b.DeleteMany(ctx, keys))
+		var left []string
+		require.NoError(t, b.List(ctx, "chunks/", func(k string) error { left = append(left, k); return nil }))
+		assert.Equal(t, []string{"chunks/00/stays"}, left)
+		require.NoError(t, b.DeleteMany(ctx, nil))
+		assert.ErrorIs(t, b.DeleteMany(ctx, []string{"/bad"}), chunkstore.ErrInvalidKey)
+	})
+
 	t.Run("NotFound", func(t *testing.T) {
 		b := open(t)
 		_, err := b.Get(ctx, "chunks/00/missing")

@@ -418,6 +418,10 @@ func (f *fence) Delete(ctx context.Context, key string) error {
 	return f.write(ctx, "delete "+key, func(ctx context.Context) error { return f.Backend.Delete(ctx, key) })
 }
 
+func (f *fence) DeleteMany(ctx context.Context, keys []string) error {
+	return f.write(ctx, fmt.Sprintf("delete %d keys", len(keys)), func(ctx context.Context) error { return f.Backend.DeleteMany(ctx, keys) })
+}
+
 // Release gives the lease up, if this server still holds it.
 //
 // It first ends the write window and waits for the fenced writes under

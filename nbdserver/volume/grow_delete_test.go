@@ -312,6 +312,15 @@ func (f *deletesFail) Delete(ctx context.Context, key string) error {
 	return f.Backend.Delete(ctx, key)
 }
 
+func (f *deletesFail) DeleteMany(ctx context.Context, keys []string) error {
+	for _, k := range keys {
+		if err := f.Delete(ctx, k); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // TestCheckpointExpiry: a point being read stays past the window until
 // reads of it stop; a delete that fails stops expiry there (no gap in the
 // window) and says so in Status until it works; one pass deletes at most
