@@ -45,6 +45,8 @@ type Store struct {
 	fbits   uint // frame size new chunks are stored with; 0: whole
 	seq     seqReads
 	stats   storeStats
+	// tracking is the garbage collection running, if any (track.go).
+	tracking atomic.Pointer[Tracking]
 }
 
 type storeStats struct {
@@ -152,6 +154,9 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		cvs, id = frameCVs(data, s.fbits, n, s.hasher)
 	} else {
 		id = s.hasher.Sum(data)
+	}
+	if t := s.tracking.Load(); t != nil {
+		t.touch(id) // before Has: a collector does not delete it from now
 	}
 	key := Key(id)
 	has, err := s.backend.Has(ctx, key)
