@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
@@ -19,6 +20,9 @@ func (id ID) String() string { return hex.EncodeToString(id[:]) }
 
 // IsZero reports whether id names a hole.
 func (id ID) IsZero() bool { return id == ZeroID }
+
+// Compare orders IDs by their bytes, as slices.SortFunc takes it.
+func (id ID) Compare(o ID) int { return bytes.Compare(id[:], o[:]) }
 
 // MarshalText encodes id as 64 lowercase hex digits.
 func (id ID) MarshalText() ([]byte, error) {

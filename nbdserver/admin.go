@@ -57,6 +57,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("DELETE /v1/volumes/{vol}/snapshots/{snap}", s.deleteSnapshot)
 	handle("PATCH /v1/volumes/{vol}/snapshots/{snap}", s.updateSnapshot)
 	handle("POST /v1/volumes/{vol}/prune", s.prune)
+	handle("POST /v1/gc", s.collect)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.ErrNotFound, "no such API endpoint: %s %s (see docs/api.md)", r.Method, r.URL.Path))
@@ -113,7 +114,7 @@ func apiError(err error) *api.Error {
 		err = fmt.Errorf("%w (it is being deleted, or the server is stopping)", err)
 	case errors.Is(err, volume.ErrExists), errors.Is(err, volume.ErrLabelTaken), errors.Is(err, errBusy):
 		code = api.ErrExists
-	case errors.Is(err, errDamaged), errors.Is(err, volume.ErrLogCorrupt), errors.Is(err, volume.ErrDamagedManifest),
+	case errors.Is(err, errDamaged), errors.Is(err, volume.ErrLogCorrupt), errors.Is(err, volume.ErrDamagedManifest), errors.Is(err, volume.ErrGCDamage),
 		errors.Is(err, chunkstore.ErrCorrupt):
 		code = api.ErrDamaged
 	case errors.Is(err, volume.ErrNotSealed):
@@ -441,10 +442,29 @@ func (s *Server) prune(r *http.Request) (int, any, error) {
 	}
 	if !req.DryRun {
 		s.log.Info("pruned", "volume", out.Volume, "policy", out.Policy, "removed", out.Removed, "failed", out.Failed)
+		if out.Removed > 0 {
+			s.collectSoon("prune of volume " + out.Volume)
+		}
 	}
 	// A partial failure is an answer, not an error: it says what is
 	// still there and why.
 	return http.StatusOK, out, nil
+}
+
+func (s *Server) collect(r *http.Request) (int, any, error) {
+	var req api.GC
+	if r.ContentLength != 0 {
+		if err := decode(r, &req); err != nil {
+			return 0, nil, err
+		}
+	}
+	rep, err := s.CollectGarbage(r.Context(), req.DryRun, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	return http.StatusOK, api.GCReport{DryRun: req.DryRun, Manifests: rep.Manifests, DamagedManifests: rep.DamagedManifests,
+		IndexPages: rep.Pages, Referenced: rep.Referenced, Listed: rep.Listed, Unreferenced: rep.Unreferenced,
+		Deleted: rep.Deleted, PutDuring: rep.PutDuring, Seconds: rep.Elapsed.Seconds()}, nil
 }
 
 // snapshotOf finds snapshot snap (an ID or a label) of volume vol.

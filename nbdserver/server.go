@@ -17,6 +17,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
@@ -109,6 +110,10 @@ type Server struct {
 	// runCtx is what volume uploaders run under until shutdown.
 	runCtx  context.Context
 	stopRun context.CancelFunc
+	// gcDue is set while a background collection is asked for or runs;
+	// gcRuns counts those goroutines, waited for by closeAll.
+	gcDue  atomic.Bool
+	gcRuns sync.WaitGroup
 }
 
 // served is an open volume and its uploader.
@@ -424,6 +429,7 @@ func (s *Server) closeAll() error {
 	vols := s.vols
 	s.vols = map[string]*served{}
 	s.mu.Unlock()
+	s.gcRuns.Wait() // a collection stops at its next step once runCtx is done
 	var errs []error
 	for name, sv := range vols {
 		<-sv.done
@@ -588,6 +594,7 @@ func (s *Server) DeleteVolume(ctx context.Context, name string) error {
 		return err
 	}
 	s.log.Info("volume deleted", "volume", name)
+	s.collectSoon("volume " + name + " deleted")
 	return nil
 }
 

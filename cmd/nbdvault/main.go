@@ -35,6 +35,7 @@ func newApp() *cli.App {
 			volumeCommand(),
 			snapshotCommand(),
 			pruneCommand(),
+			gcCommand(),
 			statusCommand(),
 			restoreCommand(),
 			importCommand(),

@@ -139,6 +139,6 @@ func printPruned(res api.Pruned) {
 	}
 	fmt.Printf("%s: %s; kept %d, %s %d snapshot(s)\n", res.Volume, res.Policy, kept, verb, removed)
 	if !res.DryRun && removed > 0 {
-		fmt.Println("the space their chunks alone used is freed by garbage collection (not built yet: chunks stay in the repository)")
+		fmt.Println("the server now deletes the chunks only they used (garbage collection; nbdvault gc runs it by hand)")
 	}
 }

@@ -215,6 +215,29 @@ type ChunkIDs struct {
 // MaxChunkIDs is the most IDs one request returns.
 const MaxChunkIDs = 16384
 
+// GC is the body of POST /v1/gc.
+type GC struct {
+	// DryRun counts what a collection would delete, and deletes nothing.
+	DryRun bool `json:"dry_run,omitempty"`
+}
+
+// GCReport is the answer of POST /v1/gc: what a garbage collection found
+// and did.
+type GCReport struct {
+	DryRun    bool `json:"dry_run,omitempty"`
+	Manifests int  `json:"manifests"` // snapshots and checkpoints marked
+	// DamagedManifests failed their check but named a root, which was
+	// marked: verify and repair them.
+	DamagedManifests []string `json:"damaged_manifests,omitempty"`
+	IndexPages       int      `json:"index_pages"`
+	Referenced       int      `json:"referenced"`   // chunk objects referenced, index pages included
+	Listed           int      `json:"listed"`       // chunk objects in the repository
+	Unreferenced     int      `json:"unreferenced"` // of those listed, referenced by nothing
+	Deleted          int      `json:"deleted"`
+	PutDuring        int      `json:"put_during"` // chunks stored while it ran (kept)
+	Seconds          float64  `json:"seconds"`
+}
+
 // Error is what the server answers when a request fails.
 type Error struct {
 	Status  int    `json:"-"` // the HTTP status

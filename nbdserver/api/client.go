@@ -161,6 +161,12 @@ func (c *Client) Prune(ctx context.Context, vol string, req Prune) (Pruned, erro
 	return p, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/prune", req, &p)
 }
 
+// CollectGarbage runs a garbage collection now and waits for it.
+func (c *Client) CollectGarbage(ctx context.Context, req GC) (GCReport, error) {
+	var r GCReport
+	return r, c.do(ctx, "POST", "/v1/gc", req, &r)
+}
+
 // RecoverVolume opens a volume whose write log is damaged at its newest
 // good state, and says what was cut.
 func (c *Client) RecoverVolume(ctx context.Context, name string) (Recovery, error) {

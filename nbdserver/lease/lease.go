@@ -145,6 +145,10 @@ func (l *Lease) end() {
 // margin is how long before its lease expires a server stops writing.
 func (l *Lease) margin() time.Duration { return l.ttl / 3 }
 
+// Margin is how much later than its cancellation the store may still
+// apply a write (the lease's assumption): a third of the TTL.
+func (l *Lease) Margin() time.Duration { return l.margin() }
+
 // Acquire takes the repository's lease for ttl (DefaultTTL if zero), or
 // returns a *HeldError naming the server that holds it.
 func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lease, error) {

@@ -19,7 +19,7 @@ var ErrProtected = errors.New("protected")
 
 // DeleteSnapshot deletes a sealed snapshot (by ID or label): its manifest
 // leaves the repository and it leaves the list; its label is free again.
-// The chunks it alone used stay until garbage collection exists. An
+// The chunks it alone used go at the next garbage collection. An
 // unsealed snapshot is refused with ErrNotSealed: wait for its seal.
 //
 // The newest manifest is what a restart resumes from, and points in time
@@ -28,8 +28,10 @@ var ErrProtected = errors.New("protected")
 // is the newest, or points in time are kept (it then leaves with the
 // window).
 func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
-	v.sealMu.Lock() // no seal may change the base meanwhile
-	defer v.sealMu.Unlock()
+	g := v.env.gc()
+	g.marking.RLock() // no manifest goes while a collection marks
+	defer g.marking.RUnlock()
+	defer v.lockSeal()() // no seal may change the base meanwhile
 	if err := v.deleteSnapshot(ctx, id); err != nil {
 		return err
 	}
@@ -105,8 +107,7 @@ func (v *Volume) deleteSnapshot(ctx context.Context, id string) error {
 // written again with the flag. An unsealed snapshot is refused with
 // ErrNotSealed, a damaged one with ErrDamagedManifest.
 func (v *Volume) Protect(ctx context.Context, id string, on bool) (SnapshotInfo, error) {
-	v.sealMu.Lock() // one manifest write at a time; DeleteSnapshot waits
-	defer v.sealMu.Unlock()
+	defer v.lockSeal()() // one manifest write at a time; DeleteSnapshot waits
 	if v.isClosed() {
 		return SnapshotInfo{}, fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
 	}
@@ -143,8 +144,8 @@ func (v *Volume) Protect(ctx context.Context, id string, on bool) (SnapshotInfo,
 }
 
 // Delete deletes volume name, which must not be open: its write log, its
-// record, then its snapshots and checkpoints. Chunks stay until garbage
-// collection exists. Each step is safe to repeat, so a delete cut short
+// record, then its snapshots and checkpoints. Its chunks go at the next
+// garbage collection (the server runs one after a delete). Each step is safe to repeat, so a delete cut short
 // by a crash or an unreachable repository is finished by running it again;
 // until then the name cannot be used for a new volume.
 //
@@ -167,6 +168,9 @@ func Delete(ctx context.Context, env *Env, name string) error {
 			return fmt.Errorf("volume %q: %w", name, ErrNoVolume)
 		}
 	}
+	g := env.gc()
+	g.marking.RLock() // no manifest goes while a collection marks
+	defer g.marking.RUnlock()
 	if err := os.RemoveAll(env.stateDir(name)); err != nil {
 		return fmt.Errorf("delete volume %q: remove its write log: %w", name, err)
 	}

@@ -108,6 +108,11 @@ func (v *Volume) addCut(m Manifest) {
 // newest ones without a gap, and a failed one is tried after the next
 // seal. It reports whether it deleted any. Called with sealMu held.
 func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted bool) {
+	g := v.env.gc()
+	if !g.marking.TryRLock() {
+		return false // a collection is marking: no manifest goes; the next seal expires them
+	}
+	defer g.marking.RUnlock()
 	ret := v.env.journalRetention()
 	now := v.env.now()
 	cutoff := now.Add(-ret)
@@ -164,8 +169,7 @@ func (v *Volume) expireCheckpoints(ctx context.Context, m Manifest) (deleted boo
 // expireIdle runs expireCheckpoints and the sweep on their own, for a
 // volume that is not written: seals run them otherwise.
 func (v *Volume) expireIdle(ctx context.Context) {
-	v.sealMu.Lock()
-	defer v.sealMu.Unlock()
+	defer v.lockSeal()()
 	if v.isClosed() {
 		return
 	}
@@ -393,8 +397,10 @@ func (v *Volume) remember(c *cut, m *Manifest) {
 // data is copied: the snapshot's manifest is the checkpoint's, under the
 // same ID. A point still in the write log is refused with ErrNotSealed.
 func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInfo, error) {
-	v.sealMu.Lock() // no expiry meanwhile
-	defer v.sealMu.Unlock()
+	g := v.env.gc()
+	g.marking.RLock() // a failed put deletes what it may have stored
+	defer g.marking.RUnlock()
+	defer v.lockSeal()() // no expiry meanwhile
 	if v.isClosed() {
 		return SnapshotInfo{}, fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
 	}

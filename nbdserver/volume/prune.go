@@ -58,6 +58,9 @@ func (v *Volume) Prune(ctx context.Context, p retention.Policy, loc *time.Locati
 	if dryRun {
 		return out, nil
 	}
+	g := v.env.gc()
+	g.marking.RLock() // no manifest goes while a collection marks
+	defer g.marking.RUnlock()
 	failed := 0
 	for i := range out {
 		if out[i].Keep {
@@ -66,19 +69,19 @@ func (v *Volume) Prune(ctx context.Context, p retention.Policy, loc *time.Locati
 		if err := ctx.Err(); err != nil {
 			out[i].Err = err
 		} else {
-			v.sealMu.Lock()
+			unlock := v.lockSeal()
 			out[i].Err = v.deleteSnapshot(ctx, out[i].ID)
-			v.sealMu.Unlock()
+			unlock()
 		}
 		if out[i].Err != nil {
 			failed++
 		}
 	}
-	v.sealMu.Lock()
+	unlock := v.lockSeal()
 	if v.sweepDue && !v.isClosed() {
 		v.sweepPacks(ctx)
 	}
-	v.sealMu.Unlock()
+	unlock()
 	if failed > 0 {
 		i := slices.IndexFunc(out, func(d PruneDecision) bool { return d.Err != nil })
 		return out, fmt.Errorf("prune volume %q: %d of the snapshots to remove are still there (%s: %w); run prune again", v.cfg.Name, failed, out[i].ID, out[i].Err)

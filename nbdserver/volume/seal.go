@@ -33,8 +33,7 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 		return false, err
 	}
 	defer release()
-	v.sealMu.Lock()
-	defer v.sealMu.Unlock()
+	defer v.lockSeal()()
 	v.mu.RLock()
 	l := v.layers[0]
 	base := v.base

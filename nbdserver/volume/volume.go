@@ -204,6 +204,9 @@ type Env struct {
 	slotsOnce sync.Once
 	slots     *semaphore.Weighted // memory of the seals running; nil: no bound
 
+	gcOnce sync.Once
+	gcs    *gcState // what the volumes share with the collector (gc.go)
+
 	clock func() time.Time // tests; nil: time.Now
 }
 

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
 	"testing"
 	"time"
 
@@ -15,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/retention"
 )
 
 // model is the reference a volume is checked against: the head's bytes and
@@ -41,6 +43,10 @@ type rig struct {
 	// turn (none: the default).
 	frameBits []int
 	reopens   int
+	// gcMu is held shared by a collection running beside the steps
+	// (runModel), exclusively while the volume is reopened: the
+	// collector and the volume share one Env, as in a server.
+	gcMu sync.RWMutex
 }
 
 // cutModel is a point in time and the bytes it holds.
@@ -165,6 +171,8 @@ func (g *rig) checkPoints(what string) {
 }
 
 func (g *rig) reopen() {
+	g.gcMu.Lock()
+	defer g.gcMu.Unlock()
 	require.NoError(g.t, g.v.Close())
 	if len(g.frameBits) > 0 {
 		// A new store (an empty cache) that writes chunks framed or
@@ -243,7 +251,12 @@ func (g *rig) step() string {
 		off := g.r.Int64N(size)
 		n := 1 + g.r.Int64N(min(size-off, []int64{4096, cs, 3 * cs}[g.r.IntN(3)]))
 		p := make([]byte, n)
-		if g.r.IntN(4) == 0 {
+		if g.r.IntN(4) == 0 && size >= cs {
+			// A whole chunk of one of three contents: chunks, and index
+			// pages, that a deleted snapshot left are put again (dedup).
+			off = g.r.Int64N(size/cs) * cs
+			p, n = poolChunk(g.r.IntN(3), cs), cs
+		} else if g.r.IntN(4) == 0 {
 			copy(p, bytes.Repeat([]byte("same data "), int(n/10)+1)) // dedupable
 		} else {
 			for i := range p {
@@ -289,6 +302,18 @@ func (g *rig) step() string {
 	case op < 90:
 		g.reopen()
 		return "reopen"
+	case op < 91: // prune
+		policy := retention.Policy{Last: 1 + g.r.IntN(3)}
+		ds, err := g.v.Prune(ctx, policy, time.UTC, false)
+		require.NoError(g.t, err)
+		for _, d := range ds {
+			if !d.Keep {
+				g.deleted(d.ID)
+				delete(g.m.snaps, d.ID)
+				delete(g.m.snaps, d.Label)
+			}
+		}
+		return "prune " + policy.String()
 	case op < 93: // delete a sealed snapshot
 		for _, s := range g.v.Snapshots() {
 			if s.Sealed && s.Damaged == nil {
@@ -308,6 +333,8 @@ func (g *rig) step() string {
 	default:
 		// A crash: the process dies without Close. Everything written is
 		// in the page cache, so all of it comes back.
+		g.gcMu.Lock()
+		defer g.gcMu.Unlock()
 		v, err := Open(ctx, g.env(), "vol")
 		require.NoError(g.t, err)
 		g.v.log.Close()
@@ -396,6 +423,7 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 			// of 16 KiB, and whole objects, mixed in one volume.
 			g.frameBits = [][]int{nil, {14}, {-1, 14}}[(seed/2)%3]
 			g.reopen()
+			stopGC := g.collectBeside()
 			var ops []string
 			for i := range 120 {
 				ops = append(ops, g.step())
@@ -408,14 +436,75 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 					g.checkNamedPacksExist()
 				}
 			}
+			runs, deleted := stopGC()
 			require.NoError(t, g.v.SealAll(context.Background()))
 			g.check("after sealing everything", true)
 			for _, s := range g.v.Snapshots() {
 				assert.True(t, s.Sealed, "snapshot %s sealed", s.ID)
 			}
 			g.checkPacks()
+			g.checkGC(runs, deleted)
 		})
 	}
+}
+
+// poolChunk is one of a few fixed contents of a chunk.
+func poolChunk(i int, cs int64) []byte {
+	r := rand.New(rand.NewPCG(uint64(i), 99))
+	p := make([]byte, cs)
+	for j := range p {
+		p[j] = byte(r.Uint32())
+	}
+	return p
+}
+
+// collectBeside runs garbage collections one after another beside the
+// steps, until the returned stop, which says how many ran and how many
+// chunks they deleted.
+func (g *rig) collectBeside() (stop func() (runs, deleted int)) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	var runs, deleted int
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			g.gcMu.RLock()
+			env := g.v.env
+			rep, err := CollectGarbage(ctx, env, GCOptions{Hold: time.Millisecond})
+			g.gcMu.RUnlock()
+			if err != nil && ctx.Err() == nil {
+				g.t.Errorf("garbage collection beside the steps: %v", err)
+				return
+			}
+			runs++
+			deleted += rep.Deleted
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	return func() (int, int) {
+		cancel()
+		<-done
+		return runs, deleted
+	}
+}
+
+// checkGC runs a last collection with the volume at rest: afterwards
+// every chunk object in the repository is one a manifest references,
+// and every snapshot and the head read as the model has them.
+func (g *rig) checkGC(runs, deleted int) {
+	ctx := context.Background()
+	rep, err := CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
+	require.NoError(g.t, err)
+	deleted += rep.Deleted
+	g.t.Logf("%d collections beside the steps, then one at rest: %d chunks deleted in all; %d referenced", runs+1, deleted, rep.Referenced)
+	assert.Positive(g.t, deleted, "the collections deleted something (the model makes garbage)")
+	g.check("after a last collection", true)
+	rep, err = CollectGarbage(ctx, g.v.env, GCOptions{DryRun: true})
+	require.NoError(g.t, err)
+	assert.Zero(g.t, rep.Unreferenced, "after a collection at rest, every chunk is referenced")
+	assert.Equal(g.t, rep.Listed, rep.Referenced, "every chunk referenced is in the repository")
+	g.reopen()
+	g.check("after a last collection and a restart", true)
 }
 
 func TestVolumeModelMem(t *testing.T) {

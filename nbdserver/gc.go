@@ -1,0 +1,48 @@
+package nbdserver
+
+import (
+	"context"
+
+	"github.com/nbdvault/nbdvault/nbdserver/volume"
+)
+
+// CollectGarbage deletes the chunks no manifest references, now, while
+// the volumes go on (volume.CollectGarbage); with dryRun it only counts.
+// One runs at a time: a second waits for the first.
+func (s *Server) CollectGarbage(ctx context.Context, dryRun bool, progress func(volume.GCProgress)) (volume.GCReport, error) {
+	if !dryRun {
+		if err := s.writable(); err != nil {
+			return volume.GCReport{}, err
+		}
+	}
+	rep, err := volume.CollectGarbage(ctx, s.env, volume.GCOptions{DryRun: dryRun, Hold: s.lease.Margin(), Progress: progress})
+	if err == nil && !dryRun {
+		s.log.Info("garbage collected", "deleted", rep.Deleted, "referenced", rep.Referenced,
+			"listed", rep.Listed, "manifests", rep.Manifests, "elapsed", rep.Elapsed.Round(1e6))
+	}
+	if len(rep.DamagedManifests) > 0 {
+		s.log.Warn("garbage collection marked damaged manifests from their roots; verify and repair them", "manifests", rep.DamagedManifests)
+	}
+	return rep, err
+}
+
+// collectSoon starts a collection in the background after a change that
+// leaves chunks unreferenced (a prune, a deleted volume), unless one is
+// asked for already: a burst of changes is one collection.
+func (s *Server) collectSoon(why string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing || !s.gcDue.CompareAndSwap(false, true) {
+		return
+	}
+	s.gcRuns.Go(func() { // under mu, with closing unset: before closeAll waits
+		s.gcDue.Store(false) // changes from now on ask for another run
+		if s.runCtx.Err() != nil {
+			return
+		}
+		s.log.Info("garbage collection", "after", why)
+		if _, err := s.CollectGarbage(s.runCtx, false, nil); err != nil && s.runCtx.Err() == nil {
+			s.log.Warn("garbage collection failed; it runs again after the next prune or delete, or with nbdvault gc", "error", err)
+		}
+	})
+}

@@ -1,0 +1,365 @@
+package volume
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// Garbage collection of chunks (docs/architecture.md, "Exact mark and
+// sweep, online"). A run marks every chunk and index page reachable from
+// a manifest in the repository and deletes the chunks nothing marks,
+// while volumes write, seal and snapshot. What makes it safe:
+//
+//   - the store tracks every chunk Put from the run's start, and never
+//     deletes one of those (chunkstore.Tracking);
+//   - every operation that writes a manifest runs as a writer of the
+//     current GC epoch (lockSeal); a run starts a new epoch and waits for
+//     the writers of the old one before it lists the manifests, so a seal
+//     that put chunks before the start has written its manifest by then;
+//   - no manifest is deleted from the start until the marking is done
+//     (deleters hold gcState.marking shared, or skip their turn), so
+//     every manifest listed is still there when it is read.
+
+// gcState is what the volumes of one Env share with its collector.
+type gcState struct {
+	run sync.Mutex // one collection at a time
+
+	// marking is held exclusively by a collection from its start until
+	// its marking is done, and shared by whatever deletes manifests.
+	marking sync.RWMutex
+
+	mu      sync.Mutex
+	cond    *sync.Cond
+	epoch   uint64
+	writers map[uint64]int // manifest writers in flight, by epoch
+}
+
+func (e *Env) gc() *gcState {
+	e.gcOnce.Do(func() {
+		e.gcs = &gcState{writers: map[uint64]int{}}
+		e.gcs.cond = sync.NewCond(&e.gcs.mu)
+	})
+	return e.gcs
+}
+
+// enter counts a manifest writer in the current epoch until done.
+func (g *gcState) enter() (done func()) {
+	g.mu.Lock()
+	e := g.epoch
+	g.writers[e]++
+	g.mu.Unlock()
+	return func() {
+		g.mu.Lock()
+		if g.writers[e]--; g.writers[e] == 0 {
+			delete(g.writers, e)
+			g.cond.Broadcast()
+		}
+		g.mu.Unlock()
+	}
+}
+
+// barrier starts a new epoch and waits until no writer of an older one
+// is in flight. New writers are not held up.
+func (g *gcState) barrier() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.epoch++
+	for {
+		older := false
+		for e := range g.writers {
+			if e < g.epoch {
+				older = true
+			}
+		}
+		if !older {
+			return
+		}
+		g.cond.Wait()
+	}
+}
+
+// lockSeal takes sealMu, counted as a manifest writer of the current GC
+// epoch until the returned func unlocks it.
+func (v *Volume) lockSeal() (unlock func()) {
+	v.sealMu.Lock()
+	done := v.env.gc().enter()
+	return func() {
+		done()
+		v.sealMu.Unlock()
+	}
+}
+
+// GCOptions tune a collection.
+type GCOptions struct {
+	// DryRun marks and counts, and deletes nothing.
+	DryRun bool
+	// Hold is how long a deleted chunk's ID stays deleting after its
+	// batch (chunkstore.Store.Track): the lease's Margin.
+	Hold time.Duration
+	// Progress, if set, hears what the run is doing.
+	Progress func(GCProgress)
+}
+
+// GCProgress is a collection's state, for progress displays.
+type GCProgress struct {
+	Phase   string // "waiting", "marking", "listing", "deleting"
+	Done    int64  // manifests marked, chunks listed, chunks deleted
+	Total   int64  // of Done, 0 when unknown
+	Deleted int64
+}
+
+// GCReport is what a collection found and did.
+type GCReport struct {
+	Manifests int // manifests whose trees were marked
+	// DamagedManifests are manifests whose checksum failed but whose
+	// root was read and marked all the same.
+	DamagedManifests []string
+	Pages            int // distinct index pages marked
+	Referenced       int // distinct chunks marked, pages included
+	Listed           int // chunk objects in the repository
+	Unreferenced     int // of Listed, not marked
+	Deleted          int // deleted (0 on a dry run)
+	PutDuring        int // chunks put while it ran (never deleted)
+	Elapsed          time.Duration
+	Unknown          []string // keys under chunks/ that name no chunk
+}
+
+// ErrGCDamage stops a collection that cannot know what part of the
+// repository references: deleting then could remove what a repair needs.
+var ErrGCDamage = errors.New("garbage collection stopped: cannot tell what is referenced")
+
+// CollectGarbage deletes every chunk object of env's repository that no
+// manifest references, while the volumes of env go on (see gcState). It
+// lists chunks/ once. A crash at any point loses nothing referenced; the
+// next run deletes what this one did not.
+func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, error) {
+	start := time.Now()
+	var rep GCReport
+	g := env.gc()
+	g.run.Lock()
+	defer g.run.Unlock()
+	progress := func(p GCProgress) {
+		if opts.Progress != nil {
+			opts.Progress(p)
+		}
+	}
+
+	progress(GCProgress{Phase: "waiting"})
+	g.marking.Lock()
+	marking := true
+	defer func() {
+		if marking {
+			g.marking.Unlock()
+		}
+	}()
+	tr, err := env.Store.Track(opts.Hold)
+	if err != nil {
+		return rep, err
+	}
+	defer tr.Stop()
+	g.barrier()
+
+	// Every manifest now in the repository, and each one's tree.
+	var keys []string
+	if err := env.Repo.List(ctx, "volumes/", func(k string) error {
+		if isManifestKey(k) {
+			keys = append(keys, k)
+		}
+		return nil
+	}); err != nil {
+		return rep, fmt.Errorf("garbage collection: list the manifests: %w", err)
+	}
+	slices.Sort(keys)
+	m := newMarker(env.Store)
+	for i, k := range keys {
+		progress(GCProgress{Phase: "marking", Done: int64(i), Total: int64(len(keys))})
+		root, damaged, err := manifestRoot(ctx, env, k)
+		if err != nil {
+			return rep, err
+		}
+		if damaged {
+			rep.DamagedManifests = append(rep.DamagedManifests, k)
+		}
+		if err := m.markTree(ctx, root); err != nil {
+			return rep, fmt.Errorf("%w: %s: %w (verify and repair it, or delete what references it, then run gc again)", ErrGCDamage, k, err)
+		}
+		rep.Manifests++
+	}
+	marked := m.done()
+	rep.Pages, rep.Referenced = m.pages, len(marked)
+	g.marking.Unlock() // manifests may go now: what they referenced is marked
+	marking = false
+
+	// What the repository holds.
+	var unreferenced []chunkstore.ID
+	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
+		id, ok := chunkOfKey(k)
+		if !ok {
+			rep.Unknown = append(rep.Unknown, k)
+			return nil
+		}
+		rep.Listed++
+		if rep.Listed%10000 == 0 {
+			progress(GCProgress{Phase: "listing", Done: int64(rep.Listed)})
+		}
+		if !has(marked, id) {
+			unreferenced = append(unreferenced, id)
+		}
+		return nil
+	}); err != nil {
+		return rep, fmt.Errorf("garbage collection: list the chunks: %w", err)
+	}
+	rep.Unreferenced = len(unreferenced)
+	if opts.DryRun {
+		rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
+		return rep, nil
+	}
+	for len(unreferenced) > 0 {
+		n := min(len(unreferenced), 1000)
+		gone, err := tr.Delete(ctx, unreferenced[:n])
+		rep.Deleted += len(gone)
+		if err != nil {
+			return rep, fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
+		}
+		unreferenced = unreferenced[n:]
+		progress(GCProgress{Phase: "deleting", Done: int64(rep.Deleted), Total: int64(rep.Unreferenced), Deleted: int64(rep.Deleted)})
+	}
+	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
+	return rep, nil
+}
+
+// isManifestKey says whether k is volumes/VOL/{snapshots,checkpoints}/ID.
+func isManifestKey(k string) bool {
+	parts := strings.Split(k, "/")
+	return len(parts) == 4 && parts[0] == "volumes" &&
+		(parts[2] == string(KindSnapshot)+"s" || parts[2] == string(KindCheckpoint)+"s") && parts[3] != ""
+}
+
+// chunkOfKey is the chunk a key under chunks/ names.
+func chunkOfKey(k string) (chunkstore.ID, bool) {
+	id, err := chunkstore.ParseID(k[strings.LastIndexByte(k, '/')+1:])
+	return id, err == nil && chunkstore.Key(id) == k
+}
+
+// manifestRoot reads the index root of the manifest at key. A manifest
+// whose checksum fails but whose document still gives a root is marked
+// from it all the same (damaged true): marking too much is safe. One that
+// is gone, or gives no root, stops the collection: the listing came
+// after every delete of a manifest was held back, so it was there.
+func manifestRoot(ctx context.Context, env *Env, key string) (root chunkstore.ID, damaged bool, err error) {
+	data, err := env.Repo.Get(ctx, key)
+	if err != nil && !errors.Is(err, chunkstore.ErrCorrupt) {
+		return root, false, fmt.Errorf("%w: manifest %s: %w", ErrGCDamage, key, err)
+	}
+	var m Manifest
+	if derr := decodeJSON(env.RepoID, key, data, &m); derr == nil && err == nil {
+		return m.Root, false, nil
+	}
+	// Damaged: the document without its checksum line, if it parses.
+	if i := bytes.LastIndexByte(data, '}'); i >= 0 && json.Unmarshal(data[:i+1], &m) == nil {
+		return m.Root, true, nil
+	}
+	return root, false, fmt.Errorf("%w: manifest %s is damaged and names no index root that can be read: restore it from a copy of the repository, or delete its snapshot, then run gc again", ErrGCDamage, key)
+}
+
+// marker walks index trees and collects the IDs they reference, pages
+// and data chunks, into a sorted set.
+type marker struct {
+	s     *chunkstore.Store
+	seen  map[chunkstore.ID]struct{} // pages walked
+	pages int
+	set   []chunkstore.ID // sorted, distinct
+	buf   []chunkstore.ID // added since the last merge
+}
+
+func newMarker(s *chunkstore.Store) *marker {
+	return &marker{s: s, seen: map[chunkstore.ID]struct{}{}}
+}
+
+func (m *marker) add(id chunkstore.ID) {
+	m.buf = append(m.buf, id)
+	if len(m.buf) >= max(len(m.set), 1<<20) {
+		m.merge()
+	}
+}
+
+// merge folds buf into set.
+func (m *marker) merge() {
+	slices.SortFunc(m.buf, chunkstore.ID.Compare)
+	m.buf = slices.Compact(m.buf)
+	out := make([]chunkstore.ID, 0, len(m.set)+len(m.buf))
+	i, j := 0, 0
+	for i < len(m.set) || j < len(m.buf) {
+		switch {
+		case j == len(m.buf) || (i < len(m.set) && m.set[i].Compare(m.buf[j]) < 0):
+			out = append(out, m.set[i])
+			i++
+		case i == len(m.set) || m.buf[j].Compare(m.set[i]) < 0:
+			out = append(out, m.buf[j])
+			j++
+		default:
+			out = append(out, m.set[i])
+			i, j = i+1, j+1
+		}
+	}
+	m.set, m.buf = out, m.buf[:0]
+}
+
+func (m *marker) done() []chunkstore.ID {
+	m.merge()
+	return m.set
+}
+
+// markTree marks the tree at root: its pages and the chunks its leaves
+// name. A page already walked is not walked again (pages are shared). A
+// page that cannot be read is an error: what lies below it is unknown.
+func (m *marker) markTree(ctx context.Context, root chunkstore.ID) error {
+	return m.markPage(ctx, root, indexLevels-1)
+}
+
+func (m *marker) markPage(ctx context.Context, id chunkstore.ID, level int) error {
+	if id.IsZero() {
+		return nil
+	}
+	if _, ok := m.seen[id]; ok {
+		return nil
+	}
+	page, err := m.s.Get(ctx, id)
+	if err != nil {
+		return fmt.Errorf("index page %s: %w", id, err)
+	}
+	if len(page) != pageLen {
+		return fmt.Errorf("index page %s: %d bytes, want %d: %w", id, len(page), pageLen, chunkstore.ErrCorrupt)
+	}
+	m.seen[id] = struct{}{}
+	m.pages++
+	m.add(id)
+	for off := 0; off < pageLen; off += idLen {
+		var child chunkstore.ID
+		copy(child[:], page[off:off+idLen])
+		if child.IsZero() {
+			continue
+		}
+		if level == 0 {
+			m.add(child)
+		} else if err := m.markPage(ctx, child, level-1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// has says whether sorted holds id.
+func has(sorted []chunkstore.ID, id chunkstore.ID) bool {
+	_, ok := slices.BinarySearchFunc(sorted, id, chunkstore.ID.Compare)
+	return ok
+}
