@@ -58,6 +58,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("PATCH /v1/volumes/{vol}/snapshots/{snap}", s.updateSnapshot)
 	handle("POST /v1/volumes/{vol}/prune", s.prune)
 	handle("POST /v1/gc", s.collect)
+	handle("POST /v1/verify", s.verify)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.ErrNotFound, "no such API endpoint: %s %s (see docs/api.md)", r.Method, r.URL.Path))
@@ -173,6 +174,7 @@ func (s *Server) getStatus(r *http.Request) (int, any, error) {
 		}
 	}
 	st.StateDisk = s.stateDisk()
+	st.LastVerify = s.lastVerify()
 	return http.StatusOK, st, nil
 }
 

@@ -36,6 +36,7 @@ func newApp() *cli.App {
 			snapshotCommand(),
 			pruneCommand(),
 			gcCommand(),
+			verifyCommand(),
 			statusCommand(),
 			restoreCommand(),
 			importCommand(),

@@ -130,6 +130,8 @@ type Status struct {
 	StateDisk Disk     `json:"state_disk"`
 	NBD       []string `json:"nbd"` // listen addresses: host:port or unix:/path
 	Volumes   []Volume `json:"volumes"`
+	// LastVerify is the last verify's result, kept in the state folder.
+	LastVerify *VerifyReport `json:"last_verify,omitempty"`
 }
 
 // Disk is a file system's size and what is free on it.
@@ -236,6 +238,50 @@ type GCReport struct {
 	Deleted          int      `json:"deleted"`
 	PutDuring        int      `json:"put_during"` // chunks stored while it ran (kept)
 	Seconds          float64  `json:"seconds"`
+}
+
+// Verify is the body of POST /v1/verify.
+type Verify struct {
+	// Targets are VOL or VOL@SNAP; none: every snapshot and checkpoint.
+	Targets []string `json:"targets,omitempty"`
+	// ReadData fetches, decodes and hashes the chunks, not only their
+	// presence; Subset ("n/m") reads the n-th of m parts of them.
+	ReadData bool   `json:"read_data,omitempty"`
+	Subset   string `json:"subset,omitempty"`
+}
+
+// VerifyReport is the answer of POST /v1/verify, and the last one is in
+// Status.
+type VerifyReport struct {
+	Time      time.Time `json:"time"`
+	Targets   []string  `json:"targets,omitempty"`
+	ReadData  bool      `json:"read_data,omitempty"`
+	Subset    string    `json:"subset,omitempty"`
+	Manifests int       `json:"manifests"`
+	Pages     int       `json:"index_pages"`
+	Chunks    int       `json:"chunks"`
+	Read      int       `json:"read"`
+	Seconds   float64   `json:"seconds"`
+	// Problems are the damaged or missing objects; empty when all is
+	// well.
+	Problems []VerifyProblem `json:"problems"`
+}
+
+// VerifyProblem is a damaged or missing object and what it affects.
+type VerifyProblem struct {
+	Object  string      `json:"object"`
+	Kind    string      `json:"kind"` // "missing" or "damaged"
+	Reason  string      `json:"reason"`
+	Affects []VerifyRef `json:"affects"`
+}
+
+// VerifyRef is a byte range of a snapshot or checkpoint.
+type VerifyRef struct {
+	Volume   string `json:"volume"`
+	Snapshot string `json:"snapshot"`
+	Kind     string `json:"kind"`
+	Offset   int64  `json:"offset"`
+	Length   int64  `json:"length"`
 }
 
 // Error is what the server answers when a request fails.

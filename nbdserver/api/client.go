@@ -167,6 +167,13 @@ func (c *Client) CollectGarbage(ctx context.Context, req GC) (GCReport, error) {
 	return r, c.do(ctx, "POST", "/v1/gc", req, &r)
 }
 
+// Verify checks the repository (or the targets) and waits for the
+// result.
+func (c *Client) Verify(ctx context.Context, req Verify) (VerifyReport, error) {
+	var r VerifyReport
+	return r, c.do(ctx, "POST", "/v1/verify", req, &r)
+}
+
 // RecoverVolume opens a volume whose write log is damaged at its newest
 // good state, and says what was cut.
 func (c *Client) RecoverVolume(ctx context.Context, name string) (Recovery, error) {
