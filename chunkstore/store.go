@@ -110,6 +110,13 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits}, nil
 }
 
+// Uncached returns a store over the same backend, with the same IDs and
+// codec, that caches nothing: for a pass over many chunks (a garbage
+// collection's marking, verify) that must not evict what clients read.
+func (s *Store) Uncached() *Store {
+	return &Store{backend: s.backend, hasher: s.hasher, codec: s.codec, cache: newLRU(0), fbits: s.fbits}
+}
+
 // Backend returns the backend the store writes to.
 func (s *Store) Backend() Backend { return s.backend }
 

@@ -365,14 +365,9 @@ func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
 	if err := s.writable(); err != nil {
 		return 0, nil, err
 	}
-	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
+	v, si, err := s.namedSnapshot(r, "points leave by themselves with --journal-retention")
 	if err != nil {
 		return 0, nil, err
-	}
-	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || !si.Is(snap) {
-		// Only a snapshot named exactly: a time finds whatever point lies
-		// before it.
-		return 0, nil, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: points leave by themselves with --journal-retention", errInvalid, snap, si.ID)
 	}
 	if err := v.DeleteSnapshot(r.Context(), si.ID); err != nil {
 		return 0, nil, err
@@ -393,12 +388,9 @@ func (s *Server) updateSnapshot(r *http.Request) (int, any, error) {
 	if err := s.writable(); err != nil {
 		return 0, nil, err
 	}
-	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
+	v, si, err := s.namedSnapshot(r, "keep it as a snapshot first (snapshot create --from)")
 	if err != nil {
 		return 0, nil, err
-	}
-	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || !si.Is(snap) {
-		return 0, nil, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: keep it as a snapshot first (snapshot create --from)", errInvalid, snap, si.ID)
 	}
 	si, err = v.Protect(r.Context(), si.ID, *req.Protected)
 	if err != nil {
@@ -467,6 +459,20 @@ func (s *Server) collect(r *http.Request) (int, any, error) {
 	return http.StatusOK, api.GCReport{DryRun: req.DryRun, Manifests: rep.Manifests, DamagedManifests: rep.DamagedManifests,
 		IndexPages: rep.Pages, Referenced: rep.Referenced, Listed: rep.Listed, Unreferenced: rep.Unreferenced,
 		Deleted: rep.Deleted, PutDuring: rep.PutDuring, Seconds: rep.Elapsed.Seconds()}, nil
+}
+
+// namedSnapshot is the snapshot the request's path names exactly, by
+// its ID or label: never a time or a point in time, which find whatever
+// point lies before them; for those, the error ends with what to do.
+func (s *Server) namedSnapshot(r *http.Request, forPoints string) (*volume.Volume, volume.SnapshotInfo, error) {
+	v, si, err := s.snapshotOf(r.Context(), r.PathValue("vol"), r.PathValue("snap"))
+	if err != nil {
+		return nil, si, err
+	}
+	if snap := r.PathValue("snap"); si.Kind == volume.KindCheckpoint || !si.Is(snap) {
+		return nil, si, fmt.Errorf("%w: %q is a time or a point in time the server keeps (%s), not a snapshot's ID or label: %s", errInvalid, snap, si.ID, forPoints)
+	}
+	return v, si, nil
 }
 
 // snapshotOf finds snapshot snap (an ID or a label) of volume vol.

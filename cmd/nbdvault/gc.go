@@ -25,6 +25,21 @@ func gcCommand() *cli.Command {
 	}
 }
 
+// spin shows desc with a spinner while do runs (not with --json).
+func spin(c *cli.Context, desc string, do func() error) error {
+	if c.Bool("json") {
+		return do()
+	}
+	p := newProgress(desc, -1)
+	err := do()
+	if err != nil {
+		stopProgress(p)
+	} else {
+		p.finish()
+	}
+	return err
+}
+
 func gc(c *cli.Context) error {
 	if err := needArgs(c, 0, "no arguments"); err != nil {
 		return err
@@ -33,18 +48,11 @@ func gc(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var p *progress
-	if !c.Bool("json") {
-		p = newProgress("collecting garbage", -1)
-	}
-	rep, err := cl.CollectGarbage(c.Context, api.GC{DryRun: c.Bool("dry-run")})
-	if p != nil {
-		if err != nil {
-			stopProgress(p)
-		} else {
-			p.finish()
-		}
-	}
+	var rep api.GCReport
+	err = spin(c, "collecting garbage", func() (err error) {
+		rep, err = cl.CollectGarbage(c.Context, api.GC{DryRun: c.Bool("dry-run")})
+		return err
+	})
 	if err != nil {
 		return err
 	}

@@ -34,18 +34,11 @@ func verify(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	var p *progress
-	if !c.Bool("json") {
-		p = newProgress("verifying", -1)
-	}
-	rep, err := cl.Verify(c.Context, req)
-	if p != nil {
-		if err != nil {
-			stopProgress(p)
-		} else {
-			p.finish()
-		}
-	}
+	var rep api.VerifyReport
+	err = spin(c, "verifying", func() (err error) {
+		rep, err = cl.Verify(c.Context, req)
+		return err
+	})
 	if err != nil {
 		return err
 	}

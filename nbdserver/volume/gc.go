@@ -169,17 +169,11 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	g.barrier()
 
 	// Every manifest now in the repository, and each one's tree.
-	var keys []string
-	if err := env.Repo.List(ctx, "volumes/", func(k string) error {
-		if isManifestKey(k) {
-			keys = append(keys, k)
-		}
-		return nil
-	}); err != nil {
-		return rep, fmt.Errorf("garbage collection: list the manifests: %w", err)
+	keys, _, err := listVolumesKeys(ctx, env.Repo)
+	if err != nil {
+		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
-	slices.Sort(keys)
-	m := newMarker(env.Store)
+	m := newMarker(env.Store.Uncached()) // pages around the cache: clients' reads stay in it
 	for i, k := range keys {
 		progress(GCProgress{Phase: "marking", Done: int64(i), Total: int64(len(keys))})
 		root, damaged, err := manifestRoot(ctx, env, k)
@@ -199,8 +193,25 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	g.marking.Unlock() // manifests may go now: what they referenced is marked
 	marking = false
 
-	// What the repository holds.
-	var unreferenced []chunkstore.ID
+	// What the repository holds; the unreferenced chunks are deleted
+	// 1,000 at a time as the listing finds them.
+	batch := make([]chunkstore.ID, 0, 1000)
+	var deleteErr error
+	flush := func() error {
+		if opts.DryRun || len(batch) == 0 {
+			batch = batch[:0]
+			return nil
+		}
+		gone, err := tr.Delete(ctx, batch)
+		rep.Deleted += len(gone)
+		batch = batch[:0]
+		progress(GCProgress{Phase: "deleting", Done: int64(rep.Listed), Deleted: int64(rep.Deleted)})
+		if err != nil {
+			deleteErr = fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
+			return deleteErr
+		}
+		return nil
+	}
 	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
 		id, ok := chunkOfKey(k)
 		if !ok {
@@ -209,32 +220,44 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		rep.Listed++
 		if rep.Listed%10000 == 0 {
-			progress(GCProgress{Phase: "listing", Done: int64(rep.Listed)})
+			progress(GCProgress{Phase: "listing", Done: int64(rep.Listed), Deleted: int64(rep.Deleted)})
 		}
-		if !has(marked, id) {
-			unreferenced = append(unreferenced, id)
+		if has(marked, id) {
+			return nil
+		}
+		rep.Unreferenced++
+		if batch = append(batch, id); len(batch) == cap(batch) {
+			return flush()
 		}
 		return nil
 	}); err != nil {
+		if deleteErr != nil {
+			return rep, deleteErr
+		}
 		return rep, fmt.Errorf("garbage collection: list the chunks: %w", err)
 	}
-	rep.Unreferenced = len(unreferenced)
-	if opts.DryRun {
-		rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
-		return rep, nil
-	}
-	for len(unreferenced) > 0 {
-		n := min(len(unreferenced), 1000)
-		gone, err := tr.Delete(ctx, unreferenced[:n])
-		rep.Deleted += len(gone)
-		if err != nil {
-			return rep, fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
-		}
-		unreferenced = unreferenced[n:]
-		progress(GCProgress{Phase: "deleting", Done: int64(rep.Deleted), Total: int64(rep.Unreferenced), Deleted: int64(rep.Deleted)})
+	if err := flush(); err != nil {
+		return rep, err
 	}
 	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
 	return rep, nil
+}
+
+// listVolumesKeys lists volumes/: the manifests' keys, sorted, and the
+// set of every key.
+func listVolumesKeys(ctx context.Context, repo chunkstore.Backend) (manifests []string, all map[string]bool, err error) {
+	all = map[string]bool{}
+	if err := repo.List(ctx, "volumes/", func(k string) error {
+		all[k] = true
+		if isManifestKey(k) {
+			manifests = append(manifests, k)
+		}
+		return nil
+	}); err != nil {
+		return nil, nil, fmt.Errorf("list the manifests: %w", err)
+	}
+	slices.Sort(manifests)
+	return manifests, all, nil
 }
 
 // isManifestKey says whether k is volumes/VOL/{snapshots,checkpoints}/ID.

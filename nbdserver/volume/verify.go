@@ -85,10 +85,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 			opts.Progress(phase, done, total)
 		}
 	}
-	store, err := chunkstore.NewStore(env.Repo, chunkstore.Options{CacheBytes: -1})
-	if err != nil {
-		return rep, err
-	}
+	store := env.Store.Uncached()
 	problems := map[string]*VerifyProblem{}
 	problem := func(object, kind, reason string) {
 		if problems[object] == nil {
@@ -96,18 +93,10 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 		}
 	}
 	// What the repository holds: chunks, and every other key.
-	keys := map[string]bool{}
-	var manifestKeys []string
-	if err := env.Repo.List(ctx, "volumes/", func(k string) error {
-		keys[k] = true
-		if isManifestKey(k) {
-			manifestKeys = append(manifestKeys, k)
-		}
-		return nil
-	}); err != nil {
-		return rep, fmt.Errorf("verify: list the volumes: %w", err)
+	manifestKeys, keys, err := listVolumesKeys(ctx, env.Repo)
+	if err != nil {
+		return rep, fmt.Errorf("verify: %w", err)
 	}
-	slices.Sort(manifestKeys)
 	var present []chunkstore.ID
 	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
 		if id, ok := chunkOfKey(k); ok {
