@@ -273,7 +273,21 @@ func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
 	if err := s.writable(); err != nil {
 		return 0, nil, err
 	}
-	if err := s.DeleteVolume(r.Context(), r.PathValue("vol")); err != nil {
+	name := r.PathValue("vol")
+	if r.URL.Query().Get("force") != "true" {
+		if v, err := s.volumeOf(name); err == nil {
+			var protected []string
+			for _, si := range v.Snapshots() {
+				if si.Protected {
+					protected = append(protected, si.ID)
+				}
+			}
+			if len(protected) > 0 {
+				return 0, nil, fmt.Errorf("volume %q has %d %w snapshots (%s): unprotect them, or delete the volume with --force", name, len(protected), volume.ErrProtected, strings.Join(protected, ", "))
+			}
+		}
+	}
+	if err := s.DeleteVolume(r.Context(), name); err != nil {
 		return 0, nil, err
 	}
 	return http.StatusNoContent, nil, nil

@@ -34,7 +34,8 @@ func volumeCommand() *cli.Command {
 				Flags:  append([]cli.Flag{&cli.StringFlag{Name: "size", Usage: "the new `size`, e.g. 40G (required)"}}, clientFlags...),
 				Action: volumeResize,
 			},
-			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Flags: clientFlags, Action: volumeDelete},
+			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Action: volumeDelete,
+				Flags: append([]cli.Flag{&cli.BoolFlag{Name: "force", Usage: "delete it even if it has protected snapshots"}}, clientFlags...)},
 			{
 				Name: "recover", Usage: "open a volume whose write log is damaged at its newest good state, and say what is lost",
 				ArgsUsage: "NAME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: volumeRecover,
@@ -172,7 +173,11 @@ func volumeDelete(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := cl.DeleteVolume(c.Context, c.Args().First()); err != nil {
+	del := cl.DeleteVolume
+	if c.Bool("force") {
+		del = cl.DeleteVolumeForce
+	}
+	if err := del(c.Context, c.Args().First()); err != nil {
 		return err
 	}
 	fmt.Printf("deleted volume %s\n", c.Args().First())

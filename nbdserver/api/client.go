@@ -117,6 +117,12 @@ func (c *Client) DeleteVolume(ctx context.Context, name string) error {
 	return c.do(ctx, "DELETE", "/v1/volumes/"+url.PathEscape(name), nil, nil)
 }
 
+// DeleteVolumeForce deletes volume name even if it has protected
+// snapshots.
+func (c *Client) DeleteVolumeForce(ctx context.Context, name string) error {
+	return c.do(ctx, "DELETE", "/v1/volumes/"+url.PathEscape(name)+"?force=true", nil, nil)
+}
+
 // Snapshots lists a volume's snapshots, oldest first.
 func (c *Client) Snapshots(ctx context.Context, vol string) ([]Snapshot, error) {
 	var ss []Snapshot
