@@ -24,7 +24,7 @@ lint: deps
 # NBDVAULT_REQUIRE_TOOLS turns a missing MinIO (or any other test tool)
 # into a failure instead of a skip.
 test: deps lint
-	NBDVAULT_REQUIRE_TOOLS=1 go test -race -timeout 20m ./...
+	NBDVAULT_REQUIRE_TOOLS=1 go test -race -timeout 30m ./...
 
 bench: deps build
 	scripts/bench.sh
