@@ -30,9 +30,11 @@ func TestVerify(t *testing.T) {
 		writeNBD(t, s, "db", nbdtest.RandomBytes(uint64(i+20), 1<<20), int64(i)<<20)
 		snaps = append(snaps, strings.TrimSpace(s.MustCLI("snapshot", "create", "db", "--wait").Stdout))
 	}
+	assert.NotContains(t, s.Metrics(), "nbdvault_verify_last", "no verify yet")
 	r := s.CLI("verify")
 	require.Equal(t, 0, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stdout, "no damage found")
+	assert.Contains(t, s.Metrics(), "nbdvault_verify_last_problems 0")
 	assert.Contains(t, r.Stdout, "checked 3 snapshots and checkpoints")
 
 	var files []string
@@ -109,4 +111,7 @@ func TestVerify(t *testing.T) {
 	require.NotNil(t, st.LastVerify, "status keeps the last verify")
 	assert.NotEmpty(t, st.LastVerify.Problems)
 	assert.Equal(t, []string{"db@" + snaps[2]}, st.LastVerify.Targets)
+	metrics := s.Metrics()
+	assert.Regexp(t, `nbdvault_verify_last_problems [1-9]`, metrics)
+	assert.Contains(t, metrics, "nbdvault_verify_last_run_timestamp_seconds")
 }

@@ -131,6 +131,10 @@ var (
 		"Seconds since the volume's last snapshot or checkpoint was sealed (since the server started if none was).", []string{"volume"}, nil)
 	descSealFailing = prometheus.NewDesc("nbdvault_volume_upload_failing",
 		"1 while the volume's uploads fail (see the server log), else 0.", []string{"volume"}, nil)
+	descVerifyTime = prometheus.NewDesc("nbdvault_verify_last_run_timestamp_seconds",
+		"When the last verify ran (Unix time); absent until one has.", nil, nil)
+	descVerifyProblems = prometheus.NewDesc("nbdvault_verify_last_problems",
+		"Damaged or missing objects the last verify found: alert on anything but 0.", nil, nil)
 	descChunkPuts = prometheus.NewDesc("nbdvault_chunks_stored_total",
 		"Chunks written to the repository (new content).", nil, nil)
 	descChunkDedup = prometheus.NewDesc("nbdvault_chunks_deduplicated_total",
@@ -171,7 +175,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
-		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom} {
+		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems} {
 		ch <- d
 	}
 }
@@ -182,6 +186,10 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	counter := func(d *prometheus.Desc, v int64) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v))
+	}
+	if rep := c.s.lastVerify(); rep != nil {
+		gauge(descVerifyTime, float64(rep.Time.UnixNano())/1e9)
+		gauge(descVerifyProblems, float64(len(rep.Problems)))
 	}
 	for _, v := range c.s.Volumes() {
 		name := v.Config().Name
