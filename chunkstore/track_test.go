@@ -96,3 +96,39 @@ func randomChunk(seed uint64) []byte {
 	}
 	return p
 }
+
+// A deleted chunk's ID stays held for the hold after its batch, and Stop
+// waits that out: a Put in that time waits too, even one that comes
+// after Stop was called.
+func TestTrackingHold(t *testing.T) {
+	ctx := context.Background()
+	s, err := NewStore(NewMem(), Options{CacheBytes: -1})
+	require.NoError(t, err)
+	c := randomChunk(2000)
+	id, err := s.Put(ctx, c)
+	require.NoError(t, err)
+	const hold = 300 * time.Millisecond
+	tr, err := s.Track(hold)
+	require.NoError(t, err)
+	deleted := time.Now()
+	_, err = tr.Delete(ctx, []ID{id})
+	require.NoError(t, err)
+	tr.Stop()
+	assert.GreaterOrEqual(t, time.Since(deleted), hold-10*time.Millisecond, "Stop waits out the hold")
+
+	tr, err = s.Track(hold)
+	require.NoError(t, err)
+	_, err = s.Put(ctx, c) // back, as a seal would put it
+	require.NoError(t, err)
+	tr.Stop()
+	tr, err = s.Track(hold)
+	require.NoError(t, err)
+	tr.touched = map[ID]struct{}{} // chosen as garbage by a run that did not see that Put
+	deleted = time.Now()
+	_, err = tr.Delete(ctx, []ID{id})
+	require.NoError(t, err)
+	_, err = s.Put(ctx, c)
+	require.NoError(t, err)
+	assert.GreaterOrEqual(t, time.Since(deleted), hold-10*time.Millisecond, "a Put of a chunk just deleted waits out the hold")
+	tr.Stop()
+}

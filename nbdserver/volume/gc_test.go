@@ -3,6 +3,7 @@ package volume
 import (
 	"bytes"
 	"context"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -91,4 +92,168 @@ func TestGCDedupRace(t *testing.T) {
 	got := make([]byte, MinChunkSize)
 	require.NoError(t, g.v.ReadAt(ctx, got, MinChunkSize), "the chunk written again is in the repository")
 	assert.True(t, bytes.Equal(p, got))
+}
+
+// blocking holds the first matching request until release is closed.
+type blocking struct {
+	chunkstore.Backend
+	match   func(op, key string) bool
+	entered chan struct{}
+	release chan struct{}
+	once    sync.Once
+}
+
+func newBlocking(b chunkstore.Backend) *blocking {
+	return &blocking{Backend: b, entered: make(chan struct{}), release: make(chan struct{})}
+}
+
+func (b *blocking) hold(op, key string) {
+	if m := b.match; m != nil && m(op, key) {
+		b.once.Do(func() { close(b.entered); <-b.release })
+	}
+}
+
+func (b *blocking) Get(ctx context.Context, key string) ([]byte, error) {
+	b.hold("get", key)
+	return b.Backend.Get(ctx, key)
+}
+
+func (b *blocking) Put(ctx context.Context, key string, data []byte) error {
+	b.hold("put", key)
+	return b.Backend.Put(ctx, key, data)
+}
+
+// returnsWithin says whether f returns within d, and waits for it
+// anyway.
+func returnsWithin(d time.Duration, f func()) bool {
+	done := make(chan struct{})
+	go func() { f(); close(done) }()
+	select {
+	case <-done:
+		return true
+	case <-time.After(d):
+		<-done
+		return false
+	}
+}
+
+// TestGCHoldsManifestDeletes: no manifest is deleted while a collection
+// marks (what it listed must still be there when it reads it): a
+// snapshot delete waits until the marking is done.
+func TestGCHoldsManifestDeletes(t *testing.T) {
+	ctx := context.Background()
+	b := newBlocking(chunkstore.NewMem())
+	g := newRig(t, b, 4*MinChunkSize, MinChunkSize, 1)
+	require.NoError(t, g.v.WriteAt(ctx, randomBytes(MinChunkSize), 0, false))
+	s, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+
+	b.match = func(op, key string) bool { return op == "get" && strings.HasPrefix(key, "chunks/") } // an index page
+	gcDone := make(chan error, 1)
+	go func() {
+		_, err := CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
+		gcDone <- err
+	}()
+	<-b.entered // marking
+	deleted := make(chan error, 1)
+	assert.False(t, returnsWithin(200*time.Millisecond, func() {
+		go func() { deleted <- g.v.DeleteSnapshot(ctx, s.ID) }()
+		select {
+		case err := <-deleted:
+			deleted <- err
+		case <-time.After(time.Second):
+		}
+	}), "a snapshot delete waits while a collection marks")
+	close(b.release)
+	require.NoError(t, <-gcDone)
+	require.NoError(t, <-deleted)
+}
+
+// TestGCWaitsForSealsInFlight: a collection lists the manifests only
+// once every seal that began before it has ended, so a seal that found
+// its chunks present before the collection started has written the
+// manifest that references them by then.
+func TestGCWaitsForSealsInFlight(t *testing.T) {
+	ctx := context.Background()
+	b := newBlocking(chunkstore.NewMem())
+	g := newRig(t, b, 4*MinChunkSize, MinChunkSize, 1)
+	g.writeRandom(MinChunkSize)
+	s, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	g.m.snaps[s.ID] = bytes.Clone(g.m.head)
+	b.match = func(op, key string) bool { return op == "put" && strings.Contains(key, "/snapshots/") } // its manifest
+	sealed := make(chan error, 1)
+	go func() { sealed <- g.v.SealAll(ctx) }()
+	<-b.entered // the seal has put its chunks, and not its manifest
+
+	gcDone := make(chan GCReport, 1)
+	go func() {
+		rep, err := CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
+		assert.NoError(t, err)
+		gcDone <- rep
+	}()
+	ranAlongside := false
+	select {
+	case <-gcDone:
+		ranAlongside = true
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(b.release)
+	if ranAlongside {
+		require.NoError(t, <-sealed)
+		t.Fatal("the collection ran while a seal that began before it was in flight")
+	}
+	require.NoError(t, <-sealed)
+	rep := <-gcDone
+	assert.Zero(t, rep.Deleted, "every chunk is the sealed snapshot's")
+	g.reopen()
+	g.check("after the collection", true)
+}
+
+// A manifest whose check fails but whose root still reads is marked from
+// it; a page that cannot be read stops the collection before it deletes
+// anything.
+func TestGCDamage(t *testing.T) {
+	ctx := context.Background()
+	mem := chunkstore.NewMem()
+	g := newRig(t, mem, 4*MinChunkSize, MinChunkSize, 1)
+	g.retention = -1
+	g.reopen()
+	p := randomBytes(MinChunkSize)
+	require.NoError(t, g.v.WriteAt(ctx, p, 0, false))
+	s, err := g.v.Snapshot(ctx, "")
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NoError(t, g.v.WriteAt(ctx, randomBytes(MinChunkSize), 0, false)) // the head no longer holds p
+	_, err = g.v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	count := func() int {
+		n := 0
+		require.NoError(t, mem.List(ctx, "chunks/", func(string) error { n++; return nil }))
+		return n
+	}
+
+	// s's manifest fails its check (one byte of its checksum line).
+	key := manifestKey("vol", KindSnapshot, s.ID)
+	obj, err := mem.Get(ctx, key)
+	require.NoError(t, err)
+	obj[len(obj)-2] ^= 1
+	require.NoError(t, mem.Put(ctx, key, obj))
+	rep, err := CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
+	require.NoError(t, err)
+	assert.Equal(t, []string{key}, rep.DamagedManifests)
+	got, err := g.store.Get(ctx, g.store.Sum(p))
+	require.NoError(t, err, "the damaged manifest's chunks are kept")
+	assert.Equal(t, p, got)
+
+	// An index page of s gone: nothing is deleted.
+	root, _, err := manifestRoot(ctx, g.v.env, key)
+	require.NoError(t, err)
+	require.NoError(t, mem.Delete(ctx, chunkstore.Key(root)))
+	before := count()
+	_, err = CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
+	require.ErrorIs(t, err, ErrGCDamage)
+	assert.Equal(t, before, count(), "a collection that cannot read a page deletes nothing")
 }
