@@ -269,12 +269,18 @@ func (s *Store) Delete(ctx context.Context, id ID) error {
 	if id.IsZero() {
 		return nil
 	}
-	s.cache.remove(id)
-	s.cache.remove(tableKey(id))
+	s.forget(id)
 	if err := s.backend.Delete(ctx, Key(id)); err != nil {
 		return fmt.Errorf("delete chunk %s: %w", id, err)
 	}
 	return nil
+}
+
+// forget drops what the cache holds of chunk id: its plaintext and its
+// frame table.
+func (s *Store) forget(id ID) {
+	s.cache.remove(id)
+	s.cache.remove(tableKey(id))
 }
 
 // Stats returns the store's counters.

@@ -101,12 +101,10 @@ func (t *Tracking) Delete(ctx context.Context, ids []ID) ([]ID, error) {
 	keys := make([]string, len(batch))
 	for i, id := range batch {
 		keys[i] = Key(id)
-		t.s.cache.remove(id)
-		t.s.cache.remove(tableKey(id))
 	}
 	err := t.s.backend.DeleteMany(ctx, keys)
 	for _, id := range batch {
-		t.s.cache.remove(id) // a read that started before may have added it back
+		t.s.forget(id) // after the delete: a read that started before may have added it
 	}
 	go func() {
 		// Puts of these chunks wait out the hold: a delete request the

@@ -419,9 +419,6 @@ func (s *Server) prune(r *http.Request) (int, any, error) {
 	if err := decode(r, &req); err != nil {
 		return 0, nil, err
 	}
-	if err := req.Policy.Validate(); err != nil {
-		return 0, nil, fmt.Errorf("%w: %v", errInvalid, err)
-	}
 	v, err := s.volumeOf(r.PathValue("vol"))
 	if err != nil {
 		return 0, nil, err
@@ -466,7 +463,7 @@ func (s *Server) collect(r *http.Request) (int, any, error) {
 			return 0, nil, err
 		}
 	}
-	rep, err := s.CollectGarbage(r.Context(), req.DryRun, nil)
+	rep, err := s.CollectGarbage(r.Context(), req.DryRun)
 	if err != nil {
 		return 0, nil, err
 	}

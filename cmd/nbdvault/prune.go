@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 
@@ -40,8 +41,8 @@ func policyOf(c *cli.Context) (api.Policy, error) {
 			*f.n = retention.Unlimited
 			continue
 		}
-		var n int
-		if _, err := fmt.Sscan(s, &n); err != nil || n < 0 || fmt.Sprint(n) != s {
+		n, err := strconv.Atoi(s)
+		if err != nil || n < 0 {
 			return p, usageErrorf("--keep-%s %q: want a count of 0 or more, or unlimited", f.name, s)
 		}
 		*f.n = n

@@ -105,16 +105,6 @@ type GCOptions struct {
 	// Hold is how long a deleted chunk's ID stays deleting after its
 	// batch (chunkstore.Store.Track): the lease's Margin.
 	Hold time.Duration
-	// Progress, if set, hears what the run is doing.
-	Progress func(GCProgress)
-}
-
-// GCProgress is a collection's state, for progress displays.
-type GCProgress struct {
-	Phase   string // "waiting", "marking", "listing", "deleting"
-	Done    int64  // manifests marked, chunks listed, chunks deleted
-	Total   int64  // of Done, 0 when unknown
-	Deleted int64
 }
 
 // GCReport is what a collection found and did.
@@ -130,7 +120,6 @@ type GCReport struct {
 	Deleted          int // deleted (0 on a dry run)
 	PutDuring        int // chunks put while it ran (never deleted)
 	Elapsed          time.Duration
-	Unknown          []string // keys under chunks/ that name no chunk
 }
 
 // ErrGCDamage stops a collection that cannot know what part of the
@@ -147,13 +136,6 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	g := env.gc()
 	g.run.Lock()
 	defer g.run.Unlock()
-	progress := func(p GCProgress) {
-		if opts.Progress != nil {
-			opts.Progress(p)
-		}
-	}
-
-	progress(GCProgress{Phase: "waiting"})
 	g.marking.Lock()
 	marking := true
 	defer func() {
@@ -173,9 +155,8 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	if err != nil {
 		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
-	m := newMarker(env.Store.Uncached()) // pages around the cache: clients' reads stay in it
-	for i, k := range keys {
-		progress(GCProgress{Phase: "marking", Done: int64(i), Total: int64(len(keys))})
+	m := newMarker(env.Store.Uncached(), true) // pages around the cache: clients' reads stay in it
+	for _, k := range keys {
 		root, damaged, err := manifestRoot(ctx, env, k)
 		if err != nil {
 			return rep, err
@@ -198,14 +179,12 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	batch := make([]chunkstore.ID, 0, 1000)
 	var deleteErr error
 	flush := func() error {
-		if opts.DryRun || len(batch) == 0 {
-			batch = batch[:0]
+		if len(batch) == 0 {
 			return nil
 		}
 		gone, err := tr.Delete(ctx, batch)
 		rep.Deleted += len(gone)
 		batch = batch[:0]
-		progress(GCProgress{Phase: "deleting", Done: int64(rep.Listed), Deleted: int64(rep.Deleted)})
 		if err != nil {
 			deleteErr = fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
 			return deleteErr
@@ -215,17 +194,16 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
 		id, ok := chunkOfKey(k)
 		if !ok {
-			rep.Unknown = append(rep.Unknown, k)
-			return nil
+			return nil // not a chunk: not the collector's
 		}
 		rep.Listed++
-		if rep.Listed%10000 == 0 {
-			progress(GCProgress{Phase: "listing", Done: int64(rep.Listed), Deleted: int64(rep.Deleted)})
-		}
 		if has(marked, id) {
 			return nil
 		}
 		rep.Unreferenced++
+		if opts.DryRun {
+			return nil
+		}
 		if batch = append(batch, id); len(batch) == cap(batch) {
 			return flush()
 		}
@@ -297,15 +275,16 @@ func manifestRoot(ctx context.Context, env *Env, key string) (root chunkstore.ID
 // marker walks index trees and collects the IDs they reference, pages
 // and data chunks, into a sorted set.
 type marker struct {
-	s     *chunkstore.Store
-	seen  map[chunkstore.ID]struct{} // pages walked
-	pages int
-	set   []chunkstore.ID // sorted, distinct
-	buf   []chunkstore.ID // added since the last merge
+	s        *chunkstore.Store
+	addPages bool                       // the set holds the pages too
+	seen     map[chunkstore.ID]struct{} // pages walked
+	pages    int                        // pages read
+	set      []chunkstore.ID            // sorted, distinct
+	buf      []chunkstore.ID            // added since the last merge
 }
 
-func newMarker(s *chunkstore.Store) *marker {
-	return &marker{s: s, seen: map[chunkstore.ID]struct{}{}}
+func newMarker(s *chunkstore.Store, addPages bool) *marker {
+	return &marker{s: s, addPages: addPages, seen: map[chunkstore.ID]struct{}{}}
 }
 
 func (m *marker) add(id chunkstore.ID) {
@@ -343,29 +322,39 @@ func (m *marker) done() []chunkstore.ID {
 }
 
 // markTree marks the tree at root: its pages and the chunks its leaves
-// name. A page already walked is not walked again (pages are shared). A
-// page that cannot be read is an error: what lies below it is unknown.
+// name. A page that cannot be read is an error: what lies below it is
+// unknown.
 func (m *marker) markTree(ctx context.Context, root chunkstore.ID) error {
-	return m.markPage(ctx, root, indexLevels-1)
+	return m.walk(ctx, root, indexLevels-1, func(page chunkstore.ID, err error) error {
+		return fmt.Errorf("index page %s: %w", page, err)
+	})
 }
 
-func (m *marker) markPage(ctx context.Context, id chunkstore.ID, level int) error {
+// walk adds what the tree at id references (its pages too when addPages
+// is set), walking a page already walked only once (pages are shared).
+// A page that cannot be read goes to bad, whose error stops the walk.
+func (m *marker) walk(ctx context.Context, id chunkstore.ID, level int, bad func(chunkstore.ID, error) error) error {
 	if id.IsZero() {
 		return nil
 	}
 	if _, ok := m.seen[id]; ok {
 		return nil
 	}
-	page, err := m.s.Get(ctx, id)
-	if err != nil {
-		return fmt.Errorf("index page %s: %w", id, err)
-	}
-	if len(page) != pageLen {
-		return fmt.Errorf("index page %s: %d bytes, want %d: %w", id, len(page), pageLen, chunkstore.ErrCorrupt)
-	}
 	m.seen[id] = struct{}{}
+	page, err := m.s.Get(ctx, id)
+	if err == nil && len(page) != pageLen {
+		err = fmt.Errorf("%d bytes, want %d: %w", len(page), pageLen, chunkstore.ErrCorrupt)
+	}
+	if err != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		return bad(id, err)
+	}
 	m.pages++
-	m.add(id)
+	if m.addPages {
+		m.add(id)
+	}
 	for off := 0; off < pageLen; off += idLen {
 		var child chunkstore.ID
 		copy(child[:], page[off:off+idLen])
@@ -374,7 +363,7 @@ func (m *marker) markPage(ctx context.Context, id chunkstore.ID, level int) erro
 		}
 		if level == 0 {
 			m.add(child)
-		} else if err := m.markPage(ctx, child, level-1); err != nil {
+		} else if err := m.walk(ctx, child, level-1, bad); err != nil {
 			return err
 		}
 	}

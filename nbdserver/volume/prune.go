@@ -29,9 +29,6 @@ type PruneDecision struct {
 // delete is the decision's Err, and Prune goes on with the others and
 // returns an error that says how many failed.
 func (v *Volume) Prune(ctx context.Context, p retention.Policy, loc *time.Location, dryRun bool) ([]PruneDecision, error) {
-	if err := p.Validate(); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
-	}
 	all := v.Snapshots()
 	var subject []retention.Snapshot
 	byID := make(map[string]SnapshotInfo, len(all))

@@ -27,8 +27,6 @@ type VerifyOptions struct {
 	// ID's first 8 bytes modulo SubsetM are SubsetN-1: M runs with N from
 	// 1 to M read everything once.
 	SubsetN, SubsetM int
-	// Progress, if set, hears what Verify is doing.
-	Progress func(phase string, done, total int64)
 }
 
 // VerifyReport is what Verify found.
@@ -80,11 +78,6 @@ type verifyManifest struct {
 func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, error) {
 	start := time.Now()
 	var rep VerifyReport
-	progress := func(phase string, done, total int64) {
-		if opts.Progress != nil {
-			opts.Progress(phase, done, total)
-		}
-	}
 	store := env.Store.Uncached()
 	problems := map[string]*VerifyProblem{}
 	problem := func(object, kind, reason string) {
@@ -111,8 +104,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	// The manifests to check.
 	var ms []verifyManifest
 	matched := make([]bool, len(opts.Targets))
-	for i, k := range manifestKeys {
-		progress("manifests", int64(i), int64(len(manifestKeys)))
+	for _, k := range manifestKeys {
 		parts := strings.Split(k, "/") // volumes/VOL/KINDs/ID
 		vol, id := parts[1], parts[3]
 		var m Manifest
@@ -157,11 +149,10 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	}
 
 	// Every page, read and checked once; the data chunks they name.
-	mk := newMarker(store)
+	mk := newMarker(store, false)
 	var pageErr error
-	for i, vm := range ms {
-		progress("index", int64(i), int64(len(ms)))
-		if err := mk.walk(ctx, vm.m.Root, indexLevels-1, func(page chunkstore.ID, err error) {
+	for _, vm := range ms {
+		if err := mk.walk(ctx, vm.m.Root, indexLevels-1, func(page chunkstore.ID, err error) error {
 			kind := "damaged"
 			if errors.Is(err, chunkstore.ErrNotFound) {
 				kind = "missing"
@@ -169,6 +160,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 				pageErr = err // no answer: not damage
 			}
 			problem(chunkstore.Key(page), kind, "index page: "+err.Error())
+			return nil
 		}); err != nil {
 			return rep, err
 		}
@@ -200,9 +192,6 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 			mu.Lock()
 			defer mu.Unlock()
 			rep.Read++
-			if rep.Read%1000 == 0 {
-				progress("data", int64(rep.Read), int64(len(toRead)))
-			}
 			switch {
 			case err == nil:
 			case errors.Is(err, chunkstore.ErrNotFound):
@@ -231,43 +220,6 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	}
 	rep.Elapsed = time.Since(start)
 	return rep, nil
-}
-
-// walk visits the tree at root like markTree, adding what it finds, but
-// reports a page that cannot be read to bad and goes on with the rest.
-func (m *marker) walk(ctx context.Context, id chunkstore.ID, level int, bad func(chunkstore.ID, error)) error {
-	if id.IsZero() {
-		return nil
-	}
-	if _, ok := m.seen[id]; ok {
-		return nil
-	}
-	m.seen[id] = struct{}{}
-	page, err := m.s.Get(ctx, id)
-	if err == nil && len(page) != pageLen {
-		err = fmt.Errorf("%d bytes, want %d: %w", len(page), pageLen, chunkstore.ErrCorrupt)
-	}
-	if err != nil {
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		bad(id, err)
-		return nil
-	}
-	m.pages++
-	for off := 0; off < pageLen; off += idLen {
-		var child chunkstore.ID
-		copy(child[:], page[off:off+idLen])
-		if child.IsZero() {
-			continue
-		}
-		if level == 0 {
-			m.add(child)
-		} else if err := m.walk(ctx, child, level-1, bad); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // locateProblems adds to each problem the ranges of vm that reference
