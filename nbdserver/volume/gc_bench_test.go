@@ -20,57 +20,6 @@ import (
 
 var benchGCChunks = flag.Int("bench-gc-chunks", 100_000, "BenchmarkGC: chunks in the repository")
 
-// requestCounter counts a backend's requests by kind; a listing counts
-// one request per 1,000 keys, as S3 pages it.
-type requestCounter struct {
-	chunkstore.Backend
-	put, get, has, del, delMany, list, listed atomic.Int64
-}
-
-func (c *requestCounter) Put(ctx context.Context, key string, data []byte) error {
-	c.put.Add(1)
-	return c.Backend.Put(ctx, key, data)
-}
-
-func (c *requestCounter) Get(ctx context.Context, key string) ([]byte, error) {
-	c.get.Add(1)
-	return c.Backend.Get(ctx, key)
-}
-
-func (c *requestCounter) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
-	c.get.Add(1)
-	return c.Backend.GetRange(ctx, key, off, n)
-}
-
-func (c *requestCounter) Has(ctx context.Context, key string) (bool, error) {
-	c.has.Add(1)
-	return c.Backend.Has(ctx, key)
-}
-
-func (c *requestCounter) Delete(ctx context.Context, key string) error {
-	c.del.Add(1)
-	return c.Backend.Delete(ctx, key)
-}
-
-func (c *requestCounter) DeleteMany(ctx context.Context, keys []string) error {
-	c.delMany.Add(int64(len(keys)+999) / 1000)
-	return c.Backend.DeleteMany(ctx, keys)
-}
-
-func (c *requestCounter) List(ctx context.Context, prefix string, fn func(string) error) error {
-	n := int64(0)
-	err := c.Backend.List(ctx, prefix, func(k string) error { n++; return fn(k) })
-	c.list.Add(max(1, (n+999)/1000))
-	c.listed.Add(n)
-	return err
-}
-
-func (c *requestCounter) reset() {
-	for _, n := range []*atomic.Int64{&c.put, &c.get, &c.has, &c.del, &c.delMany, &c.list, &c.listed} {
-		n.Store(0)
-	}
-}
-
 // BenchmarkGC: a collection on MinIO over a repository of
 // -bench-gc-chunks chunks (default 100,000), half of them referenced by
 // nothing: two snapshots of a volume, one referencing every chunk, one
@@ -82,7 +31,7 @@ func (c *requestCounter) reset() {
 func BenchmarkGC(b *testing.B) {
 	ctx := context.Background()
 	m := miniotest.StartShared(b)
-	repo := &requestCounter{Backend: chunkstore.NewRetry(m.Backend(b), chunkstore.DefaultRetryPolicy)}
+	repo := &countingRepo{Backend: chunkstore.NewRetry(m.Backend(b), chunkstore.DefaultRetryPolicy)}
 	store, err := chunkstore.NewStore(repo, chunkstore.Options{})
 	if err != nil {
 		b.Fatal(err)
@@ -128,7 +77,7 @@ func BenchmarkGC(b *testing.B) {
 	// One collection, whatever b.N: the next would find nothing to do.
 	b.ResetTimer()
 	{
-		repo.reset()
+		before := repo.counts()
 		// The live heap (what the last GC cycle kept), not the heap
 		// allocated: the listing's garbage is not memory a run holds.
 		live := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
@@ -164,11 +113,11 @@ func BenchmarkGC(b *testing.B) {
 		b.ReportMetric(rep.Elapsed.Seconds(), "s/gc")
 		b.ReportMetric(float64(rep.Listed), "chunks")
 		b.ReportMetric(float64(rep.Deleted), "deleted")
-		b.ReportMetric(float64(repo.list.Load()), "LIST")
-		b.ReportMetric(float64(repo.get.Load()), "GET")
-		b.ReportMetric(float64(repo.has.Load()+repo.put.Load()), "HEAD+PUT")
-		b.ReportMetric(float64(repo.delMany.Load()), "multi-DELETE")
-		b.ReportMetric(float64(repo.del.Load()), "DELETE")
+		k := repo.counts().since(before)
+		b.ReportMetric(float64(k.lists), "LIST")
+		b.ReportMetric(float64(k.gets), "GET")
+		b.ReportMetric(float64(k.has+k.objects()), "HEAD+PUT")
+		b.ReportMetric(float64(k.deletes), "DELETE-requests")
 		heap := float64(peak.Load()) - float64(base)
 		b.ReportMetric(max(heap, 0)/float64(rep.Listed), "peak-live-heap-B/chunk")
 		fmt.Printf("BenchmarkGC: %+v\n", rep)

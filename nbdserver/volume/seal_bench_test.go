@@ -220,6 +220,7 @@ type repoCounts struct {
 	chunks, pages, journal, manifests, other int64 // objects written
 	bytes                                    int64 // their size
 	gets, has                                int64
+	deletes, lists                           int64 // requests: one per 1,000 keys
 }
 
 func (c *countingRepo) Unwrap() chunkstore.Backend { return c.Backend }
@@ -263,11 +264,32 @@ func (c *countingRepo) Has(ctx context.Context, key string) (bool, error) {
 	return c.Backend.Has(ctx, key)
 }
 
+func (c *countingRepo) Delete(ctx context.Context, key string) error {
+	c.add(&c.k.deletes)
+	return c.Backend.Delete(ctx, key)
+}
+
+func (c *countingRepo) DeleteMany(ctx context.Context, keys []string) error {
+	c.mu.Lock()
+	c.k.deletes += int64(len(keys)+999) / 1000
+	c.mu.Unlock()
+	return c.Backend.DeleteMany(ctx, keys)
+}
+
+func (c *countingRepo) List(ctx context.Context, prefix string, fn func(string) error) error {
+	n := int64(0)
+	err := c.Backend.List(ctx, prefix, func(k string) error { n++; return fn(k) })
+	c.mu.Lock()
+	c.k.lists += max(1, (n+999)/1000)
+	c.mu.Unlock()
+	return err
+}
+
 func (c *countingRepo) counts() repoCounts { c.mu.Lock(); defer c.mu.Unlock(); return c.k }
 
 func (k repoCounts) since(e repoCounts) repoCounts {
 	return repoCounts{k.chunks - e.chunks, k.pages - e.pages, k.journal - e.journal, k.manifests - e.manifests,
-		k.other - e.other, k.bytes - e.bytes, k.gets - e.gets, k.has - e.has}
+		k.other - e.other, k.bytes - e.bytes, k.gets - e.gets, k.has - e.has, k.deletes - e.deletes, k.lists - e.lists}
 }
 
 func (k repoCounts) objects() int64 { return k.chunks + k.pages + k.journal + k.manifests + k.other }
