@@ -87,6 +87,9 @@ type Lease struct {
 	mu      sync.Mutex
 	me      Holder
 	version string
+	// previous is the ID of the holder whose record Acquire replaced
+	// ("" if it made the first one).
+	previous string
 
 	// win guards the write window; it is never held across I/O, so a
 	// renewal waiting on the store does not hold writers up.
@@ -145,6 +148,12 @@ func (l *Lease) end() {
 // margin is how long before its lease expires a server stops writing.
 func (l *Lease) margin() time.Duration { return l.ttl / 3 }
 
+// Previous is the ID of the holder whose lease record this one replaced
+// when it was acquired, released or expired ("" when there was none): a
+// server that finds its own ID there from its last clean stop knows no
+// other server held the repository since.
+func (l *Lease) Previous() string { return l.previous }
+
 // Margin is how much later than its cancellation the store may still
 // apply a write (the lease's assumption): a third of the TTL.
 func (l *Lease) Margin() time.Duration { return l.margin() }
@@ -195,7 +204,8 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 		if err := json.Unmarshal(data, &h); err != nil {
 			return nil, fmt.Errorf("the repository lease %s is unreadable (%v): remove it if no server runs", Key, err)
 		}
-		if time.Now().Before(h.Expires) && !l.me.outlived(h) {
+		live := time.Now().Before(h.Expires)
+		if live && !l.me.outlived(h) {
 			return nil, &HeldError{Holder: h}
 		}
 		// Expired, or its holder died on this machine (a restart after a
@@ -205,8 +215,16 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 		l.me.Expires = t0.UTC().Add(ttl)
 		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
 		if err == nil {
-			l.version = ver
+			l.version, l.previous = ver, h.ID
 			l.confirm(t0)
+			if live {
+				// The dead holder's last requests may still be applied
+				// for Margin (a delete it sent, after this server found
+				// the chunk present): write nothing until then.
+				l.win.Lock()
+				l.openAt = t0.Add(l.margin())
+				l.win.Unlock()
+			}
 			return l, l.checkConditions(ctx)
 		}
 		if !errors.Is(err, chunkstore.ErrPrecondition) {
@@ -391,10 +409,14 @@ func (f *fence) write(ctx context.Context, what string, op func(context.Context)
 	l := f.l
 	l.win.Lock()
 	if !l.openLocked() {
-		until, ended := l.safeUntil, l.ended
+		until, ended, openAt := l.safeUntil, l.ended, l.openAt
 		l.win.Unlock()
 		if ended {
 			return fmt.Errorf("%s: %w: this server no longer holds the repository lease", what, ErrNotConfirmed)
+		}
+		if time.Now().Before(openAt) {
+			return fmt.Errorf("%s: %w: writes start at %s, once the previous holder's last writes can no longer land: %w",
+				what, ErrNotConfirmed, openAt.UTC().Format(time.RFC3339), chunkstore.ErrUnavailable)
 		}
 		return fmt.Errorf("%s: %w since %s (the repository did not answer its renewals); writes resume once a renewal succeeds: %w",
 			what, ErrNotConfirmed, until.UTC().Format(time.RFC3339), chunkstore.ErrUnavailable)

@@ -159,6 +159,12 @@ func TestLeaseOfADeadProcess(t *testing.T) {
 			l, err := Acquire(ctx, b, time.Minute)
 			if c.takeover {
 				require.NoError(t, err)
+				assert.Equal(t, "x", l.Previous(), "the record replaced")
+				// What the dead holder sent last may still land: no
+				// write until Margin (20 s of the minute) has passed.
+				err := l.Fence(b).Put(ctx, "chunks/00/x", []byte("x"))
+				require.ErrorIs(t, err, ErrNotConfirmed)
+				assert.Contains(t, err.Error(), "writes start at")
 				require.NoError(t, l.Release(ctx))
 			} else {
 				require.ErrorIs(t, err, ErrHeld)
