@@ -3,6 +3,7 @@ package chunkstore
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"sync/atomic"
 
@@ -28,6 +29,11 @@ type Options struct {
 	// whole, as version 1 objects (as nbdvault did before repository
 	// format 4). Reads decode either.
 	FrameBits int
+	// Written, if set, is told the ID of every chunk object a Put is
+	// about to write (after Has found it absent, before the PUT), and
+	// again, with failed set, when the PUT failed: it may still land.
+	// A garbage collector's inventory.
+	Written func(id ID, failed bool)
 }
 
 // DefaultCacheBytes is the default size of a Store's read cache.
@@ -45,6 +51,10 @@ type Store struct {
 	fbits   uint // frame size new chunks are stored with; 0: whole
 	seq     seqReads
 	stats   storeStats
+	written func(ID, bool) // Options.Written
+	// readOnly: an Uncached store, which a collection neither tracks nor
+	// records in its inventory, so it must not Put.
+	readOnly bool
 	// tracking is the garbage collection running, if any (track.go).
 	tracking atomic.Pointer[Tracking]
 }
@@ -107,14 +117,16 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if _, _, ok := treeKey(opts.Hasher); !ok {
 		fbits = 0 // frames are verified through BLAKE3's tree
 	}
-	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits}, nil
+	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits, written: opts.Written}, nil
 }
 
 // Uncached returns a store over the same backend, with the same IDs and
 // codec, that caches nothing: for a pass over many chunks (a garbage
 // collection's marking, verify) that must not evict what clients read.
+// It only reads: a Put through it is refused, since a collection neither
+// tracks nor records it.
 func (s *Store) Uncached() *Store {
-	return &Store{backend: s.backend, hasher: s.hasher, codec: s.codec, cache: newLRU(0), fbits: s.fbits}
+	return &Store{backend: s.backend, hasher: s.hasher, codec: s.codec, cache: newLRU(0), fbits: s.fbits, readOnly: true}
 }
 
 // Backend returns the backend the store writes to.
@@ -150,6 +162,9 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 	if len(data) > MaxChunkSize {
 		return ZeroID, fmt.Errorf("put chunk: %d bytes exceeds the maximum chunk size %d", len(data), MaxChunkSize)
 	}
+	if s.readOnly {
+		return ZeroID, errors.New("put chunk: a store made by Uncached only reads")
+	}
 	if zeros.Is(data) {
 		s.stats.zeroPuts.Add(1)
 		return ZeroID, nil
@@ -174,6 +189,9 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		s.stats.dedupHits.Add(1)
 		return id, nil
 	}
+	if s.written != nil {
+		s.written(id, false)
+	}
 	var obj *[]byte
 	if cvs != nil {
 		obj = s.codec.encodeFramed(data, s.fbits, cvs)
@@ -182,6 +200,9 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 	}
 	defer bufPool.Put(obj)
 	if err := s.backend.Put(ctx, key, *obj); err != nil {
+		if s.written != nil {
+			s.written(id, true)
+		}
 		return ZeroID, fmt.Errorf("put chunk %s: %w", id, err)
 	}
 	s.stats.bytesStored.Add(int64(len(*obj)))

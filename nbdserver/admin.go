@@ -463,12 +463,12 @@ func (s *Server) collect(r *http.Request) (int, any, error) {
 			return 0, nil, err
 		}
 	}
-	rep, err := s.CollectGarbage(r.Context(), req.DryRun)
+	rep, err := s.CollectGarbage(r.Context(), req.DryRun, req.List)
 	if err != nil {
 		return 0, nil, err
 	}
 	return http.StatusOK, api.GCReport{DryRun: req.DryRun, Manifests: rep.Manifests, DamagedManifests: rep.DamagedManifests,
-		IndexPages: rep.Pages, Referenced: rep.Referenced, Listed: rep.Listed, Unreferenced: rep.Unreferenced,
+		IndexPages: rep.Pages, Referenced: rep.Referenced, Listed: rep.Listed, Listing: rep.Listing, Unreferenced: rep.Unreferenced,
 		Deleted: rep.Deleted, PutDuring: rep.PutDuring, Seconds: rep.Elapsed.Seconds()}, nil
 }
 

@@ -20,16 +20,16 @@ import (
 // CollectGarbage deletes the chunks no manifest references, now, while
 // the volumes go on (volume.CollectGarbage); with dryRun it only counts.
 // One runs at a time: a second waits for the first.
-func (s *Server) CollectGarbage(ctx context.Context, dryRun bool) (volume.GCReport, error) {
+func (s *Server) CollectGarbage(ctx context.Context, dryRun, list bool) (volume.GCReport, error) {
 	if !dryRun {
 		if err := s.writable(); err != nil {
 			return volume.GCReport{}, err
 		}
 	}
-	rep, err := volume.CollectGarbage(ctx, s.env, volume.GCOptions{DryRun: dryRun, Hold: s.lease.Margin()})
+	rep, err := volume.CollectGarbage(ctx, s.env, volume.GCOptions{DryRun: dryRun, List: list, Hold: s.lease.Margin()})
 	if err == nil && !dryRun {
 		s.log.Info("garbage collected", "deleted", rep.Deleted, "referenced", rep.Referenced,
-			"listed", rep.Listed, "manifests", rep.Manifests, "elapsed", rep.Elapsed.Round(1e6))
+			"chunks", rep.Listed, "listing", rep.Listing, "manifests", rep.Manifests, "elapsed", rep.Elapsed.Round(1e6))
 	}
 	if len(rep.DamagedManifests) > 0 {
 		s.log.Warn("garbage collection marked damaged manifests from their roots; verify and repair them", "manifests", rep.DamagedManifests)
@@ -52,7 +52,7 @@ func (s *Server) collectSoon(why string) {
 			return
 		}
 		s.log.Info("garbage collection", "after", why)
-		if _, err := s.CollectGarbage(s.runCtx, false); err != nil && s.runCtx.Err() == nil {
+		if _, err := s.CollectGarbage(s.runCtx, false, false); err != nil && s.runCtx.Err() == nil {
 			s.log.Warn("garbage collection failed; it runs again after the next prune or delete, or with nbdvault gc", "error", err)
 		}
 	})

@@ -183,11 +183,17 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if cacheBytes == 0 && opts.MaxMemory > 0 {
 		cacheBytes = opts.MaxMemory / 4
 	}
-	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes}); err != nil {
+	// Before the first chunk is put; closed after the last (closeAll).
+	inv, err := volume.OpenInventory(filepath.Join(opts.Data, "state"), volume.InventoryOptions{
+		Holder: s.lease.Holder().ID, Previous: s.lease.Previous(), Margin: s.lease.Margin(), Logger: s.log.With("part", "gc")})
+	if err != nil {
+		return nil, err
+	}
+	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes, Written: inv.Written}); err != nil {
 		return nil, err
 	}
 	s.env = &volume.Env{
-		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"),
+		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"), Inventory: inv,
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		UploadMemory: opts.MaxMemory / 4,
 		Logger:       s.log.With("part", "upload"),
@@ -436,6 +442,12 @@ func (s *Server) closeAll() error {
 		if err := sv.v.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("volume %q: %w", name, err))
 		}
+	}
+	// After the last seal: the inventory is complete at the next start.
+	if s.env == nil {
+		// Open failed before the volumes' Env was made.
+	} else if err := s.env.Inventory.Close(); err != nil {
+		s.log.Warn("could not close the chunk inventory", "error", err)
 	}
 	for _, l := range s.nbdListeners {
 		l.Close()

@@ -13,12 +13,13 @@ func gcCommand() *cli.Command {
 		Name:  "gc",
 		Usage: "delete the chunks no snapshot, checkpoint or volume references any more",
 		Description: "Marks every chunk that a snapshot or checkpoint of any volume references,\n" +
-			"lists the repository's chunks, and deletes the others, while volumes are\n" +
+			"and deletes the repository's other chunks, while volumes are\n" +
 			"written, snapshotted and uploaded. The server also runs it after prune and\n" +
 			"after deleting a volume. A collection stopped midway (Ctrl-C, a crash) loses\n" +
 			"nothing; the next one deletes what it left.",
 		Flags: append([]cli.Flag{
 			&cli.BoolFlag{Name: "dry-run", Aliases: []string{"n"}, Usage: "count what would be deleted, and delete nothing"},
+			&cli.BoolFlag{Name: "list", Usage: "list the repository's chunks rather than trust the server's inventory of them (after adding objects by hand)"},
 			jsonFlag,
 		}, clientFlags...),
 		Action: gc,
@@ -50,7 +51,7 @@ func gc(c *cli.Context) error {
 	}
 	var rep api.GCReport
 	err = spin(c, "collecting garbage", func() (err error) {
-		rep, err = cl.CollectGarbage(c.Context, api.GC{DryRun: c.Bool("dry-run")})
+		rep, err = cl.CollectGarbage(c.Context, api.GC{DryRun: c.Bool("dry-run"), List: c.Bool("list")})
 		return err
 	})
 	if err != nil {
@@ -65,7 +66,11 @@ func gc(c *cli.Context) error {
 	if rep.DryRun {
 		verb, n = "would delete", rep.Unreferenced
 	}
-	fmt.Printf("%d chunks in the repository, %d referenced by nothing: %s %d (%.1f s)\n", rep.Listed, rep.Unreferenced, verb, n, rep.Seconds)
+	from := "from the server's inventory"
+	if rep.Listing {
+		from = "listed"
+	}
+	fmt.Printf("%d chunks in the repository (%s), %d referenced by nothing: %s %d (%.1f s)\n", rep.Listed, from, rep.Unreferenced, verb, n, rep.Seconds)
 	for _, m := range rep.DamagedManifests {
 		fmt.Printf("WARNING: %s failed its check; what its root references was kept: nbdvault verify\n", m)
 	}

@@ -221,6 +221,10 @@ const MaxChunkIDs = 16384
 type GC struct {
 	// DryRun counts what a collection would delete, and deletes nothing.
 	DryRun bool `json:"dry_run,omitempty"`
+	// List lists the repository's chunks rather than trust the server's
+	// inventory of them, and rebuilds it: after objects were added to
+	// the repository by hand.
+	List bool `json:"list,omitempty"`
 }
 
 // GCReport is the answer of POST /v1/gc: what a garbage collection found
@@ -234,6 +238,7 @@ type GCReport struct {
 	IndexPages       int      `json:"index_pages"`
 	Referenced       int      `json:"referenced"`   // chunk objects referenced, index pages included
 	Listed           int      `json:"listed"`       // chunk objects in the repository
+	Listing          bool     `json:"listing"`      // they were listed, not taken from the inventory
 	Unreferenced     int      `json:"unreferenced"` // of those listed, referenced by nothing
 	Deleted          int      `json:"deleted"`
 	PutDuring        int      `json:"put_during"` // chunks stored while it ran (kept)

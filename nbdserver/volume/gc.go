@@ -105,6 +105,9 @@ type GCOptions struct {
 	// Hold is how long a deleted chunk's ID stays deleting after its
 	// batch (chunkstore.Store.Track): the lease's Margin.
 	Hold time.Duration
+	// List lists chunks/ rather than trust the inventory, and rebuilds
+	// it: for a repository written by hand.
+	List bool
 }
 
 // GCReport is what a collection found and did.
@@ -113,12 +116,13 @@ type GCReport struct {
 	// DamagedManifests are manifests whose checksum failed but whose
 	// root was read and marked all the same.
 	DamagedManifests []string
-	Pages            int // distinct index pages marked
-	Referenced       int // distinct chunks marked, pages included
-	Listed           int // chunk objects in the repository
-	Unreferenced     int // of Listed, not marked
-	Deleted          int // deleted (0 on a dry run)
-	PutDuring        int // chunks put while it ran (never deleted)
+	Pages            int  // distinct index pages marked
+	Referenced       int  // distinct chunks marked, pages included
+	Listed           int  // chunk objects in the repository (listed, or in the inventory)
+	Listing          bool // chunks/ was listed: no inventory, or it could not be trusted, or List
+	Unreferenced     int  // of Listed, not marked
+	Deleted          int  // deleted (0 on a dry run)
+	PutDuring        int  // chunks put while it ran (never deleted)
 	Elapsed          time.Duration
 }
 
@@ -127,15 +131,25 @@ type GCReport struct {
 var ErrGCDamage = errors.New("garbage collection stopped: cannot tell what is referenced")
 
 // CollectGarbage deletes every chunk object of env's repository that no
-// manifest references, while the volumes of env go on (see gcState). It
-// lists chunks/ once. A crash at any point loses nothing referenced; the
-// next run deletes what this one did not.
+// manifest references, while the volumes of env go on (see gcState). The
+// chunks that exist come from env.Inventory, or a listing of chunks/
+// when there is none or it cannot be trusted. A crash at any point loses
+// nothing referenced; the next run deletes what this one did not.
 func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, error) {
 	start := time.Now()
 	var rep GCReport
 	g := env.gc()
 	g.run.Lock()
 	defer g.run.Unlock()
+	inv := env.Inventory
+	var closed []int
+	trusted := false
+	if inv != nil {
+		// Before the barrier: every chunk recorded in a closed file was
+		// put by a manifest writer of an older epoch, so it has landed
+		// by the time the barrier is passed.
+		closed, trusted = inv.rotate()
+	}
 	g.marking.Lock()
 	marking := true
 	defer func() {
@@ -149,6 +163,15 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	}
 	defer tr.Stop()
 	g.barrier()
+
+	// The chunks that exist: the inventory brought up to date (a dry run
+	// too: it deletes nothing, but counts what is there), or a listing.
+	rep.Listing = inv == nil
+	if inv != nil {
+		if rep.Listing, err = inv.prepare(ctx, env.Repo, closed, trusted, opts.List); err != nil {
+			return rep, fmt.Errorf("garbage collection: %w", err)
+		}
+	}
 
 	// Every manifest now in the repository, and each one's tree.
 	keys, _, err := listVolumesKeys(ctx, env.Repo)
@@ -175,7 +198,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	marking = false
 
 	// What the repository holds; the unreferenced chunks are deleted
-	// 1,000 at a time as the listing finds them.
+	// 1,000 at a time as they stream.
 	batch := make([]chunkstore.ID, 0, 1000)
 	var deleteErr error
 	flush := func() error {
@@ -184,6 +207,18 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		gone, err := tr.Delete(ctx, batch)
 		rep.Deleted += len(gone)
+		if inv != nil {
+			// Those put since the start were kept: they exist, and
+			// leave the inventory with the batch, so the next run
+			// must know them. gone is in batch's order.
+			for _, id := range batch {
+				if len(gone) > 0 && gone[0] == id {
+					gone = gone[1:]
+				} else {
+					inv.Written(id, false)
+				}
+			}
+		}
 		batch = batch[:0]
 		if err != nil {
 			deleteErr = fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
@@ -191,31 +226,39 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		return nil
 	}
-	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
-		id, ok := chunkOfKey(k)
-		if !ok {
-			return nil // not a chunk: not the collector's
-		}
+	each := func(id chunkstore.ID) (drop bool, err error) {
 		rep.Listed++
 		if has(marked, id) {
-			return nil
+			return false, nil
 		}
 		rep.Unreferenced++
 		if opts.DryRun {
-			return nil
+			return false, nil
 		}
 		if batch = append(batch, id); len(batch) == cap(batch) {
-			return flush()
+			return true, flush()
 		}
-		return nil
-	}); err != nil {
+		return true, nil
+	}
+	if inv != nil {
+		err = inv.rewrite(each, opts.DryRun, flush)
+	} else {
+		err = env.Repo.List(ctx, "chunks/", func(k string) error {
+			if id, ok := chunkOfKey(k); ok { // else not a chunk: not the collector's
+				_, err := each(id)
+				return err
+			}
+			return nil
+		})
+		if err == nil {
+			err = flush()
+		}
+	}
+	if err != nil {
 		if deleteErr != nil {
 			return rep, deleteErr
 		}
-		return rep, fmt.Errorf("garbage collection: list the chunks: %w", err)
-	}
-	if err := flush(); err != nil {
-		return rep, err
+		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
 	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
 	return rep, nil

@@ -175,6 +175,11 @@ type Env struct {
 	RepoID   string
 	Store    *chunkstore.Store
 	StateDir string
+	// Inventory, if set, names the chunk objects the repository holds
+	// (OpenInventory), so that CollectGarbage lists them only when it
+	// cannot be trusted. Store must report its Puts to it
+	// (chunkstore.Options.Written). Without it every collection lists.
+	Inventory *Inventory
 	// CheckpointInterval: after a write, Run makes a checkpoint at most
 	// this long after it, bounding how far the repository lags the
 	// volume. Default 10s.

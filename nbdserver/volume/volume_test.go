@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -47,6 +48,10 @@ type rig struct {
 	// (runModel), exclusively while the volume is reopened: the
 	// collector and the volume share one Env, as in a server.
 	gcMu sync.RWMutex
+	// inv is the chunk inventory, reopened when the volume is: cleanly
+	// (trusted) or after a crash (not), as a server's.
+	inv     atomic.Pointer[Inventory]
+	holders int
 }
 
 // cutModel is a point in time and the bytes it holds.
@@ -61,10 +66,12 @@ type cutModel struct {
 const maxCutModels = 12
 
 func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed uint64) *rig {
-	store, err := chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20})
-	require.NoError(t, err)
-	g := &rig{t: t, repo: repo, store: store, stateDir: t.TempDir(), now: time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC),
+	g := &rig{t: t, repo: repo, stateDir: t.TempDir(), now: time.Date(2026, 12, 1, 12, 0, 0, 0, time.UTC),
 		m: model{head: make([]byte, size), snaps: map[string][]byte{}}, r: rand.New(rand.NewPCG(seed, 7))}
+	g.openInventory()
+	var err error
+	g.store, err = chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20, Written: g.written})
+	require.NoError(t, err)
 	g.v, err = Create(context.Background(), g.env(), Config{Name: "vol", Size: size, ChunkSize: chunkSize})
 	require.NoError(t, err)
 	t.Cleanup(func() { g.v.Close() })
@@ -72,8 +79,22 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 }
 
 func (g *rig) env() *Env {
-	return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir, JournalRetention: g.retention, clock: func() time.Time { return g.now }}
+	return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir, JournalRetention: g.retention, clock: func() time.Time { return g.now },
+		Inventory: g.inv.Load()}
 }
+
+// openInventory opens the chunk inventory, as a server does at start
+// with a new lease that replaced the last one's record.
+func (g *rig) openInventory() {
+	g.holders++
+	inv, err := OpenInventory(g.stateDir, InventoryOptions{Holder: fmt.Sprint("holder", g.holders), Previous: fmt.Sprint("holder", g.holders-1)})
+	require.NoError(g.t, err)
+	g.inv.Store(inv)
+}
+
+// written records a chunk in the inventory of the moment
+// (chunkstore.Options.Written).
+func (g *rig) written(id chunkstore.ID, failed bool) { g.inv.Load().Written(id, failed) }
 
 // lastMark is the ID of the newest mark, which must not be sealed yet.
 func (g *rig) lastMark() string { return g.v.layers[len(g.v.layers)-2].mark.ID }
@@ -178,9 +199,12 @@ func (g *rig) reopen() {
 		// A new store (an empty cache) that writes chunks framed or
 		// whole, in turn: the volume reads both.
 		var err error
-		g.store, err = chunkstore.NewStore(g.repo, chunkstore.Options{CacheBytes: 8 << 20, FrameBits: g.frameBits[g.reopens%len(g.frameBits)]})
+		g.store, err = chunkstore.NewStore(g.repo, chunkstore.Options{CacheBytes: 8 << 20, FrameBits: g.frameBits[g.reopens%len(g.frameBits)],
+			Written: g.written})
 		require.NoError(g.t, err)
 	}
+	require.NoError(g.t, g.inv.Load().Close())
+	g.openInventory()
 	g.reopens++
 	v, err := Open(context.Background(), g.env(), "vol")
 	require.NoError(g.t, err)
@@ -335,6 +359,8 @@ func (g *rig) step() string {
 		// in the page cache, so all of it comes back.
 		g.gcMu.Lock()
 		defer g.gcMu.Unlock()
+		g.inv.Load().crash()
+		g.openInventory()
 		v, err := Open(ctx, g.env(), "vol")
 		require.NoError(g.t, err)
 		g.v.log.Close()
@@ -499,10 +525,15 @@ func (g *rig) checkGC(runs, deleted int) {
 	g.t.Logf("%d collections beside the steps, then one at rest: %d chunks deleted in all; %d referenced", runs+1, deleted, rep.Referenced)
 	assert.Positive(g.t, deleted, "the collections deleted something (the model makes garbage)")
 	g.check("after a last collection", true)
+	rep, err = CollectGarbage(ctx, g.v.env, GCOptions{DryRun: true, List: true})
+	require.NoError(g.t, err)
+	assert.True(g.t, rep.Listing)
+	assert.Zero(g.t, rep.Unreferenced, "after a collection at rest, every chunk in the repository is referenced")
+	assert.Equal(g.t, rep.Listed, rep.Referenced, "every chunk referenced is in the repository")
 	rep, err = CollectGarbage(ctx, g.v.env, GCOptions{DryRun: true})
 	require.NoError(g.t, err)
-	assert.Zero(g.t, rep.Unreferenced, "after a collection at rest, every chunk is referenced")
-	assert.Equal(g.t, rep.Listed, rep.Referenced, "every chunk referenced is in the repository")
+	assert.False(g.t, rep.Listing, "the inventory is trusted after a run")
+	assert.Equal(g.t, rep.Listed, rep.Referenced, "the inventory names exactly the chunks referenced")
 	g.reopen()
 	g.check("after a last collection and a restart", true)
 }
