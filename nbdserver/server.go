@@ -61,7 +61,12 @@ type Options struct {
 	ReplyTimeout time.Duration
 	// LeaseTTL is how long the repository lease lasts unrenewed.
 	LeaseTTL time.Duration
-	Version  string
+	// VerifyEvery, when > 0, runs a structure verify of the whole
+	// repository on that schedule; VerifySubset ("N%") makes each run
+	// read the next N% of the data too.
+	VerifyEvery  time.Duration
+	VerifySubset string
+	Version      string
 }
 
 // Defaults of Options.RepoTimeout and Options.LeaseTTL.
@@ -114,6 +119,9 @@ type Server struct {
 	// gcRuns counts those goroutines, waited for by closeAll.
 	gcDue  atomic.Bool
 	gcRuns sync.WaitGroup
+	// verifies lets one verify run at a time (the schedule's and the
+	// API's).
+	verifies verifyRuns
 }
 
 // served is an open volume and its uploader.
@@ -133,6 +141,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.Default()
+	}
+	if err := CheckVerifySchedule(opts); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(filepath.Join(opts.Data, "state"), 0o700); err != nil {
 		return nil, fmt.Errorf("data folder: %w", err)
@@ -386,6 +397,7 @@ func (s *Server) Serve(ctx context.Context) error {
 			fail(fmt.Errorf("%v; stopped uploading, and stopping so that only one server writes the repository (the write logs keep what was not uploaded)", err))
 		}
 	}()
+	s.scheduleVerify()
 	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.Volumes()))
 	<-ctx.Done()
 	err := context.Cause(ctx)

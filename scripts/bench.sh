@@ -21,6 +21,9 @@ go test -run '^$' -bench 'SealIngest|SnapshotRead|Rewrite|ScatteredWrites' -benc
   -args ${VOLUME_ARGS:--bench-mib 1024 -bench-rewrite-mib 65536 -bench-scattered-mib 1024 -bench-scattered-time 3m -bench-drop-caches} |
   tee "$out/volume-$stamp.txt"
 
+echo "== verify: a structure verify of 100,000 chunks on MinIO (requests by kind, peak heap)"
+go test -run '^$' -bench BenchmarkVerify -benchtime 1x -timeout 30m ./nbdserver/volume/ | tee "$out/verify-$stamp.txt"
+
 echo "== NBD: nbdvault serve next to qemu-nbd and nbdkit (nbdcopy, fio)"
 bench/nbd.sh | tee "$out/nbd-$stamp.md"
 

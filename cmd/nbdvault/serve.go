@@ -52,6 +52,10 @@ func serveCommand() *cli.Command {
 				Usage: "an NBD read that needs the repository fails with EIO after this `long` without an answer"},
 			&cli.DurationFlag{Name: "lease-ttl", Value: nbdserver.DefaultLeaseTTL, EnvVars: []string{"NBDVAULT_LEASE_TTL"},
 				Usage: "how `long` the repository lease lasts unrenewed; uploads pause a third of it before it runs out, and another server may take the repository over once it has"},
+			&cli.DurationFlag{Name: "verify-every", EnvVars: []string{"NBDVAULT_VERIFY_EVERY"},
+				Usage: "verify the repository's structure this `often` (e.g. 24h), as nbdvault verify does; status and /metrics show the result (default: never)"},
+			&cli.StringFlag{Name: "verify-read-data-subset", EnvVars: []string{"NBDVAULT_VERIFY_READ_DATA_SUBSET"},
+				Usage: "with --verify-every, each run also reads and hashes the next `N%` of the data, so 100/N runs read it all"},
 		},
 		Action: serve,
 	}
@@ -91,6 +95,9 @@ func serve(c *cli.Context) error {
 			return usageErrorf("--cache: %v", err)
 		}
 	}
+	if err := nbdserver.CheckVerifySchedule(nbdserver.Options{VerifyEvery: c.Duration("verify-every"), VerifySubset: c.String("verify-read-data-subset")}); err != nil {
+		return usageErrorf("--verify-every, --verify-read-data-subset: %v", err)
+	}
 	var listen []string
 	for _, l := range c.StringSlice("listen") {
 		for part := range strings.SplitSeq(l, ",") { // NBDVAULT_LISTEN=a,b
@@ -122,6 +129,8 @@ func serve(c *cli.Context) error {
 		LeaseTTL:           c.Duration("lease-ttl"),
 		MaxMemory:          maxMemory,
 		ReplyTimeout:       c.Duration("reply-timeout"),
+		VerifyEvery:        c.Duration("verify-every"),
+		VerifySubset:       c.String("verify-read-data-subset"),
 		Version:            version,
 	})
 	if err != nil {

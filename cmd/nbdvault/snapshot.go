@@ -173,7 +173,7 @@ func statusCommand() *cli.Command {
 			if d := st.StateDisk; d.TotalBytes > 0 {
 				fmt.Printf("state disk %s: %s free of %s\n", d.Path, formatSize(d.FreeBytes), formatSize(d.TotalBytes))
 			}
-			fmt.Printf("NBD on %v\n\n", st.NBD)
+			fmt.Printf("NBD on %v\n%s\n\n", st.NBD, verifyLine(st.LastVerify))
 			if len(st.Volumes) == 0 {
 				fmt.Println("no volumes yet: nbdvault volume create NAME --size 20G")
 				return nil

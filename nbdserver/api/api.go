@@ -249,8 +249,10 @@ type GCReport struct {
 type Verify struct {
 	// Targets are VOL or VOL@SNAP; none: every snapshot and checkpoint.
 	Targets []string `json:"targets,omitempty"`
-	// ReadData fetches, decodes and hashes the chunks, not only their
-	// presence; Subset ("n/m") reads the n-th of m parts of them.
+	// ReadData fetches, decodes and hashes the chunks and journal
+	// frames, not only their presence; Subset reads a part of them: "n/m"
+	// the n-th of m parts, "N%" the next N% of the ID space after where
+	// the last N% run stopped (the server keeps the place).
 	ReadData bool   `json:"read_data,omitempty"`
 	Subset   string `json:"subset,omitempty"`
 }
@@ -258,18 +260,38 @@ type Verify struct {
 // VerifyReport is the answer of POST /v1/verify, and the last one is in
 // Status.
 type VerifyReport struct {
-	Time      time.Time `json:"time"`
-	Targets   []string  `json:"targets,omitempty"`
-	ReadData  bool      `json:"read_data,omitempty"`
-	Subset    string    `json:"subset,omitempty"`
-	Manifests int       `json:"manifests"`
-	Pages     int       `json:"index_pages"`
-	Chunks    int       `json:"chunks"`
-	Read      int       `json:"read"`
-	Seconds   float64   `json:"seconds"`
+	Time time.Time `json:"time"`
+	// Scheduled: run by the server (serve --verify-every), not asked for.
+	Scheduled bool     `json:"scheduled,omitempty"`
+	Targets   []string `json:"targets,omitempty"`
+	ReadData  bool     `json:"read_data,omitempty"`
+	Subset    string   `json:"subset,omitempty"`
+	// Range is the part of the ID space an N% subset read.
+	Range     *VerifyRange `json:"range,omitempty"`
+	Manifests int          `json:"manifests"`
+	Pages     int          `json:"index_pages"`
+	Chunks    int          `json:"chunks"`
+	Read      int          `json:"read"`
+	// Deltas and DeltaPages are the delta tops and pages checked (recent
+	// data, held as journal); Frames the journal frames they reference,
+	// FramesRead those read and hashed.
+	Deltas     int     `json:"deltas"`
+	DeltaPages int     `json:"delta_pages"`
+	Frames     int     `json:"journal_frames"`
+	FramesRead int     `json:"journal_frames_read"`
+	Seconds    float64 `json:"seconds"`
 	// Problems are the damaged or missing objects; empty when all is
 	// well.
 	Problems []VerifyProblem `json:"problems"`
+}
+
+// VerifyRange is a part of the chunk ID space, by the IDs' first 8
+// bytes: [From, To), wrapping past ffff…; From == To is all of it.
+type VerifyRange struct {
+	From        string  `json:"from"` // 16 hex digits
+	To          string  `json:"to"`
+	FromPercent float64 `json:"from_percent"` // of the ID space
+	ToPercent   float64 `json:"to_percent"`
 }
 
 // VerifyProblem is a damaged or missing object and what it affects.

@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"cmp"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -20,13 +21,33 @@ type VerifyOptions struct {
 	// Targets are VOL or VOL@SNAP (an ID or a label); none: every
 	// snapshot and checkpoint of every volume.
 	Targets []string
-	// ReadData fetches, decodes and hashes the chunks referenced, not
-	// only their index pages and their presence.
+	// ReadData fetches, decodes and hashes the chunks and the journal
+	// frames referenced, not only their index pages, delta pages and
+	// presence.
 	ReadData bool
-	// SubsetN of SubsetM, when SubsetM > 0, reads only the chunks whose
-	// ID's first 8 bytes modulo SubsetM are SubsetN-1: M runs with N from
-	// 1 to M read everything once.
+	// SubsetN of SubsetM, when SubsetM > 0, reads only the chunks and
+	// frames whose ID's first 8 bytes modulo SubsetM are SubsetN-1: M runs
+	// with N from 1 to M read everything once.
 	SubsetN, SubsetM int
+	// From and Width, when Width > 0, read only the chunks and frames
+	// whose ID's first 8 bytes x lie in [From, From+Width) modulo 2^64:
+	// a range of the ID space, which a caller moves on run after run so
+	// that the runs cover it all (the server's N% subsets).
+	From, Width uint64
+}
+
+// picks says whether a ReadData run reads the chunk or frame with ID id.
+func (o VerifyOptions) picks(id chunkstore.ID) bool {
+	x := binary.BigEndian.Uint64(id[:8])
+	switch {
+	case !o.ReadData:
+		return false
+	case o.SubsetM > 0:
+		return int(x%uint64(o.SubsetM)) == o.SubsetN-1
+	case o.Width > 0:
+		return x-o.From < o.Width // wraps past 2^64 as the range does
+	}
+	return true
 }
 
 // VerifyReport is what Verify found.
@@ -35,6 +56,10 @@ type VerifyReport struct {
 	Pages     int // distinct index pages read and checked
 	Chunks    int // distinct data chunks referenced
 	Read      int // of those, fetched and hashed (ReadData)
+	// Deltas and DeltaPages are the distinct delta tops and pages read
+	// and checked; Frames the distinct journal frames they reference,
+	// FramesRead those fetched and hashed (ReadData).
+	Deltas, DeltaPages, Frames, FramesRead int
 	// Problems are the damaged or missing objects, each with what
 	// references it; empty when all is well.
 	Problems []VerifyProblem
@@ -43,14 +68,16 @@ type VerifyReport struct {
 
 // VerifyProblem is one damaged or missing object.
 type VerifyProblem struct {
-	// Object is the key of a damaged manifest or journal pack, or the
-	// chunk key of a damaged or missing index page or data chunk.
+	// Object is the key of a damaged manifest or a missing journal pack,
+	// the chunk key of a damaged or missing index page or data chunk, or
+	// PACK#OFFSET for a damaged frame of a journal pack (a delta top or
+	// page, or journal data).
 	Object string
 	Kind   string // "missing" or "damaged"
 	Reason string
 	// Affects are the snapshots and checkpoints that reference it, with
-	// the bytes of the volume it holds (for an index page, all it
-	// covers).
+	// the bytes of the volume they read from it (for an index page, all
+	// it covers; for a delta, what no newer delta of theirs covers).
 	Affects []VerifyRef
 }
 
@@ -67,11 +94,29 @@ type verifyManifest struct {
 	m   Manifest
 }
 
+// frameAt is a frame of a journal pack.
+type frameAt struct {
+	pack string
+	ref  chunkstore.FrameRef
+}
+
+// object is how a problem names the frame.
+func (f frameAt) object() string { return fmt.Sprintf("%s#%d", f.pack, f.ref.Off) }
+
+// pageAt is a delta page to read, with its top's packs (its frames
+// name them by index) and what its top says of it.
+type pageAt struct {
+	frameAt
+	pr    pageRef
+	packs []string
+}
+
 // Verify checks the repository's snapshots and checkpoints (or those of
 // opts.Targets): every manifest decodes and passes its check, every
 // index page reachable decodes and hashes to its ID, every data chunk
-// referenced is in the repository (one listing of chunks/), every
-// journal pack a delta names is there; with ReadData every chunk
+// referenced is in the repository (one listing of chunks/), every delta
+// top and page decodes and hashes to its reference, every journal pack
+// they name is there; with ReadData every chunk and journal frame
 // referenced (or a subset) is fetched, decoded and hashed. Reads go
 // around the chunk cache. Each problem names what it affects. An error
 // is a failure to check (the repository does not answer), not damage.
@@ -79,6 +124,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	start := time.Now()
 	var rep VerifyReport
 	store := env.Store.Uncached()
+	var mu sync.Mutex // guards problems and rep while reads run
 	problems := map[string]*VerifyProblem{}
 	problem := func(object, kind, reason string) {
 		if problems[object] == nil {
@@ -136,11 +182,6 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 			continue
 		}
 		ms = append(ms, verifyManifest{key: k, m: m})
-		for _, d := range m.Deltas {
-			if !keys[d.Pack] {
-				problem(d.Pack, "missing", "a journal pack named by "+k)
-			}
-		}
 	}
 	for j, ok := range matched {
 		if !ok {
@@ -177,15 +218,129 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 			problem(chunkstore.Key(id), "missing", "not in the repository")
 			continue
 		}
-		if opts.ReadData && (opts.SubsetM == 0 || int(binary.BigEndian.Uint64(id[:8])%uint64(opts.SubsetM)) == opts.SubsetN-1) {
+		if opts.picks(id) {
 			toRead = append(toRead, id)
 		}
 	}
 
-	// The data itself.
-	var mu sync.Mutex
+	// getFrame reads a frame of a journal pack that is listed, and says
+	// whether it is good; damage is a problem, no answer an error.
+	getFrame := func(f frameAt, what string) ([]byte, bool, error) {
+		b, err := store.GetFrame(ctx, f.pack, f.ref)
+		mu.Lock()
+		defer mu.Unlock()
+		switch {
+		case err == nil:
+			return b, true, nil
+		case errors.Is(err, chunkstore.ErrNotFound):
+			problem(f.pack, "missing", "a journal pack, gone since the listing")
+		case errors.Is(err, chunkstore.ErrCorrupt):
+			problem(f.object(), "damaged", what+": "+err.Error())
+		default:
+			return nil, false, fmt.Errorf("verify: read a %s: %w", what, err)
+		}
+		return nil, false, nil
+	}
+	// listed says whether journal pack p is in the repository, and makes
+	// it a problem if not.
+	listed := func(p, by string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		if !keys[p] {
+			problem(p, "missing", "a journal pack named by "+by)
+		}
+		return keys[p]
+	}
+
+	// Delta tops, each read and checked once.
+	tops := map[frameAt]*deltaTop{}
+	var topAts []frameAt
+	for _, vm := range ms {
+		for _, d := range vm.m.Deltas {
+			f := frameAt{pack: d.Pack, ref: d.Top}
+			if _, ok := tops[f]; !ok && listed(d.Pack, vm.key) {
+				tops[f] = nil
+				topAts = append(topAts, f)
+			}
+		}
+	}
+	rep.Deltas = len(topAts)
 	var g errgroup.Group
 	g.SetLimit(16)
+	for _, f := range topAts {
+		g.Go(func() error {
+			b, ok, err := getFrame(f, "delta top")
+			if !ok {
+				return err
+			}
+			t, err := decodeTop(b)
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				problem(f.object(), "damaged", "delta top: "+err.Error())
+				return nil
+			}
+			tops[f] = &t
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return rep, err
+	}
+
+	// Their pages, each read and checked once; the journal frames they
+	// name.
+	var pages []pageAt
+	seenPage := map[frameAt]bool{}
+	for _, f := range topAts {
+		t := tops[f]
+		if t == nil {
+			continue
+		}
+		for _, p := range t.packs {
+			listed(p, "the delta top "+f.object())
+		}
+		for _, pr := range t.pages {
+			pf := frameAt{pack: t.packs[pr.pack], ref: pr.ref}
+			if !seenPage[pf] && keys[pf.pack] {
+				seenPage[pf] = true
+				pages = append(pages, pageAt{frameAt: pf, pr: pr, packs: t.packs})
+			}
+		}
+	}
+	rep.DeltaPages = len(pages)
+	frames := map[frameAt]bool{}
+	for _, pa := range pages {
+		g.Go(func() error {
+			b, ok, err := getFrame(pa.frameAt, "delta page")
+			if !ok {
+				return err
+			}
+			p, err := decodePage(b, pa.pr, len(pa.packs))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				problem(pa.object(), "damaged", "delta page: "+err.Error())
+				return nil
+			}
+			for _, fl := range p.frames {
+				frames[frameAt{pack: pa.packs[fl.pack], ref: fl.ref}] = true
+			}
+			return nil
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return rep, err
+	}
+	rep.Frames = len(frames)
+	var framesToRead []frameAt
+	for f := range frames {
+		if keys[f.pack] && opts.picks(f.ref.Sum) {
+			framesToRead = append(framesToRead, f)
+		}
+	}
+
+	// The data itself: chunks, then journal frames.
 	for i, id := range toRead {
 		g.Go(func() error {
 			_, err := store.Get(ctx, id)
@@ -204,16 +359,28 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 			return nil
 		})
 	}
+	for _, f := range framesToRead {
+		g.Go(func() error {
+			_, _, err := getFrame(f, "journal frame")
+			mu.Lock()
+			defer mu.Unlock()
+			rep.FramesRead++
+			return err
+		})
+	}
 	if err := g.Wait(); err != nil {
 		return rep, err
 	}
 
-	// What each problem affects: the trees again, for those IDs only.
+	// What each problem affects: the trees and deltas again, for those
+	// objects only.
 	if len(problems) > 0 {
 		for _, vm := range ms {
 			locateProblems(ctx, env.Store, vm, problems)
+			locateDeltaProblems(ctx, env, vm, tops, problems)
 		}
 		for _, p := range problems {
+			p.Affects = mergeRefs(p.Affects)
 			rep.Problems = append(rep.Problems, *p)
 		}
 		slices.SortFunc(rep.Problems, func(a, b VerifyProblem) int { return strings.Compare(a.Object, b.Object) })
@@ -225,16 +392,9 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 // locateProblems adds to each problem the ranges of vm that reference
 // it: the chunks whose IDs it names, or all a damaged page covers.
 func locateProblems(ctx context.Context, s *chunkstore.Store, vm verifyManifest, problems map[string]*VerifyProblem) {
-	name := vm.key[strings.LastIndexByte(vm.key, '/')+1:]
 	ref := func(first, count uint64) VerifyRef {
 		off := int64(first) * vm.m.ChunkSize
-		n := min(int64(count)*vm.m.ChunkSize, max(vm.m.Size-off, 0))
-		return VerifyRef{Volume: vm.m.Volume, Snapshot: name, Kind: vm.m.Kind, Offset: off, Length: n}
-	}
-	for _, d := range vm.m.Deltas {
-		if p := problems[d.Pack]; p != nil {
-			p.Affects = append(p.Affects, ref(0, uint64((vm.m.Size+vm.m.ChunkSize-1)/vm.m.ChunkSize)))
-		}
+		return vm.ref(off, off+int64(count)*vm.m.ChunkSize)
 	}
 	var visit func(id chunkstore.ID, level int, base uint64)
 	visit = func(id chunkstore.ID, level int, base uint64) {
@@ -263,4 +423,107 @@ func locateProblems(ctx context.Context, s *chunkstore.Store, vm verifyManifest,
 		}
 	}
 	visit(vm.m.Root, indexLevels-1, 0)
+}
+
+// ref is the bytes [off, end) of vm, cut at its size.
+func (vm verifyManifest) ref(off, end int64) VerifyRef {
+	end = min(end, vm.m.Size)
+	return VerifyRef{Volume: vm.m.Volume, Snapshot: vm.key[strings.LastIndexByte(vm.key, '/')+1:], Kind: vm.m.Kind,
+		Offset: off, Length: max(end-off, 0)}
+}
+
+// locateDeltaProblems adds to each problem in vm's deltas the bytes vm
+// reads from it: all a damaged top (or a missing pack of one) could say
+// something of, the range of a damaged page, the extents of a damaged
+// frame; each less what a newer delta of vm covers (it masks the
+// older). tops are the tops Verify decoded.
+func locateDeltaProblems(ctx context.Context, env *Env, vm verifyManifest, tops map[frameAt]*deltaTop, problems map[string]*VerifyProblem) {
+	// The delta code reads through a Volume: one with only what it uses,
+	// reading through the cache (what it reads was checked above).
+	lv := &Volume{env: env, store: env.Store, cfg: Config{Name: vm.m.Volume}}
+	at := func(p *VerifyProblem, newer []DeltaRef, off, end int64) {
+		for _, r := range uncovered(ctx, lv, newer, off, end) {
+			p.Affects = append(p.Affects, vm.ref(r[0], r[1]))
+		}
+	}
+	of := func(f frameAt) *VerifyProblem { return cmp.Or(problems[f.pack], problems[f.object()]) }
+	for i, d := range vm.m.Deltas {
+		newer := vm.m.Deltas[i+1:]
+		tf := frameAt{pack: d.Pack, ref: d.Top}
+		if p := of(tf); p != nil {
+			at(p, newer, 0, vm.m.Size)
+			continue
+		}
+		t := tops[tf]
+		if t == nil {
+			continue // not read: nothing more can be known
+		}
+		for j, pr := range t.pages {
+			pf := frameAt{pack: t.packs[pr.pack], ref: pr.ref}
+			if p := of(pf); p != nil {
+				at(p, newer, pr.first, pr.end)
+				continue
+			}
+			page, err := lv.loadPage(ctx, t, j)
+			if err != nil {
+				continue
+			}
+			for _, x := range page.ext {
+				if x.kind != dxData {
+					continue
+				}
+				fl := page.frames[x.frame]
+				if p := of(frameAt{pack: t.packs[fl.pack], ref: fl.ref}); p != nil {
+					at(p, newer, x.off, x.end())
+				}
+			}
+		}
+	}
+}
+
+// uncovered returns the parts of [off, end) that no delta of newer has an
+// extent over, in order; [off, end) whole if a newer delta cannot be
+// read (saying too much beats saying too little).
+func uncovered(ctx context.Context, v *Volume, newer []DeltaRef, off, end int64) [][2]int64 {
+	rs := [][2]int64{{off, end}}
+	for _, d := range newer {
+		var out [][2]int64
+		for _, r := range rs {
+			at := r[0]
+			err := v.visitDelta(ctx, d, r[0], r[1]-r[0], func(x xext) error {
+				if x.off > at {
+					out = append(out, [2]int64{at, x.off})
+				}
+				at = x.end()
+				return nil
+			})
+			if err != nil {
+				return [][2]int64{{off, end}}
+			}
+			if at < r[1] {
+				out = append(out, [2]int64{at, r[1]})
+			}
+		}
+		rs = out
+	}
+	return rs
+}
+
+// mergeRefs sorts refs and joins those of one snapshot that touch.
+func mergeRefs(refs []VerifyRef) []VerifyRef {
+	slices.SortFunc(refs, func(a, b VerifyRef) int {
+		return cmp.Or(strings.Compare(a.Volume, b.Volume), strings.Compare(a.Snapshot, b.Snapshot), cmp.Compare(a.Offset, b.Offset))
+	})
+	var out []VerifyRef
+	for _, r := range refs {
+		if r.Length == 0 {
+			continue
+		}
+		if n := len(out); n > 0 && out[n-1].Volume == r.Volume && out[n-1].Snapshot == r.Snapshot && out[n-1].Offset+out[n-1].Length >= r.Offset {
+			out[n-1].Length = max(out[n-1].Length, r.Offset+r.Length-out[n-1].Offset)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
 }
