@@ -231,7 +231,7 @@ func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) createVolume(r *http.Request) (int, any, error) {
-	if err := s.writable(); err != nil {
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	var req api.CreateVolume
@@ -251,7 +251,7 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
-	if err := s.writable(); err != nil {
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	var req api.ResizeVolume
@@ -270,7 +270,7 @@ func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
-	if err := s.writable(); err != nil {
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	name := r.PathValue("vol")
@@ -357,7 +357,7 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	if req.From != "" {
-		if err := s.writable(); err != nil {
+		if err := s.writable(r.Context()); err != nil {
 			return 0, nil, err
 		}
 		si, err := v.KeepPoint(r.Context(), req.From, req.Label)
@@ -376,7 +376,7 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
-	if err := s.writable(); err != nil {
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	v, si, err := s.namedSnapshot(r, "points leave by themselves with --journal-retention")
@@ -399,7 +399,7 @@ func (s *Server) updateSnapshot(r *http.Request) (int, any, error) {
 	if req.Protected == nil {
 		return 0, nil, fmt.Errorf("%w: nothing to change: want {\"protected\": true|false}", errInvalid)
 	}
-	if err := s.writable(); err != nil {
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	v, si, err := s.namedSnapshot(r, "keep it as a snapshot first (snapshot create --from)")
@@ -424,7 +424,7 @@ func (s *Server) prune(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	if !req.DryRun {
-		if err := s.writable(); err != nil {
+		if err := s.writable(r.Context()); err != nil {
 			return 0, nil, err
 		}
 	}

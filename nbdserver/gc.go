@@ -11,7 +11,7 @@ import (
 // One runs at a time: a second waits for the first.
 func (s *Server) CollectGarbage(ctx context.Context, dryRun, list bool) (volume.GCReport, error) {
 	if !dryRun {
-		if err := s.writable(); err != nil {
+		if err := s.writable(ctx); err != nil {
 			return volume.GCReport{}, err
 		}
 	}

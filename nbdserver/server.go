@@ -251,7 +251,16 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 // delete a volume, delete a snapshot) while it cannot be written, at once
 // and saying why, rather than half-doing it or hanging. Snapshots need
 // only the write log and are always taken.
-func (s *Server) writable() error {
+func (s *Server) writable(ctx context.Context) error {
+	if wait := time.Until(s.lease.OpensAt()); wait > 0 {
+		// Just started, after a holder that may still have writes on the
+		// way: a change waits for them (at most a lease's TTL).
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
 	leeway := cmp.Or(s.opts.LeaseTTL, DefaultLeaseTTL) / 6 // a change needs some of the window left
 	until, ok := s.lease.Confirmed()
 	if ok && time.Until(until) > leeway {

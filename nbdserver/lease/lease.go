@@ -279,6 +279,14 @@ func (l *Lease) Confirmed() (until time.Time, ok bool) {
 	return l.safeUntil, l.openLocked()
 }
 
+// OpensAt is when the window opens at the earliest after Acquire, when
+// the previous holder's last writes may land until then (zero if none).
+func (l *Lease) OpensAt() time.Time {
+	l.win.Lock()
+	defer l.win.Unlock()
+	return l.openAt
+}
+
 // openLocked reports whether the window is open now. Both clocks must
 // agree: Go's monotonic clock stops while the machine is suspended, the
 // wall clock (what other servers judge expiry by) does not.
