@@ -21,6 +21,9 @@ go test -run '^$' -bench 'SealIngest|SnapshotRead|Rewrite|ScatteredWrites' -benc
   -args ${VOLUME_ARGS:--bench-mib 1024 -bench-rewrite-mib 65536 -bench-scattered-mib 1024 -bench-scattered-time 3m -bench-drop-caches} |
   tee "$out/volume-$stamp.txt"
 
+echo "== prune: 10,000 snapshots to --keep-last 10 on MinIO"
+go test -run '^$' -bench BenchmarkPrune -benchtime 1x ./nbdserver/volume/ | tee "$out/prune-$stamp.txt"
+
 echo "== NBD: nbdvault serve next to qemu-nbd and nbdkit (nbdcopy, fio)"
 bench/nbd.sh | tee "$out/nbd-$stamp.md"
 
