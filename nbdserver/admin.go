@@ -47,7 +47,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("GET /v1/volumes", s.listVolumes)
 	handle("POST /v1/volumes", s.createVolume)
 	handle("GET /v1/volumes/{vol}", s.getVolume)
-	handle("PATCH /v1/volumes/{vol}", s.resizeVolume)
+	handle("PATCH /v1/volumes/{vol}", s.updateVolume)
 	handle("DELETE /v1/volumes/{vol}", s.deleteVolume)
 	handle("POST /v1/volumes/{vol}/recover", s.recoverVolume)
 	handle("GET /v1/volumes/{vol}/chunks", s.chunkIDs)
@@ -186,7 +186,7 @@ func (s *Server) listVolumes(r *http.Request) (int, any, error) {
 func (s *Server) volumeInfos() []api.Volume {
 	out := []api.Volume{}
 	for _, v := range s.Volumes() {
-		out = append(out, volumeInfo(v))
+		out = append(out, s.volumeInfo(v))
 	}
 	for name, err := range s.Failed() {
 		out = append(out, failedInfo(name, err))
@@ -208,7 +208,7 @@ func (s *Server) getVolume(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusOK, volumeInfo(v), nil
+	return http.StatusOK, s.volumeInfo(v), nil
 }
 
 func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
@@ -247,26 +247,39 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusCreated, volumeInfo(v), nil
+	return http.StatusCreated, s.volumeInfo(v), nil
 }
 
-func (s *Server) resizeVolume(r *http.Request) (int, any, error) {
-	if err := s.writable(r.Context()); err != nil {
+// updateVolume grows a volume, or sets or clears its retention policy,
+// or both (the policy first: a refused size then leaves it set).
+func (s *Server) updateVolume(r *http.Request) (int, any, error) {
+	var req api.UpdateVolume
+	if err := decode(r, &req); err != nil {
 		return 0, nil, err
 	}
-	var req api.ResizeVolume
-	if err := decode(r, &req); err != nil {
+	if req.Size == 0 && req.Retention == nil {
+		return 0, nil, fmt.Errorf("%w: nothing to change: want {\"size\": BYTES} or {\"retention\": {...}} ({} clears it)", errInvalid)
+	}
+	if err := s.writable(r.Context()); err != nil {
 		return 0, nil, err
 	}
 	v, err := s.volumeOf(r.PathValue("vol"))
 	if err != nil {
 		return 0, nil, err
 	}
-	if err := v.Grow(r.Context(), req.Size); err != nil {
-		return 0, nil, err
+	if req.Retention != nil {
+		if err := v.SetRetention(r.Context(), *req.Retention); err != nil {
+			return 0, nil, err
+		}
+		s.log.Info("volume retention set", "volume", v.Config().Name, "policy", req.Retention.String())
 	}
-	s.log.Info("volume resized", "volume", v.Config().Name, "size", v.Size())
-	return http.StatusOK, volumeInfo(v), nil
+	if req.Size != 0 {
+		if err := v.Grow(r.Context(), req.Size); err != nil {
+			return 0, nil, err
+		}
+		s.log.Info("volume resized", "volume", v.Config().Name, "size", v.Size())
+	}
+	return http.StatusOK, s.volumeInfo(v), nil
 }
 
 func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
@@ -428,7 +441,7 @@ func (s *Server) prune(r *http.Request) (int, any, error) {
 			return 0, nil, err
 		}
 	}
-	ds, perr := v.Prune(r.Context(), req.Policy, time.Local, req.DryRun)
+	ds, perr := v.Prune(r.Context(), req.Policy, volume.PruneOptions{Loc: time.Local, DryRun: req.DryRun, InUse: s.inUse(v.Config().Name)})
 	if ds == nil && perr != nil {
 		return 0, nil, perr
 	}
@@ -502,7 +515,7 @@ func (s *Server) snapshotOf(ctx context.Context, vol, snap string) (*volume.Volu
 	return v, si, nil
 }
 
-func volumeInfo(v *volume.Volume) api.Volume {
+func (s *Server) volumeInfo(v *volume.Volume) api.Volume {
 	cfg := v.Config()
 	st := v.Status()
 	vs := &api.VolumeStatus{PendingBytes: st.LogBytes, PendingSnapshots: st.PendingLayers, LagSeconds: st.Lag.Seconds()}
@@ -532,7 +545,17 @@ func volumeInfo(v *volume.Volume) api.Volume {
 			vs.LastSealedSnapshot = si.ID
 		}
 	}
-	return api.Volume{Name: cfg.Name, Size: cfg.Size, ChunkSize: cfg.ChunkSize, Created: cfg.Created, Status: vs}
+	if lp, ok := s.lastPrune(cfg.Name); ok {
+		vs.LastPrune = &api.AutoPrune{Time: lp.time.UTC(), Removed: lp.removed, Kept: lp.kept}
+		if lp.err != nil {
+			vs.LastPrune.Error = lp.err.Error()
+		}
+	}
+	out := api.Volume{Name: cfg.Name, Size: cfg.Size, ChunkSize: cfg.ChunkSize, Created: cfg.Created, Status: vs}
+	if !cfg.Retention.Empty() {
+		out.Retention = &cfg.Retention
+	}
+	return out
 }
 
 func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {

@@ -33,6 +33,9 @@ type Exports struct {
 	mu    sync.RWMutex
 	heads map[string]*nbd.Export
 	vols  map[string]*volume.Volume
+	// attached counts the connections using each snapshot export, by
+	// "VOL@ID": an automatic prune leaves those snapshots.
+	attached map[string]int
 	// refused, once set, fails every write to a head.
 	refused atomic.Pointer[error]
 }
@@ -42,7 +45,23 @@ func (e *Exports) Refuse(err error) { e.refused.Store(&err) }
 
 // NewExports returns an empty set of exports.
 func NewExports() *Exports {
-	return &Exports{heads: map[string]*nbd.Export{}, vols: map[string]*volume.Volume{}}
+	return &Exports{heads: map[string]*nbd.Export{}, vols: map[string]*volume.Volume{}, attached: map[string]int{}}
+}
+
+// Attached is how many NBD connections use snapshot id of volume vol
+// (or the checkpoint of that ID) now.
+func (e *Exports) Attached(vol, id string) int {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.attached[vol+"@"+id]
+}
+
+func (e *Exports) attach(key string, n int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.attached[key] += n; e.attached[key] <= 0 {
+		delete(e.attached, key)
+	}
 }
 
 // Add offers v.
@@ -113,7 +132,7 @@ func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m, e.ReadTimeout}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m, e.ReadTimeout, e}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -230,6 +249,15 @@ type snapshot struct {
 	size    int64 // the volume's when the snapshot was taken
 	m       *exportMetrics
 	timeout time.Duration
+	e       *Exports
+}
+
+// Attach implements nbd.Attacher: the snapshot counts as attached while
+// a connection uses it.
+func (s snapshot) Attach() func() {
+	key := s.v.Config().Name + "@" + s.id
+	s.e.attach(key, 1)
+	return func() { s.e.attach(key, -1) }
 }
 
 func (s snapshot) Size() int64 { return s.size }

@@ -167,6 +167,10 @@ var (
 		"Chunks rebuilt from journal once half of them changed.", []string{"volume"}, nil)
 	descPointsFrom = prometheus.NewDesc("nbdvault_volume_points_in_time_window_seconds",
 		"How far back VOL@TIME reads: seconds from the oldest point in time kept to now (0 when none is kept).", []string{"volume"}, nil)
+	descPruneFailing = prometheus.NewDesc("nbdvault_volume_retention_failing",
+		"1 while the last automatic prune by the volume's stored policy failed or was refused (status says why), else 0.", []string{"volume"}, nil)
+	descPruneTime = prometheus.NewDesc("nbdvault_volume_retention_last_run_timestamp_seconds",
+		"When the last automatic prune by the volume's stored policy ran (Unix time); absent until one has since the server started.", []string{"volume"}, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -175,7 +179,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
-		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems} {
+		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems, descPruneFailing, descPruneTime} {
 		ch <- d
 	}
 }
@@ -217,6 +221,10 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 			window = max(0, time.Since(from).Seconds())
 		}
 		gauge(descPointsFrom, window, name)
+		if lp, ok := c.s.lastPrune(name); ok {
+			gauge(descPruneFailing, boolGauge(lp.err != nil), name)
+			gauge(descPruneTime, float64(lp.time.UnixNano())/1e9, name)
+		}
 		ch <- prometheus.MustNewConstMetric(descShipped, prometheus.CounterValue, float64(st.Shipped), name)
 		ch <- prometheus.MustNewConstMetric(descFolded, prometheus.CounterValue, float64(st.Folded), name)
 	}

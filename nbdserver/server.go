@@ -66,7 +66,11 @@ type Options struct {
 	// read the next N% of the data too.
 	VerifyEvery  time.Duration
 	VerifySubset string
-	Version      string
+	// GCInterval: after automatic prunes (a volume's stored retention
+	// policy) the server collects garbage at most this often, so that a
+	// burst of deletes is one sweep. Default DefaultGCInterval.
+	GCInterval time.Duration
+	Version    string
 }
 
 // Defaults of Options.RepoTimeout and Options.LeaseTTL.
@@ -122,6 +126,16 @@ type Server struct {
 	// verifies lets one verify run at a time (the schedule's and the
 	// API's).
 	verifies verifyRuns
+	// pruning are the volumes whose automatic prune runs (autoprune.go),
+	// true when another is asked for meanwhile; pruned is each volume's
+	// last one. pruneRuns counts those goroutines, waited for by
+	// closeAll. gcTimer is the collection due after automatic prunes,
+	// lastAutoGC when the last such began. Guarded by mu.
+	pruning    map[string]bool
+	pruned     map[string]autoPrune
+	pruneRuns  sync.WaitGroup
+	gcTimer    *time.Timer
+	lastAutoGC time.Time
 }
 
 // served is an open volume and its uploader.
@@ -151,7 +165,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if opts.Repo == "" {
 		opts.Repo = filepath.Join(opts.Data, "repo")
 	}
-	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now()}
+	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now(),
+		pruning: map[string]bool{}, pruned: map[string]autoPrune{}}
 	s.runCtx, s.stopRun = context.WithCancel(context.Background())
 	defer func() {
 		if err != nil {
@@ -208,6 +223,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		UploadMemory: opts.MaxMemory / 4,
 		Logger:       s.log.With("part", "upload"),
+		Sealed:       s.sealed,
 	}
 	names, err := volume.List(ctx, s.repo)
 	if err != nil {
@@ -455,8 +471,12 @@ func (s *Server) closeAll() error {
 	s.closing = true
 	vols := s.vols
 	s.vols = map[string]*served{}
+	if s.gcTimer != nil {
+		s.gcTimer.Stop() // one that fired finds closing set
+	}
 	s.mu.Unlock()
-	s.gcRuns.Wait() // a collection stops at its next step once runCtx is done
+	s.pruneRuns.Wait() // a prune stops at its next batch once runCtx is done
+	s.gcRuns.Wait()    // a collection stops at its next step once runCtx is done
 	var errs []error
 	for name, sv := range vols {
 		<-sv.done

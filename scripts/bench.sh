@@ -23,6 +23,10 @@ go test -run '^$' -bench 'SealIngest|SnapshotRead|Rewrite|ScatteredWrites' -benc
 
 echo "== verify: a structure verify of 100,000 chunks on MinIO (requests by kind, peak heap)"
 go test -run '^$' -bench BenchmarkVerify -benchtime 1x -timeout 30m ./nbdserver/volume/ | tee "$out/verify-$stamp.txt"
+echo "== prune: 10,000 snapshots to --keep-last 10 on MinIO"
+go test -run '^$' -bench BenchmarkPrune -benchtime 1x ./nbdserver/volume/ | tee "$out/prune-$stamp.txt"
+echo "== gc: a collection over 100,000 chunks on MinIO, half unreferenced (requests by kind, peak heap)"
+go test -run '^$' -bench BenchmarkGC -benchtime 1x -timeout 30m ./nbdserver/volume/ | tee "$out/gc-$stamp.txt"
 
 echo "== NBD: nbdvault serve next to qemu-nbd and nbdkit (nbdcopy, fio)"
 bench/nbd.sh | tee "$out/nbd-$stamp.md"

@@ -39,6 +39,8 @@ func serveCommand() *cli.Command {
 			&cli.DurationFlag{Name: "journal-retention", Value: volume.DefaultJournalRetention, EnvVars: []string{"NBDVAULT_JOURNAL_RETENTION"},
 				Usage: "keep checkpoints this `long` as points in time that VOL@TIME reads (an RFC 3339 time, e.g. vol@2026-11-30T17:55:03Z); " +
 					"they keep what was written meanwhile in the repository; 0 keeps none"},
+			&cli.DurationFlag{Name: "gc-interval", Value: nbdserver.DefaultGCInterval, EnvVars: []string{"NBDVAULT_GC_INTERVAL"},
+				Usage: "after volumes' stored retention policies remove snapshots, collect garbage at most once this `long`, so that a burst of deletes is one sweep"},
 			&cli.StringFlag{Name: "log-limit", Value: "8G", EnvVars: []string{"NBDVAULT_LOG_LIMIT"},
 				Usage: "write log `size` per volume past which writes wait for the uploader"},
 			&cli.StringFlag{Name: "cache", EnvVars: []string{"NBDVAULT_CACHE"},
@@ -127,6 +129,7 @@ func serve(c *cli.Context) error {
 		CacheBytes:         cache,
 		RepoTimeout:        c.Duration("repo-timeout"),
 		LeaseTTL:           c.Duration("lease-ttl"),
+		GCInterval:         c.Duration("gc-interval"),
 		MaxMemory:          maxMemory,
 		ReplyTimeout:       c.Duration("reply-timeout"),
 		VerifyEvery:        c.Duration("verify-every"),

@@ -17,7 +17,7 @@ var jsonFlag = &cli.BoolFlag{Name: "json", Usage: "print JSON (the admin API's) 
 func volumeCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "volume",
-		Usage: "create, list, show, resize and delete volumes",
+		Usage: "create, list, show, resize, set and delete volumes",
 		Subcommands: []*cli.Command{
 			{
 				Name: "create", Usage: "create a volume", ArgsUsage: "NAME",
@@ -33,6 +33,20 @@ func volumeCommand() *cli.Command {
 				Name: "resize", Usage: "grow a volume (clients see the new size when they reconnect)", ArgsUsage: "NAME",
 				Flags:  append([]cli.Flag{&cli.StringFlag{Name: "size", Usage: "the new `size`, e.g. 40G (required)"}}, clientFlags...),
 				Action: volumeResize,
+			},
+			{
+				Name: "set", Usage: "store a retention policy in a volume, which the server applies after each snapshot is sealed",
+				ArgsUsage: "NAME",
+				Description: "The --keep-… flags are prune's (nbdvault prune --help): the server prunes the\n" +
+					"volume by them after every snapshot it seals, leaving protected snapshots and\n" +
+					"snapshots an NBD client has open, then collects garbage (at most once per\n" +
+					"serve --gc-interval). They replace the stored policy whole. --no-retention\n" +
+					"removes it: every snapshot is kept again. Try a policy first with\n" +
+					"nbdvault prune NAME --keep-… --dry-run.",
+				Flags: append(append(keepFlags(),
+					&cli.BoolFlag{Name: "no-retention", Usage: "remove the stored policy: the server keeps every snapshot"},
+					jsonFlag), clientFlags...),
+				Action: volumeSet,
 			},
 			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Action: volumeDelete,
 				Flags: append([]cli.Flag{&cli.BoolFlag{Name: "force", Usage: "delete it even if it has protected snapshots"}}, clientFlags...)},
@@ -142,6 +156,19 @@ func volumeShow(c *cli.Context) error {
 		return printJSON(v)
 	}
 	printVolumes([]api.Volume{v})
+	policy := "none (every snapshot is kept)"
+	if v.Retention != nil {
+		policy = v.Retention.String()
+	}
+	fmt.Printf("\nretention: %s\n", policy)
+	if lp := v.Status; lp != nil && lp.LastPrune != nil {
+		lp := lp.LastPrune
+		fmt.Printf("last automatic prune: %s, removed %d, kept %d", lp.Time.Local().Format("2006-01-02 15:04:05"), lp.Removed, lp.Kept)
+		if lp.Error != "" {
+			fmt.Printf(", FAILED: %s", lp.Error)
+		}
+		fmt.Println()
+	}
 	return nil
 }
 
@@ -162,6 +189,42 @@ func volumeResize(c *cli.Context) error {
 		return err
 	}
 	fmt.Printf("volume %s is now %s; clients see it when they reconnect\n", v.Name, formatSize(v.Size))
+	return nil
+}
+
+func volumeSet(c *cli.Context) error {
+	if err := needArgs(c, 1, "NAME"); err != nil {
+		return err
+	}
+	var p api.Policy
+	if c.Bool("no-retention") {
+		for _, f := range keepFlags() {
+			if c.IsSet(f.Names()[0]) {
+				return usageErrorf("--no-retention removes the policy: give it without --%s", f.Names()[0])
+			}
+		}
+	} else {
+		var err error
+		if p, err = policyOf(c); err != nil {
+			return err
+		}
+	}
+	cl, err := adminClient(c)
+	if err != nil {
+		return err
+	}
+	v, err := cl.SetRetention(c.Context, c.Args().First(), p)
+	if err != nil {
+		return err
+	}
+	if c.Bool("json") {
+		return printJSON(v)
+	}
+	if v.Retention == nil {
+		fmt.Printf("volume %s: no retention policy; every snapshot is kept\n", v.Name)
+		return nil
+	}
+	fmt.Printf("volume %s: retention %s, applied after each snapshot is sealed\n", v.Name, v.Retention)
 	return nil
 }
 

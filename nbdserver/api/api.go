@@ -15,11 +15,25 @@ import (
 
 // Volume is a volume and, in listings and shows, its upload state.
 type Volume struct {
-	Name      string        `json:"name"`
-	Size      int64         `json:"size"`
-	ChunkSize int64         `json:"chunk_size"`
-	Created   time.Time     `json:"created"`
+	Name      string    `json:"name"`
+	Size      int64     `json:"size"`
+	ChunkSize int64     `json:"chunk_size"`
+	Created   time.Time `json:"created"`
+	// Retention is the volume's stored policy, which the server applies
+	// after each snapshot is sealed; absent when it has none.
+	Retention *Policy       `json:"retention,omitempty"`
 	Status    *VolumeStatus `json:"status,omitempty"`
+}
+
+// AutoPrune is what the last automatic prune of a volume (its stored
+// policy, applied after a seal) did, since the server started.
+type AutoPrune struct {
+	Time    time.Time `json:"time"`
+	Removed int       `json:"removed"`
+	Kept    int       `json:"kept"`
+	// Error says why it removed nothing, or not all it should; it is
+	// tried again after the next snapshot is sealed. Empty when it worked.
+	Error string `json:"error,omitempty"`
 }
 
 // VolumeStatus is how far the repository is behind a volume's head.
@@ -59,6 +73,9 @@ type VolumeStatus struct {
 	// DiskFull: the state disk is full and writes wait until the
 	// uploader frees sealed log segments.
 	DiskFull bool `json:"disk_full,omitempty"`
+	// LastPrune is the last automatic prune by the volume's stored
+	// policy; absent until one ran since the server started.
+	LastPrune *AutoPrune `json:"last_prune,omitempty"`
 }
 
 // Snapshot is one snapshot of a volume.
@@ -188,9 +205,13 @@ type Recovery struct {
 	SnapshotsLost []Snapshot `json:"snapshots_lost,omitempty"`
 }
 
-// ResizeVolume is the body of PATCH /v1/volumes/{name}.
-type ResizeVolume struct {
-	Size int64 `json:"size"`
+// UpdateVolume is the body of PATCH /v1/volumes/{name}: what to change.
+type UpdateVolume struct {
+	// Size, if not 0, grows the volume to this many bytes.
+	Size int64 `json:"size,omitempty"`
+	// Retention, if present, becomes the volume's stored policy; an
+	// empty one ({}) clears it (every snapshot is then kept).
+	Retention *Policy `json:"retention,omitempty"`
 }
 
 // CreateSnapshot is the body of POST /v1/volumes/{name}/snapshots.

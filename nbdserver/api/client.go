@@ -109,7 +109,14 @@ func (c *Client) CreateVolume(ctx context.Context, req CreateVolume) (Volume, er
 // ResizeVolume grows a volume to size bytes.
 func (c *Client) ResizeVolume(ctx context.Context, name string, size int64) (Volume, error) {
 	var v Volume
-	return v, c.do(ctx, "PATCH", "/v1/volumes/"+url.PathEscape(name), ResizeVolume{Size: size}, &v)
+	return v, c.do(ctx, "PATCH", "/v1/volumes/"+url.PathEscape(name), UpdateVolume{Size: size}, &v)
+}
+
+// SetRetention stores p as volume name's retention policy, applied by
+// the server after each snapshot is sealed; the zero Policy clears it.
+func (c *Client) SetRetention(ctx context.Context, name string, p Policy) (Volume, error) {
+	var v Volume
+	return v, c.do(ctx, "PATCH", "/v1/volumes/"+url.PathEscape(name), UpdateVolume{Retention: &p}, &v)
 }
 
 // DeleteVolume deletes a volume and its snapshots.

@@ -45,6 +45,14 @@ type Extenter interface {
 	Extents(ctx context.Context, off, n int64) ([]Extent, error)
 }
 
+// Attacher is a Backend that is told how long clients use it: Attach is
+// called when a connection has chosen the export, before its first
+// request, and the function it returns once that connection has ended.
+// The server that exports snapshots so knows which are in use.
+type Attacher interface {
+	Attach() (detach func())
+}
+
 // Extent is one run of a meta context: Length bytes with the same Flags
 // (for base:allocation, StateHole and StateZero).
 type Extent struct {

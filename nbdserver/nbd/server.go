@@ -314,6 +314,9 @@ func (c *conn) serve() {
 	if stopping {
 		return
 	}
+	if a, ok := s.export.Backend.(Attacher); ok {
+		defer a.Attach()()
+	}
 	log.Debug("nbd client attached", "remote", c.remote, "export", s.export.Name, "structured", s.structured)
 	if err := c.transmit(s); err != nil && !c.srv.shuttingDown() {
 		log.Warn("nbd connection ended", "remote", c.remote, "export", s.export.Name, "error", err)

@@ -44,32 +44,106 @@ func (v *Volume) DeleteSnapshot(ctx context.Context, id string) error {
 // deleteSnapshot is DeleteSnapshot without the sweep of journal packs
 // (it sets sweepDue when one is due). The caller holds sealMu.
 func (v *Volume) deleteSnapshot(ctx context.Context, id string) error {
+	return v.deleteSnapshots(ctx, []string{id})[0]
+}
+
+// deleteSnapshots deletes the snapshots ids (IDs or labels) as
+// DeleteSnapshot does each, with one DeleteMany of their manifests (at
+// most a few thousand: one request per 1,000 on S3), and returns each
+// one's error, nil for those deleted. The caller holds sealMu (and the
+// GC's marking lock, shared), so the base and the snapshots change
+// only here meanwhile.
+//
+// Crash safety is each snapshot's, as when deleted alone: a checkpoint
+// that must take a snapshot's place is written before the request that
+// deletes its manifest, and a snapshot whose checkpoint failed is left
+// out of it. A crash or a failed request leaves any of the manifests
+// there or gone; a later prune deletes those still there again, and
+// deleting one twice is not an error.
+func (v *Volume) deleteSnapshots(ctx context.Context, ids []string) []error {
+	errs := make([]error, len(ids))
 	if v.isClosed() {
-		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+		for i := range errs {
+			errs[i] = fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+		}
+		return errs
 	}
 	v.mu.RLock()
-	i := slices.IndexFunc(v.snaps, func(s *snapshot) bool { return s.is(id) })
-	var s *snapshot
-	if i >= 0 {
-		s = v.snaps[i]
+	byName := make(map[string]*snapshot, 2*len(v.snaps))
+	for _, s := range v.snaps {
+		byName[s.ID] = s
+		if s.Label != "" {
+			byName[s.Label] = s
+		}
 	}
 	base := v.base
 	v.mu.RUnlock()
+	found := make([]*snapshot, len(ids))
+	var keys []string
+	var gone []int // indexes of ids whose manifest goes in the request
+	for i, id := range ids {
+		s := byName[id]
+		if errs[i] = v.checkDelete(id, s); errs[i] != nil {
+			continue
+		}
+		if errs[i] = v.keepPoint(ctx, s, base); errs[i] != nil {
+			continue
+		}
+		found[i] = s
+		keys = append(keys, manifestKey(v.cfg.Name, KindSnapshot, s.ID))
+		gone = append(gone, i)
+	}
+	if len(keys) == 0 {
+		return errs
+	}
+	if err := v.repo.DeleteMany(ctx, keys); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
+		// Any of them may be gone: they stay listed until a prune or
+		// delete that works (reads of one that is gone fail, never
+		// with other bytes).
+		for _, i := range gone {
+			errs[i] = fmt.Errorf("delete snapshot %s: %w", found[i].ID, err)
+		}
+		return errs
+	}
+	deleted := make(map[*snapshot]bool, len(gone))
+	for _, i := range gone {
+		deleted[found[i]] = true
+		if len(found[i].Deltas) > 0 {
+			v.sweepDue = true
+		}
+	}
+	v.mu.Lock()
+	v.snaps = slices.DeleteFunc(v.snaps, func(x *snapshot) bool { return deleted[x] })
+	v.mu.Unlock()
+	return errs
+}
+
+// checkDelete says why snapshot s, found by name (nil: none), may not be
+// deleted, or nil.
+func (v *Volume) checkDelete(name string, s *snapshot) error {
 	switch {
 	case s == nil:
-		return fmt.Errorf("snapshot %q of volume %q: %w", id, v.cfg.Name, ErrNoSnapshot)
+		return fmt.Errorf("snapshot %q of volume %q: %w", name, v.cfg.Name, ErrNoSnapshot)
 	case !s.sealed:
 		return fmt.Errorf("snapshot %s of volume %q: %w: wait until it is, then delete it", s.ID, v.cfg.Name, ErrNotSealed)
 	case s.Protected:
 		return fmt.Errorf("snapshot %s of volume %q is %w: nbdvault snapshot unprotect %s@%s first", s.ID, v.cfg.Name, ErrProtected, v.cfg.Name, s.ID)
 	}
-	// A point in time stays one: the newest manifest is what a restart
-	// resumes from, and a snapshot in the retention window is what the
-	// times after it read. A checkpoint of the same root and sequence
-	// number takes its place (and leaves with the window), unless one is
-	// there already (a kept point). Not for a snapshot older than the
-	// window: a checkpoint older than the kept ones would move the
-	// window's start back at the next restart, over deleted points.
+	return nil
+}
+
+// keepPoint writes the checkpoint that takes snapshot s's place when s
+// is about to be deleted, if one must, or says why s may not go. The
+// caller holds sealMu; base is the volume's.
+//
+// A point in time stays one: the newest manifest is what a restart
+// resumes from, and a snapshot in the retention window is what the
+// times after it read. A checkpoint of the same root and sequence
+// number takes its place (and leaves with the window), unless one is
+// there already (a kept point). Not for a snapshot older than the
+// window: a checkpoint older than the kept ones would move the window's
+// start back at the next restart, over deleted points.
+func (v *Volume) keepPoint(ctx context.Context, s *snapshot, base Manifest) error {
 	v.mu.RLock()
 	inWindow := v.env.journalRetention() > 0 && !s.Time.Before(v.oldestPoint())
 	_, haveCut := v.cutIDs[s.ID]
@@ -89,15 +163,6 @@ func (v *Volume) deleteSnapshot(ctx context.Context, id string) error {
 		if err := putJSON(ctx, v.repo, v.env.RepoID, manifestKey(v.cfg.Name, KindCheckpoint, keep.ID), keep); err != nil {
 			return fmt.Errorf("delete snapshot %s: keep its checkpoint: %w", s.ID, err)
 		}
-	}
-	if err := v.repo.Delete(ctx, manifestKey(v.cfg.Name, KindSnapshot, s.ID)); err != nil && !errors.Is(err, chunkstore.ErrNotFound) {
-		return fmt.Errorf("delete snapshot %s: %w", s.ID, err)
-	}
-	v.mu.Lock()
-	v.snaps = slices.DeleteFunc(v.snaps, func(x *snapshot) bool { return x == s })
-	v.mu.Unlock()
-	if len(s.Deltas) > 0 {
-		v.sweepDue = true
 	}
 	return nil
 }

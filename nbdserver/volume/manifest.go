@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/retention"
 )
 
 // Config is a volume's record in the repository
@@ -21,6 +22,10 @@ type Config struct {
 	Size      int64     `json:"size"`
 	ChunkSize int64     `json:"chunk_size"`
 	Created   time.Time `json:"created"`
+	// Retention is the policy the server applies after each seal that
+	// made a snapshot sealed (Volume.SetRetention); zero: none, every
+	// snapshot is kept. Records without it (older ones) read as none.
+	Retention retention.Policy `json:"retention,omitzero"`
 }
 
 // Limits of a volume.

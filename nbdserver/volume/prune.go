@@ -1,7 +1,9 @@
 package volume
 
 import (
+	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -19,21 +21,52 @@ type PruneDecision struct {
 	Err error
 }
 
+// PruneOptions are how Prune applies a policy.
+type PruneOptions struct {
+	// Loc is the time zone of the hours, days, weeks, months and years;
+	// nil: UTC.
+	Loc    *time.Location
+	DryRun bool
+	// InUse, if set, says why a snapshot is in use ("exported over
+	// NBD", say), or "" when it is not: one the policy would remove is
+	// kept instead, with that reason, and goes at a later prune. It
+	// takes part in the rules as any other, so what else is kept does
+	// not depend on it.
+	InUse func(id string) (why string)
+	// NotAfter, if set, refuses the prune (ErrFutureSnapshot, nothing
+	// removed) when a snapshot is dated after it: the rules count back
+	// from the newest snapshot, and one dated in the future (a clock
+	// that was ahead, or stepped back since) would make them remove the
+	// snapshots taken now.
+	NotAfter time.Time
+}
+
+// ErrFutureSnapshot: a snapshot is dated after PruneOptions.NotAfter.
+var ErrFutureSnapshot = errors.New("a snapshot is dated in the future")
+
+// pruneBatch is how many manifests one request deletes (S3's
+// multi-object delete takes up to 1,000 keys).
+var pruneBatch = 1000 // a variable for tests
+
 // Prune applies the retention policy p to the volume's snapshots (not to
 // its checkpoints, which leave with the journal retention window) and,
-// unless dryRun, deletes those it does not keep, as DeleteSnapshot does,
-// one at a time so that seals go on between them. Days, weeks, months
-// and years are loc's. Protected snapshots are kept, and so are
-// snapshots not sealed yet and damaged ones (delete those by hand), none
-// of which the rules count. The decisions come newest first; a failed
-// delete is the decision's Err, and Prune goes on with the others and
-// returns an error that says how many failed.
-func (v *Volume) Prune(ctx context.Context, p retention.Policy, loc *time.Location, dryRun bool) ([]PruneDecision, error) {
+// unless DryRun, deletes those it does not keep, as DeleteSnapshot does,
+// up to pruneBatch manifests per request, so that seals go on between
+// batches. Protected snapshots are kept, and so are snapshots not sealed
+// yet and damaged ones (delete those by hand), none of which the rules
+// count. The decisions come newest first; a failed delete is the
+// decision's Err, and Prune goes on with the others and returns an
+// error that says how many failed.
+func (v *Volume) Prune(ctx context.Context, p retention.Policy, opts PruneOptions) ([]PruneDecision, error) {
 	all := v.Snapshots()
 	var subject []retention.Snapshot
 	byID := make(map[string]SnapshotInfo, len(all))
 	var out []PruneDecision
 	for _, si := range all {
+		if !opts.NotAfter.IsZero() && si.Time.After(opts.NotAfter) {
+			return nil, fmt.Errorf("volume %q: snapshot %s: %w (%s, after %s)", v.cfg.Name, si.ID, ErrFutureSnapshot,
+				si.Time.UTC().Format(time.RFC3339), opts.NotAfter.UTC().Format(time.RFC3339))
+		}
 		switch {
 		case !si.Sealed:
 			out = append(out, PruneDecision{SnapshotInfo: si, Keep: true, Reasons: []string{"not sealed yet"}})
@@ -44,34 +77,50 @@ func (v *Volume) Prune(ctx context.Context, p retention.Policy, loc *time.Locati
 			subject = append(subject, retention.Snapshot{ID: si.ID, Time: si.Time, Protected: si.Protected})
 		}
 	}
-	ds, err := p.Apply(subject, loc)
+	ds, err := p.Apply(subject, cmp.Or(opts.Loc, time.UTC))
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
 	}
 	for _, d := range ds {
-		out = append(out, PruneDecision{SnapshotInfo: byID[d.ID], Keep: d.Keep, Reasons: d.Reasons})
+		pd := PruneDecision{SnapshotInfo: byID[d.ID], Keep: d.Keep, Reasons: d.Reasons}
+		if !pd.Keep && opts.InUse != nil {
+			if why := opts.InUse(d.ID); why != "" {
+				pd.Keep, pd.Reasons = true, []string{why}
+			}
+		}
+		out = append(out, pd)
 	}
 	sortDecisions(out)
-	if dryRun {
+	if opts.DryRun {
 		return out, nil
+	}
+	var remove []*PruneDecision
+	for i := range out {
+		if !out[i].Keep {
+			remove = append(remove, &out[i])
+		}
 	}
 	g := v.env.gc()
 	g.marking.RLock() // no manifest goes while a collection marks
 	defer g.marking.RUnlock()
 	failed := 0
-	for i := range out {
-		if out[i].Keep {
-			continue
+	for batch := range slices.Chunk(remove, pruneBatch) {
+		ids := make([]string, len(batch))
+		for i, d := range batch {
+			ids[i] = d.ID
 		}
+		var errs []error
 		if err := ctx.Err(); err != nil {
-			out[i].Err = err
+			errs = slices.Repeat([]error{err}, len(ids))
 		} else {
 			unlock := v.lockSeal()
-			out[i].Err = v.deleteSnapshot(ctx, out[i].ID)
+			errs = v.deleteSnapshots(ctx, ids)
 			unlock()
 		}
-		if out[i].Err != nil {
-			failed++
+		for i, d := range batch {
+			if d.Err = errs[i]; d.Err != nil {
+				failed++
+			}
 		}
 	}
 	unlock := v.lockSeal()

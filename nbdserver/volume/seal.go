@@ -78,6 +78,9 @@ func (v *Volume) SealNext(ctx context.Context) (bool, error) {
 	close(v.sealed)
 	v.sealed = make(chan struct{})
 	v.mu.Unlock()
+	if f := v.env.Sealed; f != nil {
+		f(v.cfg.Name, m.Kind)
+	}
 	return true, err
 }
 

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/semaphore"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/retention"
 )
 
 // Errors of the volume API.
@@ -202,6 +203,12 @@ type Env struct {
 	UploadMemory int64
 	// Logger, if set, hears of upload failures and recoveries.
 	Logger *slog.Logger
+	// Sealed, if set, is called after each seal with the volume's name
+	// and the kind of manifest the seal wrote, from the volume's
+	// uploader while it holds the volume's seal lock: it must not block
+	// or call the volume (the server starts the volume's retention
+	// policy from it, in a goroutine of its own).
+	Sealed func(volume string, kind Kind)
 
 	deltaOnce  sync.Once
 	deltaCache *deltaCache // decoded delta tops and pages of all volumes
@@ -555,9 +562,40 @@ func (v *Volume) apply(r Record, pos Pos) error {
 
 // Config returns the volume's configuration.
 func (v *Volume) Config() Config {
+	v.mu.RLock() // SetRetention changes cfg.Retention
 	c := v.cfg
+	v.mu.RUnlock()
 	c.Size = v.size.Load()
 	return c
+}
+
+// SetRetention stores p as the volume's retention policy in its record
+// (Config.Retention); the zero policy removes it. A policy with no rule
+// would remove every snapshot, so only the zero policy clears: any
+// other is validated, and refused with ErrInvalid saying why.
+func (v *Volume) SetRetention(ctx context.Context, p retention.Policy) error {
+	if !p.Empty() {
+		if err := p.Validate(); err != nil {
+			return fmt.Errorf("%w: %v", ErrInvalid, err)
+		}
+	}
+	v.growMu.Lock() // one write of the record at a time (Grow)
+	defer v.growMu.Unlock()
+	if v.isClosed() {
+		return fmt.Errorf("volume %q: %w", v.cfg.Name, ErrVolumeClosed)
+	}
+	cfg := v.cfg
+	cfg.Size = v.size.Load()
+	cfg.Retention = p
+	if err := putJSON(ctx, v.repo, v.env.RepoID, volumeKey(cfg.Name), cfg); err != nil {
+		// The put may have landed: the record then holds p, which the
+		// next Open reads; a retry writes it again.
+		return fmt.Errorf("set the retention of volume %q: %w", cfg.Name, err)
+	}
+	v.mu.Lock()
+	v.cfg.Retention = p
+	v.mu.Unlock()
+	return nil
 }
 
 // Size is the volume's size in bytes.

@@ -328,7 +328,7 @@ func (g *rig) step() string {
 		return "reopen"
 	case op < 91: // prune
 		policy := retention.Policy{Last: 1 + g.r.IntN(3)}
-		ds, err := g.v.Prune(ctx, policy, time.UTC, false)
+		ds, err := g.v.Prune(ctx, policy, PruneOptions{})
 		require.NoError(g.t, err)
 		for _, d := range ds {
 			if !d.Keep {

@@ -1,0 +1,98 @@
+package nbdserver
+
+import (
+	"context"
+	"log/slog"
+	"net/http/httptest"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+// A volume's stored policy is applied after each seal of a snapshot:
+// what it does not keep goes, but a protected snapshot stays, and so
+// does one an NBD client has open, until it is closed.
+func TestRetentionAfterSeal(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, Options{Data: filepath.Join(t.TempDir(), "data"), Listen: []string{"127.0.0.1:0"},
+		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler), GCInterval: time.Hour})
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(runCtx) }()
+	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
+	hs := httptest.NewServer(s.adminHandler())
+	t.Cleanup(hs.Close)
+	cl, err := api.NewClient(hs.URL, s.token)
+	require.NoError(t, err)
+
+	_, err = cl.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
+	require.NoError(t, err)
+	_, err = cl.SetRetention(ctx, "db", api.Policy{Last: -3})
+	require.ErrorIs(t, err, api.ErrInvalid)
+	v, err := cl.SetRetention(ctx, "db", api.Policy{Last: 2})
+	require.NoError(t, err)
+	assert.Equal(t, &api.Policy{Last: 2}, v.Retention)
+
+	ids := func() []string {
+		ss, err := cl.Snapshots(ctx, "db")
+		require.NoError(t, err)
+		var out []string
+		for _, s := range ss {
+			if s.Kind == "" {
+				out = append(out, s.ID)
+			}
+		}
+		return out
+	}
+	// snap takes a snapshot and waits until it is sealed and the prune
+	// after its seal has left exactly want (and it) in place.
+	snap := func(want ...string) string {
+		t.Helper()
+		si, err := cl.CreateSnapshot(ctx, "db", "")
+		require.NoError(t, err)
+		want = append(want, si.ID)
+		require.Eventually(t, func() bool {
+			got := ids()
+			slices.Sort(got)
+			slices.Sort(want)
+			return slices.Equal(got, want)
+		}, time.Minute, 20*time.Millisecond, "want %v", want)
+		return si.ID
+	}
+	s1 := snap()
+	_, err = cl.ProtectSnapshot(ctx, "db", s1, true)
+	require.NoError(t, err)
+	s2 := snap(s1)
+	c, err := client.Dial(ctx, s.NBDAddrs()[0], client.Options{Export: "db@" + s2})
+	require.NoError(t, err)
+	// The server counts it once negotiation is over on its side, which
+	// may be just after the client's Dial returns.
+	require.Eventually(t, func() bool { return s.exports.Attached("db", s2) == 1 }, time.Minute, 10*time.Millisecond)
+	s3 := snap(s1, s2)
+	s4 := snap(s1, s2, s3) // s3 goes; s2 stays while exported
+	s5 := snap(s1, s2, s4) // s4 goes
+	got := make([]byte, 4096)
+	require.NoError(t, c.ReadAt(ctx, got, 0), "the exported snapshot still reads")
+	require.NoError(t, c.Close())
+	require.Eventually(t, func() bool { return s.exports.Attached("db", s2) == 0 }, time.Minute, 10*time.Millisecond)
+	s6 := snap(s1, s5) // s2 and s4 go now
+	v, err = cl.Volume(ctx, "db")
+	require.NoError(t, err)
+	require.NotNil(t, v.Status.LastPrune)
+	assert.Empty(t, v.Status.LastPrune.Error)
+	assert.Equal(t, 2, v.Status.LastPrune.Removed)
+
+	// Cleared: nothing goes any more.
+	v, err = cl.SetRetention(ctx, "db", api.Policy{})
+	require.NoError(t, err)
+	assert.Nil(t, v.Retention)
+	snap(s1, s5, s6)
+}
