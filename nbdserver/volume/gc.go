@@ -341,6 +341,12 @@ func (m *marker) add(id chunkstore.ID) {
 func (m *marker) merge() {
 	slices.SortFunc(m.buf, chunkstore.ID.Compare)
 	m.buf = slices.Compact(m.buf)
+	if len(m.set) == 0 {
+		// The first merge (the only one below a million IDs): buf
+		// becomes the set, with no second copy of it.
+		m.set, m.buf = m.buf, nil
+		return
+	}
 	out := make([]chunkstore.ID, 0, len(m.set)+len(m.buf))
 	i, j := 0, 0
 	for i < len(m.set) || j < len(m.buf) {
