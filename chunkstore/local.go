@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -243,4 +244,58 @@ func translateOSError(err error) error {
 		return err
 	}
 	return fmt.Errorf("%w: %w", sentinel, err)
+}
+
+// RemoveTemporary removes the temporary files that Puts cut short by a
+// crash left in the repository (List hides them, so nothing else ever
+// removes them), if they were last written more than age ago: a Put in
+// flight writes a younger one. It returns how many it removed and their
+// size. Run it only while holding the repository's lease.
+func (l *Local) RemoveTemporary(ctx context.Context, age time.Duration) (n int, size int64, err error) {
+	cutoff := time.Now().Add(-age)
+	err = filepath.WalkDir(l.root, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				return nil // removed meanwhile
+			}
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if d.IsDir() || !d.Type().IsRegular() {
+			return nil
+		}
+		if ok, _ := filepath.Match(localTmpGlob, d.Name()); !ok {
+			return nil
+		}
+		fi, err := d.Info()
+		if err != nil || !fi.ModTime().Before(cutoff) {
+			return nil
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+		n++
+		size += fi.Size()
+		return nil
+	})
+	if err != nil {
+		return n, size, fmt.Errorf("remove temporary files from %s: %w", l.root, err)
+	}
+	return n, size, nil
+}
+
+// AsLocal returns the local folder under b's wrappers, if it is one.
+func AsLocal(b Backend) (*Local, bool) {
+	for {
+		if l, ok := b.(*Local); ok {
+			return l, true
+		}
+		u, ok := b.(Unwrapper)
+		if !ok {
+			return nil, false
+		}
+		b = u.Unwrap()
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -81,4 +82,35 @@ func TestLocalDiskFull(t *testing.T) {
 	got, err := s.Get(t.Context(), id)
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(first, got), "what was stored before the disk filled is intact")
+}
+
+// TestLocalRemoveTemporary: a crash mid-Put leaves a temporary file that
+// List hides; RemoveTemporary removes the old ones and leaves a young
+// one (a Put in flight) and every object.
+func TestLocalRemoveTemporary(t *testing.T) {
+	ctx := t.Context()
+	l, err := chunkstore.NewLocal(t.TempDir())
+	require.NoError(t, err)
+	require.NoError(t, l.Put(ctx, "chunks/ab/x", []byte("object")))
+	dir := filepath.Join(l.Location(), "chunks", "ab")
+	old := filepath.Join(dir, ".tmp-123")
+	young := filepath.Join(dir, ".tmp-456")
+	require.NoError(t, os.WriteFile(old, make([]byte, 1000), 0o600))
+	require.NoError(t, os.WriteFile(young, []byte("y"), 0o600))
+	hour := time.Now().Add(-time.Hour)
+	require.NoError(t, os.Chtimes(old, hour, hour))
+
+	n, size, err := l.RemoveTemporary(ctx, time.Minute)
+	require.NoError(t, err)
+	assert.Equal(t, 1, n)
+	assert.Equal(t, int64(1000), size)
+	assert.NoFileExists(t, old)
+	assert.FileExists(t, young)
+	got, err := l.Get(ctx, "chunks/ab/x")
+	require.NoError(t, err)
+	assert.Equal(t, []byte("object"), got)
+
+	found, ok := chunkstore.AsLocal(chunkstore.NewRetry(l, chunkstore.DefaultRetryPolicy))
+	assert.True(t, ok)
+	assert.Same(t, l, found)
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -94,6 +95,37 @@ func TestGC(t *testing.T) {
 			require.Equal(t, 0, s.Stop(), s.Log())
 			s.Restart()
 			check("after gc and a restart")
+			assert.False(t, gc().Listing, "after a clean restart the inventory is trusted: no listing")
+
+			// An object put into the repository by hand: the inventory
+			// does not know it, a listing does.
+			var stray chunkstore.ID
+			stray[0], stray[31] = 0xab, 1
+			require.NoError(t, objects.Put(t.Context(), chunkstore.Key(stray), []byte("by hand")))
+			assert.Zero(t, gc().Unreferenced, "the inventory does not know it")
+			listed := gc("--list")
+			assert.True(t, listed.Listing)
+			assert.Equal(t, 1, listed.Deleted, "a listing finds it")
+
+			// A crash: the next collection lists; in a local repository,
+			// the temporary files a crash left are removed at the start.
+			var tmp string
+			if repo == "local" {
+				tmp = filepath.Join(s.Data, "repo", "chunks", "ab", ".tmp-crash")
+				require.NoError(t, os.MkdirAll(filepath.Dir(tmp), 0o700))
+				require.NoError(t, os.WriteFile(tmp, make([]byte, 4096), 0o600))
+				old := time.Now().Add(-time.Hour)
+				require.NoError(t, os.Chtimes(tmp, old, old))
+			}
+			s.Kill()
+			s.Restart()
+			assert.True(t, gc().Listing, "after a crash the collection lists")
+			if tmp != "" {
+				assert.Eventually(t, func() bool { _, err := os.Stat(tmp); return os.IsNotExist(err) }, time.Minute, 100*time.Millisecond,
+					"the temporary file a crash left is removed")
+				assert.Contains(t, s.Log(), "removed the temporary files a crash left")
+			}
+			check("after a crash")
 
 			// Deleting every volume leaves nothing: the server collects
 			// after a delete; a collection by hand finishes it.

@@ -1,8 +1,11 @@
 package nbdserver
 
 import (
+	"cmp"
 	"context"
+	"time"
 
+	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/nbdserver/volume"
 )
 
@@ -43,6 +46,28 @@ func (s *Server) collectSoon(why string) {
 		s.log.Info("garbage collection", "after", why)
 		if _, err := s.CollectGarbage(s.runCtx, false, false); err != nil && s.runCtx.Err() == nil {
 			s.log.Warn("garbage collection failed; it runs again after the next prune or delete, or with nbdvault gc", "error", err)
+		}
+	})
+}
+
+// removeTemporary removes, in the background, the temporary files that
+// Puts cut short by a crash left in a local repository: nothing else
+// ever would (listings hide them). It runs at a start whose inventory is
+// not trusted (a crash, or a first start), once the previous holder's
+// writes can no longer land, and spares files younger than a lease.
+func (s *Server) removeTemporary(l *chunkstore.Local) {
+	s.gcRuns.Go(func() {
+		select {
+		case <-time.After(time.Until(s.lease.OpensAt())):
+		case <-s.runCtx.Done():
+			return
+		}
+		n, size, err := l.RemoveTemporary(s.runCtx, cmp.Or(s.opts.LeaseTTL, DefaultLeaseTTL))
+		switch {
+		case err != nil && s.runCtx.Err() == nil:
+			s.log.Warn("could not remove the temporary files a crash left in the repository; they take space until the next start after a crash", "error", err)
+		case n > 0:
+			s.log.Info("removed the temporary files a crash left in the repository", "files", n, "bytes", size)
 		}
 	})
 }

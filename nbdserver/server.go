@@ -177,6 +177,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if s.repo, err = chunkstore.Open(opts.Repo); err != nil {
 		return nil, fmt.Errorf("repository: %w", err)
 	}
+	local, isLocal := chunkstore.AsLocal(s.repo) // before the wrappers, the fence above all
 	s.metrics = newMetrics(s)
 	s.exports.m = s.metrics
 	s.exports.ReadTimeout = cmp.Or(opts.RepoTimeout, DefaultRepoTimeout)
@@ -214,6 +215,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		Holder: s.lease.Holder().ID, Previous: s.lease.Previous(), Margin: s.lease.Margin(), Logger: s.log.With("part", "gc")})
 	if err != nil {
 		return nil, err
+	}
+	if isLocal && !inv.Trusted() {
+		s.removeTemporary(local)
 	}
 	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes, Written: inv.Written}); err != nil {
 		return nil, err

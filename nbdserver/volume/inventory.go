@@ -187,6 +187,14 @@ func (inv *Inventory) openNext() error {
 	return nil
 }
 
+// Trusted says whether the inventory names every chunk object, so that
+// the next collection needs no listing.
+func (inv *Inventory) Trusted() bool {
+	inv.mu.Lock()
+	defer inv.mu.Unlock()
+	return inv.trusted
+}
+
 // Written records that a chunk object is about to be written, or (failed)
 // that its PUT failed, so it may still land: it is recorded again once
 // that can no longer happen, for a collection may have deleted it
