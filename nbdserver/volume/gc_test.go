@@ -3,6 +3,8 @@ package volume
 import (
 	"bytes"
 	"context"
+	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -256,4 +258,30 @@ func TestGCDamage(t *testing.T) {
 	_, err = CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
 	require.ErrorIs(t, err, ErrGCDamage)
 	assert.Equal(t, before, count(), "a collection that cannot read a page deletes nothing")
+}
+
+// TestMarkerMerge: the mark set is the sorted distinct union of what was
+// added, whatever the order and repeats, over several merges.
+func TestMarkerMerge(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	for _, n := range []int{1, 100, 20000, 3 << 20} {
+		m := newMarker(nil, true)
+		want := map[chunkstore.ID]bool{}
+		for range n {
+			var id chunkstore.ID
+			id[0], id[1], id[2] = byte(r.IntN(64)), byte(r.IntN(256)), byte(r.IntN(256)) // many repeats
+			m.add(id)
+			want[id] = true
+		}
+		got := m.done()
+		if !slices.IsSortedFunc(got, chunkstore.ID.Compare) || len(slices.Compact(slices.Clone(got))) != len(got) {
+			t.Fatalf("%d IDs added: the set is not sorted and distinct", n)
+		}
+		assert.Len(t, got, len(want), "%d IDs added: every ID", n)
+		for _, id := range got {
+			if !want[id] {
+				t.Fatalf("%d IDs added: %s in the set was not added", n, id)
+			}
+		}
+	}
 }
