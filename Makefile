@@ -49,6 +49,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzDeltaTop -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzDeltaPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzInventoryFiles -fuzztime $(FUZZTIME) ./nbdserver/volume/
 
 clean:
 	rm -rf bin
