@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -29,21 +30,7 @@ func TestGC(t *testing.T) {
 			// No points in time (they would keep old chunks); a short lease, so
 			// that a delete's hold (a third of it) is short.
 			opts := servertest.Options{Args: []string{"--journal-retention", "0", "--lease-ttl", "6s"}}
-			var objects chunkstore.Backend
-			if repo == "minio" {
-				m := miniotest.StartShared(t)
-				prefix := "gc-" + fmt.Sprint(time.Now().UnixNano())
-				opts.Repo, opts.Env = m.Location(prefix), m.Env()
-				b, err := chunkstore.NewS3(m.Config(prefix))
-				require.NoError(t, err)
-				objects = b
-			}
-			s := servertest.Start(t, opts)
-			if objects == nil {
-				b, err := chunkstore.NewLocal(filepath.Join(s.Data, "repo"))
-				require.NoError(t, err)
-				objects = b
-			}
+			s, objects := startOn(t, repo, opts)
 			chunks := func() int {
 				n := 0
 				require.NoError(t, objects.List(t.Context(), "chunks/", func(string) error { n++; return nil }))
@@ -136,4 +123,27 @@ func TestGC(t *testing.T) {
 			assert.Contains(t, s.Log(), "garbage collection", "the server collected after the deletes")
 		})
 	}
+}
+
+// startOn starts a server on repo, "local" (a folder in its data folder)
+// or "minio" (a new prefix of the shared MinIO), and returns it with a
+// backend that reads that repository directly, around the server.
+func startOn(t *testing.T, repo string, opts servertest.Options) (*servertest.Server, chunkstore.Backend) {
+	t.Helper()
+	var objects chunkstore.Backend
+	if repo == "minio" {
+		m := miniotest.StartShared(t)
+		prefix := strings.ToLower(strings.NewReplacer("/", "-", "_", "-").Replace(t.Name())) + "-" + fmt.Sprint(time.Now().UnixNano())
+		opts.Repo, opts.Env = m.Location(prefix), append(opts.Env, m.Env()...)
+		b, err := chunkstore.NewS3(m.Config(prefix))
+		require.NoError(t, err)
+		objects = b
+	}
+	s := servertest.Start(t, opts)
+	if objects == nil {
+		b, err := chunkstore.NewLocal(filepath.Join(s.Data, "repo"))
+		require.NoError(t, err)
+		objects = b
+	}
+	return s, objects
 }

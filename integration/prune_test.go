@@ -6,12 +6,10 @@ import (
 	"fmt"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/nbdvault/nbdvault/integration/miniotest"
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -24,12 +22,7 @@ import (
 func TestPrune(t *testing.T) {
 	for _, repo := range []string{"local", "minio"} {
 		t.Run(repo, func(t *testing.T) {
-			var opts servertest.Options
-			if repo == "minio" {
-				m := miniotest.StartShared(t)
-				opts.Repo, opts.Env = m.Location("prune-"+fmt.Sprint(time.Now().UnixNano())), m.Env()
-			}
-			s := servertest.Start(t, opts)
+			s, _ := startOn(t, repo, servertest.Options{})
 			s.MustCLI("volume", "create", "db", "--size", "2M", "--chunk-size", "64K")
 			var ids []string
 			images := map[string][]byte{}

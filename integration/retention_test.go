@@ -3,8 +3,6 @@ package integration
 import (
 	"bytes"
 	"encoding/json"
-	"fmt"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/client"
-	"github.com/nbdvault/nbdvault/integration/miniotest"
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -34,21 +31,7 @@ func TestRetention(t *testing.T) {
 			// lease, so that a delete's hold (a third of it) is short; a
 			// collection at most every second after automatic prunes.
 			opts := servertest.Options{Args: []string{"--journal-retention", "0", "--lease-ttl", "6s", "--gc-interval", "1s"}}
-			var objects chunkstore.Backend
-			if repo == "minio" {
-				m := miniotest.StartShared(t)
-				prefix := "retention-" + fmt.Sprint(time.Now().UnixNano())
-				opts.Repo, opts.Env = m.Location(prefix), m.Env()
-				b, err := chunkstore.NewS3(m.Config(prefix))
-				require.NoError(t, err)
-				objects = b
-			}
-			s := servertest.Start(t, opts)
-			if objects == nil {
-				b, err := chunkstore.NewLocal(filepath.Join(s.Data, "repo"))
-				require.NoError(t, err)
-				objects = b
-			}
+			s, objects := startOn(t, repo, opts)
 			s.MustCLI("volume", "create", "db", "--size", "2M", "--chunk-size", "64K")
 
 			r := s.CLI("volume", "set", "db")
