@@ -286,15 +286,17 @@ func (l *Local) RemoveTemporary(ctx context.Context, age time.Duration) (n int, 
 	return n, size, nil
 }
 
-// AsLocal returns the local folder under b's wrappers, if it is one.
-func AsLocal(b Backend) (*Local, bool) {
+// Under returns the backend of type T under b's wrappers (Retry and the
+// like, through Unwrap), if there is one: a local folder, an S3 bucket.
+func Under[T Backend](b Backend) (T, bool) {
 	for {
-		if l, ok := b.(*Local); ok {
-			return l, true
+		if t, ok := b.(T); ok {
+			return t, true
 		}
 		u, ok := b.(Unwrapper)
 		if !ok {
-			return nil, false
+			var zero T
+			return zero, false
 		}
 		b = u.Unwrap()
 	}

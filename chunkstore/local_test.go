@@ -110,7 +110,7 @@ func TestLocalRemoveTemporary(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, []byte("object"), got)
 
-	found, ok := chunkstore.AsLocal(chunkstore.NewRetry(l, chunkstore.DefaultRetryPolicy))
+	found, ok := chunkstore.Under[*chunkstore.Local](chunkstore.NewRetry(l, chunkstore.DefaultRetryPolicy))
 	assert.True(t, ok)
 	assert.Same(t, l, found)
 }

@@ -354,3 +354,15 @@ func contentMD5(data []byte) string {
 	sum := md5.Sum(data)
 	return base64.StdEncoding.EncodeToString(sum[:])
 }
+
+// KeepsVersions reports whether the bucket has versioning enabled: a
+// delete then only adds a delete marker, and frees no space until a
+// lifecycle rule expires noncurrent versions. Stores that do not
+// implement the question answer with an error.
+func (s *S3) KeepsVersions(ctx context.Context) (bool, error) {
+	cfg, err := s.core.Client.GetBucketVersioning(ctx, s.bucket)
+	if err != nil {
+		return false, fmt.Errorf("bucket %s: versioning: %w", s.bucket, err)
+	}
+	return cfg.Enabled(), nil
+}

@@ -3,10 +3,13 @@ package chunkstore_test
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"testing"
 	"time"
 
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -155,4 +158,28 @@ func TestS3Outage(t *testing.T) {
 	got, err = s.Get(ctx, r.id)
 	require.NoError(t, err)
 	assert.True(t, bytes.Equal(during, got))
+}
+
+// TestS3KeepsVersions: a bucket with versioning enabled is told apart
+// (deletes free nothing there), on MinIO.
+func TestS3KeepsVersions(t *testing.T) {
+	m := shared(t)
+	plain, err := chunkstore.NewS3(m.Config("v"))
+	require.NoError(t, err)
+	keeps, err := plain.KeepsVersions(t.Context())
+	require.NoError(t, err)
+	assert.False(t, keeps, "the test bucket keeps no versions")
+
+	mc, err := minio.New(m.Endpoint, &minio.Options{Creds: credentials.NewStaticV4(m.AccessKey, m.SecretKey, "")})
+	require.NoError(t, err)
+	bucket := "versioned-" + fmt.Sprint(time.Now().UnixNano())
+	require.NoError(t, mc.MakeBucket(t.Context(), bucket, minio.MakeBucketOptions{}))
+	require.NoError(t, mc.EnableVersioning(t.Context(), bucket))
+	cfg := m.Config("v")
+	cfg.Bucket = bucket
+	versioned, err := chunkstore.NewS3(cfg)
+	require.NoError(t, err)
+	keeps, err = versioned.KeepsVersions(t.Context())
+	require.NoError(t, err)
+	assert.True(t, keeps, "versioning enabled")
 }

@@ -177,7 +177,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if s.repo, err = chunkstore.Open(opts.Repo); err != nil {
 		return nil, fmt.Errorf("repository: %w", err)
 	}
-	local, isLocal := chunkstore.AsLocal(s.repo) // before the wrappers, the fence above all
+	local, isLocal := chunkstore.Under[*chunkstore.Local](s.repo) // before the wrappers, the fence above all
+	bucket, isS3 := chunkstore.Under[*chunkstore.S3](s.repo)
 	s.metrics = newMetrics(s)
 	s.exports.m = s.metrics
 	s.exports.ReadTimeout = cmp.Or(opts.RepoTimeout, DefaultRepoTimeout)
@@ -218,6 +219,12 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	if isLocal && !inv.Trusted() {
 		s.removeTemporary(local)
+	}
+	if isS3 {
+		if keeps, err := bucket.KeepsVersions(ctx); err == nil && keeps {
+			s.log.Warn("the bucket keeps every version of every object: deleting snapshots and collecting garbage frees no space in it until a lifecycle rule expires noncurrent versions (docs/operations.md, \"Retention and garbage collection\")",
+				"repository", s.repo.Location())
+		}
 	}
 	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes, Written: inv.Written}); err != nil {
 		return nil, err
