@@ -295,7 +295,7 @@ func (inv *Inventory) prepare(ctx context.Context, repo chunkstore.Backend, clos
 	}
 	if trusted && !list {
 		if len(ids) == 0 {
-			return false, nil
+			return false, inv.removeSegments(closed) // nothing to fold: the files go all the same
 		}
 		err := inv.write(ids, true)
 		if err == nil {
@@ -400,12 +400,11 @@ func (inv *Inventory) removeSegments(seqs []int) error {
 
 // recordFile writes a file of records: magic, records, trailer.
 type recordFile struct {
-	f    *os.File
-	w    *bufio.Writer
-	h    *blake3.Hasher
-	n    uint64
-	last chunkstore.ID // sorted files: the last record added
-	err  error
+	f   *os.File
+	w   *bufio.Writer
+	h   *blake3.Hasher
+	n   uint64
+	err error
 }
 
 func createRecords(path string, magic []byte) (*recordFile, error) {
@@ -424,7 +423,6 @@ func (r *recordFile) add(id chunkstore.ID) error {
 	}
 	r.h.Write(id[:])
 	r.n++
-	r.last = id
 	_, r.err = r.w.Write(id[:])
 	return r.err
 }

@@ -125,6 +125,10 @@ func TestInventory(t *testing.T) {
 	r.put(2)
 	r.collect("a run with the inventory", false, 2)
 	r.collect("a run with nothing new", false, 0)
+	r.collect("another run with nothing new", false, 0)
+	des, err := os.ReadDir(filepath.Join(r.dir, invDirName))
+	require.NoError(t, err)
+	assert.Len(t, des, 2, "the inventory and the open record file, no more: %v", des)
 
 	r.put(1)
 	r.restart()
