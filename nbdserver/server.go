@@ -213,7 +213,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	// Before the first chunk is put; closed after the last (closeAll).
 	inv, err := volume.OpenInventory(filepath.Join(opts.Data, "state"), volume.InventoryOptions{
-		Holder: s.lease.Holder().ID, Previous: s.lease.Previous(), Margin: s.lease.Margin(), Logger: s.log.With("part", "gc")})
+		Holder: s.lease.Holder().ID, Previous: s.lease.Previous(), Margin: s.lease.Margin(), ListAfter: s.lease.OpensAt(),
+		Logger: s.log.With("part", "gc")})
 	if err != nil {
 		return nil, err
 	}

@@ -75,10 +75,12 @@ type InventoryOptions struct {
 	// stopped cleanly with it: no other server wrote since.
 	Holder, Previous string
 	// Margin is how much later than its failure a PUT may still land
-	// (the lease's Margin); the first listing waits that long after
-	// Open too, for the PUTs of a previous process.
+	// (the lease's Margin).
 	Margin time.Duration
-	Logger *slog.Logger
+	// ListAfter is when the last holder's PUTs have all landed
+	// (lease.OpensAt): a listing waits until then to see them.
+	ListAfter time.Time
+	Logger    *slog.Logger
 }
 
 // OpenInventory opens the inventory kept in stateDir. It trusts what the
@@ -91,8 +93,7 @@ func OpenInventory(stateDir string, opts InventoryOptions) (*Inventory, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	inv := &Inventory{dir: filepath.Join(stateDir, invDirName), margin: opts.Margin,
-		notUntil: time.Now().Add(opts.Margin), log: log}
+	inv := &Inventory{dir: filepath.Join(stateDir, invDirName), margin: opts.Margin, notUntil: opts.ListAfter, log: log}
 	if err := os.MkdirAll(inv.dir, 0o700); err != nil {
 		return nil, fmt.Errorf("chunk inventory: %w", err)
 	}
@@ -306,8 +307,8 @@ func (inv *Inventory) prepare(ctx context.Context, repo chunkstore.Backend, clos
 		}
 		inv.log.Warn("the chunk inventory could not be read; listing the repository's chunks", "error", err)
 	}
-	// The PUTs of a process that stopped just before this one started may
-	// land until Margin after; the listing must see them.
+	// The PUTs of the last holder, if it died holding the lease, may land
+	// until the lease's window opens; the listing must see them.
 	select {
 	case <-time.After(time.Until(inv.notUntil)):
 	case <-ctx.Done():
