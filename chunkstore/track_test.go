@@ -132,3 +132,22 @@ func TestTrackingHold(t *testing.T) {
 	assert.GreaterOrEqual(t, time.Since(deleted), hold-10*time.Millisecond, "a Put of a chunk just deleted waits out the hold")
 	tr.Stop()
 }
+
+// TestUncachedRefusesPut: a collection neither tracks nor records Puts
+// through the uncached store its marking reads with, so the store
+// refuses them: a chunk put that way could be deleted while in use.
+func TestUncachedRefusesPut(t *testing.T) {
+	mem := NewMem()
+	s, err := NewStore(mem, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Uncached().Put(t.Context(), []byte("chunk")); err == nil {
+		t.Fatal("a Put through an uncached store succeeded")
+	}
+	n := 0
+	_ = mem.List(t.Context(), "chunks/", func(string) error { n++; return nil })
+	if n != 0 {
+		t.Fatalf("%d chunks stored", n)
+	}
+}

@@ -126,6 +126,10 @@ type GCReport struct {
 	Elapsed          time.Duration
 }
 
+// gcBatch is how many chunks one delete request takes (S3's
+// multi-object delete takes up to 1,000 keys).
+var gcBatch = 1000 // a variable for tests
+
 // ErrGCDamage stops a collection that cannot know what part of the
 // repository references: deleting then could remove what a repair needs.
 var ErrGCDamage = errors.New("garbage collection stopped: cannot tell what is referenced")
@@ -199,7 +203,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 
 	// What the repository holds; the unreferenced chunks are deleted
 	// 1,000 at a time as they stream.
-	batch := make([]chunkstore.ID, 0, 1000)
+	batch := make([]chunkstore.ID, 0, gcBatch)
 	var deleteErr error
 	flush := func() error {
 		if len(batch) == 0 {

@@ -183,3 +183,67 @@ func TestInventoryLatePut(t *testing.T) {
 	time.Sleep(200 * time.Millisecond) // the Margin after the failure
 	r.collect("after the late PUT landed", false, 1)
 }
+
+// firstDeleteHeld holds the first DeleteMany until release is closed,
+// and says which keys it holds.
+type firstDeleteHeld struct {
+	chunkstore.Backend
+	once    sync.Once
+	held    chan []string
+	release chan struct{}
+}
+
+func (b *firstDeleteHeld) DeleteMany(ctx context.Context, keys []string) error {
+	first := false
+	b.once.Do(func() { first = true })
+	if first {
+		b.held <- keys
+		<-b.release
+	}
+	return b.Backend.DeleteMany(ctx, keys)
+}
+
+// TestInventoryKeepsTouched: chunks a collection chose to delete but
+// that a seal found present meanwhile (dedup) are kept, and stay in the
+// inventory, so a later run deletes them once nothing uses them.
+// Without recording the kept IDs again they are never collected.
+func TestInventoryKeepsTouched(t *testing.T) {
+	defer func(n int) { gcBatch = n }(gcBatch)
+	gcBatch = 1 // one chunk per delete request
+	mem := chunkstore.NewMem()
+	b := &firstDeleteHeld{Backend: mem, held: make(chan []string), release: make(chan struct{})}
+	inv, err := OpenInventory(t.TempDir(), InventoryOptions{Holder: "h", Margin: time.Millisecond})
+	require.NoError(t, err)
+	store, err := chunkstore.NewStore(b, chunkstore.Options{Written: inv.Written})
+	require.NoError(t, err)
+	env := &Env{Repo: b, Store: store, StateDir: t.TempDir(), Inventory: inv}
+	contents := [][]byte{[]byte("one"), []byte("two"), []byte("three")}
+	for _, c := range contents {
+		_, err := store.Put(t.Context(), c)
+		require.NoError(t, err)
+	}
+	done := make(chan GCReport, 1)
+	go func() {
+		rep, err := CollectGarbage(context.Background(), env, GCOptions{Hold: time.Millisecond})
+		assert.NoError(t, err)
+		done <- rep
+	}()
+	held := <-b.held
+	for _, c := range contents { // all but the one being deleted, found present
+		if chunkstore.Key(store.Sum(c)) != held[0] {
+			_, err := store.Put(t.Context(), c)
+			require.NoError(t, err)
+		}
+	}
+	close(b.release)
+	rep := <-done
+	assert.Equal(t, 1, rep.Deleted, "the chunks put again are kept")
+
+	rep, err = CollectGarbage(t.Context(), env, GCOptions{Hold: time.Millisecond})
+	require.NoError(t, err)
+	assert.False(t, rep.Listing)
+	assert.Equal(t, 2, rep.Deleted, "the kept chunks are collected once nothing uses them")
+	left := 0
+	require.NoError(t, mem.List(t.Context(), "chunks/", func(string) error { left++; return nil }))
+	assert.Zero(t, left, "no chunk is left")
+}
