@@ -124,6 +124,9 @@ type GCReport struct {
 	Deleted          int  // deleted (0 on a dry run)
 	PutDuring        int  // chunks put while it ran (never deleted)
 	Elapsed          time.Duration
+	// Space is what the run counted (also kept in gc/space.json); nil if
+	// the run stopped before the count was complete.
+	Space *Space
 }
 
 // gcBatch is how many chunks one delete request takes (S3's
@@ -178,31 +181,67 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	}
 
 	// Every manifest now in the repository, and each one's tree.
-	keys, _, err := listVolumesKeys(ctx, env.Repo)
+	listed := time.Now()
+	keys, packs, err := listManifestsAndPacks(ctx, env.Repo)
 	if err != nil {
 		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
-	m := newMarker(env.Store.Uncached(), true) // pages around the cache: clients' reads stay in it
+	var (
+		ms      []spaceManifest
+		volumes []string
+		volIdx  = map[string]uint32{}
+		heads   = map[uint32]int{} // by volume: the index in ms of its newest manifest
+	)
 	for _, k := range keys {
-		root, damaged, err := manifestRoot(ctx, env, k)
+		mf, damaged, err := readManifestForGC(ctx, env, k)
 		if err != nil {
 			return rep, err
 		}
 		if damaged {
 			rep.DamagedManifests = append(rep.DamagedManifests, k)
 		}
-		if err := m.markTree(ctx, root); err != nil {
-			return rep, fmt.Errorf("%w: %s: %w (verify and repair it, or delete what references it, then run gc again)", ErrGCDamage, k, err)
+		name := volumeOfKey(k)
+		v, ok := volIdx[name]
+		if !ok {
+			v = uint32(len(volumes))
+			volIdx[name], volumes = v, append(volumes, name)
 		}
-		rep.Manifests++
+		if mf.ChunkSize < MinChunkSize || mf.ChunkSize > MaxChunkSize || mf.ChunkSize&(mf.ChunkSize-1) != 0 {
+			mf.ChunkSize = DefaultChunkSize // a damaged manifest's: its chunks are still marked
+		}
+		ms = append(ms, spaceManifest{key: k, m: mf, vol: v})
+		if h, ok := heads[v]; !ok || mf.Seq > ms[h].m.Seq {
+			heads[v] = len(ms) - 1
+		}
 	}
-	marked := m.done()
-	rep.Pages, rep.Referenced = m.pages, len(marked)
+	for _, p := range packs { // a volume whose packs no manifest names yet
+		if _, ok := volIdx[p.volume]; !ok {
+			volIdx[p.volume], volumes = uint32(len(volumes)), append(volumes, p.volume)
+		}
+	}
+	perVol := make([]uint32, len(volumes))
+	for i := range ms {
+		ms[i].local = perVol[ms[i].vol]
+		perVol[ms[i].vol]++
+	}
+	m := &ownerMarker{s: env.Store.Uncached()} // pages around the cache: clients' reads stay in it
+	roots, err := m.mark(ctx, ms, heads)
+	if err != nil {
+		return rep, err
+	}
+	marked := m.set
+	rep.Manifests, rep.Pages = len(ms), m.pages
+	for i := range marked {
+		if i == 0 || marked[i].id != marked[i-1].id {
+			rep.Referenced++
+		}
+	}
 	g.marking.Unlock() // manifests may go now: what they referenced is marked
 	marking = false
 
 	// What the repository holds; the unreferenced chunks are deleted
-	// 1,000 at a time as they stream.
+	// 1,000 at a time as they stream, and the referenced ones counted.
+	count := newSpaceCount(ms, len(volumes))
 	batch := make([]chunkstore.ID, 0, gcBatch)
 	var deleteErr error
 	flush := func() error {
@@ -230,9 +269,10 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		return nil
 	}
-	each := func(id chunkstore.ID) (drop bool, err error) {
+	each := func(id chunkstore.ID, size int64) (drop bool, err error) {
 		rep.Listed++
-		if has(marked, id) {
+		if lo, hi := findOwned(marked, id); lo < hi {
+			count.add(marked[lo:hi], size)
 			return false, nil
 		}
 		rep.Unreferenced++
@@ -245,11 +285,11 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		return true, nil
 	}
 	if inv != nil {
-		err = inv.rewrite(each, opts.DryRun, flush)
+		err = inv.rewrite(func(id chunkstore.ID) (bool, error) { return each(id, 0) }, opts.DryRun, flush)
 	} else {
-		err = env.Repo.List(ctx, "chunks/", func(k string) error {
+		err = listSizes(ctx, env.Repo, "chunks/", func(k string, size int64) error {
 			if id, ok := chunkOfKey(k); ok { // else not a chunk: not the collector's
-				_, err := each(id)
+				_, err := each(id, size)
 				return err
 			}
 			return nil
@@ -264,6 +304,12 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
+	for _, p := range packs {
+		if v, ok := volIdx[p.volume]; ok {
+			count.journal(v, p.size)
+		}
+	}
+	rep.Space = env.space(ctx, listed, ms, volumes, heads, roots, count)
 	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
 	return rep, nil
 }
@@ -298,25 +344,54 @@ func chunkOfKey(k string) (chunkstore.ID, bool) {
 	return id, err == nil && chunkstore.Key(id) == k
 }
 
-// manifestRoot reads the index root of the manifest at key. A manifest
-// whose checksum fails but whose document still gives a root is marked
-// from it all the same (damaged true): marking too much is safe. One that
-// is gone, or gives no root, stops the collection: the listing came
-// after every delete of a manifest was held back, so it was there.
-func manifestRoot(ctx context.Context, env *Env, key string) (root chunkstore.ID, damaged bool, err error) {
+// readManifestForGC reads the manifest at key. A manifest whose checksum
+// fails but whose document still gives a root is marked from it all the
+// same (damaged true): marking too much is safe. One that is gone, or
+// gives no root, stops the collection: the listing came after every
+// delete of a manifest was held back, so it was there.
+func readManifestForGC(ctx context.Context, env *Env, key string) (m Manifest, damaged bool, err error) {
 	data, err := env.Repo.Get(ctx, key)
 	if err != nil && !errors.Is(err, chunkstore.ErrCorrupt) {
-		return root, false, fmt.Errorf("%w: manifest %s: %w", ErrGCDamage, key, err)
+		return m, false, fmt.Errorf("%w: manifest %s: %w", ErrGCDamage, key, err)
 	}
-	var m Manifest
 	if derr := decodeJSON(env.RepoID, key, data, &m); derr == nil && err == nil {
-		return m.Root, false, nil
+		return m, false, nil
 	}
 	// Damaged: the document without its checksum line, if it parses.
+	m = Manifest{}
 	if i := bytes.LastIndexByte(data, '}'); i >= 0 && json.Unmarshal(data[:i+1], &m) == nil {
-		return m.Root, true, nil
+		return m, true, nil
 	}
-	return root, false, fmt.Errorf("%w: manifest %s is damaged and names no index root that can be read: restore it from a copy of the repository, or delete its snapshot, then run gc again", ErrGCDamage, key)
+	return m, false, fmt.Errorf("%w: manifest %s is damaged and names no index root that can be read: restore it from a copy of the repository, or delete its snapshot, then run gc again", ErrGCDamage, key)
+}
+
+// packSize is a journal pack's volume and stored size.
+type packSize struct {
+	volume string
+	size   int64
+}
+
+// listManifestsAndPacks lists volumes/: the manifests' keys, sorted, and
+// the journal packs.
+func listManifestsAndPacks(ctx context.Context, repo chunkstore.Backend) (manifests []string, packs []packSize, err error) {
+	if err := listSizes(ctx, repo, "volumes/", func(k string, size int64) error {
+		switch {
+		case isManifestKey(k):
+			manifests = append(manifests, k)
+		case strings.HasPrefix(k, journalPrefix(volumeOfKey(k))):
+			packs = append(packs, packSize{volumeOfKey(k), size})
+		}
+		return nil
+	}); err != nil {
+		return nil, nil, fmt.Errorf("list the manifests: %w", err)
+	}
+	slices.Sort(manifests)
+	return manifests, packs, nil
+}
+
+// listSizes is Backend.ListSizes. TODO(sizes): until it exists, sizes are 0.
+func listSizes(ctx context.Context, repo chunkstore.Backend, prefix string, fn func(string, int64) error) error {
+	return repo.List(ctx, prefix, func(k string) error { return fn(k, 0) })
 }
 
 // marker walks index trees and collects the IDs they reference, pages
@@ -343,44 +418,12 @@ func (m *marker) add(id chunkstore.ID) {
 
 // merge folds buf into set.
 func (m *marker) merge() {
-	slices.SortFunc(m.buf, chunkstore.ID.Compare)
-	m.buf = slices.Compact(m.buf)
-	if len(m.set) == 0 {
-		// The first merge (the only one below a million IDs): buf
-		// becomes the set, with no second copy of it.
-		m.set, m.buf = m.buf, nil
-		return
-	}
-	out := make([]chunkstore.ID, 0, len(m.set)+len(m.buf))
-	i, j := 0, 0
-	for i < len(m.set) || j < len(m.buf) {
-		switch {
-		case j == len(m.buf) || (i < len(m.set) && m.set[i].Compare(m.buf[j]) < 0):
-			out = append(out, m.set[i])
-			i++
-		case i == len(m.set) || m.buf[j].Compare(m.set[i]) < 0:
-			out = append(out, m.buf[j])
-			j++
-		default:
-			out = append(out, m.set[i])
-			i, j = i+1, j+1
-		}
-	}
-	m.set, m.buf = out, m.buf[:0]
+	m.set, m.buf = mergeSorted(m.set, m.buf, chunkstore.ID.Compare, nil)
 }
 
 func (m *marker) done() []chunkstore.ID {
 	m.merge()
 	return m.set
-}
-
-// markTree marks the tree at root: its pages and the chunks its leaves
-// name. A page that cannot be read is an error: what lies below it is
-// unknown.
-func (m *marker) markTree(ctx context.Context, root chunkstore.ID) error {
-	return m.walk(ctx, root, indexLevels-1, func(page chunkstore.ID, err error) error {
-		return fmt.Errorf("index page %s: %w", page, err)
-	})
 }
 
 // walk adds what the tree at id references (its pages too when addPages

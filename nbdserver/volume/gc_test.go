@@ -251,9 +251,9 @@ func TestGCDamage(t *testing.T) {
 	assert.Equal(t, p, got)
 
 	// An index page of s gone: nothing is deleted.
-	root, _, err := manifestRoot(ctx, g.v.env, key)
+	mf, _, err := readManifestForGC(ctx, g.v.env, key)
 	require.NoError(t, err)
-	require.NoError(t, mem.Delete(ctx, chunkstore.Key(root)))
+	require.NoError(t, mem.Delete(ctx, chunkstore.Key(mf.Root)))
 	before := count()
 	_, err = CollectGarbage(ctx, g.v.env, GCOptions{Hold: time.Millisecond})
 	require.ErrorIs(t, err, ErrGCDamage)

@@ -128,7 +128,7 @@ func TestInventory(t *testing.T) {
 	r.collect("another run with nothing new", false, 0)
 	des, err := os.ReadDir(filepath.Join(r.dir, invDirName))
 	require.NoError(t, err)
-	assert.Len(t, des, 2, "the inventory and the open record file, no more: %v", des)
+	assert.Len(t, des, 3, "the inventory, the open record file and the space count, no more: %v", des)
 
 	r.put(1)
 	r.restart()

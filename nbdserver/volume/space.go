@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -8,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/nbdvault/nbdvault/chunkstore"
 	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
@@ -120,4 +122,111 @@ func saveSpace(stateDir string, s *Space) error {
 		return err
 	}
 	return fsync.WriteFile(spacePath(stateDir), data)
+}
+
+// spaceCount adds up, as the sweep streams the objects the repository
+// holds, what each manifest, volume and the repository store.
+type spaceCount struct {
+	vols []SpaceTotals // by volume index
+	used [][]int64     // by volume index, then manifest index within it
+	repo SpaceTotals
+}
+
+func newSpaceCount(ms []spaceManifest, nvols int) *spaceCount {
+	c := &spaceCount{vols: make([]SpaceTotals, nvols), used: make([][]int64, nvols)}
+	for _, sm := range ms {
+		c.used[sm.vol] = append(c.used[sm.vol], 0) // local indexes are in order
+	}
+	return c
+}
+
+// add counts an object of size stored bytes that run, its entries in the
+// mark set (one per volume that references it), names.
+func (c *spaceCount) add(run []owned, size int64) {
+	one := len(run) == 1
+	count := func(t *SpaceTotals, o owned) {
+		if o.isPage() {
+			t.Pages++
+			t.PageStored += size
+		} else {
+			t.Chunks++
+			t.Referenced += o.plain()
+			t.DataStored += size
+		}
+		t.Stored += size
+		if one {
+			t.Unique += size
+		}
+	}
+	count(&c.repo, run[0])
+	for _, o := range run {
+		count(&c.vols[o.vol], o)
+		if one && o.owner() != sharedOwner {
+			c.used[o.vol][o.owner()] += size
+		}
+	}
+}
+
+// journal counts a volume's journal pack of size stored bytes.
+func (c *spaceCount) journal(vol uint32, size int64) {
+	for _, t := range []*SpaceTotals{&c.vols[vol], &c.repo} {
+		t.Journal += size
+		t.Stored += size
+		t.Unique += size
+	}
+}
+
+// space completes a collection's count (c, from the sweep) and keeps it
+// in the state folder: each manifest's LREFER (taken from the last count
+// when it had it: it never changes), its USED, and the totals. listed is
+// when the manifests were listed. A LREFER that cannot be computed (a
+// delta that cannot be read) is -1, and left out of the totals.
+func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, volumes []string, heads map[uint32]int, roots map[chunkstore.ID]*pageNode, c *spaceCount) *Space {
+	var prev *Space
+	if e.StateDir != "" {
+		prev, _ = LoadSpace(e.StateDir) // unreadable: everything is computed again
+	}
+	s := &Space{Time: listed, Manifests: make(map[string]ManifestSpace, len(ms)), Volumes: make(map[string]SpaceTotals, len(volumes))}
+	for i, sm := range ms {
+		lr := int64(-1)
+		if p, ok := prev.manifest(sm.key); ok && p.LogicalReferenced >= 0 {
+			lr = p.LogicalReferenced
+		} else if n, err := logicalReferenced(ctx, e, sm.m, roots[sm.m.Root]); err == nil {
+			lr = n
+		} else if e.Logger != nil && ctx.Err() == nil {
+			e.Logger.Warn("space accounting: cannot count what a manifest references", "manifest", sm.key, "error", err)
+		}
+		s.Manifests[sm.key] = ManifestSpace{Used: c.used[sm.vol][sm.local], LogicalReferenced: lr}
+		if lr < 0 {
+			continue
+		}
+		t, head := &c.vols[sm.vol], heads[sm.vol] == i
+		if head {
+			t.Logical = lr
+		}
+		if head || sm.m.Kind == KindSnapshot {
+			t.Written += lr
+		}
+	}
+	for v, name := range volumes {
+		s.Volumes[name] = c.vols[v]
+		c.repo.Logical += c.vols[v].Logical
+		c.repo.Written += c.vols[v].Written
+	}
+	s.Repository = c.repo
+	if e.StateDir != "" {
+		if err := saveSpace(e.StateDir, s); err != nil && e.Logger != nil {
+			e.Logger.Warn("space accounting: cannot keep the count", "error", err)
+		}
+	}
+	return s
+}
+
+// manifest is the last count's figures for the manifest at key.
+func (s *Space) manifest(key string) (ManifestSpace, bool) {
+	if s == nil {
+		return ManifestSpace{}, false
+	}
+	m, ok := s.Manifests[key]
+	return m, ok
 }

@@ -1,0 +1,336 @@
+package volume
+
+import (
+	"cmp"
+	"context"
+	"fmt"
+	"math/bits"
+	"slices"
+	"strings"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// A collection's marking (docs/architecture.md, "Space accounting"):
+// the index trees of every manifest, walked level by level so that each
+// page's owners are known before its entries are added, into one sorted
+// set of (ID, volume, owner). The set is what the sweep keeps; the
+// owners are what the space accounting charges each stored byte to.
+
+// owned is an object a volume's manifests reference: a data chunk or an
+// index page, and which of the volume's manifests does.
+type owned struct {
+	id  chunkstore.ID
+	vol uint32 // the volume (its index in the run's list)
+	// tag is the object's class in the top bits (ownerBits up): 0 for an
+	// index page, else log2 of the data chunk's plaintext size less 15;
+	// below, the one manifest of the volume that references it (its
+	// index among the volume's), or sharedOwner.
+	tag uint32
+}
+
+const (
+	ownerBits = 28
+	ownerMask = 1<<ownerBits - 1
+	// sharedOwner: more than one manifest of the volume, or its head,
+	// references the object: deleting any one of them frees nothing.
+	sharedOwner = ownerMask
+)
+
+func (o owned) owner() uint32 { return o.tag & ownerMask }
+func (o owned) isPage() bool  { return o.tag>>ownerBits == 0 }
+
+// plain is the object's plaintext size: a page's, or its volume's chunk
+// size (a volume's last chunk, if cut short, counts whole).
+func (o owned) plain() int64 {
+	if c := o.tag >> ownerBits; c != 0 {
+		return 1 << (15 + c)
+	}
+	return int64(pageLen)
+}
+
+// chunkClass is tag's class of a data chunk of cs bytes (a power of two
+// from MinChunkSize to MaxChunkSize: 1 to 9).
+func chunkClass(cs int64) uint32 { return uint32(bits.TrailingZeros64(uint64(cs))-15) << ownerBits }
+
+func compareOwned(a, b owned) int {
+	if c := a.id.Compare(b.id); c != 0 {
+		return c
+	}
+	return cmp.Compare(a.vol, b.vol)
+}
+
+// combineOwned makes *a, the entry kept for (ID, volume), say what both
+// say: one owner if they agree, shared if not.
+func combineOwned(a *owned, b owned) {
+	if a.owner() != b.owner() {
+		a.tag |= sharedOwner
+	}
+}
+
+// mergeSorted folds buf, in any order, into set, sorted and distinct by
+// compare: entries that compare equal are combined (if combine is set)
+// into the one kept. It returns the merged set and buf emptied for
+// reuse; the first merge makes buf itself the set, with no copy.
+func mergeSorted[T any](set, buf []T, compare func(a, b T) int, combine func(*T, T)) (merged, emptied []T) {
+	slices.SortFunc(buf, compare)
+	n := 0
+	for i := range buf {
+		if n > 0 && compare(buf[n-1], buf[i]) == 0 {
+			if combine != nil {
+				combine(&buf[n-1], buf[i])
+			}
+			continue
+		}
+		buf[n] = buf[i]
+		n++
+	}
+	buf = buf[:n]
+	if len(set) == 0 {
+		return buf, nil
+	}
+	out := make([]T, 0, len(set)+len(buf))
+	i, j := 0, 0
+	for i < len(set) && j < len(buf) {
+		switch c := compare(set[i], buf[j]); {
+		case c < 0:
+			out = append(out, set[i])
+			i++
+		case c > 0:
+			out = append(out, buf[j])
+			j++
+		default:
+			e := set[i]
+			if combine != nil {
+				combine(&e, buf[j])
+			}
+			out = append(out, e)
+			i, j = i+1, j+1
+		}
+	}
+	out = append(append(out, set[i:]...), buf[j:]...)
+	return out, buf[:0]
+}
+
+// spaceManifest is a manifest a collection marks.
+type spaceManifest struct {
+	key   string
+	m     Manifest
+	vol   uint32 // its volume's index in the run's list
+	local uint32 // its index among its volume's manifests
+}
+
+// pageNode is an index page the marking reached.
+type pageNode struct {
+	owners []volOwner // by each volume whose manifests reach it (most pages: one)
+	from   int        // a manifest that reaches it, to name in messages
+	leaf   bool
+	done   bool        // total is known
+	total  int64       // chunk entries that are not holes, below it
+	below  []*pageNode // an interior page's children, one per entry that is not a hole
+}
+
+type volOwner struct{ vol, owner uint32 }
+
+// reach records that the volume's manifest owner (or sharedOwner)
+// reaches the page.
+func (p *pageNode) reach(vol, owner uint32) {
+	for i := range p.owners {
+		if p.owners[i].vol == vol {
+			if p.owners[i].owner != owner {
+				p.owners[i].owner = sharedOwner
+			}
+			return
+		}
+	}
+	p.owners = append(p.owners, volOwner{vol, owner})
+}
+
+// chunks is how many entries below p are not holes (an entry that
+// appears twice counts twice: it is read at both offsets).
+func (p *pageNode) chunks() int64 {
+	if !p.done {
+		for _, c := range p.below {
+			p.total += c.chunks()
+		}
+		p.done = true
+	}
+	return p.total
+}
+
+// ownerMarker collects the objects the trees of a collection's manifests
+// reference, with their owners, into a sorted set.
+type ownerMarker struct {
+	s     *chunkstore.Store
+	pages int     // pages read
+	set   []owned // sorted by (ID, volume), distinct
+	buf   []owned // added since the last merge
+}
+
+func (m *ownerMarker) add(o owned) {
+	m.buf = append(m.buf, o)
+	if len(m.buf) >= max(len(m.set), 1<<20) {
+		m.merge()
+	}
+}
+
+func (m *ownerMarker) merge() {
+	m.set, m.buf = mergeSorted(m.set, m.buf, compareOwned, combineOwned)
+}
+
+// mark walks the trees of ms, one level of every tree at a time, so that
+// when a page's entries are added every page above it has been read and
+// its owners are final. heads[vol] is the index in ms of the volume's
+// head: its tree is also the volume's live state, so what it references
+// counts as shared. It returns the root pages by ID.
+func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[uint32]int) (map[chunkstore.ID]*pageNode, error) {
+	class := map[uint32]uint32{} // by volume: its data chunks' class
+	level := map[chunkstore.ID]*pageNode{}
+	for i, sm := range ms {
+		class[sm.vol] = chunkClass(sm.m.ChunkSize)
+		if sm.m.Root.IsZero() {
+			continue
+		}
+		n := level[sm.m.Root]
+		if n == nil {
+			n = &pageNode{from: i}
+			level[sm.m.Root] = n
+		}
+		owner := sm.local
+		if h, ok := heads[sm.vol]; ok && h == i {
+			owner = sharedOwner
+		}
+		n.reach(sm.vol, owner)
+	}
+	roots := level
+	for lv := indexLevels - 1; lv >= 0; lv-- {
+		next := map[chunkstore.ID]*pageNode{}
+		ids := make([]chunkstore.ID, 0, len(level))
+		for id := range level {
+			ids = append(ids, id)
+		}
+		slices.SortFunc(ids, chunkstore.ID.Compare)
+		for _, id := range ids {
+			n := level[id]
+			page, err := m.s.Get(ctx, id)
+			if err == nil && len(page) != pageLen {
+				err = fmt.Errorf("%d bytes, want %d: %w", len(page), pageLen, chunkstore.ErrCorrupt)
+			}
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				return nil, fmt.Errorf("%w: %s: index page %s: %w (verify and repair it, or delete what references it, then run gc again)", ErrGCDamage, ms[n.from].key, id, err)
+			}
+			m.pages++
+			for _, o := range n.owners {
+				m.add(owned{id: id, vol: o.vol, tag: o.owner}) // class 0: a page
+			}
+			n.leaf = lv == 0
+			for off := 0; off < pageLen; off += idLen {
+				var child chunkstore.ID
+				copy(child[:], page[off:off+idLen])
+				if child.IsZero() {
+					continue
+				}
+				if n.leaf {
+					n.total++
+					for _, o := range n.owners {
+						m.add(owned{id: child, vol: o.vol, tag: class[o.vol] | o.owner})
+					}
+					continue
+				}
+				c := next[child]
+				if c == nil {
+					c = &pageNode{from: n.from}
+					next[child] = c
+				}
+				for _, o := range n.owners {
+					c.reach(o.vol, o.owner)
+				}
+				n.below = append(n.below, c)
+			}
+			n.done = n.leaf
+		}
+		level = next
+	}
+	m.merge()
+	return roots, nil
+}
+
+// findOwned is where the entries of id are in the sorted set: [lo, hi).
+func findOwned(set []owned, id chunkstore.ID) (lo, hi int) {
+	lo, _ = slices.BinarySearchFunc(set, id, func(o owned, id chunkstore.ID) int { return o.id.Compare(id) })
+	hi = lo
+	for hi < len(set) && set[hi].id == id {
+		hi++
+	}
+	return lo, hi
+}
+
+// logicalReferenced is the LREFER of manifest m, whose root page is
+// root (nil for an empty index): the bytes it reads that are neither
+// holes nor zeroed extents of its deltas.
+func logicalReferenced(ctx context.Context, env *Env, m Manifest, root *pageNode) (int64, error) {
+	cs := m.ChunkSize
+	var n int64
+	if root != nil {
+		n = root.chunks() * cs
+		if tail := m.Size % cs; tail != 0 {
+			// The last chunk holds only tail bytes of the volume.
+			id, err := lookupIndex(ctx, env.Store, m.Root, uint64(m.Size/cs))
+			if err != nil {
+				return 0, err
+			}
+			if !id.IsZero() {
+				n -= cs - tail
+			}
+		}
+	}
+	if len(m.Deltas) == 0 {
+		return n, nil
+	}
+	// Each extent a delta decides replaces what the root holds there.
+	lv := &Volume{env: env, store: env.Store, cfg: Config{Name: m.Volume, ChunkSize: cs}}
+	err := lv.resolveDeltas(ctx, m.Deltas, 0, m.Size, func(x xext) error {
+		if x.kind == dxBase {
+			return nil
+		}
+		under, err := rootBytes(ctx, env.Store, m, x.off, x.end())
+		n -= under
+		if x.kind == dxData {
+			n += x.length
+		}
+		return err
+	})
+	return n, err
+}
+
+// rootBytes is how many bytes of [off, end) m's root holds in chunks
+// that are not holes.
+func rootBytes(ctx context.Context, s chunkStore, m Manifest, off, end int64) (int64, error) {
+	if m.Root.IsZero() {
+		return 0, nil
+	}
+	cs := m.ChunkSize
+	end = min(end, m.Size)
+	var n int64
+	for c := uint64(off / cs); int64(c)*cs < end; {
+		id, next, err := lookupRun(ctx, s, m.Root, c)
+		if err != nil {
+			return 0, err
+		}
+		if !id.IsZero() {
+			n += min(end, int64(c+1)*cs) - max(off, int64(c)*cs)
+		}
+		c = next
+	}
+	return n, nil
+}
+
+// volumeOfKey is the volume a key under volumes/ belongs to.
+func volumeOfKey(k string) string {
+	rest, _ := strings.CutPrefix(k, "volumes/")
+	name, _, _ := strings.Cut(rest, "/")
+	return name
+}
