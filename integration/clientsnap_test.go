@@ -1,6 +1,7 @@
 package integration
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,7 @@ import (
 	"github.com/nbdvault/nbdvault/integration/nbdtest"
 	"github.com/nbdvault/nbdvault/integration/servertest"
 	"github.com/nbdvault/nbdvault/integration/testenv"
+	"github.com/nbdvault/nbdvault/nbdserver/api"
 )
 
 // TestClientSnapshotFreezes: client snapshot freezes the file systems,
@@ -63,7 +65,9 @@ func TestClientSnapshotFreezes(t *testing.T) {
 	r = s.CLI("client", "snapshot", "--volume", "v", "--freeze", fs.Dir, "--pre", "exit 3")
 	assert.Equal(t, 1, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stderr, `--pre "exit 3" failed`)
-	assert.Len(t, strings.Split(strings.TrimSpace(s.MustCLI("snapshot", "list", "v").Stdout), "\n"), 2, "only the first snapshot (and the header)")
+	var snaps []api.Snapshot
+	require.NoError(t, json.Unmarshal([]byte(s.MustCLI("snapshot", "list", "v", "--json").Stdout), &snaps))
+	assert.Len(t, snaps, 1, "only the first snapshot")
 
 	// An unknown volume is refused before anything is frozen.
 	r = s.CLI("client", "snapshot", "--volume", "nope", "--freeze", fs.Dir)

@@ -158,7 +158,8 @@ func decode(r *http.Request, v any) error {
 }
 
 func (s *Server) getStatus(r *http.Request) (int, any, error) {
-	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: s.volumeInfos()}
+	sp := s.space()
+	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: s.volumeInfos(sp), Space: repositorySpace(sp)}
 	rs := &st.RepositoryState
 	up, since, lastErr := s.health.state()
 	rs.Reachable = up
@@ -179,36 +180,40 @@ func (s *Server) getStatus(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) listVolumes(r *http.Request) (int, any, error) {
-	return http.StatusOK, s.volumeInfos(), nil
+	return http.StatusOK, s.volumeInfos(s.space()), nil
 }
 
-// volumeInfos describes every volume, served or not, by name.
-func (s *Server) volumeInfos() []api.Volume {
+// volumeInfos describes every volume, served or not, by name, with the
+// space sp counted.
+func (s *Server) volumeInfos(sp *volume.Space) []api.Volume {
 	out := []api.Volume{}
 	for _, v := range s.Volumes() {
-		out = append(out, s.volumeInfo(v))
+		out = append(out, s.volumeInfo(v, sp))
 	}
 	for name, err := range s.Failed() {
-		out = append(out, failedInfo(name, err))
+		out = append(out, failedInfo(name, err, sp))
 	}
 	slices.SortFunc(out, func(a, b api.Volume) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
-func failedInfo(name string, err error) api.Volume {
-	return api.Volume{Name: name, Status: &api.VolumeStatus{Damaged: fmt.Sprintf("not served: %v; %s", err, nextStep(name, err))}}
+// failedInfo describes a volume that is not served, and the space sp
+// counted for it (its repository objects are what deleting it frees).
+func failedInfo(name string, err error, sp *volume.Space) api.Volume {
+	return api.Volume{Name: name, Status: &api.VolumeStatus{Damaged: fmt.Sprintf("not served: %v; %s", err, nextStep(name, err))},
+		Space: volumeSpace(sp, name, time.Time{})}
 }
 
 func (s *Server) getVolume(r *http.Request) (int, any, error) {
 	name := r.PathValue("vol")
 	if err, ok := s.Failed()[name]; ok {
-		return http.StatusOK, failedInfo(name, err), nil
+		return http.StatusOK, failedInfo(name, err, s.space()), nil
 	}
 	v, err := s.volumeOf(name)
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusOK, s.volumeInfo(v), nil
+	return http.StatusOK, s.volumeInfo(v, s.space()), nil
 }
 
 func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
@@ -247,7 +252,7 @@ func (s *Server) createVolume(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusCreated, s.volumeInfo(v), nil
+	return http.StatusCreated, s.volumeInfo(v, nil), nil
 }
 
 // updateVolume grows a volume, or sets or clears its retention policy,
@@ -279,7 +284,7 @@ func (s *Server) updateVolume(r *http.Request) (int, any, error) {
 		}
 		s.log.Info("volume resized", "volume", v.Config().Name, "size", v.Size())
 	}
-	return http.StatusOK, s.volumeInfo(v), nil
+	return http.StatusOK, s.volumeInfo(v, s.space()), nil
 }
 
 func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
@@ -339,8 +344,9 @@ func (s *Server) listSnapshots(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	out := []api.Snapshot{}
+	sp := s.space()
 	for _, si := range v.Snapshots() {
-		out = append(out, snapshotInfo(v, si))
+		out = append(out, withSpace(snapshotInfo(v, si), sp))
 	}
 	return http.StatusOK, out, nil
 }
@@ -350,7 +356,7 @@ func (s *Server) getSnapshot(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusOK, snapshotInfo(v, si), nil
+	return http.StatusOK, withSpace(snapshotInfo(v, si), s.space()), nil
 }
 
 func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
@@ -424,7 +430,7 @@ func (s *Server) updateSnapshot(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	s.log.Info("snapshot changed", "volume", v.Config().Name, "id", si.ID, "protected", si.Protected)
-	return http.StatusOK, snapshotInfo(v, si), nil
+	return http.StatusOK, withSpace(snapshotInfo(v, si), s.space()), nil
 }
 
 func (s *Server) prune(r *http.Request) (int, any, error) {
@@ -446,8 +452,9 @@ func (s *Server) prune(r *http.Request) (int, any, error) {
 		return 0, nil, perr
 	}
 	out := api.Pruned{Volume: v.Config().Name, Policy: req.Policy.String(), DryRun: req.DryRun, Snapshots: []api.PruneDecision{}}
+	sp := s.space()
 	for _, d := range ds {
-		pd := api.PruneDecision{Snapshot: snapshotInfo(v, d.SnapshotInfo), Keep: d.Keep, Reasons: d.Reasons}
+		pd := api.PruneDecision{Snapshot: withSpace(snapshotInfo(v, d.SnapshotInfo), sp), Keep: d.Keep, Reasons: d.Reasons}
 		switch {
 		case d.Err != nil:
 			pd.Error = d.Err.Error()
@@ -515,7 +522,8 @@ func (s *Server) snapshotOf(ctx context.Context, vol, snap string) (*volume.Volu
 	return v, si, nil
 }
 
-func (s *Server) volumeInfo(v *volume.Volume) api.Volume {
+// volumeInfo describes volume v, with the space sp counted for it.
+func (s *Server) volumeInfo(v *volume.Volume, sp *volume.Space) api.Volume {
 	cfg := v.Config()
 	st := v.Status()
 	vs := &api.VolumeStatus{PendingBytes: st.LogBytes, PendingSnapshots: st.PendingLayers, LagSeconds: st.Lag.Seconds()}
@@ -551,7 +559,8 @@ func (s *Server) volumeInfo(v *volume.Volume) api.Volume {
 			vs.LastPrune.Error = lp.err.Error()
 		}
 	}
-	out := api.Volume{Name: cfg.Name, Size: cfg.Size, ChunkSize: cfg.ChunkSize, Created: cfg.Created, Status: vs}
+	out := api.Volume{Name: cfg.Name, Size: cfg.Size, ChunkSize: cfg.ChunkSize, Created: cfg.Created, Status: vs,
+		Space: volumeSpace(sp, cfg.Name, cfg.Created)}
 	if !cfg.Retention.Empty() {
 		out.Retention = &cfg.Retention
 	}

@@ -171,6 +171,18 @@ var (
 		"1 while the last automatic prune by the volume's stored policy failed or was refused (status says why), else 0.", []string{"volume"}, nil)
 	descPruneTime = prometheus.NewDesc("nbdvault_volume_retention_last_run_timestamp_seconds",
 		"When the last automatic prune by the volume's stored policy ran (Unix time); absent until one has since the server started.", []string{"volume"}, nil)
+	descVolLogical = prometheus.NewDesc("nbdvault_volume_logical_bytes",
+		"Bytes the volume's head reads as data, as the last garbage collection counted (see nbdvault_space_counted_timestamp_seconds).", []string{"volume"}, nil)
+	descVolStored = prometheus.NewDesc("nbdvault_volume_stored_bytes",
+		"Repository bytes of the chunks, index pages and journal the volume's snapshots, checkpoints and head reference, as the last garbage collection counted.", []string{"volume"}, nil)
+	descVolUnique = prometheus.NewDesc("nbdvault_volume_unique_bytes",
+		"Repository bytes no other volume references (what deleting the volume frees), as the last garbage collection counted.", []string{"volume"}, nil)
+	descRepoStored = prometheus.NewDesc("nbdvault_repository_stored_bytes",
+		"Repository bytes of everything referenced, each object once, as the last garbage collection counted.", nil, nil)
+	descRepoReferenced = prometheus.NewDesc("nbdvault_repository_referenced_bytes",
+		"Plaintext bytes of the distinct data chunks referenced, as the last garbage collection counted.", nil, nil)
+	descSpaceTime = prometheus.NewDesc("nbdvault_space_counted_timestamp_seconds",
+		"When the space figures were counted (Unix time of the last garbage collection, a dry run too); absent until one has.", nil, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -179,7 +191,8 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descSize, descPending, descPendingSnaps, descLag, descSinceSeal, descSealFailing,
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
-		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems, descPruneFailing, descPruneTime} {
+		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems, descPruneFailing, descPruneTime,
+		descVolLogical, descVolStored, descVolUnique, descRepoStored, descRepoReferenced, descSpaceTime} {
 		ch <- d
 	}
 }
@@ -195,8 +208,25 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descVerifyTime, float64(rep.Time.UnixNano())/1e9)
 		gauge(descVerifyProblems, float64(len(rep.Problems)))
 	}
+	var sp *volume.Space
+	if c.s.env != nil {
+		sp, _ = volume.LoadSpace(c.s.env.StateDir) // a damaged file: no figures (the admin API logs why)
+	}
+	if sp != nil {
+		gauge(descSpaceTime, float64(sp.Time.UnixNano())/1e9)
+		gauge(descRepoStored, float64(sp.Repository.Stored))
+		gauge(descRepoReferenced, float64(sp.Repository.Referenced))
+	}
+	spaceGauges := func(name string, created time.Time) {
+		if t := volumeSpace(sp, name, created); t != nil {
+			gauge(descVolLogical, float64(t.Logical), name)
+			gauge(descVolStored, float64(t.Stored), name)
+			gauge(descVolUnique, float64(t.Unique), name)
+		}
+	}
 	for _, v := range c.s.Volumes() {
 		name := v.Config().Name
+		spaceGauges(name, v.Config().Created)
 		st := v.Status()
 		gauge(descSize, float64(v.Size()), name)
 		gauge(descPending, float64(st.LogBytes), name)
@@ -230,6 +260,7 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for name := range c.s.Failed() {
 		gauge(descDamaged, 1, name)
+		spaceGauges(name, time.Time{})
 	}
 	if c.s.opts.Data != "" {
 		gauge(descStateFree, float64(c.s.stateDisk().FreeBytes))

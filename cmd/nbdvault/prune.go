@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/urfave/cli/v2"
 
@@ -112,9 +113,20 @@ func prune(c *cli.Context) error {
 
 func printPruned(res api.Pruned) {
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "ID\tLABEL\tTIME\tACTION\tWHY")
+	fmt.Fprintln(w, "ID\tLABEL\tTIME\tUSED\tACTION\tWHY")
 	kept := 0
+	var used int64
+	var counted *time.Time
+	uncounted := 0
 	for _, d := range res.Snapshots {
+		switch {
+		case d.Keep:
+		case d.Used != nil && d.SpaceAsOf != nil:
+			used += *d.Used
+			counted = d.SpaceAsOf
+		default:
+			uncounted++
+		}
 		action, why := "keep", strings.Join(d.Reasons, ", ")
 		switch {
 		case d.Error != "":
@@ -130,7 +142,7 @@ func printPruned(res api.Pruned) {
 		if label == "" {
 			label = "-"
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", d.ID, label, d.Time.Local().Format("2006-01-02 15:04:05"), action, why)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", d.ID, label, d.Time.Local().Format("2006-01-02 15:04:05"), sizeOrDash(d.Used), action, why)
 	}
 	_ = w.Flush()
 	removed := len(res.Snapshots) - kept - res.Failed
@@ -139,6 +151,13 @@ func printPruned(res api.Pruned) {
 		verb = "would remove"
 	}
 	fmt.Printf("%s: %s; kept %d, %s %d snapshot(s)\n", res.Volume, res.Policy, kept, verb, removed)
+	if res.DryRun && counted != nil {
+		line := fmt.Sprintf("USED %s: the snapshots to remove use %s alone; together they may free more (what only they share)", asOf(*counted, time.Now()), formatSize(used))
+		if uncounted > 0 {
+			line += fmt.Sprintf("; %d not counted yet", uncounted)
+		}
+		fmt.Println(line)
+	}
 	if !res.DryRun && removed > 0 {
 		fmt.Println("the server now deletes the chunks only they used (garbage collection; nbdvault gc runs it by hand)")
 	}

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"os"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -81,26 +80,7 @@ func snapshotList(c *cli.Context) error {
 	if c.Bool("json") {
 		return printJSON(ss)
 	}
-	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "ID\tLABEL\tTIME\tSIZE\tSTATE")
-	for _, s := range ss {
-		state := "uploading"
-		switch {
-		case s.Damaged != "":
-			state = "DAMAGED: " + s.Damaged
-		case s.Sealed:
-			state = "sealed"
-		}
-		if s.Protected {
-			state += ", protected"
-		}
-		label := s.Label
-		if label == "" {
-			label = "-"
-		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\n", s.ID, label, s.Time.Local().Format("2006-01-02 15:04:05"), formatSize(s.Size), state)
-	}
-	return w.Flush()
+	return printSnapshots(os.Stdout, ss, time.Now())
 }
 
 func snapshotDelete(c *cli.Context) error {
@@ -115,10 +95,15 @@ func snapshotDelete(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	before, _ := cl.Snapshot(c.Context, vol, snap) // its space figures, if any: the delete says what is wrong
 	if err := cl.DeleteSnapshot(c.Context, vol, snap); err != nil {
 		return err
 	}
 	fmt.Printf("deleted snapshot %s@%s\n", vol, snap)
+	if before.Used != nil && before.SpaceAsOf != nil {
+		fmt.Printf("it alone used %s, %s: a gc frees about that once the point-in-time window no longer keeps it\n",
+			formatSize(*before.Used), asOf(*before.SpaceAsOf, time.Now()))
+	}
 	return nil
 }
 
@@ -179,7 +164,8 @@ func statusCommand() *cli.Command {
 				return nil
 			}
 			printVolumes(st.Volumes)
-			return nil
+			fmt.Println()
+			return printSpace(os.Stdout, st.Volumes, st.Space, time.Now())
 		},
 	}
 }

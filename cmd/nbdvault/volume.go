@@ -156,6 +156,10 @@ func volumeShow(c *cli.Context) error {
 		return printJSON(v)
 	}
 	printVolumes([]api.Volume{v})
+	if sp := v.Space; sp != nil {
+		fmt.Printf("\nspace %s (%s refreshes it): logical %s, stored %s, unique %s (what deleting it frees), dedup %s, compression %s\n",
+			asOf(sp.AsOf, time.Now()), refreshSpace, formatSize(sp.Logical), formatSize(sp.Stored), formatSize(sp.Unique), ratio(sp.DedupRatio), ratio(sp.CompressionRatio))
+	}
 	policy := "none (every snapshot is kept)"
 	if v.Retention != nil {
 		policy = v.Retention.String()

@@ -23,6 +23,41 @@ type Volume struct {
 	// after each snapshot is sealed; absent when it has none.
 	Retention *Policy       `json:"retention,omitempty"`
 	Status    *VolumeStatus `json:"status,omitempty"`
+	// Space is what the volume holds, as the last garbage collection
+	// counted it; absent until one has since the volume was created.
+	Space *SpaceTotals `json:"space,omitempty"`
+}
+
+// SpaceTotals are a volume's or the repository's space, as the last
+// garbage collection (a dry run too) counted it: the figures age from
+// AsOf.
+type SpaceTotals struct {
+	// AsOf is when the collection listed the manifests it counted.
+	AsOf time.Time `json:"as_of"`
+	// Logical is the bytes the head reads as data (for the repository,
+	// the sum over volumes); Written is that summed over the snapshots
+	// and the head (checkpoints not counted).
+	Logical int64 `json:"logical"`
+	Written int64 `json:"written"`
+	// Chunks and Pages count the distinct data chunks and index pages
+	// referenced; Referenced is the plaintext bytes of those chunks.
+	Chunks     int64 `json:"chunks"`
+	Pages      int64 `json:"pages"`
+	Referenced int64 `json:"referenced"`
+	// Stored is the repository's bytes for them: DataStored (chunks) +
+	// PageStored (index pages) + Journal (journal packs).
+	Stored     int64 `json:"stored"`
+	DataStored int64 `json:"data_stored"`
+	PageStored int64 `json:"page_stored"`
+	Journal    int64 `json:"journal"`
+	// Unique is the stored bytes no other volume references: for a
+	// volume, what deleting it frees; for the repository, Stored less
+	// what volumes share.
+	Unique int64 `json:"unique"`
+	// DedupRatio is Written / Referenced; CompressionRatio is Referenced
+	// / DataStored (0 when there is nothing to divide by).
+	DedupRatio       float64 `json:"dedup_ratio"`
+	CompressionRatio float64 `json:"compression_ratio"`
 }
 
 // AutoPrune is what the last automatic prune of a volume (its stored
@@ -96,6 +131,15 @@ type Snapshot struct {
 	Kind string `json:"kind,omitempty"`
 	// Protected: delete and prune leave it until it is unprotected.
 	Protected bool `json:"protected,omitempty"`
+	// Used is the stored bytes only this snapshot references: what
+	// deleting it alone frees (once the point-in-time window no longer
+	// keeps its state). Used does not sum: deleting several frees also
+	// what only they share. LogicalReferenced (LREFER) is the bytes it
+	// reads as data. Both are as of SpaceAsOf, the last garbage
+	// collection; absent for a snapshot it did not count (taken since).
+	Used              *int64     `json:"used,omitempty"`
+	LogicalReferenced *int64     `json:"logical_referenced,omitempty"`
+	SpaceAsOf         *time.Time `json:"space_as_of,omitempty"`
 }
 
 // UpdateSnapshot is the body of PATCH /v1/volumes/{name}/snapshots/{snap}.
@@ -149,6 +193,9 @@ type Status struct {
 	Volumes   []Volume `json:"volumes"`
 	// LastVerify is the last verify's result, kept in the state folder.
 	LastVerify *VerifyReport `json:"last_verify,omitempty"`
+	// Space is what the repository holds, as the last garbage collection
+	// counted it (each object once); absent until one has.
+	Space *SpaceTotals `json:"space,omitempty"`
 }
 
 // Disk is a file system's size and what is free on it.
