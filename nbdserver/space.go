@@ -72,6 +72,9 @@ func withSpace(out api.Snapshot, sp *volume.Space) api.Snapshot {
 		return out
 	}
 	asOf := sp.Time.UTC()
-	out.Used, out.LogicalReferenced, out.SpaceAsOf = &m.Used, &m.LogicalReferenced, &asOf
+	out.Used, out.SpaceAsOf = &m.Used, &asOf
+	if m.LogicalReferenced >= 0 { // -1: a delta could not be read to count it
+		out.LogicalReferenced = &m.LogicalReferenced
+	}
 	return out
 }
