@@ -47,6 +47,13 @@ func (b *listCounter) List(ctx context.Context, prefix string, fn func(string) e
 	return b.Backend.List(ctx, prefix, fn)
 }
 
+func (b *listCounter) ListSizes(ctx context.Context, prefix string, fn func(string, int64) error) error {
+	if strings.HasPrefix(prefix, "chunks") {
+		b.lists.Add(1)
+	}
+	return b.Backend.ListSizes(ctx, prefix, fn)
+}
+
 func (b *listCounter) Put(ctx context.Context, key string, data []byte) error {
 	if b.lateBy == 0 {
 		return b.Backend.Put(ctx, key, data)
