@@ -204,6 +204,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	// What the repository holds; the unreferenced chunks are deleted
 	// 1,000 at a time as they stream.
 	batch := make([]chunkstore.ID, 0, gcBatch)
+	sizes := make([]int64, 0, gcBatch) // batch's stored sizes
 	var deleteErr error
 	flush := func() error {
 		if len(batch) == 0 {
@@ -215,22 +216,22 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 			// Those put since the start were kept: they exist, and
 			// leave the inventory with the batch, so the next run
 			// must know them. gone is in batch's order.
-			for _, id := range batch {
+			for i, id := range batch {
 				if len(gone) > 0 && gone[0] == id {
 					gone = gone[1:]
 				} else {
-					inv.Written(id, false)
+					inv.Written(id, sizes[i], false)
 				}
 			}
 		}
-		batch = batch[:0]
+		batch, sizes = batch[:0], sizes[:0]
 		if err != nil {
 			deleteErr = fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
 			return deleteErr
 		}
 		return nil
 	}
-	each := func(id chunkstore.ID) (drop bool, err error) {
+	each := func(id chunkstore.ID, size int64) (drop bool, err error) {
 		rep.Listed++
 		if has(marked, id) {
 			return false, nil
@@ -239,6 +240,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		if opts.DryRun {
 			return false, nil
 		}
+		sizes = append(sizes, size)
 		if batch = append(batch, id); len(batch) == cap(batch) {
 			return true, flush()
 		}
@@ -247,9 +249,9 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	if inv != nil {
 		err = inv.rewrite(each, opts.DryRun, flush)
 	} else {
-		err = env.Repo.List(ctx, "chunks/", func(k string) error {
+		err = env.Repo.ListSizes(ctx, "chunks/", func(k string, size int64) error {
 			if id, ok := chunkOfKey(k); ok { // else not a chunk: not the collector's
-				_, err := each(id)
+				_, err := each(id, size)
 				return err
 			}
 			return nil
