@@ -52,6 +52,10 @@ type Backend interface {
 	// order; callers that need one sort. An error from fn stops the listing
 	// and is returned as is.
 	List(ctx context.Context, prefix string, fn func(key string) error) error
+	// ListSizes is List with each object's stored size in bytes, taken
+	// from the listing itself (no request per object). It yields the
+	// keys List would.
+	ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error
 	// Location is the backend's location as a user would type it, for
 	// messages ("/srv/repo", "s3://bucket/prefix").
 	Location() string

@@ -163,6 +163,30 @@ func (l *Local) DeleteMany(ctx context.Context, keys []string) error {
 }
 
 func (l *Local) List(ctx context.Context, prefix string, fn func(key string) error) error {
+	return l.walk(ctx, prefix, func(key string, _ fs.DirEntry) error { return fn(key) })
+}
+
+// ListSizes takes each size from the directory entry's Info (one lstat
+// each). An entry removed between the read of its directory and the
+// stat is skipped, as a delete racing the listing would have it.
+func (l *Local) ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error {
+	return l.walk(ctx, prefix, func(key string, d fs.DirEntry) error {
+		fi, err := d.Info()
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		if err != nil {
+			return &KeyError{Op: "list", Key: key, Err: translateOSError(err)}
+		}
+		return fn(key, fi.Size())
+	})
+}
+
+// walk calls fn for every object whose key starts with prefix: the
+// regular files below the root, without the temporary ones (and the
+// directories) whose names start with ".". An error from fn stops the
+// walk and is returned as is.
+func (l *Local) walk(ctx context.Context, prefix string, fn func(key string, d fs.DirEntry) error) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -195,7 +219,7 @@ func (l *Local) List(ctx context.Context, prefix string, fn func(key string) err
 		if !strings.HasPrefix(key, prefix) {
 			return nil
 		}
-		fnErr = fn(key)
+		fnErr = fn(key, d)
 		return fnErr
 	})
 	if err == nil || fnErr != nil || err == ctx.Err() {

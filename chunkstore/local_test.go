@@ -40,6 +40,9 @@ func TestLocalLayout(t *testing.T) {
 	var keys []string
 	require.NoError(t, b.List(t.Context(), "", func(k string) error { keys = append(keys, k); return nil }))
 	assert.Equal(t, []string{chunkstore.Key(id)}, keys)
+	sizes := map[string]int64{}
+	require.NoError(t, b.ListSizes(t.Context(), "", func(k string, size int64) error { sizes[k] = size; return nil }))
+	assert.Equal(t, map[string]int64{chunkstore.Key(id): fi.Size()}, sizes, "ListSizes hides what List hides")
 }
 
 func TestLocalRootIsAFile(t *testing.T) {

@@ -117,6 +117,34 @@ func (m *Mem) List(ctx context.Context, prefix string, fn func(key string) error
 	return nil
 }
 
+func (m *Mem) ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	type entry struct {
+		key  string
+		size int64
+	}
+	m.mu.RLock()
+	var entries []entry
+	for k, v := range m.objects {
+		if strings.HasPrefix(k, prefix) {
+			entries = append(entries, entry{k, int64(len(v))})
+		}
+	}
+	m.mu.RUnlock()
+	slices.SortFunc(entries, func(a, b entry) int { return strings.Compare(a.key, b.key) })
+	for _, e := range entries {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := fn(e.key, e.size); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // opCheck is the common entry check of a backend call: a done context or a
 // bad key fail before any work.
 func opCheck(ctx context.Context, key string) error {

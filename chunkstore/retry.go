@@ -26,8 +26,8 @@ var DefaultRetryPolicy = RetryPolicy{Attempts: 8, Initial: 100 * time.Millisecon
 // start in time, it returns the last error at once.
 //
 // Every Backend call is safe to repeat: Put is idempotent, the rest do not
-// change state or converge. List is retried only before it has passed a key
-// to fn, so fn never sees a key twice.
+// change state or converge. List and ListSizes are retried only before they
+// have passed a key to fn, so fn never sees a key twice.
 type Retry struct {
 	next   Backend
 	policy RetryPolicy
@@ -132,6 +132,17 @@ func (r *Retry) List(ctx context.Context, prefix string, fn func(key string) err
 		return r.next.List(ctx, prefix, func(key string) error {
 			delivered = true
 			return fn(key)
+		})
+	}, func() bool { return !delivered })
+}
+
+// ListSizes is retried as List is: only before it has passed a key to fn.
+func (r *Retry) ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error {
+	delivered := false
+	return r.doIf(ctx, func() error {
+		return r.next.ListSizes(ctx, prefix, func(key string, size int64) error {
+			delivered = true
+			return fn(key, size)
 		})
 	}, func() bool { return !delivered })
 }

@@ -54,6 +54,16 @@ func (f *faulty) List(ctx context.Context, p string, fn func(string) error) erro
 	})
 }
 
+func (f *faulty) ListSizes(ctx context.Context, p string, fn func(string, int64) error) error {
+	f.calls.Add(1)
+	return f.Backend.ListSizes(ctx, p, func(k string, size int64) error {
+		if f.failures.Add(-1) >= 0 {
+			return f.err
+		}
+		return fn(k, size)
+	})
+}
+
 var errDown = fmt.Errorf("%w: connection refused", chunkstore.ErrUnavailable)
 
 func fast(attempts int) chunkstore.RetryPolicy {
@@ -127,5 +137,33 @@ func TestRetryListNeverRepeatsKeys(t *testing.T) {
 	})
 	require.ErrorIs(t, err, chunkstore.ErrUnavailable)
 	assert.Len(t, seen, 1)
+	assert.EqualValues(t, 1, f.calls.Load())
+}
+
+// TestRetryListSizesNeverRepeatsKeys: ListSizes is retried as List is.
+func TestRetryListSizesNeverRepeatsKeys(t *testing.T) {
+	mem := chunkstore.NewMem()
+	for _, k := range []string{"a", "bb", "ccc"} {
+		require.NoError(t, mem.Put(t.Context(), k, []byte(k)))
+	}
+	f := &faulty{Backend: mem, err: errDown}
+	f.failures.Store(1)
+	seen := map[string]int64{}
+	err := chunkstore.NewRetry(f, fast(5)).ListSizes(t.Context(), "", func(k string, size int64) error {
+		seen[k] = size
+		return nil
+	})
+	require.NoError(t, err)
+	assert.Equal(t, map[string]int64{"a": 1, "bb": 2, "ccc": 3}, seen)
+
+	f = &faulty{Backend: mem, err: errDown}
+	n := 0
+	err = chunkstore.NewRetry(f, fast(5)).ListSizes(t.Context(), "", func(string, int64) error {
+		n++
+		f.failures.Store(1)
+		return nil
+	})
+	require.ErrorIs(t, err, chunkstore.ErrUnavailable)
+	assert.Equal(t, 1, n)
 	assert.EqualValues(t, 1, f.calls.Load())
 }

@@ -294,6 +294,26 @@ func (s *S3) List(ctx context.Context, prefix string, fn func(key string) error)
 	return ctx.Err()
 }
 
+// ListSizes takes each object's size from the listing: no request more
+// than List's.
+func (s *S3) ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	// Cancelling ctx is what stops minio-go's listing goroutine.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	for obj := range s.core.Client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: s.prefix + prefix, Recursive: true}) {
+		if obj.Err != nil {
+			return s.translate("list", prefix, obj.Err)
+		}
+		if err := fn(strings.TrimPrefix(obj.Key, s.prefix), obj.Size); err != nil {
+			return err
+		}
+	}
+	return ctx.Err()
+}
+
 // translate maps a minio-go error onto this package's sentinels.
 func (s *S3) translate(op, key string, err error) error {
 	if err == nil {

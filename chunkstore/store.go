@@ -29,11 +29,12 @@ type Options struct {
 	// whole, as version 1 objects (as nbdvault did before repository
 	// format 4). Reads decode either.
 	FrameBits int
-	// Written, if set, is told the ID of every chunk object a Put is
-	// about to write (after Has found it absent, before the PUT), and
-	// again, with failed set, when the PUT failed: it may still land.
-	// A garbage collector's inventory.
-	Written func(id ID, failed bool)
+	// Written, if set, is told the ID and stored size (the encoded
+	// object's length) of every chunk object a Put is about to write
+	// (after Has found it absent and the chunk is encoded, before the
+	// PUT), and again, with failed set, when the PUT failed: it may
+	// still land. A garbage collector's inventory.
+	Written func(id ID, size int64, failed bool)
 }
 
 // DefaultCacheBytes is the default size of a Store's read cache.
@@ -51,7 +52,7 @@ type Store struct {
 	fbits   uint // frame size new chunks are stored with; 0: whole
 	seq     seqReads
 	stats   storeStats
-	written func(ID, bool) // Options.Written
+	written func(ID, int64, bool) // Options.Written
 	// readOnly: an Uncached store, which a collection neither tracks nor
 	// records in its inventory, so it must not Put.
 	readOnly bool
@@ -189,9 +190,6 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		s.stats.dedupHits.Add(1)
 		return id, nil
 	}
-	if s.written != nil {
-		s.written(id, false)
-	}
 	var obj *[]byte
 	if cvs != nil {
 		obj = s.codec.encodeFramed(data, s.fbits, cvs)
@@ -199,13 +197,17 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		obj = s.codec.encode(data)
 	}
 	defer bufPool.Put(obj)
+	size := int64(len(*obj))
+	if s.written != nil {
+		s.written(id, size, false)
+	}
 	if err := s.backend.Put(ctx, key, *obj); err != nil {
 		if s.written != nil {
-			s.written(id, true)
+			s.written(id, size, true)
 		}
 		return ZeroID, fmt.Errorf("put chunk %s: %w", id, err)
 	}
-	s.stats.bytesStored.Add(int64(len(*obj)))
+	s.stats.bytesStored.Add(size)
 	return id, nil
 }
 

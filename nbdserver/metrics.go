@@ -342,3 +342,7 @@ func (c *countingBackend) DeleteMany(ctx context.Context, keys []string) error {
 func (c *countingBackend) List(ctx context.Context, prefix string, fn func(string) error) error {
 	return c.count(4, c.Backend.List(ctx, prefix, fn))
 }
+
+func (c *countingBackend) ListSizes(ctx context.Context, prefix string, fn func(string, int64) error) error {
+	return c.count(4, c.Backend.ListSizes(ctx, prefix, fn))
+}

@@ -182,6 +182,56 @@ func Backend(t *testing.T, open Opener) {
 		assert.Equal(t, 1, n, "fn's error stops the listing")
 	})
 
+	t.Run("ListSizes", func(t *testing.T) {
+		b := open(t)
+		// Sizes all different, an empty object among them.
+		objects := map[string][]byte{"chunks/aa/1": RandomBytes(1), "chunks/ab/2": RandomBytes(1000),
+			"chunks/b0/3": RandomBytes(70 << 10), "volumes/v/volume": {}, "config": RandomBytes(17)}
+		for k, v := range objects {
+			require.NoError(t, b.Put(ctx, k, v))
+		}
+		sizes := func(prefix string) map[string]int64 {
+			got := map[string]int64{}
+			require.NoError(t, b.ListSizes(ctx, prefix, func(k string, size int64) error {
+				_, dup := got[k]
+				assert.False(t, dup, "key %s listed twice", k)
+				got[k] = size
+				return nil
+			}))
+			return got
+		}
+		want := map[string]int64{}
+		for k, v := range objects {
+			want[k] = int64(len(v))
+		}
+		assert.Equal(t, want, sizes(""))
+		assert.Equal(t, map[string]int64{"chunks/aa/1": 1, "chunks/ab/2": 1000, "chunks/b0/3": 70 << 10}, sizes("chunks/"))
+		assert.Equal(t, map[string]int64{"chunks/aa/1": 1, "chunks/ab/2": 1000}, sizes("chunks/a"), "a prefix may end inside a segment")
+		assert.Empty(t, sizes("nothing/"))
+		assert.Empty(t, sizes("chunks/zz"))
+
+		// An object put again over a larger one has its new size.
+		require.NoError(t, b.Put(ctx, "chunks/b0/3", RandomBytes(5)))
+		assert.Equal(t, int64(5), sizes("chunks/b0/")["chunks/b0/3"])
+
+		// The same keys as List.
+		var listed []string
+		for k := range sizes("") {
+			listed = append(listed, k)
+		}
+		assert.Equal(t, listAll(t, b, ""), sorted(listed))
+
+		stop := errors.New("stop")
+		n := 0
+		err := b.ListSizes(ctx, "", func(string, int64) error { n++; return stop })
+		assert.ErrorIs(t, err, stop, "fn's error is returned")
+		assert.Equal(t, 1, n, "fn's error stops the listing")
+
+		cctx, cancel := context.WithCancel(ctx)
+		cancel()
+		assert.ErrorIs(t, b.ListSizes(cctx, "", func(string, int64) error { return nil }), context.Canceled)
+	})
+
 	t.Run("InvalidKeys", func(t *testing.T) {
 		b := open(t)
 		for _, k := range []string{"", "/abs", "trailing/", "a//b", "../up", "a/../b", "a/.hidden", "."} {

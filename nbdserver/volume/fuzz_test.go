@@ -142,7 +142,7 @@ func FuzzInventoryFiles(f *testing.F) {
 	for i := range 3 {
 		var id chunkstore.ID
 		id[0] = byte(i + 1)
-		_ = w.add(id)
+		_ = w.add(chunkRec{id, uint32(i) << 20})
 	}
 	if err := w.finish(); err != nil {
 		f.Fatal(err)
@@ -151,15 +151,21 @@ func FuzzInventoryFiles(f *testing.F) {
 	f.Add(data)
 	f.Add(data[:len(data)-1])
 	f.Add(append([]byte(nil), data[:headerLen+recLen]...))
-	f.Add([]byte("NBDVINV1"))
+	f.Add([]byte("NBDVINV2"))
+	// The format before sizes: its magics, 32-byte records.
+	f.Add(append([]byte("NBDVWRT1"), data[headerLen:]...))
+	f.Add(append([]byte("NBDVINV1"), make([]byte, 3*32+trailerLen)...))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		path := filepath.Join(t.TempDir(), "f")
 		if err := os.WriteFile(path, data, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		ids, err := readRecords(path)
-		if err == nil && (len(data)-headerLen-trailerLen)/recLen != len(ids) {
-			t.Fatalf("accepted %d records from %d bytes", len(ids), len(data))
+		recs, err := readRecords(path)
+		if err == nil && (len(data)-headerLen-trailerLen)/recLen != len(recs) {
+			t.Fatalf("accepted %d records from %d bytes", len(recs), len(data))
+		}
+		if err == nil && string(data[:headerLen]) != string(writtenMagic) {
+			t.Fatalf("accepted a file of magic %q", data[:headerLen])
 		}
 		// The same bytes as an inventory (its own magic).
 		if len(data) >= headerLen {

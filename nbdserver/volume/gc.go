@@ -243,6 +243,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	// 1,000 at a time as they stream, and the referenced ones counted.
 	count := newSpaceCount(ms, len(volumes))
 	batch := make([]chunkstore.ID, 0, gcBatch)
+	sizes := make([]int64, 0, gcBatch) // batch's stored sizes
 	var deleteErr error
 	flush := func() error {
 		if len(batch) == 0 {
@@ -254,15 +255,15 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 			// Those put since the start were kept: they exist, and
 			// leave the inventory with the batch, so the next run
 			// must know them. gone is in batch's order.
-			for _, id := range batch {
+			for i, id := range batch {
 				if len(gone) > 0 && gone[0] == id {
 					gone = gone[1:]
 				} else {
-					inv.Written(id, false)
+					inv.Written(id, sizes[i], false)
 				}
 			}
 		}
-		batch = batch[:0]
+		batch, sizes = batch[:0], sizes[:0]
 		if err != nil {
 			deleteErr = fmt.Errorf("garbage collection: %w (run it again: it deletes what is left)", err)
 			return deleteErr
@@ -279,15 +280,16 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		if opts.DryRun {
 			return false, nil
 		}
+		sizes = append(sizes, size)
 		if batch = append(batch, id); len(batch) == cap(batch) {
 			return true, flush()
 		}
 		return true, nil
 	}
 	if inv != nil {
-		err = inv.rewrite(func(id chunkstore.ID) (bool, error) { return each(id, 0) }, opts.DryRun, flush)
+		err = inv.rewrite(each, opts.DryRun, flush)
 	} else {
-		err = listSizes(ctx, env.Repo, "chunks/", func(k string, size int64) error {
+		err = env.Repo.ListSizes(ctx, "chunks/", func(k string, size int64) error {
 			if id, ok := chunkOfKey(k); ok { // else not a chunk: not the collector's
 				_, err := each(id, size)
 				return err
@@ -374,7 +376,7 @@ type packSize struct {
 // listManifestsAndPacks lists volumes/: the manifests' keys, sorted, and
 // the journal packs.
 func listManifestsAndPacks(ctx context.Context, repo chunkstore.Backend) (manifests []string, packs []packSize, err error) {
-	if err := listSizes(ctx, repo, "volumes/", func(k string, size int64) error {
+	if err := repo.ListSizes(ctx, "volumes/", func(k string, size int64) error {
 		switch {
 		case isManifestKey(k):
 			manifests = append(manifests, k)
@@ -387,11 +389,6 @@ func listManifestsAndPacks(ctx context.Context, repo chunkstore.Backend) (manife
 	}
 	slices.Sort(manifests)
 	return manifests, packs, nil
-}
-
-// listSizes is Backend.ListSizes. TODO(sizes): until it exists, sizes are 0.
-func listSizes(ctx context.Context, repo chunkstore.Backend, prefix string, fn func(string, int64) error) error {
-	return repo.List(ctx, prefix, func(k string) error { return fn(k, 0) })
 }
 
 // marker walks index trees and collects the IDs they reference, pages

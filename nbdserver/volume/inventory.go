@@ -23,19 +23,25 @@ import (
 )
 
 // The chunk inventory (docs/architecture.md, "Step 2: the inventory"):
-// the IDs of the chunk objects the repository holds, kept in the state
-// folder so that a collection need not list chunks/. It only has to name
-// every chunk object that exists (a superset): the sweep's safety does
-// not depend on it, and an ID it names that is gone is deleted again.
+// the IDs of the chunk objects the repository holds, each with its stored
+// size, kept in the state folder so that a collection need not list
+// chunks/. It only has to name every chunk object that exists (a
+// superset): the sweep's safety does not depend on it, and an ID it names
+// that is gone is deleted again.
 //
 // Files, in the state folder's gc/:
 //
-//	inventory   header, sorted distinct IDs, trailer
-//	written.N   header, IDs Store.Put wrote since (unsorted), trailer once closed
+//	inventory   header, records sorted by ID with distinct IDs, trailer
+//	written.N   header, records Store.Put wrote since (unsorted), trailer once closed
 //	clean       the lease holder that stopped cleanly with all of it complete
 //
-// Every file of IDs is magic (8 bytes), 32-byte records, and a trailer:
-// end magic, the count (8 bytes), and BLAKE3 of the records (32 bytes).
+// Every file of records is magic (8 bytes), 36-byte records, and a
+// trailer: end magic, the count (8 bytes), and BLAKE3 of the records (32
+// bytes). A record is a chunk's ID (32 bytes) then its object's stored
+// length (uint32, little-endian; a chunk object is at most 16 MiB and its
+// headers). Files of the format before sizes (magics NBDVINV1 and
+// NBDVWRT1, 32-byte records) are not trusted, as damaged ones are not:
+// the next collection lists chunks/ and writes the inventory anew.
 type Inventory struct {
 	dir      string
 	holder   string        // this server's lease holder ID
@@ -56,16 +62,61 @@ const (
 	cleanName     = "clean"
 	writtenPrefix = "written."
 
-	recLen     = 32
+	recLen     = 32 + 4 // chunkRec: the ID, the size
 	headerLen  = 8
 	trailerLen = 8 + 8 + 32
 )
 
 var (
-	invMagic     = []byte("NBDVINV1")
-	writtenMagic = []byte("NBDVWRT1")
+	invMagic     = []byte("NBDVINV2")
+	writtenMagic = []byte("NBDVWRT2")
 	endMagic     = []byte("NBDVEND1")
 )
+
+// chunkRec is one record: a chunk object's ID and its stored size.
+type chunkRec struct {
+	id   chunkstore.ID
+	size uint32
+}
+
+// recSize is size as a record holds it. A chunk object is far below
+// 4 GiB; anything larger (not written by a Store) is kept as the most a
+// record holds.
+func recSize(size int64) uint32 {
+	return uint32(min(max(size, 0), 1<<32-1))
+}
+
+// put encodes r into b (recLen bytes).
+func (r chunkRec) put(b []byte) {
+	copy(b, r.id[:])
+	binary.LittleEndian.PutUint32(b[32:], r.size)
+}
+
+// getRec decodes a record from b (recLen bytes).
+func getRec(b []byte) chunkRec {
+	var r chunkRec
+	copy(r.id[:], b)
+	r.size = binary.LittleEndian.Uint32(b[32:])
+	return r
+}
+
+// compareRecs orders records by ID.
+func compareRecs(a, b chunkRec) int { return a.id.Compare(b.id) }
+
+// compactRecs keeps one record per ID of sorted recs, the one of the
+// largest size: a chunk recorded again has the same content, so the same
+// size, and the larger is the safe side for the space accounting.
+func compactRecs(recs []chunkRec) []chunkRec {
+	out := recs[:0]
+	for _, r := range recs {
+		if n := len(out); n > 0 && out[n-1].id == r.id {
+			out[n-1].size = max(out[n-1].size, r.size)
+			continue
+		}
+		out = append(out, r)
+	}
+	return out
+}
 
 // InventoryOptions say whose the inventory is.
 type InventoryOptions struct {
@@ -196,14 +247,15 @@ func (inv *Inventory) Trusted() bool {
 	return inv.trusted
 }
 
-// Written records that a chunk object is about to be written, or (failed)
-// that its PUT failed, so it may still land: it is recorded again once
-// that can no longer happen, for a collection may have deleted it
-// meanwhile (chunkstore.Options.Written). It never fails a Put: a record
-// that cannot be written makes the next collection list the chunks.
-func (inv *Inventory) Written(id chunkstore.ID, failed bool) {
+// Written records that a chunk object of size bytes is about to be
+// written, or (failed) that its PUT failed, so it may still land: it is
+// recorded again once that can no longer happen, for a collection may
+// have deleted it meanwhile (chunkstore.Options.Written). It never fails
+// a Put: a record that cannot be written makes the next collection list
+// the chunks.
+func (inv *Inventory) Written(id chunkstore.ID, size int64, failed bool) {
 	if failed {
-		time.AfterFunc(inv.margin, func() { inv.Written(id, false) })
+		time.AfterFunc(inv.margin, func() { inv.Written(id, size, false) })
 		return
 	}
 	inv.mu.Lock()
@@ -218,7 +270,7 @@ func (inv *Inventory) Written(id chunkstore.ID, failed bool) {
 	if inv.cur == nil {
 		return // not trusted already
 	}
-	if err := inv.cur.add(id); err != nil && inv.trusted {
+	if err := inv.cur.add(chunkRec{id, recSize(size)}); err != nil && inv.trusted {
 		inv.trusted = false
 		inv.log.Warn("could not record a chunk in the inventory; the next garbage collection lists the repository's chunks", "error", err)
 	}
@@ -283,22 +335,23 @@ func (inv *Inventory) rotate() (closed []int, trusted bool) {
 // prepare brings the inventory up to date at the start of a collection,
 // which has started tracking and passed the epoch barrier: it folds the
 // closed written.N into it or, when it is not trusted (or list is set),
-// rebuilds it from a listing of chunks/. It says whether it listed.
+// rebuilds it from a listing of chunks/, with the sizes the listing
+// gives. It says whether it listed.
 func (inv *Inventory) prepare(ctx context.Context, repo chunkstore.Backend, closed []int, trusted, list bool) (listed bool, err error) {
-	var ids []chunkstore.ID
+	var recs []chunkRec
 	for _, n := range closed {
-		recs, err := readRecords(inv.writtenPath(n))
+		got, err := readRecords(inv.writtenPath(n))
 		if err != nil && trusted {
 			trusted = false
-			inv.log.Warn("a file of the chunk inventory is damaged; listing the repository's chunks", "error", err)
+			inv.log.Warn("a file of the chunk inventory is damaged or of an older format; listing the repository's chunks", "error", err)
 		}
-		ids = append(ids, recs...) // what a crash left is added to a listing all the same
+		recs = append(recs, got...) // what a crash left is added to a listing all the same
 	}
 	if trusted && !list {
-		if len(ids) == 0 {
+		if len(recs) == 0 {
 			return false, inv.removeSegments(closed) // nothing to fold: the files go all the same
 		}
-		err := inv.write(ids, true)
+		err := inv.write(recs, true)
 		if err == nil {
 			return false, inv.removeSegments(closed)
 		}
@@ -314,15 +367,15 @@ func (inv *Inventory) prepare(ctx context.Context, repo chunkstore.Backend, clos
 	case <-ctx.Done():
 		return true, ctx.Err()
 	}
-	if err := repo.List(ctx, "chunks/", func(k string) error {
+	if err := repo.ListSizes(ctx, "chunks/", func(k string, size int64) error {
 		if id, ok := chunkOfKey(k); ok {
-			ids = append(ids, id)
+			recs = append(recs, chunkRec{id, recSize(size)})
 		}
 		return nil
 	}); err != nil {
 		return true, fmt.Errorf("list the chunks: %w", err)
 	}
-	if err := inv.write(ids, false); err != nil {
+	if err := inv.write(recs, false); err != nil {
 		return true, err
 	}
 	inv.mu.Lock()
@@ -334,12 +387,13 @@ func (inv *Inventory) prepare(ctx context.Context, repo chunkstore.Backend, clos
 
 var errInventoryRead = errors.New("the inventory cannot be read")
 
-// write rewrites the inventory as ids (any order), with the old one
-// merged in if merge is set. An old inventory that cannot be read is an
-// error matching errInventoryRead, and leaves it as it was.
-func (inv *Inventory) write(ids []chunkstore.ID, merge bool) error {
-	slices.SortFunc(ids, chunkstore.ID.Compare)
-	ids = slices.Compact(ids)
+// write rewrites the inventory as recs (any order), with the old one
+// merged in if merge is set; of an ID recorded more than once it keeps
+// the largest size. An old inventory that cannot be read is an error
+// matching errInventoryRead, and leaves it as it was.
+func (inv *Inventory) write(recs []chunkRec, merge bool) error {
+	slices.SortFunc(recs, compareRecs)
+	recs = compactRecs(recs)
 	out, err := createRecords(inv.path(invName+".tmp"), invMagic)
 	if err != nil {
 		return fmt.Errorf("chunk inventory: %w", err)
@@ -357,7 +411,7 @@ func (inv *Inventory) write(ids []chunkstore.ID, merge bool) error {
 	if in != nil && readErr == nil {
 		defer in.close()
 		for {
-			id, ok, err := in.next()
+			rec, ok, err := in.next()
 			if err != nil {
 				readErr = err
 				break
@@ -365,15 +419,16 @@ func (inv *Inventory) write(ids []chunkstore.ID, merge bool) error {
 			if !ok {
 				break
 			}
-			for ; i < len(ids) && ids[i].Compare(id) < 0; i++ {
-				if err := out.add(ids[i]); err != nil {
+			for ; i < len(recs) && recs[i].id.Compare(rec.id) < 0; i++ {
+				if err := out.add(recs[i]); err != nil {
 					return err
 				}
 			}
-			if i < len(ids) && ids[i] == id {
+			if i < len(recs) && recs[i].id == rec.id {
+				rec.size = max(rec.size, recs[i].size)
 				i++
 			}
-			if err := out.add(id); err != nil {
+			if err := out.add(rec); err != nil {
 				return err
 			}
 		}
@@ -382,8 +437,8 @@ func (inv *Inventory) write(ids []chunkstore.ID, merge bool) error {
 		// Not a superset of what exists: only a listing is.
 		return fmt.Errorf("%w: %w", errInventoryRead, readErr)
 	}
-	for ; i < len(ids); i++ {
-		if err := out.add(ids[i]); err != nil {
+	for ; i < len(recs); i++ {
+		if err := out.add(recs[i]); err != nil {
 			return err
 		}
 	}
@@ -418,13 +473,15 @@ func createRecords(path string, magic []byte) (*recordFile, error) {
 	return r, r.err
 }
 
-func (r *recordFile) add(id chunkstore.ID) error {
+func (r *recordFile) add(rec chunkRec) error {
 	if r.err != nil {
 		return r.err
 	}
-	r.h.Write(id[:])
+	var b [recLen]byte
+	rec.put(b[:])
+	r.h.Write(b[:])
 	r.n++
-	_, r.err = r.w.Write(id[:])
+	_, r.err = r.w.Write(b[:])
 	return r.err
 }
 
@@ -496,51 +553,53 @@ func openRecords(path string, magic []byte) (*recordReader, error) {
 	var m [headerLen]byte
 	if _, err := io.ReadFull(r.r, m[:]); err != nil || string(m[:]) != string(magic) || body < 0 || body%recLen != 0 {
 		f.Close()
-		return nil, fmt.Errorf("%s: not a closed file of chunk IDs (%d bytes)", path, fi.Size())
+		return nil, fmt.Errorf("%s: not a closed file of chunk records, or one of an older format (%d bytes)", path, fi.Size())
 	}
 	return r, nil
 }
 
 // next returns the next record, or ok false after the last one, once
 // the trailer checks.
-func (r *recordReader) next() (id chunkstore.ID, ok bool, err error) {
+func (r *recordReader) next() (rec chunkRec, ok bool, err error) {
 	if r.i == r.n {
 		var t [trailerLen]byte
 		if _, err := io.ReadFull(r.r, t[:]); err != nil {
-			return id, false, fmt.Errorf("%s: %w", r.f.Name(), err)
+			return rec, false, fmt.Errorf("%s: %w", r.f.Name(), err)
 		}
 		if string(t[:8]) != string(endMagic) || binary.LittleEndian.Uint64(t[8:]) != r.n || string(r.h.Sum(nil)) != string(t[16:]) {
-			return id, false, fmt.Errorf("%s: %w: its trailer does not match its records", r.f.Name(), chunkstore.ErrCorrupt)
+			return rec, false, fmt.Errorf("%s: %w: its trailer does not match its records", r.f.Name(), chunkstore.ErrCorrupt)
 		}
-		return id, false, nil
+		return rec, false, nil
 	}
-	if _, err := io.ReadFull(r.r, id[:]); err != nil {
-		return id, false, fmt.Errorf("%s: %w", r.f.Name(), err)
+	var b [recLen]byte
+	if _, err := io.ReadFull(r.r, b[:]); err != nil {
+		return rec, false, fmt.Errorf("%s: %w", r.f.Name(), err)
 	}
-	r.h.Write(id[:])
+	r.h.Write(b[:])
 	r.i++
-	return id, true, nil
+	return getRec(b[:]), true, nil
 }
 
 func (r *recordReader) close() { r.f.Close() }
 
 // readRecords reads a whole written.N. A file without its trailer (a
-// crash) returns its whole records and an error.
-func readRecords(path string) ([]chunkstore.ID, error) {
+// crash) returns its whole records and an error; one of another magic
+// (an older format) returns none and an error.
+func readRecords(path string) ([]chunkRec, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
 		return nil, err
 	}
 	if len(data) < headerLen || string(data[:headerLen]) != string(writtenMagic) {
-		return nil, fmt.Errorf("%s: not a file of chunk IDs", path)
+		return nil, fmt.Errorf("%s: not a file of chunk records, or one of an older format", path)
 	}
 	body := data[headerLen:]
-	whole := func(b []byte) []chunkstore.ID {
-		ids := make([]chunkstore.ID, len(b)/recLen)
-		for i := range ids {
-			copy(ids[i][:], b[i*recLen:])
+	whole := func(b []byte) []chunkRec {
+		recs := make([]chunkRec, len(b)/recLen)
+		for i := range recs {
+			recs[i] = getRec(b[i*recLen:])
 		}
-		return ids
+		return recs
 	}
 	if len(body) < trailerLen || (len(body)-trailerLen)%recLen != 0 {
 		return whole(body), fmt.Errorf("%s: not closed (the server stopped without closing it)", path)
@@ -553,11 +612,12 @@ func readRecords(path string) ([]chunkstore.ID, error) {
 	return whole(recs), nil
 }
 
-// rewrite streams the inventory to fn and writes it again without the
-// IDs fn drops, once done (called after the last ID) returns. On any
-// error it replaces nothing: the old inventory still names everything
-// that exists. With dryRun it only streams.
-func (inv *Inventory) rewrite(fn func(chunkstore.ID) (drop bool, err error), dryRun bool, done func() error) error {
+// rewrite streams the inventory's records, each ID with its stored size,
+// to fn and writes it again without the IDs fn drops, once done (called
+// after the last ID) returns. On any error it replaces nothing: the old
+// inventory still names everything that exists. With dryRun it only
+// streams.
+func (inv *Inventory) rewrite(fn func(id chunkstore.ID, size int64) (drop bool, err error), dryRun bool, done func() error) error {
 	in, err := openRecords(inv.path(invName), invMagic)
 	if err != nil {
 		inv.mu.Lock()
@@ -575,7 +635,7 @@ func (inv *Inventory) rewrite(fn func(chunkstore.ID) (drop bool, err error), dry
 		defer out.abort()
 	}
 	for {
-		id, ok, err := in.next()
+		rec, ok, err := in.next()
 		if err != nil {
 			inv.mu.Lock()
 			inv.trusted = false // the next run lists
@@ -585,13 +645,13 @@ func (inv *Inventory) rewrite(fn func(chunkstore.ID) (drop bool, err error), dry
 		if !ok {
 			break
 		}
-		drop, err := fn(id)
+		drop, err := fn(rec.id, int64(rec.size))
 		if err != nil {
 			return err
 		}
 		dropped = dropped || drop
 		if out != nil && !drop {
-			if err := out.add(id); err != nil {
+			if err := out.add(rec); err != nil {
 				return fmt.Errorf("chunk inventory: %w", err)
 			}
 		}

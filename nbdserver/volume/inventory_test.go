@@ -3,10 +3,12 @@ package volume
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -15,8 +17,10 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"lukechampine.com/blake3"
 
 	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/chunkstore/storetest"
 )
 
 // crash drops the open written.N as a kill -9 would: the buffered
@@ -45,6 +49,13 @@ func (b *listCounter) List(ctx context.Context, prefix string, fn func(string) e
 		b.lists.Add(1)
 	}
 	return b.Backend.List(ctx, prefix, fn)
+}
+
+func (b *listCounter) ListSizes(ctx context.Context, prefix string, fn func(string, int64) error) error {
+	if strings.HasPrefix(prefix, "chunks") {
+		b.lists.Add(1)
+	}
+	return b.Backend.ListSizes(ctx, prefix, fn)
 }
 
 func (b *listCounter) Put(ctx context.Context, key string, data []byte) error {
@@ -246,4 +257,163 @@ func TestInventoryKeepsTouched(t *testing.T) {
 	left := 0
 	require.NoError(t, mem.List(t.Context(), "chunks/", func(string) error { left++; return nil }))
 	assert.Zero(t, left, "no chunk is left")
+}
+
+// inventorySizes reads the inventory's records, checking their order.
+func inventorySizes(t *testing.T, dir string) map[chunkstore.ID]int64 {
+	t.Helper()
+	in, err := openRecords(filepath.Join(dir, invDirName, invName), invMagic)
+	require.NoError(t, err)
+	defer in.close()
+	got := map[chunkstore.ID]int64{}
+	var last chunkstore.ID
+	for {
+		rec, ok, err := in.next()
+		require.NoError(t, err)
+		if !ok {
+			return got
+		}
+		require.Positive(t, rec.id.Compare(last), "the records are sorted, their IDs distinct")
+		last = rec.id
+		got[rec.id] = int64(rec.size)
+	}
+}
+
+// repoSizes is what ListSizes says of the chunks.
+func repoSizes(t *testing.T, repo chunkstore.Backend) map[chunkstore.ID]int64 {
+	t.Helper()
+	got := map[chunkstore.ID]int64{}
+	require.NoError(t, repo.ListSizes(t.Context(), "chunks/", func(k string, size int64) error {
+		id, ok := chunkOfKey(k)
+		require.True(t, ok, k)
+		got[id] = size
+		return nil
+	}))
+	return got
+}
+
+// TestInventorySizes: the inventory holds each chunk object's stored
+// size, whether folded from what Store.Put recorded or rebuilt from a
+// listing, and a collection passes them on.
+func TestInventorySizes(t *testing.T) {
+	r := newInvRig(t)
+	r.put(3)
+	_, err := CollectGarbage(t.Context(), r.env, GCOptions{Hold: time.Millisecond, DryRun: true})
+	require.NoError(t, err)
+	want := repoSizes(t, r.repo)
+	require.Len(t, want, 3)
+	assert.Equal(t, want, inventorySizes(t, r.dir), "the first run: rebuilt from a listing")
+
+	// Chunks of other sizes, folded from written.N.
+	for _, n := range []int{10, 5000, 200 << 10} {
+		_, err := r.env.Store.Put(t.Context(), storetest.RandomBytes(n))
+		require.NoError(t, err)
+	}
+	_, err = CollectGarbage(t.Context(), r.env, GCOptions{Hold: time.Millisecond, DryRun: true})
+	require.NoError(t, err)
+	want = repoSizes(t, r.repo)
+	require.Len(t, want, 6)
+	assert.Equal(t, want, inventorySizes(t, r.dir), "folded from written.N")
+
+	// A listing asked for gives the same.
+	rep, err := CollectGarbage(t.Context(), r.env, GCOptions{Hold: time.Millisecond, DryRun: true, List: true})
+	require.NoError(t, err)
+	assert.True(t, rep.Listing)
+	assert.Equal(t, want, inventorySizes(t, r.dir), "rebuilt from a listing")
+
+	// rewrite passes each ID with its size.
+	seen := map[chunkstore.ID]int64{}
+	require.NoError(t, r.inv.rewrite(func(id chunkstore.ID, size int64) (bool, error) {
+		seen[id] = size
+		return false, nil
+	}, true, func() error { return nil }))
+	assert.Equal(t, want, seen)
+}
+
+// TestInventoryWriteKeepsLargerSize: an ID recorded more than once, in
+// the records folded or in the inventory they are merged into, keeps
+// its largest size.
+func TestInventoryWriteKeepsLargerSize(t *testing.T) {
+	inv, err := OpenInventory(t.TempDir(), InventoryOptions{Holder: "h"})
+	require.NoError(t, err)
+	defer inv.Close()
+	id := func(b byte) chunkstore.ID { var id chunkstore.ID; id[0] = b; return id }
+	require.NoError(t, inv.write([]chunkRec{{id(3), 30}, {id(1), 10}, {id(3), 31}, {id(2), 20}, {id(1), 9}}, false))
+	require.NoError(t, inv.write([]chunkRec{{id(2), 25}, {id(3), 5}, {id(4), 40}, {id(4), 41}}, true))
+	seen := map[chunkstore.ID]int64{}
+	require.NoError(t, inv.rewrite(func(id chunkstore.ID, size int64) (bool, error) {
+		seen[id] = size
+		return false, nil
+	}, true, func() error { return nil }))
+	assert.Equal(t, map[chunkstore.ID]int64{id(1): 10, id(2): 25, id(3): 31, id(4): 41}, seen)
+}
+
+// writeOldFormat writes recs as a closed file of the format before
+// sizes: magic NBDVINV1 or NBDVWRT1, 32-byte IDs, the same trailer.
+func writeOldFormat(t *testing.T, path, magic string, recs []chunkRec) {
+	t.Helper()
+	body := []byte(magic)
+	h := blake3.New(32, nil)
+	for _, r := range recs {
+		body = append(body, r.id[:]...)
+		h.Write(r.id[:])
+	}
+	body = append(body, endMagic...)
+	body = binary.LittleEndian.AppendUint64(body, uint64(len(recs)))
+	body = h.Sum(body)
+	require.NoError(t, os.WriteFile(path, body, 0o600))
+}
+
+// TestInventoryOldFormat: the files of the format before sizes (magics
+// NBDVINV1 and NBDVWRT1) are not trusted: the next collection lists the
+// chunks and rebuilds the inventory in the new format, and an old
+// written.N goes as a damaged one does. The magic alone decides: a file
+// of the new format but for an old magic is not trusted either.
+func TestInventoryOldFormat(t *testing.T) {
+	for _, file := range []string{invName, writtenPrefix} {
+		for _, genuine := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s/genuine=%v", file, genuine), func(t *testing.T) {
+				r := newInvRig(t)
+				r.collect("the first run", true, 0)
+				r.put(2)
+				require.NoError(t, r.inv.Close()) // clean: trusted by the next start, as it is
+				seqs, err := r.inv.segments()
+				require.NoError(t, err)
+				require.Len(t, seqs, 1)
+				path, magic := filepath.Join(r.dir, invDirName, invName), "NBDVINV1"
+				if file == writtenPrefix {
+					path, magic = r.inv.writtenPath(seqs[0]), "NBDVWRT1"
+				}
+				written, err := readRecords(r.inv.writtenPath(seqs[0]))
+				require.NoError(t, err)
+				require.Len(t, written, 2)
+				if genuine {
+					recs := written // an old inventory would have had them folded
+					if file == invName {
+						slices.SortFunc(recs, compareRecs)
+					}
+					writeOldFormat(t, path, magic, recs)
+				} else {
+					data, err := os.ReadFile(path)
+					require.NoError(t, err)
+					copy(data, magic)
+					require.NoError(t, os.WriteFile(path, data, 0o600))
+				}
+
+				r.open(fmt.Sprint("holder", r.n))
+				assert.False(t, r.inv.Trusted(), "a start does not trust a file of the old format")
+				r.collect("with a file of the old format", true, 2)
+				des, err := os.ReadDir(filepath.Join(r.dir, invDirName))
+				require.NoError(t, err)
+				assert.Len(t, des, 2, "the inventory and the open record file, no more: %v", des)
+				assert.NoFileExists(t, r.inv.writtenPath(seqs[0]), "the old written.N is removed")
+				data, err := os.ReadFile(filepath.Join(r.dir, invDirName, invName))
+				require.NoError(t, err)
+				assert.Equal(t, invMagic, data[:headerLen], "the inventory is written in the new format")
+
+				r.put(1)
+				r.collect("the next run", false, 1)
+			})
+		}
+	}
 }

@@ -285,6 +285,15 @@ func (c *countingRepo) List(ctx context.Context, prefix string, fn func(string) 
 	return err
 }
 
+func (c *countingRepo) ListSizes(ctx context.Context, prefix string, fn func(string, int64) error) error {
+	n := int64(0)
+	err := c.Backend.ListSizes(ctx, prefix, func(k string, size int64) error { n++; return fn(k, size) })
+	c.mu.Lock()
+	c.k.lists += max(1, (n+999)/1000)
+	c.mu.Unlock()
+	return err
+}
+
 func (c *countingRepo) counts() repoCounts { c.mu.Lock(); defer c.mu.Unlock(); return c.k }
 
 func (k repoCounts) since(e repoCounts) repoCounts {

@@ -176,8 +176,8 @@ type Env struct {
 	RepoID   string
 	Store    *chunkstore.Store
 	StateDir string
-	// Inventory, if set, names the chunk objects the repository holds
-	// (OpenInventory), so that CollectGarbage lists them only when it
+	// Inventory, if set, names the chunk objects the repository holds,
+	// with their stored sizes (OpenInventory), so that CollectGarbage lists them only when it
 	// cannot be trusted. Store must report its Puts to it
 	// (chunkstore.Options.Written). Without it every collection lists.
 	Inventory *Inventory

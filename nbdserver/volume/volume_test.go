@@ -94,7 +94,9 @@ func (g *rig) openInventory() {
 
 // written records a chunk in the inventory of the moment
 // (chunkstore.Options.Written).
-func (g *rig) written(id chunkstore.ID, failed bool) { g.inv.Load().Written(id, failed) }
+func (g *rig) written(id chunkstore.ID, size int64, failed bool) {
+	g.inv.Load().Written(id, size, failed)
+}
 
 // lastMark is the ID of the newest mark, which must not be sealed yet.
 func (g *rig) lastMark() string { return g.v.layers[len(g.v.layers)-2].mark.ID }
