@@ -54,10 +54,31 @@ func TestGC(t *testing.T) {
 			writeNBD(t, s, "a", nbdtest.RandomBytes(3, 1<<20), 0)
 			s.MustCLI("snapshot", "create", "a", "--label", "two", "--wait")
 			images["a@two"] = readNBD(t, s, "a")
+			// What a@one alone uses, counted by a dry run, is what
+			// deleting it frees.
+			gc("--dry-run")
+			snaps := func(vol string) map[string]api.Snapshot {
+				var ss []api.Snapshot
+				require.NoError(t, json.Unmarshal([]byte(s.MustCLI("snapshot", "list", vol, "--json").Stdout), &ss))
+				by := map[string]api.Snapshot{}
+				for _, sn := range ss {
+					by[sn.Label] = sn
+				}
+				return by
+			}
+			one := snaps("a")["one"]
+			require.NotNil(t, one.Used, "a dry run counted a@one")
+			require.NotNil(t, one.LogicalReferenced)
+			assert.Equal(t, int64(1<<20), *one.LogicalReferenced, "a@one reads 1 MiB of data")
+			assert.Greater(t, *one.Used, int64(1<<20), "a@one alone holds its 1 MiB of random data, and index pages")
+			stored := func(prefix string) (n int64) {
+				require.NoError(t, objects.ListSizes(t.Context(), prefix, func(_ string, size int64) error { n += size; return nil }))
+				return n
+			}
 			s.MustCLI("snapshot", "delete", "a@one")
 			delete(images, "a@one")
 
-			before := chunks()
+			before, beforeBytes := chunks(), stored("chunks/")
 			dry := gc("--dry-run")
 			assert.True(t, dry.DryRun)
 			assert.Equal(t, before, dry.Listed)
@@ -68,9 +89,20 @@ func TestGC(t *testing.T) {
 			rep := gc()
 			assert.Equal(t, dry.Unreferenced, rep.Deleted)
 			assert.Equal(t, before-rep.Deleted, chunks())
+			assert.Equal(t, *one.Used, beforeBytes-stored("chunks/"), "deleting a@one freed its USED")
 			assert.Zero(t, gc("--dry-run").Unreferenced, "nothing left to collect")
 			out := s.MustCLI("gc", "--dry-run").Stdout
 			assert.Contains(t, out, "referenced by nothing: would delete 0", out)
+
+			// Nothing is unreferenced now: the repository's stored bytes
+			// are every chunk and page, and every journal pack.
+			var st api.Status
+			require.NoError(t, json.Unmarshal([]byte(s.MustCLI("status", "--json").Stdout), &st))
+			require.NotNil(t, st.Space, "status --json has the space the dry run counted")
+			assert.Equal(t, stored("chunks/"), st.Space.DataStored+st.Space.PageStored)
+			assert.Equal(t, stored("chunks/")+stored("volumes/a/journal/")+stored("volumes/b/journal/"), st.Space.Stored)
+			assert.Equal(t, int64(2<<20), st.Space.Logical, "a and b each read 1 MiB of data")
+			assert.Equal(t, *snaps("b")["one"].LogicalReferenced, int64(1<<20))
 
 			check := func(what string) {
 				t.Helper()

@@ -181,7 +181,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	}
 
 	// Every manifest now in the repository, and each one's tree.
-	listed := time.Now()
+	listed := time.Now().UTC().Round(0) // as space.json keeps it
 	keys, packs, err := listManifestsAndPacks(ctx, env.Repo)
 	if err != nil {
 		return rep, fmt.Errorf("garbage collection: %w", err)

@@ -405,7 +405,7 @@ func TestInventoryOldFormat(t *testing.T) {
 				r.collect("with a file of the old format", true, 2)
 				des, err := os.ReadDir(filepath.Join(r.dir, invDirName))
 				require.NoError(t, err)
-				assert.Len(t, des, 2, "the inventory and the open record file, no more: %v", des)
+				assert.Len(t, des, 3, "the inventory, the open record file and the space count, no more: %v", des)
 				assert.NoFileExists(t, r.inv.writtenPath(seqs[0]), "the old written.N is removed")
 				data, err := os.ReadFile(filepath.Join(r.dir, invDirName, invName))
 				require.NoError(t, err)

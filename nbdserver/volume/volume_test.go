@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -532,12 +533,40 @@ func (g *rig) checkGC(runs, deleted int) {
 	assert.True(g.t, rep.Listing)
 	assert.Zero(g.t, rep.Unreferenced, "after a collection at rest, every chunk in the repository is referenced")
 	assert.Equal(g.t, rep.Listed, rep.Referenced, "every chunk referenced is in the repository")
+	g.checkSpace(rep.Space, "from a listing")
 	rep, err = CollectGarbage(ctx, g.v.env, GCOptions{DryRun: true})
 	require.NoError(g.t, err)
 	assert.False(g.t, rep.Listing, "the inventory is trusted after a run")
 	assert.Equal(g.t, rep.Listed, rep.Referenced, "the inventory names exactly the chunks referenced")
+	g.checkSpace(rep.Space, "from the inventory")
 	g.reopen()
 	g.check("after a last collection and a restart", true)
+}
+
+// checkSpace checks a collection's space count with the volume at rest
+// and nothing unreferenced left: the repository's stored bytes are every
+// object's under chunks/ and every journal pack's, and each snapshot's
+// LREFER is at least its bytes that are not zero and at most its size.
+func (g *rig) checkSpace(s *Space, what string) {
+	ctx := context.Background()
+	require.NotNil(g.t, s, what)
+	var chunks, packs int64
+	require.NoError(g.t, g.repo.ListSizes(ctx, "chunks/", func(_ string, n int64) error { chunks += n; return nil }))
+	require.NoError(g.t, g.repo.ListSizes(ctx, journalPrefix("vol"), func(_ string, n int64) error { packs += n; return nil }))
+	r := s.Repository
+	assert.Equal(g.t, chunks, r.DataStored+r.PageStored, "%s: the chunks and pages stored are every object under chunks/", what)
+	assert.Equal(g.t, packs, r.Journal, "%s: the journal is every pack", what)
+	assert.Equal(g.t, chunks+packs, r.Stored, what)
+	var used int64
+	for k, m := range s.Manifests {
+		used += m.Used
+		if data, ok := g.m.snaps[strings.TrimPrefix(k, manifestPrefix("vol", KindSnapshot))]; ok {
+			nonzero := int64(len(data) - bytes.Count(data, []byte{0}))
+			assert.LessOrEqual(g.t, nonzero, m.LogicalReferenced, "%s: LREFER of %s holds its data", what, k)
+			assert.LessOrEqual(g.t, m.LogicalReferenced, int64(len(data)), "%s: LREFER of %s is at most its size", what, k)
+		}
+	}
+	assert.LessOrEqual(g.t, used, r.Unique-r.Journal, "%s: USED of each manifest is stored by it alone", what)
 }
 
 func TestVolumeModelMem(t *testing.T) {
