@@ -277,21 +277,7 @@ func (s *S3) DeleteMany(ctx context.Context, keys []string) error {
 }
 
 func (s *S3) List(ctx context.Context, prefix string, fn func(key string) error) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	// Cancelling ctx is what stops minio-go's listing goroutine.
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	for obj := range s.core.Client.ListObjects(ctx, s.bucket, minio.ListObjectsOptions{Prefix: s.prefix + prefix, Recursive: true}) {
-		if obj.Err != nil {
-			return s.translate("list", prefix, obj.Err)
-		}
-		if err := fn(strings.TrimPrefix(obj.Key, s.prefix)); err != nil {
-			return err
-		}
-	}
-	return ctx.Err()
+	return s.ListSizes(ctx, prefix, func(key string, _ int64) error { return fn(key) })
 }
 
 // ListSizes takes each object's size from the listing: no request more
