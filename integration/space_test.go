@@ -36,7 +36,7 @@ func TestSpaceShown(t *testing.T) {
 	assert.Contains(t, s.MustCLI("status").Stdout, "space: not counted yet (nbdvault gc --dry-run counts it)")
 
 	db := volume.SpaceTotals{Logical: 256 << 10, Written: 384 << 10, Chunks: 4, Pages: 3, Referenced: 256 << 10,
-		DataStored: 128 << 10, PageStored: 12 << 10, Journal: 4 << 10, Stored: 144 << 10, Unique: 144 << 10}
+		DataStored: 128 << 10, PageStored: 12 << 10, Journal: 4 << 10, Stored: 144 << 10}
 	repo := db
 	sp := volume.Space{Time: time.Now().UTC(),
 		Manifests:  map[string]volume.ManifestSpace{volume.ManifestKey("db", volume.KindSnapshot, ids[0]): {Used: 64 << 10, LogicalReferenced: 128 << 10}},
@@ -62,10 +62,10 @@ func TestSpaceShown(t *testing.T) {
 
 	out = s.MustCLI("status").Stdout
 	t.Logf("nbdvault status\n%s", out)
-	assert.Regexp(t, `(?m)^SPACE\s+LOGICAL\s+STORED\s+UNIQUE\s+DEDUP\s+COMPRESSION$`, out)
-	assert.Regexp(t, `(?m)^db\s+256\.0 KiB\s+144\.0 KiB\s+144\.0 KiB\s+1\.50x\s+2\.00x$`, out)
-	assert.Regexp(t, `(?m)^repository\s+256\.0 KiB\s+144\.0 KiB\s+144\.0 KiB\s+1\.50x\s+2\.00x$`, out)
-	assert.Regexp(t, `space as of the last gc, \d+s ago \(nbdvault gc --dry-run refreshes it\); a volume's UNIQUE is what deleting it frees`, out)
+	assert.Regexp(t, `(?m)^SPACE\s+LOGICAL\s+STORED\s+SHARED\s+DEDUP\s+COMPRESSION$`, out)
+	assert.Regexp(t, `(?m)^db\s+256\.0 KiB\s+144\.0 KiB\s+-\s+1\.50x\s+2\.00x$`, out)
+	assert.Regexp(t, `(?m)^repository\s+256\.0 KiB\s+144\.0 KiB\s+0 B\s+1\.50x\s+2\.00x$`, out)
+	assert.Regexp(t, `space as of the last gc, \d+s ago \(nbdvault gc --dry-run refreshes it\); a volume's STORED is what only it references: what deleting it frees`, out)
 	var st api.Status
 	require.NoError(t, json.Unmarshal([]byte(s.MustCLI("status", "--json").Stdout), &st))
 	require.NotNil(t, st.Space)
@@ -73,9 +73,9 @@ func TestSpaceShown(t *testing.T) {
 	assert.InDelta(t, 1.5, st.Space.DedupRatio, 1e-9)
 	require.Len(t, st.Volumes, 1)
 	require.NotNil(t, st.Volumes[0].Space)
-	assert.EqualValues(t, 144<<10, st.Volumes[0].Space.Unique)
+	assert.EqualValues(t, 144<<10, st.Volumes[0].Space.Stored)
 	assert.True(t, sp.Time.Equal(st.Volumes[0].Space.AsOf))
-	assert.Regexp(t, `space as of the last gc, \d+s ago \(nbdvault gc --dry-run refreshes it\): logical 256\.0 KiB, stored 144\.0 KiB, unique 144\.0 KiB \(what deleting it frees\), dedup 1\.50x, compression 2\.00x`,
+	assert.Regexp(t, `space as of the last gc, \d+s ago \(nbdvault gc --dry-run refreshes it\): logical 256\.0 KiB, stored 144\.0 KiB \(what only it references: what deleting it frees\), dedup 1\.50x, compression 2\.00x`,
 		s.MustCLI("volume", "show", "db").Stdout)
 
 	out = s.MustCLI("prune", "db", "--keep-last", "1", "--dry-run").Stdout
@@ -85,7 +85,7 @@ func TestSpaceShown(t *testing.T) {
 
 	m := s.Metrics()
 	for _, line := range []string{`nbdvault_volume_logical_bytes{volume="db"} 262144`, `nbdvault_volume_stored_bytes{volume="db"} 147456`,
-		`nbdvault_volume_unique_bytes{volume="db"} 147456`, `nbdvault_repository_stored_bytes 147456`, `nbdvault_repository_referenced_bytes 262144`} {
+		`nbdvault_repository_shared_bytes 0`, `nbdvault_repository_stored_bytes 147456`, `nbdvault_repository_referenced_bytes 262144`} {
 		assert.True(t, strings.Contains(m, line+"\n"), "/metrics has %s", line)
 	}
 	assert.Regexp(t, `(?m)^nbdvault_space_counted_timestamp_seconds \S+$`, m)

@@ -174,9 +174,9 @@ var (
 	descVolLogical = prometheus.NewDesc("nbdvault_volume_logical_bytes",
 		"Bytes the volume's head reads as data, as the last garbage collection counted (see nbdvault_space_counted_timestamp_seconds).", []string{"volume"}, nil)
 	descVolStored = prometheus.NewDesc("nbdvault_volume_stored_bytes",
-		"Repository bytes of the chunks, index pages and journal the volume's snapshots, checkpoints and head reference, as the last garbage collection counted.", []string{"volume"}, nil)
-	descVolUnique = prometheus.NewDesc("nbdvault_volume_unique_bytes",
-		"Repository bytes no other volume references (what deleting the volume frees), as the last garbage collection counted.", []string{"volume"}, nil)
+		"Repository bytes of the chunks and index pages only the volume's snapshots, checkpoints and head reference, and of its journal: what deleting it frees, as the last garbage collection counted.", []string{"volume"}, nil)
+	descRepoShared = prometheus.NewDesc("nbdvault_repository_shared_bytes",
+		"Repository bytes of the objects more than one volume references (in no volume's stored bytes), as the last garbage collection counted.", nil, nil)
 	descRepoStored = prometheus.NewDesc("nbdvault_repository_stored_bytes",
 		"Repository bytes of everything referenced, each object once, as the last garbage collection counted.", nil, nil)
 	descRepoReferenced = prometheus.NewDesc("nbdvault_repository_referenced_bytes",
@@ -192,7 +192,7 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
 		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems, descPruneFailing, descPruneTime,
-		descVolLogical, descVolStored, descVolUnique, descRepoStored, descRepoReferenced, descSpaceTime} {
+		descVolLogical, descVolStored, descRepoShared, descRepoStored, descRepoReferenced, descSpaceTime} {
 		ch <- d
 	}
 }
@@ -216,12 +216,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 		gauge(descSpaceTime, float64(sp.Time.UnixNano())/1e9)
 		gauge(descRepoStored, float64(sp.Repository.Stored))
 		gauge(descRepoReferenced, float64(sp.Repository.Referenced))
+		gauge(descRepoShared, float64(sp.Repository.Shared))
 	}
 	spaceGauges := func(name string, created time.Time) {
 		if t := volumeSpace(sp, name, created); t != nil {
 			gauge(descVolLogical, float64(t.Logical), name)
 			gauge(descVolStored, float64(t.Stored), name)
-			gauge(descVolUnique, float64(t.Unique), name)
 		}
 	}
 	for _, v := range c.s.Volumes() {

@@ -31,7 +31,7 @@ func (s *Server) space() *volume.Space {
 func spaceTotals(t volume.SpaceTotals, asOf time.Time) *api.SpaceTotals {
 	return &api.SpaceTotals{
 		AsOf: asOf.UTC(), Logical: t.Logical, Written: t.Written, Chunks: t.Chunks, Pages: t.Pages, Referenced: t.Referenced,
-		Stored: t.Stored, DataStored: t.DataStored, PageStored: t.PageStored, Journal: t.Journal, Unique: t.Unique,
+		Stored: t.Stored, DataStored: t.DataStored, PageStored: t.PageStored, Journal: t.Journal, Shared: t.Shared, SharesWithOthers: t.SharesWithOthers,
 		DedupRatio: t.DedupRatio(), CompressionRatio: t.CompressionRatio(),
 	}
 }

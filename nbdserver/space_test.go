@@ -68,9 +68,9 @@ func TestSpaceShown(t *testing.T) {
 
 	counted := time.Now().UTC() // after db was created
 	db := volume.SpaceTotals{Logical: 3 << 20, Written: 6 << 20, Chunks: 3, Pages: 2, Referenced: 2 << 20,
-		DataStored: 1 << 20, PageStored: 8192, Journal: 4096, Stored: 1<<20 + 12288, Unique: 1 << 19}
+		DataStored: 1 << 20, PageStored: 8192, Journal: 4096, Stored: 1<<20 + 12288, SharesWithOthers: true}
 	repo := db
-	repo.Stored, repo.Unique = 5<<20, 4<<20
+	repo.Stored, repo.Shared, repo.SharesWithOthers = 5<<20, 1<<20, false
 	writeSpace(t, s, volume.Space{Time: counted,
 		Manifests: map[string]volume.ManifestSpace{
 			volume.ManifestKey("db", volume.KindSnapshot, ids[0]):   {Used: 4096, LogicalReferenced: 3 << 20},
@@ -107,14 +107,14 @@ func TestSpaceShown(t *testing.T) {
 	st, err = cl.Status(ctx)
 	require.NoError(t, err)
 	want := &api.SpaceTotals{AsOf: st.Volumes[0].Space.AsOf, Logical: 3 << 20, Written: 6 << 20, Chunks: 3, Pages: 2, Referenced: 2 << 20,
-		Stored: 1<<20 + 12288, DataStored: 1 << 20, PageStored: 8192, Journal: 4096, Unique: 1 << 19, DedupRatio: 3, CompressionRatio: 2}
+		Stored: 1<<20 + 12288, DataStored: 1 << 20, PageStored: 8192, Journal: 4096, SharesWithOthers: true, CompressionRatio: 2}
 	require.Len(t, st.Volumes, 2)
 	assert.Equal(t, "db", st.Volumes[0].Name)
 	require.NotNil(t, st.Volumes[0].Space)
 	assert.True(t, counted.Equal(st.Volumes[0].Space.AsOf))
 	assert.Equal(t, want, st.Volumes[0].Space)
 	assert.Nil(t, st.Volumes[1].Space, "web was created after the count: its figures are another volume's")
-	want.Stored, want.Unique = 5<<20, 4<<20
+	want.Stored, want.Shared, want.SharesWithOthers, want.DedupRatio = 5<<20, 1<<20, false, 3
 	assert.Equal(t, want, st.Space)
 	v, err := cl.Volume(ctx, "db")
 	require.NoError(t, err)
@@ -122,7 +122,7 @@ func TestSpaceShown(t *testing.T) {
 
 	var m string
 	for line := range strings.Lines(scrape(t, cl, s)) {
-		if strings.HasPrefix(line, "nbdvault_volume_logical") || strings.HasPrefix(line, "nbdvault_volume_stored") || strings.HasPrefix(line, "nbdvault_volume_unique") ||
+		if strings.HasPrefix(line, "nbdvault_volume_logical") || strings.HasPrefix(line, "nbdvault_volume_stored") || strings.HasPrefix(line, "nbdvault_repository_shared") ||
 			strings.HasPrefix(line, "nbdvault_repository_stored") || strings.HasPrefix(line, "nbdvault_repository_referenced") || strings.HasPrefix(line, "nbdvault_space") {
 			m += line
 		}
@@ -130,7 +130,7 @@ func TestSpaceShown(t *testing.T) {
 	for _, line := range []string{
 		`nbdvault_volume_logical_bytes{volume="db"} 3.145728e+06`,
 		`nbdvault_volume_stored_bytes{volume="db"} 1.060864e+06`,
-		`nbdvault_volume_unique_bytes{volume="db"} 524288`,
+		`nbdvault_repository_shared_bytes 1.048576e+06`,
 		`nbdvault_repository_stored_bytes 5.24288e+06`,
 		`nbdvault_repository_referenced_bytes 2.097152e+06`,
 	} {

@@ -104,21 +104,29 @@ func printSpace(out io.Writer, vs []api.Volume, repo *api.SpaceTotals, now time.
 		return err
 	}
 	w := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(w, "SPACE\tLOGICAL\tSTORED\tUNIQUE\tDEDUP\tCOMPRESSION")
-	row := func(name string, t *api.SpaceTotals) {
+	fmt.Fprintln(w, "SPACE\tLOGICAL\tSTORED\tSHARED\tDEDUP\tCOMPRESSION")
+	sharing := false
+	row := func(name string, t *api.SpaceTotals, shared string) {
 		if t == nil {
 			fmt.Fprintf(w, "%s\t-\t-\t-\t-\t-\n", name)
 			return
 		}
-		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", name, formatSize(t.Logical), formatSize(t.Stored), formatSize(t.Unique), ratio(t.DedupRatio), ratio(t.CompressionRatio))
+		dedup := ratio(t.DedupRatio)
+		if t.SharesWithOthers {
+			dedup, sharing = "-*", true
+		}
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\n", name, formatSize(t.Logical), formatSize(t.Stored), shared, dedup, ratio(t.CompressionRatio))
 	}
 	for _, v := range vs {
-		row(v.Name, v.Space)
+		row(v.Name, v.Space, "-")
 	}
-	row("repository", repo)
+	row("repository", repo, formatSize(repo.Shared))
 	if err := w.Flush(); err != nil {
 		return err
 	}
-	_, err := fmt.Fprintf(out, "space %s (%s refreshes it); a volume's UNIQUE is what deleting it frees\n", asOf(repo.AsOf, now), refreshSpace)
+	_, err := fmt.Fprintf(out, "space %s (%s refreshes it); a volume's STORED is what only it references: what deleting it frees; SHARED is what several volumes reference\n", asOf(repo.AsOf, now), refreshSpace)
+	if err == nil && sharing {
+		_, err = fmt.Fprintln(out, "* shares data with other volumes: its dedup ratio is not known; see the repository's")
+	}
 	return err
 }

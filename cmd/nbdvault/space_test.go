@@ -63,18 +63,21 @@ func TestPrintSnapshotsSpace(t *testing.T) {
 func TestPrintSpace(t *testing.T) {
 	now := time.Date(2026, 11, 30, 18, 0, 0, 0, time.UTC)
 	counted := now.Add(-3*time.Hour - 5*time.Minute)
-	db := &api.SpaceTotals{AsOf: counted, Logical: 3 << 30, Stored: 1 << 30, Unique: 512 << 20, DedupRatio: 2.5, CompressionRatio: 1.75}
-	repo := &api.SpaceTotals{AsOf: counted, Logical: 4 << 30, Stored: 2 << 30, Unique: 2 << 30, DedupRatio: 2, CompressionRatio: 1.5}
+	db := &api.SpaceTotals{AsOf: counted, Logical: 3 << 30, Stored: 1 << 30, DedupRatio: 2.5, CompressionRatio: 1.75}
+	img := &api.SpaceTotals{AsOf: counted, Logical: 1 << 30, Stored: 1 << 20, SharesWithOthers: true, CompressionRatio: 1.25}
+	repo := &api.SpaceTotals{AsOf: counted, Logical: 4 << 30, Stored: 2 << 30, Shared: 512 << 20, DedupRatio: 2, CompressionRatio: 1.5}
 	var out bytes.Buffer
-	require.NoError(t, printSpace(&out, []api.Volume{{Name: "db", Space: db}, {Name: "web"}}, repo, now))
+	require.NoError(t, printSpace(&out, []api.Volume{{Name: "db", Space: db}, {Name: "img", Space: img}, {Name: "web"}}, repo, now))
 	rows := fields(out.String())
-	require.Len(t, rows, 5, out.String())
-	assert.Equal(t, []string{"SPACE", "LOGICAL", "STORED", "UNIQUE", "DEDUP", "COMPRESSION"}, rows[0])
-	assert.Equal(t, []string{"db", "3.0 GiB", "1.0 GiB", "512.0 MiB", "2.50x", "1.75x"}, rows[1])
-	assert.Equal(t, []string{"web", "-", "-", "-", "-", "-"}, rows[2])
-	assert.Equal(t, []string{"repository", "4.0 GiB", "2.0 GiB", "2.0 GiB", "2.00x", "1.50x"}, rows[3])
-	assert.Equal(t, "space as of the last gc, 3h05m ago (nbdvault gc --dry-run refreshes it); a volume's UNIQUE is what deleting it frees\n",
-		strings.SplitAfter(out.String(), "\n")[4])
+	require.Len(t, rows, 7, out.String())
+	assert.Equal(t, []string{"SPACE", "LOGICAL", "STORED", "SHARED", "DEDUP", "COMPRESSION"}, rows[0])
+	assert.Equal(t, []string{"db", "3.0 GiB", "1.0 GiB", "-", "2.50x", "1.75x"}, rows[1])
+	assert.Equal(t, []string{"img", "1.0 GiB", "1.0 MiB", "-", "-*", "1.25x"}, rows[2])
+	assert.Equal(t, []string{"web", "-", "-", "-", "-", "-"}, rows[3])
+	assert.Equal(t, []string{"repository", "4.0 GiB", "2.0 GiB", "512.0 MiB", "2.00x", "1.50x"}, rows[4])
+	lines := strings.SplitAfter(out.String(), "\n")
+	assert.Equal(t, "space as of the last gc, 3h05m ago (nbdvault gc --dry-run refreshes it); a volume's STORED is what only it references: what deleting it frees; SHARED is what several volumes reference\n", lines[5])
+	assert.Equal(t, "* shares data with other volumes: its dedup ratio is not known; see the repository's\n", lines[6])
 
 	out.Reset()
 	require.NoError(t, printSpace(&out, []api.Volume{{Name: "db"}}, nil, now))

@@ -157,8 +157,12 @@ func volumeShow(c *cli.Context) error {
 	}
 	printVolumes([]api.Volume{v})
 	if sp := v.Space; sp != nil {
-		fmt.Printf("\nspace %s (%s refreshes it): logical %s, stored %s, unique %s (what deleting it frees), dedup %s, compression %s\n",
-			asOf(sp.AsOf, time.Now()), refreshSpace, formatSize(sp.Logical), formatSize(sp.Stored), formatSize(sp.Unique), ratio(sp.DedupRatio), ratio(sp.CompressionRatio))
+		dedup := ratio(sp.DedupRatio)
+		if sp.SharesWithOthers {
+			dedup = "not known (it shares data with other volumes)"
+		}
+		fmt.Printf("\nspace %s (%s refreshes it): logical %s, stored %s (what only it references: what deleting it frees), dedup %s, compression %s\n",
+			asOf(sp.AsOf, time.Now()), refreshSpace, formatSize(sp.Logical), formatSize(sp.Stored), dedup, ratio(sp.CompressionRatio))
 	}
 	policy := "none (every snapshot is kept)"
 	if v.Retention != nil {

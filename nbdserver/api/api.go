@@ -45,15 +45,19 @@ type SpaceTotals struct {
 	Pages      int64 `json:"pages"`
 	Referenced int64 `json:"referenced"`
 	// Stored is the repository's bytes for them: DataStored (chunks) +
-	// PageStored (index pages) + Journal (journal packs).
+	// PageStored (index pages) + Journal (journal packs). A volume's
+	// figures count only what no other volume references: its Stored is
+	// what deleting it frees.
 	Stored     int64 `json:"stored"`
 	DataStored int64 `json:"data_stored"`
 	PageStored int64 `json:"page_stored"`
 	Journal    int64 `json:"journal"`
-	// Unique is the stored bytes no other volume references: for a
-	// volume, what deleting it frees; for the repository, Stored less
-	// what volumes share.
-	Unique int64 `json:"unique"`
+	// Shared is, for the repository, the stored bytes of the objects
+	// more than one volume references: they are in no volume's figures.
+	// SharesWithOthers says a volume references such objects (its
+	// DedupRatio is then 0: not known).
+	Shared           int64 `json:"shared,omitempty"`
+	SharesWithOthers bool  `json:"shares_with_other_volumes,omitempty"`
 	// DedupRatio is Written / Referenced; CompressionRatio is Referenced
 	// / DataStored (0 when there is nothing to divide by).
 	DedupRatio       float64 `json:"dedup_ratio"`

@@ -190,58 +190,58 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		ms      []spaceManifest
 		volumes []string
 		volIdx  = map[string]uint32{}
+		class   []uint32           // by volume: its data chunks' size class
 		heads   = map[uint32]int{} // by volume: the index in ms of its newest manifest
 	)
+	volume := func(name string) uint32 {
+		v, ok := volIdx[name]
+		if !ok {
+			v = uint32(len(volumes))
+			volIdx[name], volumes, class = v, append(volumes, name), append(class, chunkClass(DefaultChunkSize))
+		}
+		return v
+	}
 	for _, k := range keys {
 		mf, damaged, err := readManifestForGC(ctx, env, k)
 		if err != nil {
 			return rep, err
 		}
+		v := volume(volumeOfKey(k))
+		ms = append(ms, spaceManifest{key: k, m: mf, vol: v, damaged: damaged})
 		if damaged {
+			// Its chunks are marked all the same; its figures (chunk
+			// size, sequence number) are not believed.
 			rep.DamagedManifests = append(rep.DamagedManifests, k)
+			continue
 		}
-		name := volumeOfKey(k)
-		v, ok := volIdx[name]
-		if !ok {
-			v = uint32(len(volumes))
-			volIdx[name], volumes = v, append(volumes, name)
-		}
-		if mf.ChunkSize < MinChunkSize || mf.ChunkSize > MaxChunkSize || mf.ChunkSize&(mf.ChunkSize-1) != 0 {
-			mf.ChunkSize = DefaultChunkSize // a damaged manifest's: its chunks are still marked
-		}
-		ms = append(ms, spaceManifest{key: k, m: mf, vol: v})
-		if h, ok := heads[v]; !ok || mf.Seq > ms[h].m.Seq {
+		class[v] = chunkClass(mf.ChunkSize)
+		// The head is the newest manifest; of a snapshot and the
+		// checkpoint kept in its place (same sequence number), the
+		// snapshot.
+		if h, ok := heads[v]; !ok || mf.Seq > ms[h].m.Seq || mf.Seq == ms[h].m.Seq && mf.Kind == KindSnapshot {
 			heads[v] = len(ms) - 1
 		}
 	}
 	for _, p := range packs { // a volume whose packs no manifest names yet
-		if _, ok := volIdx[p.volume]; !ok {
-			volIdx[p.volume], volumes = uint32(len(volumes)), append(volumes, p.volume)
-		}
+		volume(p.volume)
 	}
-	perVol := make([]uint32, len(volumes))
-	for i := range ms {
-		ms[i].local = perVol[ms[i].vol]
-		perVol[ms[i].vol]++
+	w := &owners{manifestVol: make([]uint32, len(ms)), shares: make([]bool, len(volumes))}
+	for i, sm := range ms {
+		w.manifestVol[i] = sm.vol
 	}
-	m := &ownerMarker{s: env.Store.Uncached()} // pages around the cache: clients' reads stay in it
-	roots, err := m.mark(ctx, ms, heads)
+	m := &ownerMarker{s: env.Store.Uncached(), w: w} // pages around the cache: clients' reads stay in it
+	roots, err := m.mark(ctx, ms, heads, class)
 	if err != nil {
 		return rep, err
 	}
 	marked := m.set
-	rep.Manifests, rep.Pages = len(ms), m.pages
-	for i := range marked {
-		if i == 0 || marked[i].id != marked[i-1].id {
-			rep.Referenced++
-		}
-	}
+	rep.Manifests, rep.Pages, rep.Referenced = len(ms), m.pages, len(marked)
 	g.marking.Unlock() // manifests may go now: what they referenced is marked
 	marking = false
 
 	// What the repository holds; the unreferenced chunks are deleted
 	// 1,000 at a time as they stream, and the referenced ones counted.
-	count := newSpaceCount(ms, len(volumes))
+	count := newSpaceCount(w, len(ms), len(volumes))
 	batch := make([]chunkstore.ID, 0, gcBatch)
 	sizes := make([]int64, 0, gcBatch) // batch's stored sizes
 	var deleteErr error
@@ -272,8 +272,8 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 	}
 	each := func(id chunkstore.ID, size int64) (drop bool, err error) {
 		rep.Listed++
-		if lo, hi := findOwned(marked, id); lo < hi {
-			count.add(marked[lo:hi], size)
+		if o, ok := findOwned(marked, id); ok {
+			count.add(o, size)
 			return false, nil
 		}
 		rep.Unreferenced++
@@ -311,7 +311,9 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 			count.journal(v, p.size)
 		}
 	}
-	rep.Space = env.space(ctx, listed, ms, volumes, heads, roots, count)
+	if rep.Space, err = env.space(ctx, listed, ms, volumes, heads, roots, count); err != nil {
+		return rep, fmt.Errorf("garbage collection: count space: %w", err)
+	}
 	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
 	return rep, nil
 }

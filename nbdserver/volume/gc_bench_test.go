@@ -115,7 +115,7 @@ func BenchmarkGC(b *testing.B) {
 	}
 	env := &Env{Repo: repo, Store: store, StateDir: dir, Inventory: inv}
 	n := *benchGCChunks
-	all, _ := benchRepository(b, store, repo, n)
+	all, half := benchRepository(b, store, repo, n)
 	// A first collection lists the chunks (the inventory is new) and
 	// deletes nothing; the one measured takes them from the inventory,
 	// as every run does but the first and those after a crash.
@@ -148,4 +148,25 @@ func BenchmarkGC(b *testing.B) {
 	b.ReportMetric(float64(k.deletes), "DELETE-requests")
 	b.ReportMetric(heap/float64(rep.Listed), "peak-live-heap-B/chunk")
 	fmt.Printf("BenchmarkGC: %+v\n", rep)
+
+	// Eight more volumes cloned from the one left (their snapshots have
+	// its root), as VMs from one image: a dry run then finds every chunk
+	// referenced, by nine volumes; its peak heap should not grow with
+	// them.
+	var mf Manifest
+	if err := getJSON(ctx, repo, "", half, &mf); err != nil {
+		b.Fatal(err)
+	}
+	for i := range 8 {
+		mf.Volume = fmt.Sprint("clone", i)
+		if err := putJSON(ctx, repo, "", manifestKey(mf.Volume, KindSnapshot, mf.ID), mf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	var dry GCReport
+	heap = peakLiveHeap(func() { dry, err = CollectGarbage(ctx, env, GCOptions{DryRun: true}) })
+	if err != nil || dry.Unreferenced != 0 || dry.Space.Repository.Shared == 0 {
+		b.Fatalf("the dry run with clones: %+v, %v", dry, err)
+	}
+	b.ReportMetric(heap/float64(dry.Listed), "peak-live-heap-B/chunk-referenced-by-9-volumes")
 }

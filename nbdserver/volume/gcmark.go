@@ -1,7 +1,6 @@
 package volume
 
 import (
-	"cmp"
 	"context"
 	"fmt"
 	"math/bits"
@@ -17,24 +16,27 @@ import (
 // set of (ID, volume, owner). The set is what the sweep keeps; the
 // owners are what the space accounting charges each stored byte to.
 
-// owned is an object a volume's manifests reference: a data chunk or an
-// index page, and which of the volume's manifests does.
+// owned is an object the manifests reference, a data chunk or an index
+// page, and which of them do.
 type owned struct {
-	id  chunkstore.ID
-	vol uint32 // the volume (its index in the run's list)
+	id chunkstore.ID
 	// tag is the object's class in the top bits (ownerBits up): 0 for an
 	// index page, else log2 of the data chunk's plaintext size less 15;
-	// below, the one manifest of the volume that references it (its
-	// index among the volume's), or sharedOwner.
+	// below, its owner: the one manifest that references it (its index
+	// in the run's list), or shared within one volume, or across volumes.
 	tag uint32
 }
 
 const (
 	ownerBits = 28
 	ownerMask = 1<<ownerBits - 1
-	// sharedOwner: more than one manifest of the volume, or its head,
-	// references the object: deleting any one of them frees nothing.
-	sharedOwner = ownerMask
+	// sharedIn | v: more than one manifest of volume v, or its head,
+	// references the object, and no other volume does.
+	sharedIn = 1 << (ownerBits - 1)
+	// sharedAcross: manifests of more than one volume reference it.
+	sharedAcross = ownerMask
+	// maxManifests bounds a run's manifests (and volumes).
+	maxManifests = sharedIn - 1
 )
 
 func (o owned) owner() uint32 { return o.tag & ownerMask }
@@ -53,19 +55,49 @@ func (o owned) plain() int64 {
 // from MinChunkSize to MaxChunkSize: 1 to 9).
 func chunkClass(cs int64) uint32 { return uint32(bits.TrailingZeros64(uint64(cs))-15) << ownerBits }
 
-func compareOwned(a, b owned) int {
-	if c := a.id.Compare(b.id); c != 0 {
-		return c
-	}
-	return cmp.Compare(a.vol, b.vol)
+func compareOwned(a, b owned) int { return a.id.Compare(b.id) }
+
+// owners combines owners: manifestVol is each manifest's volume, and
+// shares says which volumes were found to share an object with another.
+type owners struct {
+	manifestVol []uint32
+	shares      []bool
 }
 
-// combineOwned makes *a, the entry kept for (ID, volume), say what both
-// say: one owner if they agree, shared if not.
-func combineOwned(a *owned, b owned) {
-	if a.owner() != b.owner() {
-		a.tag |= sharedOwner
+// vol is the volume of owner o; ok is false for sharedAcross.
+func (w *owners) vol(o uint32) (v uint32, ok bool) {
+	switch {
+	case o == sharedAcross:
+		return 0, false
+	case o&sharedIn != 0:
+		return o &^ sharedIn, true
 	}
+	return w.manifestVol[o], true
+}
+
+// combine is the owner of an object both a and b reference.
+func (w *owners) combine(a, b uint32) uint32 {
+	if a == b {
+		return a
+	}
+	va, oka := w.vol(a)
+	vb, okb := w.vol(b)
+	if oka && okb && va == vb {
+		return sharedIn | va
+	}
+	// Every volume whose owner meets another volume's here is marked,
+	// so each volume that shares is (each owner added meets the rest).
+	if oka {
+		w.shares[va] = true
+	}
+	if okb {
+		w.shares[vb] = true
+	}
+	return sharedAcross
+}
+
+func (w *owners) combineOwned(a *owned, b owned) {
+	a.tag = a.tag&^ownerMask | w.combine(a.owner(), b.owner())
 }
 
 // mergeSorted folds buf, in any order, into set, sorted and distinct by
@@ -114,36 +146,30 @@ func mergeSorted[T any](set, buf []T, compare func(a, b T) int, combine func(*T,
 
 // spaceManifest is a manifest a collection marks.
 type spaceManifest struct {
-	key   string
-	m     Manifest
-	vol   uint32 // its volume's index in the run's list
-	local uint32 // its index among its volume's manifests
+	key     string
+	m       Manifest
+	vol     uint32 // its volume's index in the run's list
+	damaged bool   // its checksum failed: its figures are not believed
 }
 
 // pageNode is an index page the marking reached.
 type pageNode struct {
-	owners []volOwner // by each volume whose manifests reach it (most pages: one)
-	from   int        // a manifest that reaches it, to name in messages
-	leaf   bool
-	done   bool        // total is known
-	total  int64       // chunk entries that are not holes, below it
-	below  []*pageNode // an interior page's children, one per entry that is not a hole
+	owner   uint32 // as owned's
+	reached bool   // owner is set
+	from    int    // a manifest that reaches it, to name in messages
+	leaf    bool
+	done    bool        // total is known
+	total   int64       // chunk entries that are not holes, below it
+	below   []*pageNode // an interior page's children, one per entry that is not a hole
 }
 
-type volOwner struct{ vol, owner uint32 }
-
-// reach records that the volume's manifest owner (or sharedOwner)
-// reaches the page.
-func (p *pageNode) reach(vol, owner uint32) {
-	for i := range p.owners {
-		if p.owners[i].vol == vol {
-			if p.owners[i].owner != owner {
-				p.owners[i].owner = sharedOwner
-			}
-			return
-		}
+// reach records that owner reaches the page.
+func (p *pageNode) reach(w *owners, owner uint32) {
+	if !p.reached {
+		p.owner, p.reached = owner, true
+		return
 	}
-	p.owners = append(p.owners, volOwner{vol, owner})
+	p.owner = w.combine(p.owner, owner)
 }
 
 // chunks is how many entries below p are not holes (an entry that
@@ -162,8 +188,9 @@ func (p *pageNode) chunks() int64 {
 // reference, with their owners, into a sorted set.
 type ownerMarker struct {
 	s     *chunkstore.Store
+	w     *owners
 	pages int     // pages read
-	set   []owned // sorted by (ID, volume), distinct
+	set   []owned // sorted by ID, distinct
 	buf   []owned // added since the last merge
 }
 
@@ -175,19 +202,21 @@ func (m *ownerMarker) add(o owned) {
 }
 
 func (m *ownerMarker) merge() {
-	m.set, m.buf = mergeSorted(m.set, m.buf, compareOwned, combineOwned)
+	m.set, m.buf = mergeSorted(m.set, m.buf, compareOwned, m.w.combineOwned)
 }
 
 // mark walks the trees of ms, one level of every tree at a time, so that
 // when a page's entries are added every page above it has been read and
-// its owners are final. heads[vol] is the index in ms of the volume's
+// its owner is final. heads[vol] is the index in ms of the volume's
 // head: its tree is also the volume's live state, so what it references
-// counts as shared. It returns the root pages by ID.
-func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[uint32]int) (map[chunkstore.ID]*pageNode, error) {
-	class := map[uint32]uint32{} // by volume: its data chunks' class
+// counts as shared. class[vol] is the volume's data chunks' class. It
+// returns the root pages by ID.
+func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[uint32]int, class []uint32) (map[chunkstore.ID]*pageNode, error) {
+	if len(ms) > maxManifests {
+		return nil, fmt.Errorf("garbage collection: %d manifests, more than the %d one run counts", len(ms), maxManifests)
+	}
 	level := map[chunkstore.ID]*pageNode{}
 	for i, sm := range ms {
-		class[sm.vol] = chunkClass(sm.m.ChunkSize)
 		if sm.m.Root.IsZero() {
 			continue
 		}
@@ -196,11 +225,11 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 			n = &pageNode{from: i}
 			level[sm.m.Root] = n
 		}
-		owner := sm.local
+		owner := uint32(i)
 		if h, ok := heads[sm.vol]; ok && h == i {
-			owner = sharedOwner
+			owner = sharedIn | sm.vol
 		}
-		n.reach(sm.vol, owner)
+		n.reach(m.w, owner)
 	}
 	roots := level
 	for lv := indexLevels - 1; lv >= 0; lv-- {
@@ -223,10 +252,9 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 				return nil, fmt.Errorf("%w: %s: index page %s: %w (verify and repair it, or delete what references it, then run gc again)", ErrGCDamage, ms[n.from].key, id, err)
 			}
 			m.pages++
-			for _, o := range n.owners {
-				m.add(owned{id: id, vol: o.vol, tag: o.owner}) // class 0: a page
-			}
+			m.add(owned{id: id, tag: n.owner}) // class 0: a page
 			n.leaf = lv == 0
+			chunkTag := class[ms[n.from].vol] | n.owner
 			for off := 0; off < pageLen; off += idLen {
 				var child chunkstore.ID
 				copy(child[:], page[off:off+idLen])
@@ -235,9 +263,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 				}
 				if n.leaf {
 					n.total++
-					for _, o := range n.owners {
-						m.add(owned{id: child, vol: o.vol, tag: class[o.vol] | o.owner})
-					}
+					m.add(owned{id: child, tag: chunkTag})
 					continue
 				}
 				c := next[child]
@@ -245,9 +271,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 					c = &pageNode{from: n.from}
 					next[child] = c
 				}
-				for _, o := range n.owners {
-					c.reach(o.vol, o.owner)
-				}
+				c.reach(m.w, n.owner)
 				n.below = append(n.below, c)
 			}
 			n.done = n.leaf
@@ -258,14 +282,13 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 	return roots, nil
 }
 
-// findOwned is where the entries of id are in the sorted set: [lo, hi).
-func findOwned(set []owned, id chunkstore.ID) (lo, hi int) {
-	lo, _ = slices.BinarySearchFunc(set, id, func(o owned, id chunkstore.ID) int { return o.id.Compare(id) })
-	hi = lo
-	for hi < len(set) && set[hi].id == id {
-		hi++
+// findOwned is the entry of id in the sorted set, if any.
+func findOwned(set []owned, id chunkstore.ID) (owned, bool) {
+	i, ok := slices.BinarySearchFunc(set, id, func(o owned, id chunkstore.ID) int { return o.id.Compare(id) })
+	if !ok {
+		return owned{}, false
 	}
-	return lo, hi
+	return set[i], true
 }
 
 // logicalReferenced is the LREFER of manifest m, whose root page is

@@ -46,8 +46,9 @@ type ManifestSpace struct {
 }
 
 // SpaceTotals are a volume's or the repository's figures. A volume's
-// counts what any of its manifests references; the repository's counts
-// each object once.
+// count the objects only its manifests reference (what deleting the
+// volume frees, as ZFS counts a clone's), and its journal packs; the
+// repository's count every object referenced, once.
 type SpaceTotals struct {
 	// Logical is the LREFER of the head (the newest sealed state); for
 	// the repository, the sum over volumes.
@@ -67,19 +68,23 @@ type SpaceTotals struct {
 	DataStored int64 `json:"data_stored"`
 	PageStored int64 `json:"page_stored"`
 	Journal    int64 `json:"journal"`
-	// Stored is DataStored + PageStored + Journal.
+	// Stored is DataStored + PageStored + Journal: for a volume, what
+	// deleting it frees.
 	Stored int64 `json:"stored"`
-	// Unique is the stored bytes no other volume references: what
-	// deleting the volume frees (for the repository: Stored less what
-	// volumes share).
-	Unique int64 `json:"unique"`
+	// Shared is, for the repository, the stored bytes of the objects
+	// more than one volume references (in no volume's figures).
+	Shared int64 `json:"shared,omitempty"`
+	// SharesWithOthers: the volume references objects another volume
+	// references too; they are not in its figures, so its dedup ratio
+	// is not known (DedupRatio is 0).
+	SharesWithOthers bool `json:"shares_with_other_volumes,omitempty"`
 }
 
 // DedupRatio is Written / Referenced: how many times over the kept
 // versions read the distinct data stored (1 with a single version; 0
-// when nothing is referenced).
+// when nothing is referenced, or the volume shares objects with others).
 func (t SpaceTotals) DedupRatio() float64 {
-	if t.Referenced == 0 {
+	if t.Referenced == 0 || t.SharesWithOthers {
 		return 0
 	}
 	return float64(t.Written) / float64(t.Referenced)
@@ -127,24 +132,19 @@ func saveSpace(stateDir string, s *Space) error {
 // spaceCount adds up, as the sweep streams the objects the repository
 // holds, what each manifest, volume and the repository store.
 type spaceCount struct {
+	w    *owners
 	vols []SpaceTotals // by volume index
-	used [][]int64     // by volume index, then manifest index within it
+	used []int64       // by manifest index
 	repo SpaceTotals
 }
 
-func newSpaceCount(ms []spaceManifest, nvols int) *spaceCount {
-	c := &spaceCount{vols: make([]SpaceTotals, nvols), used: make([][]int64, nvols)}
-	for _, sm := range ms {
-		c.used[sm.vol] = append(c.used[sm.vol], 0) // local indexes are in order
-	}
-	return c
+func newSpaceCount(w *owners, manifests, volumes int) *spaceCount {
+	return &spaceCount{w: w, vols: make([]SpaceTotals, volumes), used: make([]int64, manifests)}
 }
 
-// add counts an object of size stored bytes that run, its entries in the
-// mark set (one per volume that references it), names.
-func (c *spaceCount) add(run []owned, size int64) {
-	one := len(run) == 1
-	count := func(t *SpaceTotals, o owned) {
+// add counts object o, of size stored bytes.
+func (c *spaceCount) add(o owned, size int64) {
+	count := func(t *SpaceTotals) {
 		if o.isPage() {
 			t.Pages++
 			t.PageStored += size
@@ -154,16 +154,17 @@ func (c *spaceCount) add(run []owned, size int64) {
 			t.DataStored += size
 		}
 		t.Stored += size
-		if one {
-			t.Unique += size
-		}
 	}
-	count(&c.repo, run[0])
-	for _, o := range run {
-		count(&c.vols[o.vol], o)
-		if one && o.owner() != sharedOwner {
-			c.used[o.vol][o.owner()] += size
-		}
+	count(&c.repo)
+	owner := o.owner()
+	v, ok := c.w.vol(owner)
+	if !ok {
+		c.repo.Shared += size
+		return
+	}
+	count(&c.vols[v])
+	if owner&sharedIn == 0 {
+		c.used[owner] += size
 	}
 }
 
@@ -172,7 +173,6 @@ func (c *spaceCount) journal(vol uint32, size int64) {
 	for _, t := range []*SpaceTotals{&c.vols[vol], &c.repo} {
 		t.Journal += size
 		t.Stored += size
-		t.Unique += size
 	}
 }
 
@@ -180,8 +180,9 @@ func (c *spaceCount) journal(vol uint32, size int64) {
 // in the state folder: each manifest's LREFER (taken from the last count
 // when it had it: it never changes), its USED, and the totals. listed is
 // when the manifests were listed. A LREFER that cannot be computed (a
-// delta that cannot be read) is -1, and left out of the totals.
-func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, volumes []string, heads map[uint32]int, roots map[chunkstore.ID]*pageNode, c *spaceCount) *Space {
+// delta that cannot be read, a damaged manifest) is -1, and left out of
+// the totals; it is tried again by the next run.
+func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, volumes []string, heads map[uint32]int, roots map[chunkstore.ID]*pageNode, c *spaceCount) (*Space, error) {
 	var prev *Space
 	if e.StateDir != "" {
 		prev, _ = LoadSpace(e.StateDir) // unreadable: everything is computed again
@@ -189,14 +190,25 @@ func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, v
 	s := &Space{Time: listed, Manifests: make(map[string]ManifestSpace, len(ms)), Volumes: make(map[string]SpaceTotals, len(volumes))}
 	for i, sm := range ms {
 		lr := int64(-1)
-		if p, ok := prev.manifest(sm.key); ok && p.LogicalReferenced >= 0 {
+		switch p, ok := prev.manifest(sm.key); {
+		case sm.damaged:
+			// Not believed, not kept: counted once it is repaired.
+		case ok && p.LogicalReferenced >= 0:
 			lr = p.LogicalReferenced
-		} else if n, err := logicalReferenced(ctx, e, sm.m, roots[sm.m.Root]); err == nil {
+		default:
+			n, err := logicalReferenced(ctx, e, sm.m, roots[sm.m.Root])
+			if err != nil {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				if e.Logger != nil {
+					e.Logger.Warn("space accounting: cannot count what a manifest references", "manifest", sm.key, "error", err)
+				}
+				break
+			}
 			lr = n
-		} else if e.Logger != nil && ctx.Err() == nil {
-			e.Logger.Warn("space accounting: cannot count what a manifest references", "manifest", sm.key, "error", err)
 		}
-		s.Manifests[sm.key] = ManifestSpace{Used: c.used[sm.vol][sm.local], LogicalReferenced: lr}
+		s.Manifests[sm.key] = ManifestSpace{Used: c.used[i], LogicalReferenced: lr}
 		if lr < 0 {
 			continue
 		}
@@ -209,6 +221,7 @@ func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, v
 		}
 	}
 	for v, name := range volumes {
+		c.vols[v].SharesWithOthers = c.w.shares[v]
 		s.Volumes[name] = c.vols[v]
 		c.repo.Logical += c.vols[v].Logical
 		c.repo.Written += c.vols[v].Written
@@ -219,7 +232,7 @@ func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, v
 			e.Logger.Warn("space accounting: cannot keep the count", "error", err)
 		}
 	}
-	return s
+	return s, nil
 }
 
 // manifest is the last count's figures for the manifest at key.

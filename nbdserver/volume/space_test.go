@@ -1,6 +1,7 @@
 package volume
 
 import (
+	"bytes"
 	"context"
 	"strings"
 	"testing"
@@ -130,13 +131,19 @@ func TestSpace(t *testing.T) {
 	assert.Equal(t, stored+journal, r.Stored, "every referenced object and every journal pack, once")
 	assert.Equal(t, journal, r.Journal)
 	assert.Equal(t, r.DataStored+r.PageStored+r.Journal, r.Stored)
-	assert.Equal(t, r.Stored-size(v.store.Sum(chunks[2])), r.Unique, "all but the chunk both volumes hold")
-	vol := s.Volumes["vol"]
+	shared := size(v.store.Sum(chunks[2]))
+	assert.Equal(t, shared, r.Shared, "the chunk both volumes hold")
+	vol, vol2 := s.Volumes["vol"], s.Volumes["vol2"]
 	assert.Equal(t, s.Manifests[head].LogicalReferenced, vol.Logical)
 	assert.Equal(t, int64(4*cs+5*cs+6*cs+4096-8192), vol.Written, "a, b and the head")
-	assert.Equal(t, int64(7), vol.Chunks)
-	assert.Equal(t, vol.Stored-size(v.store.Sum(chunks[2])), vol.Unique)
-	assert.InDelta(t, float64(vol.Written)/float64(7*cs), vol.DedupRatio(), 1e-9)
+	assert.Equal(t, int64(6), vol.Chunks, "vol's chunks but the one vol2 holds too")
+	assert.Equal(t, int64(6*cs), vol.Referenced)
+	assert.Equal(t, r.Stored-shared, vol.Stored+vol2.Stored, "each volume's stored bytes are only its own")
+	assert.Zero(t, vol2.Chunks, "vol2's one chunk is vol's too")
+	assert.True(t, vol.SharesWithOthers)
+	assert.True(t, vol2.SharesWithOthers)
+	assert.Zero(t, vol.DedupRatio(), "not known: vol shares data with vol2")
+	assert.InDelta(t, float64(vol.Written+vol2.Written)/float64(7*cs), r.DedupRatio(), 1e-9)
 
 	// The same again: LREFER is kept from the last count, the rest
 	// counted anew.
@@ -156,4 +163,50 @@ func TestSpace(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, s.Manifests[aKey].Used, before-held(), "deleting a freed its USED")
 	assert.NotContains(t, rep3.Space.Manifests, aKey)
+}
+
+// TestSpaceKeptPointAndDamage: a checkpoint kept as a snapshot (the same
+// ID and root: the volume's head twice) counts once in what the versions
+// read; a damaged manifest's LREFER is not believed nor kept, and is
+// counted once it is repaired.
+func TestSpaceKeptPointAndDamage(t *testing.T) {
+	ctx := context.Background()
+	const cs = MinChunkSize
+	mem := chunkstore.NewMem()
+	g := newRig(t, mem, 4*cs, cs, 2)
+	v := g.v
+	require.NoError(t, v.WriteAt(ctx, randomBytes(cs), 0, false))
+	_, err := v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	cp := v.base
+	require.Equal(t, KindCheckpoint, cp.Kind)
+	kept, err := v.KeepPoint(ctx, cp.ID, "kept")
+	require.NoError(t, err)
+	require.Equal(t, cp.ID, kept.ID)
+	sKey, cKey := manifestKey("vol", KindSnapshot, kept.ID), manifestKey("vol", KindCheckpoint, cp.ID)
+
+	count := func(what string) *Space {
+		t.Helper()
+		rep, err := CollectGarbage(ctx, v.env, GCOptions{Hold: time.Millisecond, DryRun: true})
+		require.NoError(t, err, what)
+		return rep.Space
+	}
+	s := count("kept")
+	assert.Equal(t, int64(cs), s.Manifests[sKey].LogicalReferenced)
+	assert.Equal(t, int64(cs), s.Manifests[cKey].LogicalReferenced)
+	assert.Equal(t, int64(cs), s.Volumes["vol"].Written, "one version, counted once")
+	assert.Equal(t, int64(cs), s.Volumes["vol"].Logical)
+
+	good, err := mem.Get(ctx, sKey)
+	require.NoError(t, err)
+	bad := bytes.Replace(good, []byte(`"chunk_size": 65536`), []byte(`"chunk_size": 99999`), 1)
+	require.NotEqual(t, good, bad)
+	require.NoError(t, mem.Put(ctx, sKey, bad))
+	s = count("damaged")
+	assert.Equal(t, int64(-1), s.Manifests[sKey].LogicalReferenced, "a damaged manifest's figures are not believed")
+	assert.Equal(t, int64(cs), s.Volumes["vol"].Written, "the checkpoint is the head now")
+	require.NoError(t, mem.Put(ctx, sKey, good))
+	s = count("repaired")
+	assert.Equal(t, int64(cs), s.Manifests[sKey].LogicalReferenced, "counted again once repaired")
 }

@@ -566,7 +566,9 @@ func (g *rig) checkSpace(s *Space, what string) {
 			assert.LessOrEqual(g.t, m.LogicalReferenced, int64(len(data)), "%s: LREFER of %s is at most its size", what, k)
 		}
 	}
-	assert.LessOrEqual(g.t, used, r.Unique-r.Journal, "%s: USED of each manifest is stored by it alone", what)
+	assert.LessOrEqual(g.t, used, r.Stored-r.Journal-r.Shared, "%s: USED of each manifest is stored by it alone", what)
+	assert.Zero(g.t, r.Shared, "%s: one volume shares nothing with others", what)
+	assert.Equal(g.t, r, s.Volumes["vol"], "%s: one volume: its figures are the repository's", what)
 }
 
 func TestVolumeModelMem(t *testing.T) {
