@@ -401,4 +401,14 @@ func TestFaultRepositoryObjects(t *testing.T) {
 	assert.False(t, out.OK())
 	assert.Contains(t, out.Stderr, "its config is damaged")
 	assert.Contains(t, out.Stderr, "checksum mismatch")
+
+	// A config gone: the start stops rather than make a new repository
+	// (a new ID) over the objects.
+	require.NoError(t, os.Remove(cfg))
+	out = nbdtest.Run(t, cmdTimeout, servertest.Binary(t), "serve", "--data", s.Data, "--repo", repo,
+		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.False(t, out.OK())
+	assert.Contains(t, out.Stderr, "has no config but holds objects")
+	_, err = os.Stat(cfg)
+	assert.ErrorIs(t, err, os.ErrNotExist, "no new config written")
 }

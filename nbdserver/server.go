@@ -763,6 +763,26 @@ const (
 	repoChunkID = "blake3-256"
 )
 
+// someObject is the key of an object of a repository's volumes or
+// chunks, if it holds any ("" if not).
+func someObject(ctx context.Context, repo chunkstore.Backend) (string, error) {
+	errFound := errors.New("found")
+	var found string
+	for _, prefix := range []string{"volumes/", "chunks/"} {
+		err := repo.List(ctx, prefix, func(k string) error {
+			found = k
+			return errFound
+		})
+		if errors.Is(err, errFound) {
+			return found, nil
+		}
+		if err != nil {
+			return "", err
+		}
+	}
+	return "", nil
+}
+
 // checkRepoConfig writes a new repository's config, or checks that an
 // existing one is a format this server reads. Called with the lease held.
 func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logger) (repoConfig, error) {
@@ -770,6 +790,17 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 	data, err := repo.Get(ctx, lease.ConfigKey)
 	switch {
 	case errors.Is(err, chunkstore.ErrNotFound):
+		// A new repository, but never over objects: a repository whose
+		// config was lost would get a new ID, under which none of its
+		// checked objects reads.
+		k, err := someObject(ctx, repo)
+		if err != nil {
+			return c, fmt.Errorf("repository %s: look for objects before making it a repository: %w", repo.Location(), err)
+		}
+		if k != "" {
+			return c, fmt.Errorf("repository %s has no config but holds objects (%s): its config was lost, or this is not an nbdvault repository; restore config from a copy of the repository (nbdvault does not start a new repository over existing objects)",
+				repo.Location(), k)
+		}
 		c = repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC(), ID: randomHex(16)}
 		return c, writeRepoConfig(ctx, repo, c)
 	case err != nil:
