@@ -94,27 +94,7 @@ func (m *Mem) DeleteMany(ctx context.Context, keys []string) error {
 }
 
 func (m *Mem) List(ctx context.Context, prefix string, fn func(key string) error) error {
-	if err := ctx.Err(); err != nil {
-		return err
-	}
-	m.mu.RLock()
-	var keys []string
-	for k := range m.objects {
-		if strings.HasPrefix(k, prefix) {
-			keys = append(keys, k)
-		}
-	}
-	m.mu.RUnlock()
-	slices.Sort(keys)
-	for _, k := range keys {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		if err := fn(k); err != nil {
-			return err
-		}
-	}
-	return nil
+	return m.ListSizes(ctx, prefix, func(key string, _ int64) error { return fn(key) })
 }
 
 func (m *Mem) ListSizes(ctx context.Context, prefix string, fn func(key string, size int64) error) error {

@@ -179,6 +179,13 @@ func (v *Volume) visitDelta(ctx context.Context, d DeltaRef, off, n int64, fn fu
 	return nil
 }
 
+// deltaReader reads the deltas of volume name's manifests outside an
+// open volume (verify, the space count): a Volume with only what the
+// delta code uses, reading through the env's chunk cache.
+func (e *Env) deltaReader(name string) *Volume {
+	return &Volume{env: e, store: e.Store, cfg: Config{Name: name}}
+}
+
 // resolveDeltas splits [off, off+n) by what deltas (oldest first) say of
 // it, newest first: fn gets data and zero extents as they are, and base
 // extents, or ranges no delta covers, as kind dxBase (read the root).

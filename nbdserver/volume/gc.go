@@ -182,7 +182,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 
 	// Every manifest now in the repository, and each one's tree.
 	listed := time.Now().UTC().Round(0) // as space.json keeps it
-	keys, packs, err := listManifestsAndPacks(ctx, env.Repo)
+	keys, all, err := listVolumesKeys(ctx, env.Repo)
 	if err != nil {
 		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
@@ -191,7 +191,7 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		volumes []string
 		volIdx  = map[string]uint32{}
 		class   []uint32           // by volume: its data chunks' size class
-		heads   = map[uint32]int{} // by volume: the index in ms of its newest manifest
+		heads   = map[uint32]int{} // by volume: the index in ms of its head (spaceManifest.head)
 	)
 	volume := func(name string) uint32 {
 		v, ok := volIdx[name]
@@ -215,22 +215,24 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 			continue
 		}
 		class[v] = chunkClass(mf.ChunkSize)
-		// The head is the newest manifest; of a snapshot and the
-		// checkpoint kept in its place (same sequence number), the
-		// snapshot.
 		if h, ok := heads[v]; !ok || mf.Seq > ms[h].m.Seq || mf.Seq == ms[h].m.Seq && mf.Kind == KindSnapshot {
 			heads[v] = len(ms) - 1
 		}
 	}
-	for _, p := range packs { // a volume whose packs no manifest names yet
-		volume(p.volume)
+	for _, h := range heads {
+		ms[h].head = true
+	}
+	for k := range all { // a volume whose packs no manifest names yet
+		if isJournalKey(k) {
+			volume(volumeOfKey(k))
+		}
 	}
 	w := &owners{manifestVol: make([]uint32, len(ms)), shares: make([]bool, len(volumes))}
 	for i, sm := range ms {
 		w.manifestVol[i] = sm.vol
 	}
-	m := &ownerMarker{s: env.Store.Uncached(), w: w} // pages around the cache: clients' reads stay in it
-	roots, err := m.mark(ctx, ms, heads, class)
+	m := newOwnerMarker(env.Store.Uncached(), w) // pages around the cache: clients' reads stay in it
+	roots, err := m.mark(ctx, ms, class)
 	if err != nil {
 		return rep, err
 	}
@@ -306,24 +308,24 @@ func CollectGarbage(ctx context.Context, env *Env, opts GCOptions) (GCReport, er
 		}
 		return rep, fmt.Errorf("garbage collection: %w", err)
 	}
-	for _, p := range packs {
-		if v, ok := volIdx[p.volume]; ok {
-			count.journal(v, p.size)
+	for k, size := range all {
+		if isJournalKey(k) {
+			count.journal(volIdx[volumeOfKey(k)], size)
 		}
 	}
-	if rep.Space, err = env.space(ctx, listed, ms, volumes, heads, roots, count); err != nil {
+	if rep.Space, err = env.space(ctx, listed, ms, volumes, roots, count); err != nil {
 		return rep, fmt.Errorf("garbage collection: count space: %w", err)
 	}
 	rep.PutDuring, rep.Elapsed = tr.Len(), time.Since(start)
 	return rep, nil
 }
 
-// listVolumesKeys lists volumes/: the manifests' keys, sorted, and the
-// set of every key.
-func listVolumesKeys(ctx context.Context, repo chunkstore.Backend) (manifests []string, all map[string]bool, err error) {
-	all = map[string]bool{}
-	if err := repo.List(ctx, "volumes/", func(k string) error {
-		all[k] = true
+// listVolumesKeys lists volumes/: the manifests' keys, sorted, and
+// every key with its object's stored size.
+func listVolumesKeys(ctx context.Context, repo chunkstore.Backend) (manifests []string, all map[string]int64, err error) {
+	all = map[string]int64{}
+	if err := repo.ListSizes(ctx, "volumes/", func(k string, size int64) error {
+		all[k] = size
 		if isManifestKey(k) {
 			manifests = append(manifests, k)
 		}
@@ -334,6 +336,9 @@ func listVolumesKeys(ctx context.Context, repo chunkstore.Backend) (manifests []
 	slices.Sort(manifests)
 	return manifests, all, nil
 }
+
+// isJournalKey says whether k is a journal pack's key.
+func isJournalKey(k string) bool { return strings.HasPrefix(k, journalPrefix(volumeOfKey(k))) }
 
 // isManifestKey says whether k is volumes/VOL/{snapshots,checkpoints}/ID.
 func isManifestKey(k string) bool {
@@ -369,55 +374,19 @@ func readManifestForGC(ctx context.Context, env *Env, key string) (m Manifest, d
 	return m, false, fmt.Errorf("%w: manifest %s is damaged and names no index root that can be read: restore it from a copy of the repository, or delete its snapshot, then run gc again", ErrGCDamage, key)
 }
 
-// packSize is a journal pack's volume and stored size.
-type packSize struct {
-	volume string
-	size   int64
-}
-
-// listManifestsAndPacks lists volumes/: the manifests' keys, sorted, and
-// the journal packs.
-func listManifestsAndPacks(ctx context.Context, repo chunkstore.Backend) (manifests []string, packs []packSize, err error) {
-	if err := repo.ListSizes(ctx, "volumes/", func(k string, size int64) error {
-		switch {
-		case isManifestKey(k):
-			manifests = append(manifests, k)
-		case strings.HasPrefix(k, journalPrefix(volumeOfKey(k))):
-			packs = append(packs, packSize{volumeOfKey(k), size})
-		}
-		return nil
-	}); err != nil {
-		return nil, nil, fmt.Errorf("list the manifests: %w", err)
-	}
-	slices.Sort(manifests)
-	return manifests, packs, nil
-}
-
 // marker walks index trees and collects the IDs they reference, pages
 // and data chunks, into a sorted set.
 type marker struct {
+	sortedSet[chunkstore.ID]
 	s        *chunkstore.Store
 	addPages bool                       // the set holds the pages too
 	seen     map[chunkstore.ID]struct{} // pages walked
 	pages    int                        // pages read
-	set      []chunkstore.ID            // sorted, distinct
-	buf      []chunkstore.ID            // added since the last merge
 }
 
 func newMarker(s *chunkstore.Store, addPages bool) *marker {
-	return &marker{s: s, addPages: addPages, seen: map[chunkstore.ID]struct{}{}}
-}
-
-func (m *marker) add(id chunkstore.ID) {
-	m.buf = append(m.buf, id)
-	if len(m.buf) >= max(len(m.set), 1<<20) {
-		m.merge()
-	}
-}
-
-// merge folds buf into set.
-func (m *marker) merge() {
-	m.set, m.buf = mergeSorted(m.set, m.buf, chunkstore.ID.Compare, nil)
+	return &marker{sortedSet: sortedSet[chunkstore.ID]{compare: chunkstore.ID.Compare},
+		s: s, addPages: addPages, seen: map[chunkstore.ID]struct{}{}}
 }
 
 func (m *marker) done() []chunkstore.ID {

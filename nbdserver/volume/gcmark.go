@@ -12,9 +12,9 @@ import (
 
 // A collection's marking (docs/architecture.md, "Space accounting"):
 // the index trees of every manifest, walked level by level so that each
-// page's owners are known before its entries are added, into one sorted
-// set of (ID, volume, owner). The set is what the sweep keeps; the
-// owners are what the space accounting charges each stored byte to.
+// page's owner is known before its entries are added, into one sorted
+// set of (ID, owner). The set is what the sweep keeps; the owners are
+// what the space accounting charges each stored byte to.
 
 // owned is an object the manifests reference, a data chunk or an index
 // page, and which of them do.
@@ -150,14 +150,17 @@ type spaceManifest struct {
 	m       Manifest
 	vol     uint32 // its volume's index in the run's list
 	damaged bool   // its checksum failed: its figures are not believed
+	// head: the volume's newest manifest that checks (of a snapshot and
+	// the checkpoint kept in its place, the snapshot). Its tree is also
+	// the volume's live state, so what it references counts as shared.
+	head bool
 }
 
 // pageNode is an index page the marking reached.
 type pageNode struct {
-	owner   uint32 // as owned's
-	reached bool   // owner is set
-	from    int    // a manifest that reaches it, to name in messages
-	leaf    bool
+	owner   uint32      // as owned's
+	reached bool        // owner is set
+	from    int         // a manifest that reaches it, to name in messages
 	done    bool        // total is known
 	total   int64       // chunk entries that are not holes, below it
 	below   []*pageNode // an interior page's children, one per entry that is not a hole
@@ -184,34 +187,47 @@ func (p *pageNode) chunks() int64 {
 	return p.total
 }
 
-// ownerMarker collects the objects the trees of a collection's manifests
-// reference, with their owners, into a sorted set.
-type ownerMarker struct {
-	s     *chunkstore.Store
-	w     *owners
-	pages int     // pages read
-	set   []owned // sorted by ID, distinct
-	buf   []owned // added since the last merge
+// sortedSet collects values into a sorted set, distinct by compare
+// (values that compare equal are combined, if combine is set): added
+// values wait in a buffer that is merged in once it is as large as the
+// set (or a million values), so the set is copied a logarithmic number
+// of times.
+type sortedSet[T any] struct {
+	compare func(a, b T) int
+	combine func(*T, T)
+	set     []T // sorted, distinct
+	buf     []T // added since the last merge
 }
 
-func (m *ownerMarker) add(o owned) {
-	m.buf = append(m.buf, o)
-	if len(m.buf) >= max(len(m.set), 1<<20) {
-		m.merge()
+func (s *sortedSet[T]) add(v T) {
+	s.buf = append(s.buf, v)
+	if len(s.buf) >= max(len(s.set), 1<<20) {
+		s.merge()
 	}
 }
 
-func (m *ownerMarker) merge() {
-	m.set, m.buf = mergeSorted(m.set, m.buf, compareOwned, m.w.combineOwned)
+func (s *sortedSet[T]) merge() {
+	s.set, s.buf = mergeSorted(s.set, s.buf, s.compare, s.combine)
+}
+
+// ownerMarker collects the objects the trees of a collection's manifests
+// reference, with their owners, into a sorted set.
+type ownerMarker struct {
+	sortedSet[owned]
+	s     *chunkstore.Store
+	w     *owners
+	pages int // pages read
+}
+
+func newOwnerMarker(s *chunkstore.Store, w *owners) *ownerMarker {
+	return &ownerMarker{sortedSet: sortedSet[owned]{compare: compareOwned, combine: w.combineOwned}, s: s, w: w}
 }
 
 // mark walks the trees of ms, one level of every tree at a time, so that
 // when a page's entries are added every page above it has been read and
-// its owner is final. heads[vol] is the index in ms of the volume's
-// head: its tree is also the volume's live state, so what it references
-// counts as shared. class[vol] is the volume's data chunks' class. It
+// its owner is final. class[vol] is the volume's data chunks' class. It
 // returns the root pages by ID.
-func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[uint32]int, class []uint32) (map[chunkstore.ID]*pageNode, error) {
+func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, class []uint32) (map[chunkstore.ID]*pageNode, error) {
 	if len(ms) > maxManifests {
 		return nil, fmt.Errorf("garbage collection: %d manifests, more than the %d one run counts", len(ms), maxManifests)
 	}
@@ -226,7 +242,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 			level[sm.m.Root] = n
 		}
 		owner := uint32(i)
-		if h, ok := heads[sm.vol]; ok && h == i {
+		if sm.head {
 			owner = sharedIn | sm.vol
 		}
 		n.reach(m.w, owner)
@@ -253,7 +269,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 			}
 			m.pages++
 			m.add(owned{id: id, tag: n.owner}) // class 0: a page
-			n.leaf = lv == 0
+			leaf := lv == 0
 			chunkTag := class[ms[n.from].vol] | n.owner
 			for off := 0; off < pageLen; off += idLen {
 				var child chunkstore.ID
@@ -261,7 +277,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 				if child.IsZero() {
 					continue
 				}
-				if n.leaf {
+				if leaf {
 					n.total++
 					m.add(owned{id: child, tag: chunkTag})
 					continue
@@ -274,7 +290,7 @@ func (m *ownerMarker) mark(ctx context.Context, ms []spaceManifest, heads map[ui
 				c.reach(m.w, n.owner)
 				n.below = append(n.below, c)
 			}
-			n.done = n.leaf
+			n.done = leaf
 		}
 		level = next
 	}
@@ -314,8 +330,7 @@ func logicalReferenced(ctx context.Context, env *Env, m Manifest, root *pageNode
 		return n, nil
 	}
 	// Each extent a delta decides replaces what the root holds there.
-	lv := &Volume{env: env, store: env.Store, cfg: Config{Name: m.Volume, ChunkSize: cs}}
-	err := lv.resolveDeltas(ctx, m.Deltas, 0, m.Size, func(x xext) error {
+	err := env.deltaReader(m.Volume).resolveDeltas(ctx, m.Deltas, 0, m.Size, func(x xext) error {
 		if x.kind == dxBase {
 			return nil
 		}

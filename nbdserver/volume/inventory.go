@@ -103,20 +103,10 @@ func getRec(b []byte) chunkRec {
 // compareRecs orders records by ID.
 func compareRecs(a, b chunkRec) int { return a.id.Compare(b.id) }
 
-// compactRecs keeps one record per ID of sorted recs, the one of the
-// largest size: a chunk recorded again has the same content, so the same
-// size, and the larger is the safe side for the space accounting.
-func compactRecs(recs []chunkRec) []chunkRec {
-	out := recs[:0]
-	for _, r := range recs {
-		if n := len(out); n > 0 && out[n-1].id == r.id {
-			out[n-1].size = max(out[n-1].size, r.size)
-			continue
-		}
-		out = append(out, r)
-	}
-	return out
-}
+// largerSize keeps, of two records of one ID, the larger size: a chunk
+// recorded again has the same content, so the same size, and the larger
+// is the safe side for the space accounting.
+func largerSize(a *chunkRec, b chunkRec) { a.size = max(a.size, b.size) }
 
 // InventoryOptions say whose the inventory is.
 type InventoryOptions struct {
@@ -392,8 +382,7 @@ var errInventoryRead = errors.New("the inventory cannot be read")
 // the largest size. An old inventory that cannot be read is an error
 // matching errInventoryRead, and leaves it as it was.
 func (inv *Inventory) write(recs []chunkRec, merge bool) error {
-	slices.SortFunc(recs, compareRecs)
-	recs = compactRecs(recs)
+	recs, _ = mergeSorted(nil, recs, compareRecs, largerSize)
 	out, err := createRecords(inv.path(invName+".tmp"), invMagic)
 	if err != nil {
 		return fmt.Errorf("chunk inventory: %w", err)
@@ -425,7 +414,7 @@ func (inv *Inventory) write(recs []chunkRec, merge bool) error {
 				}
 			}
 			if i < len(recs) && recs[i].id == rec.id {
-				rec.size = max(rec.size, recs[i].size)
+				largerSize(&rec, recs[i])
 				i++
 			}
 			if err := out.add(rec); err != nil {

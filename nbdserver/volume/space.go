@@ -98,6 +98,10 @@ func (t SpaceTotals) CompressionRatio() float64 {
 	return float64(t.Referenced) / float64(t.DataStored)
 }
 
+// ManifestKey is the repository key of volume vol's manifest id of kind
+// kind: how Space.Manifests names it.
+func ManifestKey(vol string, kind Kind, id string) string { return manifestKey(vol, kind, id) }
+
 // spaceName is Space's file in the state folder's gc/.
 const spaceName = "space.json"
 
@@ -182,7 +186,7 @@ func (c *spaceCount) journal(vol uint32, size int64) {
 // when the manifests were listed. A LREFER that cannot be computed (a
 // delta that cannot be read, a damaged manifest) is -1, and left out of
 // the totals; it is tried again by the next run.
-func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, volumes []string, heads map[uint32]int, roots map[chunkstore.ID]*pageNode, c *spaceCount) (*Space, error) {
+func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, volumes []string, roots map[chunkstore.ID]*pageNode, c *spaceCount) (*Space, error) {
 	var prev *Space
 	if e.StateDir != "" {
 		prev, _ = LoadSpace(e.StateDir) // unreadable: everything is computed again
@@ -212,11 +216,11 @@ func (e *Env) space(ctx context.Context, listed time.Time, ms []spaceManifest, v
 		if lr < 0 {
 			continue
 		}
-		t, head := &c.vols[sm.vol], heads[sm.vol] == i
-		if head {
+		t := &c.vols[sm.vol]
+		if sm.head {
 			t.Logical = lr
 		}
-		if head || sm.m.Kind == KindSnapshot {
+		if sm.head || sm.m.Kind == KindSnapshot {
 			t.Written += lr
 		}
 	}

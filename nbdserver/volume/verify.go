@@ -132,10 +132,11 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 		}
 	}
 	// What the repository holds: chunks, and every other key.
-	manifestKeys, keys, err := listVolumesKeys(ctx, env.Repo)
+	manifestKeys, all, err := listVolumesKeys(ctx, env.Repo)
 	if err != nil {
 		return rep, fmt.Errorf("verify: %w", err)
 	}
+	inRepo := func(k string) bool { _, ok := all[k]; return ok }
 	var present []chunkstore.ID
 	if err := env.Repo.List(ctx, "chunks/", func(k string) error {
 		if id, ok := chunkOfKey(k); ok {
@@ -246,10 +247,10 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	listed := func(p, by string) bool {
 		mu.Lock()
 		defer mu.Unlock()
-		if !keys[p] {
+		if !inRepo(p) {
 			problem(p, "missing", "a journal pack named by "+by)
 		}
-		return keys[p]
+		return inRepo(p)
 	}
 
 	// Delta tops, each read and checked once.
@@ -302,7 +303,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 		}
 		for _, pr := range t.pages {
 			pf := frameAt{pack: t.packs[pr.pack], ref: pr.ref}
-			if !seenPage[pf] && keys[pf.pack] {
+			if !seenPage[pf] && inRepo(pf.pack) {
 				seenPage[pf] = true
 				pages = append(pages, pageAt{frameAt: pf, pr: pr, packs: t.packs})
 			}
@@ -335,7 +336,7 @@ func Verify(ctx context.Context, env *Env, opts VerifyOptions) (VerifyReport, er
 	rep.Frames = len(frames)
 	var framesToRead []frameAt
 	for f := range frames {
-		if keys[f.pack] && opts.picks(f.ref.Sum) {
+		if inRepo(f.pack) && opts.picks(f.ref.Sum) {
 			framesToRead = append(framesToRead, f)
 		}
 	}
@@ -438,9 +439,8 @@ func (vm verifyManifest) ref(off, end int64) VerifyRef {
 // frame; each less what a newer delta of vm covers (it masks the
 // older). tops are the tops Verify decoded.
 func locateDeltaProblems(ctx context.Context, env *Env, vm verifyManifest, tops map[frameAt]*deltaTop, problems map[string]*VerifyProblem) {
-	// The delta code reads through a Volume: one with only what it uses,
-	// reading through the cache (what it reads was checked above).
-	lv := &Volume{env: env, store: env.Store, cfg: Config{Name: vm.m.Volume}}
+	// What it reads was checked above: through the cache.
+	lv := env.deltaReader(vm.m.Volume)
 	at := func(p *VerifyProblem, newer []DeltaRef, off, end int64) {
 		for _, r := range uncovered(ctx, lv, newer, off, end) {
 			p.Affects = append(p.Affects, vm.ref(r[0], r[1]))
