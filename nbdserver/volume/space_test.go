@@ -210,3 +210,41 @@ func TestSpaceKeptPointAndDamage(t *testing.T) {
 	s = count("repaired")
 	assert.Equal(t, int64(cs), s.Manifests[sKey].LogicalReferenced, "counted again once repaired")
 }
+
+// cancelOnRange cancels a context at the first ranged read (a delta's
+// frames are read so; index pages are not).
+type cancelOnRange struct {
+	chunkstore.Backend
+	cancel context.CancelFunc
+}
+
+func (b *cancelOnRange) GetRange(ctx context.Context, key string, off, n int64) ([]byte, error) {
+	b.cancel()
+	return nil, context.Canceled
+}
+
+// TestSpaceCancelled: a collection cancelled while it counts LREFER (it
+// reads a delta) fails, and keeps no count with LREFER missing.
+func TestSpaceCancelled(t *testing.T) {
+	ctx := context.Background()
+	const cs = MinChunkSize
+	mem := chunkstore.NewMem()
+	g := newRig(t, mem, 4*cs, cs, 3)
+	require.NoError(t, g.v.WriteAt(ctx, randomBytes(4096), 100, false))
+	_, err := g.v.Checkpoint(ctx)
+	require.NoError(t, err)
+	require.NoError(t, g.v.SealAll(ctx))
+	require.NotEmpty(t, g.v.base.Deltas, "the write is in a delta")
+
+	cctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	repo := &cancelOnRange{Backend: mem, cancel: cancel}
+	store, err := chunkstore.NewStore(repo, chunkstore.Options{})
+	require.NoError(t, err)
+	dir := t.TempDir()
+	_, err = CollectGarbage(cctx, &Env{Repo: repo, Store: store, StateDir: dir}, GCOptions{DryRun: true})
+	require.ErrorIs(t, err, context.Canceled)
+	sp, err := LoadSpace(dir)
+	require.NoError(t, err)
+	assert.Nil(t, sp, "nothing kept")
+}
