@@ -195,7 +195,10 @@ func TestVerifySubsetRotates(t *testing.T) {
 	assert.Equal(t, all.Chunks, read, "every chunk read once")
 	assert.Equal(t, all.Frames, frames, "every journal frame read once")
 	assert.Equal(t, 1, found, "one run finds the damaged chunk (seed %d)", seed)
-	r := s.MustCLI("verify", "--read-data-subset", "25%")
+	// A fifth run reads the first quarter again: exit 7 when the damaged
+	// chunk is in it (its ID starts below 4), 0 when not.
+	r := s.CLI("verify", "--read-data-subset", "25%")
+	assert.Equal(t, map[bool]int{true: 7, false: 0}[damaged < "chunks/40/"], r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stdout, "read the data whose IDs start from 0000000000000000 up to 4000000000000000 (0% to 25% of the ID space)")
 }
 
