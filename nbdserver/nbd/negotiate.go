@@ -51,6 +51,9 @@ type negotiator struct {
 // to serve, or an error after which the connection is closed.
 func (c *conn) negotiate() (*session, error) {
 	n := &negotiator{c: c}
+	if id := c.srv.Identify; id != nil {
+		c.setIdentity(id(c.nc, nil))
+	}
 	var greeting [18]byte
 	binary.BigEndian.PutUint64(greeting[0:], MagicInit)
 	binary.BigEndian.PutUint64(greeting[8:], MagicOpt)
@@ -113,8 +116,7 @@ func (c *conn) negotiate() (*session, error) {
 // option handles one option. It returns a session when transmission
 // starts, an error when the connection must close, or neither to go on.
 func (n *negotiator) option(opt uint32, data []byte) (*session, error) {
-	srv := n.c.srv
-	if srv.RequireTLS && !n.tls && opt != OptStartTLS && opt != OptAbort {
+	if n.c.requireTLS && !n.tls && opt != OptStartTLS && opt != OptAbort {
 		if opt == OptExportName {
 			return nil, errors.New("NBD_OPT_EXPORT_NAME before TLS on a server that requires TLS")
 		}
@@ -179,10 +181,37 @@ func (n *negotiator) lookup(name string) (*Export, bool) {
 	return n.c.srv.Exports.Lookup(name)
 }
 
+// allow asks the connection's Identity whether it may use export name
+// (e nil: before the lookup).
+func (n *negotiator) allow(name string, e *Export) error {
+	n.c.mu.Lock()
+	id := n.c.id
+	n.c.mu.Unlock()
+	if id == nil {
+		return nil
+	}
+	return id.Allow(name, e)
+}
+
+// refused answers an option that the Identity refused.
+func (n *negotiator) refused(opt uint32, err error) error {
+	n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+	return n.replyError(opt, RepErrPolicy, "%v", err)
+}
+
 func (n *negotiator) exportName(name string) (*session, error) {
+	// The option has no error reply: a refusal closes the connection.
+	if err := n.allow(name, nil); err != nil {
+		n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
+	}
 	e, ok := n.lookup(name)
 	if !ok {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: no export %q", name)
+	}
+	if err := n.allow(name, e); err != nil {
+		n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
 	}
 	s := n.session(e, name)
 	var out [10 + 124]byte
@@ -233,6 +262,9 @@ func (n *negotiator) list(opt uint32, data []byte) error {
 		return n.replyError(opt, RepErrShutdown, "server is shutting down")
 	}
 	for _, e := range n.c.srv.Exports.List() {
+		if n.allow(e.Name, nil) != nil || n.allow(e.Name, e) != nil {
+			continue // a client sees only what it may open
+		}
 		buf := binary.BigEndian.AppendUint32(nil, uint32(len(e.Name)))
 		buf = append(buf, e.Name...)
 		buf = append(buf, truncate(e.Description)...)
@@ -261,11 +293,16 @@ func (n *negotiator) startTLS(opt uint32, data []byte) error {
 	if n.c.br.Buffered() != 0 {
 		return errors.New("client sent data after STARTTLS before the TLS handshake")
 	}
-	tc := tls.Server(n.c.nc, n.c.srv.TLSConfig)
+	raw := n.c.nc
+	tc := tls.Server(raw, n.c.srv.TLSConfig)
 	if err := tc.Handshake(); err != nil {
 		return fmt.Errorf("TLS handshake: %w", err)
 	}
 	n.c.setConn(tc)
+	if id := n.c.srv.Identify; id != nil {
+		cs := tc.ConnectionState()
+		n.c.setIdentity(id(raw, &cs))
+	}
 	// Nothing negotiated in the clear survives the upgrade.
 	n.tls, n.structured, n.metaExport, n.metaNames = true, false, "", nil
 	return nil
@@ -300,9 +337,15 @@ func (n *negotiator) infoGo(opt uint32, data []byte) (*session, error) {
 	if n.c.srv.shuttingDown() {
 		return nil, n.replyError(opt, RepErrShutdown, "server is shutting down")
 	}
+	if err := n.allow(name, nil); err != nil {
+		return nil, n.refused(opt, err)
+	}
 	e, ok := n.lookup(name)
 	if !ok {
 		return nil, n.replyError(opt, RepErrUnknown, "no export %q on this server", name)
+	}
+	if err := n.allow(name, e); err != nil {
+		return nil, n.refused(opt, err)
 	}
 	s := n.session(e, name)
 
@@ -365,9 +408,15 @@ func (n *negotiator) metaContext(opt uint32, data []byte) error {
 	if len(rest) != 0 {
 		return n.replyError(opt, RepErrInvalid, "%d bytes after the meta context queries", len(rest))
 	}
+	if err := n.allow(name, nil); err != nil {
+		return n.refused(opt, err)
+	}
 	e, ok := n.lookup(name)
 	if !ok {
 		return n.replyError(opt, RepErrUnknown, "no export %q on this server", name)
+	}
+	if err := n.allow(name, e); err != nil {
+		return n.refused(opt, err)
 	}
 	var names []string
 	if !set && len(queries) == 0 {

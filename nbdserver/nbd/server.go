@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -24,8 +25,14 @@ type Server struct {
 	// TLSConfig enables NBD_OPT_STARTTLS.
 	TLSConfig *tls.Config
 	// RequireTLS refuses every option but STARTTLS and ABORT until TLS is
-	// up (the spec's FORCEDTLS mode). It needs TLSConfig.
+	// up (the spec's FORCEDTLS mode) on connections from Serve and
+	// ServeConn; ServeWith chooses per listener. It needs TLSConfig.
 	RequireTLS bool
+	// Identify, if set, says who a connection's client is: once when it
+	// is accepted (cs nil) and again after STARTTLS. The Identity decides
+	// what the client may list and open. Without Identify every client
+	// may open every export.
+	Identify func(nc net.Conn, cs *tls.ConnectionState) Identity
 	// MaxInFlight bounds the requests one connection runs at once; the
 	// reader stops reading while that many are in flight. Default 64.
 	MaxInFlight int
@@ -101,9 +108,33 @@ func (s *Server) replyTimeout() time.Duration {
 
 func (s *Server) shuttingDown() bool { return s.state.closing.Load() }
 
+// An Identity is who a client is, as Server.Identify found it, and what
+// it may open.
+type Identity interface {
+	// String names the identity in logs and in refusals ("cert:db1").
+	String() string
+	// Allow says whether the client may use export name: nil if so, else
+	// why not (sent with NBD_REP_ERR_POLICY). It is asked first with e nil,
+	// before the export is looked up (a refused client learns nothing of
+	// what exists), then with the export found; NBD_OPT_LIST asks it of
+	// each export, and Recheck of each export in use.
+	Allow(name string, e *Export) error
+}
+
+// ListenerOptions are what ServeWith does on one listener.
+type ListenerOptions struct {
+	// RequireTLS is Server.RequireTLS for this listener's connections.
+	RequireTLS bool
+}
+
 // Serve accepts connections on l and serves each in its own goroutine. It
 // returns ErrServerClosed after Shutdown or Close, or the listener's error.
 func (s *Server) Serve(l net.Listener) error {
+	return s.ServeWith(l, ListenerOptions{RequireTLS: s.RequireTLS})
+}
+
+// ServeWith is Serve with options of its own for l.
+func (s *Server) ServeWith(l net.Listener, o ListenerOptions) error {
 	st := &s.state
 	st.mu.Lock()
 	if st.closing.Load() {
@@ -138,7 +169,7 @@ func (s *Server) Serve(l net.Listener) error {
 			return err
 		}
 		backoff = 0
-		go s.ServeConn(nc)
+		go s.serveConn(nc, o.RequireTLS)
 	}
 }
 
@@ -160,8 +191,11 @@ func temporaryAcceptError(err error) bool {
 }
 
 // ServeConn serves one connection and returns when it ends.
-func (s *Server) ServeConn(nc net.Conn) {
+func (s *Server) ServeConn(nc net.Conn) { s.serveConn(nc, s.RequireTLS) }
+
+func (s *Server) serveConn(nc net.Conn, requireTLS bool) {
 	c := newConn(s, nc)
+	c.requireTLS = requireTLS
 	st := &s.state
 	st.mu.Lock()
 	if st.closing.Load() {
@@ -209,6 +243,36 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Recheck asks each attached client's Identity again whether it may use
+// its export (after the rules behind it changed) and closes the
+// connections it no longer allows, at once. It returns what it closed,
+// one line each: who, which export, why.
+func (s *Server) Recheck() []string {
+	st := &s.state
+	st.mu.Lock()
+	conns := make([]*conn, 0, len(st.conns))
+	for c := range st.conns {
+		conns = append(conns, c)
+	}
+	st.mu.Unlock()
+	var closed []string
+	for _, c := range conns {
+		c.mu.Lock()
+		id, e := c.id, c.export
+		c.mu.Unlock()
+		if id == nil || e == nil {
+			continue // still negotiating: checked when it opens an export
+		}
+		if err := id.Allow(e.Name, e); err != nil {
+			c.close()
+			line := fmt.Sprintf("%s from %s using %s: %v", id, c.remote, e.Name, err)
+			s.logger().Warn("nbd connection closed: the access rules no longer allow it", "remote", c.remote, "identity", id.String(), "export", e.Name, "why", err)
+			closed = append(closed, line)
+		}
+	}
+	return closed
+}
+
 // Close closes every listener and connection at once.
 func (s *Server) Close() error {
 	st := &s.state
@@ -232,11 +296,14 @@ func (st *serverState) stopAccepting() {
 
 // conn is one client connection.
 type conn struct {
-	srv    *Server
-	remote string
+	srv        *Server
+	remote     string
+	requireTLS bool
 
-	mu             sync.Mutex // guards nc swaps, transmitting, cancelRequests and stopWaiting
+	mu             sync.Mutex // guards nc swaps, id, export, transmitting, cancelRequests and stopWaiting
 	nc             net.Conn   // a *tls.Conn after STARTTLS
+	id             Identity   // nil without Server.Identify
+	export         *Export    // once transmitting
 	transmitting   bool
 	cancelRequests context.CancelFunc // of the requests in flight, once transmitting
 	stopWaiting    context.CancelFunc // ends the reader's wait for memory, once transmitting
@@ -257,6 +324,22 @@ func newConn(s *Server, nc net.Conn) *conn {
 		br:     bufio.NewReaderSize(nc, connBufSize),
 		bw:     bufio.NewWriterSize(nc, connBufSize),
 	}
+}
+
+func (c *conn) setIdentity(id Identity) {
+	c.mu.Lock()
+	c.id = id
+	c.mu.Unlock()
+}
+
+// identity names the client for logs: "" without Server.Identify.
+func (c *conn) identity() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.id == nil {
+		return ""
+	}
+	return c.id.String()
 }
 
 func (c *conn) setConn(nc net.Conn) {
@@ -308,7 +391,7 @@ func (c *conn) serve() {
 	}
 	c.mu.Lock()
 	_ = c.nc.SetDeadline(time.Time{})
-	c.transmitting = true
+	c.transmitting, c.export = true, s.export
 	stopping := c.srv.shuttingDown()
 	c.mu.Unlock()
 	if stopping {
@@ -317,7 +400,7 @@ func (c *conn) serve() {
 	if a, ok := s.export.Backend.(Attacher); ok {
 		defer a.Attach()()
 	}
-	log.Debug("nbd client attached", "remote", c.remote, "export", s.export.Name, "structured", s.structured)
+	log.Debug("nbd client attached", "remote", c.remote, "export", s.export.Name, "structured", s.structured, "identity", c.identity())
 	if err := c.transmit(s); err != nil && !c.srv.shuttingDown() {
 		log.Warn("nbd connection ended", "remote", c.remote, "export", s.export.Name, "error", err)
 		return
