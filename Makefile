@@ -3,7 +3,8 @@
 # make fuzz   fuzzes the NBD server's negotiation and request parsing, the
 #             client's reply parsing, the MD, LVM and bitmap parsers, the chunk
 #             codec, checked objects, pack footers, frame reads, manifests,
-#             index pages, journal delta tops and pages, and write-log replay
+#             index pages, journal delta tops and pages, write-log replay and
+#             access rules files
 SHELL := /bin/bash
 GOBIN := $(shell go env GOPATH)/bin
 export PATH := $(GOBIN):$(PATH)
@@ -50,6 +51,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzDeltaTop -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzDeltaPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzInventoryFiles -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzAccessRules -fuzztime $(FUZZTIME) ./nbdserver/
 
 clean:
 	rm -rf bin

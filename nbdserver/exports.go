@@ -132,7 +132,7 @@ func (e *Exports) snapshotExport(v *volume.Volume, s volume.SnapshotInfo, served
 	if s.Label != "" {
 		desc += " (" + s.Label + ")"
 	}
-	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m, e.ReadTimeout, e}, ReadOnly: true, PreferredBlock: 4096}
+	return &nbd.Export{Name: name, Description: desc, Backend: snapshot{v, s.ID, s.Size, m, e.ReadTimeout, e, s.Kind == volume.KindCheckpoint}, ReadOnly: true, PreferredBlock: 4096}
 }
 
 // List implements nbd.Exports: every head, then every snapshot.
@@ -250,6 +250,8 @@ type snapshot struct {
 	m       *exportMetrics
 	timeout time.Duration
 	e       *Exports
+	// checkpoint: a point in time (VOL@TIME), not a snapshot.
+	checkpoint bool
 }
 
 // Attach implements nbd.Attacher: the snapshot counts as attached while

@@ -183,6 +183,10 @@ var (
 		"Plaintext bytes of the distinct data chunks referenced, as the last garbage collection counted.", nil, nil)
 	descSpaceTime = prometheus.NewDesc("nbdvault_space_counted_timestamp_seconds",
 		"When the space figures were counted (Unix time of the last garbage collection, a dry run too); absent until one has.", nil, nil)
+	descReloadFailing = prometheus.NewDesc("nbdvault_tls_reload_failing",
+		"1 while the last reload of the NBD TLS files or the access rules failed (the server goes on with the old ones; the log says why), else 0.", nil, nil)
+	descTLSExpiry = prometheus.NewDesc("nbdvault_tls_certificate_expiry_timestamp_seconds",
+		"When the NBD server certificate in use expires (Unix time); absent without TLS.", nil, nil)
 	descDamaged = prometheus.NewDesc("nbdvault_volume_damaged",
 		"1 for a volume that is not served or whose write log failed a check (run nbdvault volume recover), else 0.", []string{"volume"}, nil)
 )
@@ -192,7 +196,8 @@ func (c *stateCollector) Describe(ch chan<- *prometheus.Desc) {
 		descChunkPuts, descChunkDedup, descChunkBytesIn, descChunkBytesStored, descCacheHits, descChunkGets, descCorrupt,
 		descRepoUp, descLeaseConfirmed, descDamaged, descStateFree, descDiskFull,
 		descDeltas, descJournalPacks, descShipped, descFolded, descPointsFrom, descVerifyTime, descVerifyProblems, descPruneFailing, descPruneTime,
-		descVolLogical, descVolStored, descRepoShared, descRepoStored, descRepoReferenced, descSpaceTime} {
+		descVolLogical, descVolStored, descRepoShared, descRepoStored, descRepoReferenced, descSpaceTime,
+		descReloadFailing, descTLSExpiry} {
 		ch <- d
 	}
 }
@@ -264,6 +269,12 @@ func (c *stateCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.s.opts.Data != "" {
 		gauge(descStateFree, float64(c.s.stateDisk().FreeBytes))
+	}
+	if sec := c.s.sec; sec != nil {
+		gauge(descReloadFailing, boolGauge(sec.failing.Load() != nil))
+		if exp := sec.expires.Load(); exp != 0 {
+			gauge(descTLSExpiry, float64(exp))
+		}
 	}
 	if c.s.health != nil {
 		up, _, _ := c.s.health.state()

@@ -37,8 +37,20 @@ type Options struct {
 	// Listen are the NBD addresses: host:port or unix:/path.
 	Listen []string
 	// Admin is the admin API's host:port; empty for none.
-	Admin  string
-	Logger *slog.Logger
+	Admin string
+	// TLS turns on STARTTLS on every NBD listener, required on those off
+	// loopback (and on all with TLSRequired). TLS.Cert empty: no TLS.
+	TLS         TLSFiles
+	TLSRequired bool
+	// Access is the access rules file; empty for the defaults (the
+	// server's user and root on this host, a client certificate the
+	// volume of its name).
+	Access string
+	// Insecure serves a listener off loopback without TLS, or with TLS
+	// but neither client certificates nor rules, and without rules lets
+	// every client use every volume.
+	Insecure bool
+	Logger   *slog.Logger
 	// Passed to every volume; zero takes the engine's defaults.
 	CheckpointInterval time.Duration
 	LogLimit           int64
@@ -94,6 +106,7 @@ type Server struct {
 	token   string
 	exports *Exports
 	nbd     *nbd.Server
+	sec     *security
 	metrics *metrics
 	health  *repoHealth
 
@@ -165,7 +178,13 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if opts.Repo == "" {
 		opts.Repo = filepath.Join(opts.Data, "repo")
 	}
-	s := &Server{opts: opts, log: opts.Logger, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now(),
+	// Wrong certificates or rules stop the start before the repository
+	// is touched.
+	sec, err := newSecurity(opts.Logger.With("part", "access"), opts.TLS, opts.Access, opts.Insecure, slices.ContainsFunc(opts.Listen, localAddress))
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{opts: opts, log: opts.Logger, sec: sec, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now(),
 		pruning: map[string]bool{}, pruned: map[string]autoPrune{}}
 	s.runCtx, s.stopRun = context.WithCancel(context.Background())
 	defer func() {
@@ -259,13 +278,25 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 
 	s.nbd = &nbd.Server{Exports: s.exports, Logger: s.log.With("part", "nbd"),
-		MaxMemory: opts.MaxMemory / 2, ReplyTimeout: opts.ReplyTimeout}
+		MaxMemory: opts.MaxMemory / 2, ReplyTimeout: opts.ReplyTimeout,
+		Identify: s.sec.identify, TLSConfig: s.sec.serverTLS()}
 	for _, addr := range opts.Listen {
 		l, err := nbd.Listen(addr)
 		if err != nil {
 			return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
 		}
 		s.nbdListeners = append(s.nbdListeners, l)
+	}
+	if err := s.sec.checkListeners(s.nbdListeners, opts.Listen); err != nil {
+		return nil, err
+	}
+	s.log.Info("NBD access", "rules", s.sec.rules.Load().source, "tls", s.sec.tlsOn(), "client_certificates", opts.TLS.ClientCA != "")
+	if opts.Insecure {
+		for _, l := range s.nbdListeners {
+			if !localListener(l) && (!s.sec.tlsOn() || opts.Access == "") {
+				s.log.Warn("--insecure: this NBD listener lets in whoever reaches it", "listener", l.Addr().String(), "tls", s.sec.tlsOn())
+			}
+		}
 	}
 	if opts.Admin != "" {
 		if s.adminL, err = net.Listen("tcp", opts.Admin); err != nil {
@@ -399,7 +430,8 @@ func (s *Server) Serve(ctx context.Context) error {
 	fail := func(err error) { cancel(err) }
 	for _, l := range s.nbdListeners {
 		wg.Go(func() {
-			if err := s.nbd.Serve(l); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
+			forced := s.sec.tlsOn() && (!localListener(l) || s.opts.TLSRequired)
+			if err := s.nbd.ServeWith(l, nbd.ListenerOptions{RequireTLS: forced}); err != nil && !errors.Is(err, nbd.ErrServerClosed) {
 				fail(fmt.Errorf("NBD listener %s: %w", l.Addr(), err))
 			}
 		})
@@ -435,6 +467,7 @@ func (s *Server) Serve(ctx context.Context) error {
 		}
 	}()
 	s.scheduleVerify()
+	go s.pollSecurity(ctx)
 	s.log.Info("serving", "nbd", s.NBDAddrs(), "admin", s.AdminAddr(), "repository", s.Repository(), "volumes", len(s.Volumes()))
 	<-ctx.Done()
 	err := context.Cause(ctx)

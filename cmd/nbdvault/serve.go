@@ -5,9 +5,12 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"os/signal"
+	"path/filepath"
 	"runtime/debug"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/urfave/cli/v2"
@@ -58,6 +61,23 @@ func serveCommand() *cli.Command {
 				Usage: "verify the repository's structure this `often` (e.g. 24h), as nbdvault verify does; status and /metrics show the result (default: never)"},
 			&cli.StringFlag{Name: "verify-read-data-subset", EnvVars: []string{"NBDVAULT_VERIFY_READ_DATA_SUBSET"},
 				Usage: "with --verify-every, each run also reads and hashes the next `N%` of the data, so 100/N runs read it all"},
+			&cli.StringFlag{Name: "tls-certificates", EnvVars: []string{"NBDVAULT_TLS_CERTIFICATES"},
+				Usage: "`folder` of TLS files named as nbdkit and qemu name them: server-cert.pem, server-key.pem, and if there ca-cert.pem (the client CA) and ca-crl.pem"},
+			&cli.StringFlag{Name: "tls-cert", EnvVars: []string{"NBDVAULT_TLS_CERT"},
+				Usage: "the NBD server's TLS certificate `file` (PEM, with its chain): NBD clients may use TLS, and must off loopback"},
+			&cli.StringFlag{Name: "tls-key", EnvVars: []string{"NBDVAULT_TLS_KEY"}, Usage: "the private key `file` of --tls-cert (PEM)"},
+			&cli.StringFlag{Name: "tls-client-ca", EnvVars: []string{"NBDVAULT_TLS_CLIENT_CA"},
+				Usage: "CA certificate `file` (PEM) that signs client certificates; a client's identity is its certificate's name (first URI or DNS SAN, else CN)"},
+			&cli.StringFlag{Name: "tls-crl", EnvVars: []string{"NBDVAULT_TLS_CRL"},
+				Usage: "revocation list `file` (PEM) of --tls-client-ca: its certificates are refused"},
+			&cli.BoolFlag{Name: "tls-required", EnvVars: []string{"NBDVAULT_TLS_REQUIRED"},
+				Usage: "require TLS on loopback and Unix socket listeners too (off loopback it always is)"},
+			&cli.StringFlag{Name: "access", EnvVars: []string{"NBDVAULT_ACCESS"},
+				Usage: "access rules `file`: who may open which volumes over NBD (docs/operations.md, \"Security\"); reloaded on SIGHUP and when it changes. " +
+					"Default: the server's user and root on this host may open all, a client certificate the volume of its name"},
+			&cli.BoolFlag{Name: "insecure", EnvVars: []string{"NBDVAULT_INSECURE"},
+				Usage: "serve NBD off loopback without TLS (or with TLS but neither client certificates nor rules), and without --access let everyone open every volume"},
+			&cli.StringFlag{Name: "check-access", Usage: "check a rules `file` and print what it gives, then exit (nothing starts)"},
 		},
 		Action: serve,
 	}
@@ -100,6 +120,18 @@ func serve(c *cli.Context) error {
 	if err := nbdserver.CheckVerifySchedule(nbdserver.Options{VerifyEvery: c.Duration("verify-every"), VerifySubset: c.String("verify-read-data-subset")}); err != nil {
 		return usageErrorf("--verify-every, --verify-read-data-subset: %v", err)
 	}
+	if f := c.String("check-access"); f != "" {
+		out, err := nbdserver.CheckAccess(f)
+		if err != nil {
+			return usageErrorf("--check-access: %v", err)
+		}
+		fmt.Fprint(c.App.Writer, out)
+		return nil
+	}
+	tlsFiles, err := tlsFlags(c)
+	if err != nil {
+		return err
+	}
 	var listen []string
 	for _, l := range c.StringSlice("listen") {
 		for part := range strings.SplitSeq(l, ",") { // NBDVAULT_LISTEN=a,b
@@ -134,12 +166,66 @@ func serve(c *cli.Context) error {
 		ReplyTimeout:       c.Duration("reply-timeout"),
 		VerifyEvery:        c.Duration("verify-every"),
 		VerifySubset:       c.String("verify-read-data-subset"),
+		TLS:                tlsFiles,
+		TLSRequired:        c.Bool("tls-required"),
+		Access:             c.String("access"),
+		Insecure:           c.Bool("insecure"),
 		Version:            version,
 	})
 	if err != nil {
 		return fmt.Errorf("cannot start: %w", err)
 	}
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			_, _ = srv.Reload() // it logs what it did
+		}
+	}()
 	return srv.Serve(c.Context)
+}
+
+// tlsFlags reads --tls-certificates, --tls-cert, --tls-key,
+// --tls-client-ca and --tls-crl into the files to load; a file named
+// alone wins over the folder's.
+func tlsFlags(c *cli.Context) (nbdserver.TLSFiles, error) {
+	var f nbdserver.TLSFiles
+	if dir := c.String("tls-certificates"); dir != "" {
+		if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+			return f, usageErrorf("--tls-certificates %s: not a folder", dir)
+		}
+		f.Cert, f.Key = filepath.Join(dir, "server-cert.pem"), filepath.Join(dir, "server-key.pem")
+		for _, p := range []*string{&f.Cert, &f.Key} {
+			if _, err := os.Stat(*p); err != nil {
+				return f, usageErrorf("--tls-certificates %s: %v (the folder needs server-cert.pem and server-key.pem)", dir, err)
+			}
+		}
+		if p := filepath.Join(dir, "ca-cert.pem"); exists(p) {
+			f.ClientCA = p
+		}
+		if p := filepath.Join(dir, "ca-crl.pem"); exists(p) {
+			f.CRL = p
+		}
+	}
+	f.Cert = cmp.Or(c.String("tls-cert"), f.Cert)
+	f.Key = cmp.Or(c.String("tls-key"), f.Key)
+	f.ClientCA = cmp.Or(c.String("tls-client-ca"), f.ClientCA)
+	f.CRL = cmp.Or(c.String("tls-crl"), f.CRL)
+	switch {
+	case (f.Cert == "") != (f.Key == ""):
+		return f, usageErrorf("--tls-cert and --tls-key go together: give both, or --tls-certificates DIR")
+	case f.Cert == "" && (f.ClientCA != "" || f.CRL != "" || c.Bool("tls-required")):
+		return f, usageErrorf("--tls-client-ca, --tls-crl and --tls-required need TLS: give --tls-cert and --tls-key, or --tls-certificates DIR")
+	case f.CRL != "" && f.ClientCA == "":
+		return f, usageErrorf("--tls-crl revokes client certificates: give --tls-client-ca too")
+	}
+	return f, nil
+}
+
+func exists(p string) bool {
+	_, err := os.Stat(p)
+	return err == nil
 }
 
 // minMaxMemory is the least --max-memory: one 32 MiB request and a

@@ -193,16 +193,21 @@ func (n *negotiator) allow(name string, e *Export) error {
 	return id.Allow(name, e)
 }
 
-// refused answers an option that the Identity refused.
+// refused logs a refusal by the Identity and answers opt with
+// NBD_REP_ERR_POLICY.
 func (n *negotiator) refused(opt uint32, err error) error {
-	n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+	n.logRefused(err)
 	return n.replyError(opt, RepErrPolicy, "%v", err)
+}
+
+func (n *negotiator) logRefused(err error) {
+	n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
 }
 
 func (n *negotiator) exportName(name string) (*session, error) {
 	// The option has no error reply: a refusal closes the connection.
 	if err := n.allow(name, nil); err != nil {
-		n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+		n.logRefused(err)
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
 	}
 	e, ok := n.lookup(name)
@@ -210,7 +215,7 @@ func (n *negotiator) exportName(name string) (*session, error) {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: no export %q", name)
 	}
 	if err := n.allow(name, e); err != nil {
-		n.c.srv.logger().Info("nbd client refused by the access rules", "remote", n.c.remote, "identity", n.c.identity(), "why", err)
+		n.logRefused(err)
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
 	}
 	s := n.session(e, name)

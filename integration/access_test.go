@@ -1,0 +1,262 @@
+package integration
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/client"
+	"github.com/nbdvault/nbdvault/integration/nbdtest"
+	"github.com/nbdvault/nbdvault/integration/servertest"
+	"github.com/nbdvault/nbdvault/internal/testcerts"
+)
+
+// libnbdRun runs a libnbd tool with its debug log on, so that the
+// server's error messages (which libnbd only logs) show in stderr.
+func libnbdRun(t *testing.T, tool string, args ...string) *nbdtest.Result {
+	t.Helper()
+	return nbdtest.RunEnv(t, cmdTimeout, []string{"LIBNBD_DEBUG=1"}, tool, args...)
+}
+
+// exportNames lists what nbdinfo --list shows at uri.
+func exportNames(t *testing.T, nbdinfo, uri string) []string {
+	t.Helper()
+	var names []string
+	for _, e := range runNBDInfoJSON(t, nbdinfo, "--list", "--json", uri).Exports {
+		names = append(names, e.Name)
+	}
+	return names
+}
+
+// TestNBDAccessTLS runs the real server with TLS and client certificates
+// against libnbd's nbdinfo and nbdcopy (nbds:// URIs): a client opens
+// what the rules give its certificate and nothing else (NBD_REP_ERR_POLICY
+// with a message naming it, for volumes that exist and those that do
+// not), --list shows only that; a plaintext client, a certificate of
+// another CA and a revoked one are refused; an expired server
+// certificate is replaced by SIGHUP and a changed rules file is picked
+// up, both without a restart.
+func TestNBDAccessTLS(t *testing.T) {
+	tools := nbdtest.Tools(t, "nbdinfo", "nbdcopy")
+	nbdinfo, nbdcopy := tools["nbdinfo"], tools["nbdcopy"]
+	dir := t.TempDir()
+	ca := testcerts.NewCA(t, "nbdvault clients")
+	expired := ca.Server(t, time.Now().Add(-48*time.Hour), time.Now().Add(-24*time.Hour))
+	serverDir := testcerts.ServerDir(t, filepath.Join(dir, "server"), expired, ca)
+	revoked := ca.Client(t, "revoked")
+	testcerts.Write(t, filepath.Join(serverDir, "ca-crl.pem"), ca.CRL(t, revoked))
+	dbDir := testcerts.ClientDir(t, filepath.Join(dir, "db"), ca, ca.Client(t, "db"))
+	restoreDir := testcerts.ClientDir(t, filepath.Join(dir, "restore"), ca, ca.Client(t, "restore"))
+	revokedDir := testcerts.ClientDir(t, filepath.Join(dir, "revoked"), ca, revoked)
+	other := testcerts.NewCA(t, "another CA")
+	wrongDir := testcerts.ClientDir(t, filepath.Join(dir, "wrong"), ca, other.Client(t, "db"))
+	rules := filepath.Join(dir, "access")
+	require.NoError(t, os.WriteFile(rules, []byte(`# identity  volumes  mode
+cert:db       db       rw
+cert:restore  *        ro    # snapshots and points in time
+cert:revoked  *        rw
+`), 0o644))
+
+	s := servertest.Start(t, servertest.Options{Args: []string{"--tls-certificates", serverDir, "--tls-required", "--access", rules}})
+	s.MustCLI("volume", "create", "db", "--size", "4M")
+	s.MustCLI("volume", "create", "web", "--size", "4M")
+	uri := func(export, certs string) string {
+		return "nbds://" + s.NBD + "/" + export + "?tls-certificates=" + certs
+	}
+
+	// The certificate it started with has expired: clients refuse it.
+	r := libnbdRun(t, nbdinfo, "--size", uri("db", dbDir))
+	require.NotEqual(t, 0, r.ExitCode, "an expired server certificate is refused:\n%s", r)
+	// A renewed one is taken on SIGHUP, without a restart.
+	testcerts.ServerDir(t, serverDir, ca.Server(t, time.Time{}, time.Time{}), ca)
+	require.NoError(t, syscall.Kill(s.PID(), syscall.SIGHUP))
+	require.Eventually(t, func() bool { return nbdtest.Run(t, cmdTimeout, nbdinfo, "--size", uri("db", dbDir)).OK() },
+		time.Minute, 200*time.Millisecond, "the renewed certificate is served after SIGHUP:\n%s", s.Log())
+	assert.Contains(t, s.Log(), "reloaded the TLS certificates and access rules")
+
+	// Its own volume: data both ways over TLS.
+	src := filepath.Join(dir, "src.img")
+	want := nbdtest.RandomBytes(41, 4<<20)
+	require.NoError(t, os.WriteFile(src, want, 0o600))
+	nbdtest.MustRun(t, cmdTimeout, nbdcopy, "--flush", src, uri("db", dbDir))
+	back := filepath.Join(dir, "back.img")
+	nbdtest.MustRun(t, cmdTimeout, nbdcopy, uri("db", dbDir), back)
+	nbdtest.SameBytes(t, want, nbdtest.ReadFile(t, back), "db read back over TLS")
+	s.MustCLI("snapshot", "create", "db", "--wait")
+	snaps, err := s.API().Snapshots(t.Context(), "db")
+	require.NoError(t, err)
+	require.Len(t, snaps, 1)
+	snap := snaps[0]
+
+	assert.Equal(t, []string{"db", "db@" + snap.ID}, exportNames(t, nbdinfo, uri("", dbDir)), "--list shows what the certificate may open: rw, its head and snapshots")
+	assert.Equal(t, []string{"db@" + snap.ID}, exportNames(t, nbdinfo, uri("", restoreDir)), "ro: snapshots, never heads")
+
+	// Anything else is refused by policy, saying who and why, whether the
+	// volume exists or not.
+	for _, tc := range []struct{ export, certs, msg string }{
+		{"web", dbDir, `cert:db may not use volume "web": no rule in ` + rules + ` gives it that volume`},
+		{"nosuch", dbDir, `cert:db may not use volume "nosuch"`},
+		{"db", restoreDir, `cert:restore may not use the head of volume "db", only its snapshots`},
+	} {
+		r := libnbdRun(t, nbdinfo, "--size", uri(tc.export, tc.certs))
+		assert.NotEqual(t, 0, r.ExitCode, "%s with %s:\n%s", tc.export, tc.certs, r)
+		assert.Contains(t, r.Stderr, tc.msg, "%s with %s", tc.export, tc.certs)
+	}
+	// A snapshot reads as it was, for the certificate given ro.
+	nbdtest.MustRun(t, cmdTimeout, nbdcopy, uri("db@"+snap.ID, restoreDir), back+".snap")
+	nbdtest.SameBytes(t, want, nbdtest.ReadFile(t, back+".snap"), "the snapshot over TLS")
+
+	// No TLS, another CA's certificate, a revoked one: no way in.
+	r = libnbdRun(t, nbdinfo, "--size", s.URI("db"))
+	assert.NotEqual(t, 0, r.ExitCode, "plaintext:\n%s", r)
+	assert.Contains(t, r.Stderr, "this server requires TLS")
+	// gnutls does not send a certificate the server's CA did not sign, so
+	// that client is a local user with no rule; the revoked one fails
+	// the handshake.
+	r = libnbdRun(t, nbdinfo, "--size", uri("db", wrongDir))
+	assert.NotEqual(t, 0, r.ExitCode, "another CA's certificate:\n%s", r)
+	assert.Contains(t, r.Stderr, fmt.Sprintf("uid:%d", os.Getuid()))
+	assert.Contains(t, r.Stderr, `may not use volume "db"`)
+	r = libnbdRun(t, nbdinfo, "--size", uri("db", revokedDir))
+	assert.NotEqual(t, 0, r.ExitCode, "a revoked certificate:\n%s", r)
+	assert.Contains(t, r.Stderr, "TLS fatal alert")
+	assert.Contains(t, s.Log(), "is revoked by "+filepath.Join(serverDir, "ca-crl.pem"))
+
+	// A changed rules file is read within the poll interval; a broken one
+	// is refused and the rules in force stay.
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db web rw\n"), 0o644))
+	require.Eventually(t, func() bool {
+		return slices.Equal([]string{"web"}, exportNames(t, nbdinfo, uri("", dbDir)))
+	}, time.Minute, time.Second, "the new rules are in force:\n%s", s.Log())
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db web sometimes\n"), 0o644))
+	require.Eventually(t, func() bool {
+		return strings.Contains(s.Log(), `line 1: mode \"sometimes\": want rw, ro, snapshots, none or admin`)
+	},
+		time.Minute, time.Second, "the broken rules file is noticed:\n%s", s.Log())
+	assert.Contains(t, s.Metrics(), "nbdvault_tls_reload_failing 1")
+	nbdtest.MustRun(t, cmdTimeout, nbdinfo, "--size", uri("web", dbDir))
+}
+
+// TestNBDAccessDefaults is the issue's reproduction: without a rules file
+// another user of the backup host (nobody) can neither list, read nor
+// write a volume, over loopback TCP or the Unix socket, and is told why;
+// the server's own user (root here) can.
+func TestNBDAccessDefaults(t *testing.T) {
+	nbdtest.RequireRoot(t, "runs clients as user nobody")
+	tools := nbdtest.Tools(t, "nbdinfo", "setpriv")
+	nbdinfo := tools["nbdinfo"]
+	sockDir, err := os.MkdirTemp("", "nbdvault-access-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(sockDir) })
+	require.NoError(t, os.Chmod(sockDir, 0o755))
+	sock := filepath.Join(sockDir, "nbd.sock")
+	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock}})
+	s.MustCLI("volume", "create", "db", "--size", "1M")
+	require.NoError(t, os.Chmod(sock, 0o666)) // so that the rules, not the file mode, decide
+	unixURI := "nbd+unix:///db?socket=" + sock
+
+	asNobody := func(args ...string) *nbdtest.Result {
+		return nbdtest.RunEnv(t, cmdTimeout, []string{"LIBNBD_DEBUG=1"}, tools["setpriv"],
+			append([]string{"--reuid=65534", "--regid=65534", "--clear-groups", nbdinfo}, args...)...)
+	}
+	for _, uri := range []string{s.URI("db"), unixURI} {
+		nbdtest.MustRun(t, cmdTimeout, nbdinfo, "--size", uri)
+		r := asNobody("--size", uri)
+		assert.NotEqual(t, 0, r.ExitCode, "%s as nobody:\n%s", uri, r)
+		assert.Contains(t, r.Stderr, `uid:65534 (nobody) may not use volume "db"`, uri)
+		r = asNobody("--list", "--json", strings.Replace(uri, "/db", "/", 1))
+		assert.NotContains(t, r.Stdout, `"db"`, "%s: nobody lists nothing", uri)
+	}
+	assert.Equal(t, []string{"db"}, exportNames(t, nbdinfo, s.URI("")), "root lists it")
+}
+
+// TestServeRefusesOpenListener: serve refuses to listen off loopback
+// without TLS, or with TLS and neither client certificates nor rules,
+// saying what to give; wrong TLS flags are usage errors. It runs in a
+// network namespace of its own, so 0.0.0.0 is reachable from nowhere.
+func TestServeRefusesOpenListener(t *testing.T) {
+	nbdtest.RequireRoot(t, "makes a network namespace")
+	unshare := nbdtest.Tool(t, "unshare")
+	bin := servertest.Binary(t)
+	certs := nbdtest.NewCerts(t)
+	noCA := filepath.Join(t.TempDir(), "noca")
+	require.NoError(t, os.MkdirAll(noCA, 0o755))
+	for _, f := range []string{"server-cert.pem", "server-key.pem"} {
+		b, err := os.ReadFile(filepath.Join(certs.ServerDir, f))
+		require.NoError(t, err)
+		require.NoError(t, os.WriteFile(filepath.Join(noCA, f), b, 0o600))
+	}
+	serve := func(args ...string) *nbdtest.Result {
+		a := append([]string{"--net", bin, "serve", "--data", t.TempDir(), "--admin", "127.0.0.1:0"}, args...)
+		return nbdtest.Run(t, cmdTimeout, unshare, a...)
+	}
+	r := serve("--listen", "0.0.0.0:10809")
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "NBD listener 0.0.0.0:10809 is not on loopback and has no TLS")
+	assert.Contains(t, r.Stderr, "--insecure")
+	r = serve("--listen", "0.0.0.0:10809", "--tls-certificates", noCA)
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "has TLS but no --tls-client-ca and no --access rules")
+
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--tls-cert", "x.pem"}, "--tls-cert and --tls-key go together"},
+		{[]string{"--tls-client-ca", "ca.pem"}, "need TLS"},
+		{[]string{"--tls-certificates", "/nonexistent"}, "not a folder"},
+		{[]string{"--tls-certificates", t.TempDir()}, "the folder needs server-cert.pem and server-key.pem"},
+		{[]string{"--check-access", "/nonexistent"}, "--check-access"},
+	} {
+		r := nbdtest.Run(t, cmdTimeout, bin, append([]string{"serve", "--data", t.TempDir()}, tc.args...)...)
+		assert.Equal(t, 2, r.ExitCode, "%v: %s", tc.args, r)
+		assert.Contains(t, r.Stderr, tc.want, tc.args)
+	}
+	rules := filepath.Join(t.TempDir(), "rules")
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db db rw\nanonymous * nothing\n"), 0o644))
+	r = nbdtest.Run(t, cmdTimeout, bin, "serve", "--check-access", rules)
+	assert.Equal(t, 2, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "line 2: mode \"nothing\"")
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db db rw\n"), 0o644))
+	r = nbdtest.MustRun(t, cmdTimeout, bin, "serve", "--check-access", rules)
+	assert.Contains(t, r.Stdout, "cert:db")
+}
+
+// TestNBDAccessReload: a reload that takes a volume from a client closes
+// the client's open connection to it (and says so in the log), and new
+// connections are refused; the volume it now has opens.
+func TestNBDAccessReload(t *testing.T) {
+	rules := filepath.Join(t.TempDir(), "access")
+	me := fmt.Sprintf("uid:%d", os.Getuid())
+	require.NoError(t, os.WriteFile(rules, []byte(me+" db rw\n"), 0o644))
+	s := servertest.Start(t, servertest.Options{Args: []string{"--access", rules}})
+	s.MustCLI("volume", "create", "db", "--size", "1M")
+	s.MustCLI("volume", "create", "web", "--size", "1M")
+	c, err := client.Dial(t.Context(), s.NBD, client.Options{Export: "db"})
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.WriteAt(t.Context(), []byte("before"), 0, false))
+	require.NoError(t, c.Flush(t.Context()))
+
+	require.NoError(t, os.WriteFile(rules, []byte(me+" web rw\n"), 0o644))
+	require.NoError(t, syscall.Kill(s.PID(), syscall.SIGHUP))
+	require.Eventually(t, func() bool {
+		return strings.Contains(s.Log(), "nbd connection closed: the access rules no longer allow it")
+	},
+		time.Minute, 100*time.Millisecond, "%s", s.Log())
+	assert.Error(t, c.ReadAt(t.Context(), make([]byte, 512), 0), "the connection is closed")
+	_, err = client.Dial(t.Context(), s.NBD, client.Options{Export: "db"})
+	if assert.Error(t, err) {
+		assert.Contains(t, err.Error(), me)
+		assert.Contains(t, err.Error(), `may not use volume "db"`)
+	}
+	writeNBD(t, s, "web", []byte("after"), 0)
+}
