@@ -158,9 +158,13 @@ func TestNBDAccessDefaults(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll(sockDir) })
 	require.NoError(t, os.Chmod(sockDir, 0o755))
 	sock := filepath.Join(sockDir, "nbd.sock")
-	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock}})
+	// A mode and group that let nobody connect, so that the rules decide.
+	s := servertest.Start(t, servertest.Options{Args: []string{"--listen", "unix:" + sock, "--socket-mode", "0666", "--socket-group", "65534"}})
 	s.MustCLI("volume", "create", "db", "--size", "1M")
-	require.NoError(t, os.Chmod(sock, 0o666)) // so that the rules, not the file mode, decide
+	fi, err := os.Stat(sock)
+	require.NoError(t, err)
+	assert.Equal(t, os.ModeSocket|0o666, fi.Mode(), "--socket-mode")
+	assert.EqualValues(t, 65534, fi.Sys().(*syscall.Stat_t).Gid, "--socket-group")
 	unixURI := "nbd+unix:///db?socket=" + sock
 
 	asNobody := func(args ...string) *nbdtest.Result {
@@ -215,6 +219,7 @@ func TestServeRefusesOpenListener(t *testing.T) {
 		{[]string{"--tls-certificates", "/nonexistent"}, "not a folder"},
 		{[]string{"--tls-certificates", t.TempDir()}, "the folder needs server-cert.pem and server-key.pem"},
 		{[]string{"--check-access", "/nonexistent"}, "--check-access"},
+		{[]string{"--socket-mode", "999"}, "--socket-mode \"999\": want an octal mode"},
 	} {
 		r := nbdtest.Run(t, cmdTimeout, bin, append([]string{"serve", "--data", t.TempDir()}, tc.args...)...)
 		assert.Equal(t, 2, r.ExitCode, "%v: %s", tc.args, r)

@@ -10,6 +10,8 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"os/user"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -370,4 +372,34 @@ func CheckAccess(file string) (string, error) {
 		return "", err
 	}
 	return rs.describe(), nil
+}
+
+// DefaultSocketMode is a Unix socket listener's mode unless
+// Options.SocketMode says otherwise: its owner and group may connect.
+const DefaultSocketMode os.FileMode = 0o660
+
+// socketAccess gives a Unix socket its mode and group (a name or a
+// number; "" leaves it). It runs right after the socket is made, and
+// the access rules apply to whoever connects meanwhile.
+func socketAccess(path string, mode os.FileMode, group string) error {
+	if mode == 0 {
+		mode = DefaultSocketMode
+	}
+	if group != "" {
+		gid, err := strconv.Atoi(group)
+		if err != nil {
+			g, lerr := user.LookupGroup(group)
+			if lerr != nil {
+				return fmt.Errorf("--socket-group %q: no such group", group)
+			}
+			gid, _ = strconv.Atoi(g.Gid)
+		}
+		if err := os.Chown(path, -1, gid); err != nil {
+			return fmt.Errorf("--socket-group %s: %w", group, err)
+		}
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		return fmt.Errorf("--socket-mode %#o: %w", mode, err)
+	}
+	return nil
 }

@@ -46,6 +46,12 @@ type Options struct {
 	// server's user and root on this host, a client certificate the
 	// volume of its name).
 	Access string
+	// SocketMode and SocketGroup are given to Unix socket listeners: mode
+	// DefaultSocketMode when 0, the server's group when empty. Connecting
+	// needs write permission; the access rules decide what a user who
+	// connects may open.
+	SocketMode  os.FileMode
+	SocketGroup string
 	// Insecure serves a listener off loopback without TLS, or with TLS
 	// but neither client certificates nor rules, and without rules lets
 	// every client use every volume.
@@ -286,6 +292,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 			return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
 		}
 		s.nbdListeners = append(s.nbdListeners, l)
+		if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+			if err := socketAccess(path, opts.SocketMode, opts.SocketGroup); err != nil {
+				return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
+			}
+		}
 	}
 	if err := s.sec.checkListeners(s.nbdListeners, opts.Listen); err != nil {
 		return nil, err

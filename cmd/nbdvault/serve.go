@@ -75,6 +75,10 @@ func serveCommand() *cli.Command {
 			&cli.StringFlag{Name: "access", EnvVars: []string{"NBDVAULT_ACCESS"},
 				Usage: "access rules `file`: who may open which volumes over NBD (docs/operations.md, \"Security\"); reloaded on SIGHUP and when it changes. " +
 					"Default: the server's user and root on this host may open all, a client certificate the volume of its name"},
+			&cli.StringFlag{Name: "socket-mode", Value: "0660", EnvVars: []string{"NBDVAULT_SOCKET_MODE"},
+				Usage: "`mode` (octal) of unix: listeners: who may connect; --access decides what they may open"},
+			&cli.StringFlag{Name: "socket-group", EnvVars: []string{"NBDVAULT_SOCKET_GROUP"},
+				Usage: "`group` (name or number) of unix: listeners (default: the server's)"},
 			&cli.BoolFlag{Name: "insecure", EnvVars: []string{"NBDVAULT_INSECURE"},
 				Usage: "serve NBD off loopback without TLS (or with TLS but neither client certificates nor rules), and without --access let everyone open every volume"},
 			&cli.StringFlag{Name: "check-access", Usage: "check a rules `file` and print what it gives, then exit (nothing starts)"},
@@ -132,6 +136,10 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	socketMode, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
+	if err != nil || socketMode == 0 || socketMode > 0o777 {
+		return usageErrorf("--socket-mode %q: want an octal mode such as 0660 or 0600", c.String("socket-mode"))
+	}
 	var listen []string
 	for _, l := range c.StringSlice("listen") {
 		for part := range strings.SplitSeq(l, ",") { // NBDVAULT_LISTEN=a,b
@@ -170,6 +178,8 @@ func serve(c *cli.Context) error {
 		TLSRequired:        c.Bool("tls-required"),
 		Access:             c.String("access"),
 		Insecure:           c.Bool("insecure"),
+		SocketMode:         os.FileMode(socketMode),
+		SocketGroup:        c.String("socket-group"),
 		Version:            version,
 	})
 	if err != nil {
