@@ -222,6 +222,9 @@ func TestServeRefusesOpenListener(t *testing.T) {
 	r = serve("--listen", "0.0.0.0:10809", "--tls-certificates", noCA)
 	assert.Equal(t, 1, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stderr, "has TLS but no --tls-client-ca and no --access rules")
+	r = nbdtest.Run(t, cmdTimeout, unshare, "--net", bin, "serve", "--data", t.TempDir(), "--listen", "127.0.0.1:0", "--admin", "0.0.0.0:10810")
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "admin API 0.0.0.0:10810 is not on loopback and has no TLS")
 
 	for _, tc := range []struct {
 		args []string
@@ -233,6 +236,8 @@ func TestServeRefusesOpenListener(t *testing.T) {
 		{[]string{"--tls-certificates", t.TempDir()}, "the folder needs server-cert.pem and server-key.pem"},
 		{[]string{"--check-access", "/nonexistent"}, "--check-access"},
 		{[]string{"--socket-mode", "999"}, "--socket-mode \"999\": want an octal mode"},
+		{[]string{"--admin-tls-cert", "x.pem"}, "--admin-tls-cert and --admin-tls-key go together"},
+		{[]string{"--scoped-snapshot-interval", "-1s"}, "--scoped-snapshot-interval"},
 	} {
 		r := nbdtest.Run(t, cmdTimeout, bin, append([]string{"serve", "--data", t.TempDir()}, tc.args...)...)
 		assert.Equal(t, 2, r.ExitCode, "%v: %s", tc.args, r)

@@ -3,7 +3,6 @@ package nbdserver
 import (
 	"cmp"
 	"context"
-	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -25,8 +24,12 @@ import (
 // the token.
 func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
-	handle := func(pattern string, h func(r *http.Request) (int, any, error)) {
+	handle := func(pattern string, need action, h func(r *http.Request) (int, any, error)) {
 		mux.HandleFunc(pattern, func(w http.ResponseWriter, r *http.Request) {
+			if err := s.permit(r, need); err != nil {
+				writeError(w, err)
+				return
+			}
 			if r.ContentLength > maxBodyBytes { // refused before a byte of it is read
 				writeError(w, tooLarge())
 				return
@@ -43,41 +46,52 @@ func (s *Server) adminHandler() http.Handler {
 			writeJSON(w, status, out)
 		})
 	}
-	handle("GET /v1/status", s.getStatus)
-	handle("GET /v1/volumes", s.listVolumes)
-	handle("POST /v1/volumes", s.createVolume)
-	handle("GET /v1/volumes/{vol}", s.getVolume)
-	handle("PATCH /v1/volumes/{vol}", s.updateVolume)
-	handle("DELETE /v1/volumes/{vol}", s.deleteVolume)
-	handle("POST /v1/volumes/{vol}/recover", s.recoverVolume)
-	handle("GET /v1/volumes/{vol}/chunks", s.chunkIDs)
-	handle("GET /v1/volumes/{vol}/snapshots", s.listSnapshots)
-	handle("POST /v1/volumes/{vol}/snapshots", s.createSnapshot)
-	handle("GET /v1/volumes/{vol}/snapshots/{snap}", s.getSnapshot)
-	handle("DELETE /v1/volumes/{vol}/snapshots/{snap}", s.deleteSnapshot)
-	handle("PATCH /v1/volumes/{vol}/snapshots/{snap}", s.updateSnapshot)
-	handle("POST /v1/volumes/{vol}/prune", s.prune)
-	handle("POST /v1/gc", s.collect)
-	handle("POST /v1/verify", s.verify)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}))
+	handle("GET /v1/status", actStatus, s.getStatus)
+	handle("GET /v1/volumes", actStatus, s.listVolumes)
+	handle("POST /v1/volumes", actAdmin, s.createVolume)
+	handle("GET /v1/volumes/{vol}", actStatus, s.getVolume)
+	handle("PATCH /v1/volumes/{vol}", actAdmin, s.updateVolume)
+	handle("DELETE /v1/volumes/{vol}", actAdmin, s.deleteVolume)
+	handle("POST /v1/volumes/{vol}/recover", actAdmin, s.recoverVolume)
+	handle("GET /v1/volumes/{vol}/chunks", actPush, s.chunkIDs)
+	handle("GET /v1/volumes/{vol}/snapshots", actStatus, s.listSnapshots)
+	handle("POST /v1/volumes/{vol}/snapshots", actSnapshot, s.createSnapshot)
+	handle("GET /v1/volumes/{vol}/snapshots/{snap}", actStatus, s.getSnapshot)
+	handle("DELETE /v1/volumes/{vol}/snapshots/{snap}", actAdmin, s.deleteSnapshot)
+	handle("PATCH /v1/volumes/{vol}/snapshots/{snap}", actAdmin, s.updateSnapshot)
+	handle("POST /v1/volumes/{vol}/prune", actAdmin, s.prune)
+	handle("POST /v1/gc", actAdmin, s.collect)
+	handle("POST /v1/verify", actAdmin, s.verify)
+	handle("GET /v1/tokens", actAdmin, s.listTokens)
+	handle("POST /v1/tokens", actAdmin, s.createToken)
+	handle("DELETE /v1/tokens/{id}", actAdmin, s.revokeToken)
+	metrics := promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{})
+	mux.HandleFunc("GET /metrics", func(w http.ResponseWriter, r *http.Request) {
+		if err := s.permit(r, actAdmin); err != nil {
+			writeError(w, err)
+			return
+		}
+		metrics.ServeHTTP(w, r)
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, api.Errorf(api.ErrNotFound, "no such API endpoint: %s %s (see docs/api.md)", r.Method, r.URL.Path))
 	})
 	return s.authorize(mux)
 }
 
-// authorize refuses requests without the token.
+// authorize refuses requests from no one it knows: without the admin
+// token, a scoped token or a verified client certificate. What a known
+// caller may do is checked per endpoint (permit).
 func (s *Server) authorize(next http.Handler) http.Handler {
-	want := []byte("Bearer " + s.token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		got := []byte(r.Header.Get("Authorization"))
-		if subtle.ConstantTimeCompare(got, want) != 1 {
+		c := s.callerOf(r)
+		if c == nil {
 			w.Header().Set("WWW-Authenticate", `Bearer realm="nbdvault"`)
 			writeError(w, api.Errorf(api.ErrUnauthorized,
-				"the server refused the admin token: pass the one in the server's data folder (%s) with --token or NBDVAULT_TOKEN", TokenFile))
+				"the server refused the token: pass the admin token in the server's data folder (%s), or a token from nbdvault token create, with --token or NBDVAULT_TOKEN", TokenFile))
 			return
 		}
-		next.ServeHTTP(w, r)
+		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callerKey{}, c)))
 	})
 }
 
@@ -159,6 +173,11 @@ func decode(r *http.Request, v any) error {
 
 func (s *Server) getStatus(r *http.Request) (int, any, error) {
 	sp := s.space()
+	if callerOfRequest(r).scoped() {
+		// Its volumes' state, nothing of the repository's or others'
+		// (space figures would tell what other volumes hold).
+		return http.StatusOK, api.Status{Version: s.opts.Version, NBD: s.NBDAddrs(), Volumes: s.visibleVolumes(r, sp)}, nil
+	}
 	st := api.Status{Version: s.opts.Version, Repository: s.Repository(), NBD: s.NBDAddrs(), Volumes: s.volumeInfos(sp), Space: repositorySpace(sp)}
 	rs := &st.RepositoryState
 	up, since, lastErr := s.health.state()
@@ -180,7 +199,23 @@ func (s *Server) getStatus(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) listVolumes(r *http.Request) (int, any, error) {
+	if callerOfRequest(r).scoped() {
+		return http.StatusOK, s.visibleVolumes(r, s.space()), nil
+	}
 	return http.StatusOK, s.volumeInfos(s.space()), nil
+}
+
+// visibleVolumes are the volumes a scoped caller may see, without space
+// figures.
+func (s *Server) visibleVolumes(r *http.Request, sp *volume.Space) []api.Volume {
+	out := []api.Volume{}
+	for _, v := range s.volumeInfos(sp) {
+		if s.visible(r, v.Name) {
+			v.Space = nil
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // volumeInfos describes every volume, served or not, by name, with the
@@ -207,13 +242,13 @@ func failedInfo(name string, err error, sp *volume.Space) api.Volume {
 func (s *Server) getVolume(r *http.Request) (int, any, error) {
 	name := r.PathValue("vol")
 	if err, ok := s.Failed()[name]; ok {
-		return http.StatusOK, failedInfo(name, err, s.space()), nil
+		return http.StatusOK, failedInfo(name, err, s.spaceFor(r)), nil
 	}
 	v, err := s.volumeOf(name)
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusOK, s.volumeInfo(v, s.space()), nil
+	return http.StatusOK, s.volumeInfo(v, s.spaceFor(r)), nil
 }
 
 func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
@@ -344,7 +379,7 @@ func (s *Server) listSnapshots(r *http.Request) (int, any, error) {
 		return 0, nil, err
 	}
 	out := []api.Snapshot{}
-	sp := s.space()
+	sp := s.spaceFor(r)
 	for _, si := range v.Snapshots() {
 		out = append(out, withSpace(snapshotInfo(v, si), sp))
 	}
@@ -356,7 +391,16 @@ func (s *Server) getSnapshot(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	return http.StatusOK, withSpace(snapshotInfo(v, si), s.space()), nil
+	return http.StatusOK, withSpace(snapshotInfo(v, si), s.spaceFor(r)), nil
+}
+
+// spaceFor is the space count for the caller of r: none for a scoped
+// caller, whom the figures would tell what other volumes hold (dedup).
+func (s *Server) spaceFor(r *http.Request) *volume.Space {
+	if callerOfRequest(r).scoped() {
+		return nil
+	}
+	return s.space()
 }
 
 func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
@@ -386,11 +430,17 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 		s.log.Info("point in time kept as a snapshot", "volume", v.Config().Name, "from", req.From, "id", si.ID, "label", si.Label)
 		return http.StatusCreated, snapshotInfo(v, si), nil
 	}
+	if c := callerOfRequest(r); c.scoped() && s.opts.ScopedSnapshotEvery > 0 {
+		if wait, ok := s.snapLimit.take(v.Config().Name, s.opts.ScopedSnapshotEvery); !ok {
+			return 0, nil, api.Errorf(api.ErrTooSoon, "%s may take a snapshot of %q once every %s (serve --scoped-snapshot-interval): try again in %s",
+				c, v.Config().Name, s.opts.ScopedSnapshotEvery, wait.Round(time.Second))
+		}
+	}
 	si, err := v.Snapshot(r.Context(), req.Label)
 	if err != nil {
 		return 0, nil, err
 	}
-	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label)
+	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label, "by", callerOfRequest(r).String())
 	return http.StatusCreated, snapshotInfo(v, si), nil
 }
 

@@ -31,16 +31,20 @@ type TLSFiles struct {
 // config and the access rules, both reloaded whole (SIGHUP, or a file
 // changed) or not at all.
 type security struct {
-	log      *slog.Logger
-	files    TLSFiles // Cert empty: no TLS
-	access   string   // the rules file, "" for the defaults
+	log   *slog.Logger
+	files TLSFiles // Cert empty: no TLS
+	// admin are the admin API's certificate and key (Cert empty: plain
+	// HTTP); its client certificates are verified against files.ClientCA.
+	admin    TLSFiles
+	access   string // the rules file, "" for the defaults
 	insecure bool
 	// local: some listener is on loopback or a Unix socket, where users
 	// are known without certificates.
 	local bool
 
-	cfg   atomic.Pointer[tls.Config]
-	rules atomic.Pointer[accessRules]
+	cfg      atomic.Pointer[tls.Config]
+	adminCfg atomic.Pointer[tls.Config]
+	rules    atomic.Pointer[accessRules]
 
 	mu      sync.Mutex           // one reload at a time; guards stamps
 	stamps  map[string]time.Time // the files' mtimes at the last reload
@@ -48,8 +52,8 @@ type security struct {
 	expires atomic.Int64 // the server certificate's NotAfter, Unix seconds
 }
 
-func newSecurity(log *slog.Logger, files TLSFiles, access string, insecure, local bool) (*security, error) {
-	s := &security{log: log, files: files, access: access, insecure: insecure, local: local}
+func newSecurity(log *slog.Logger, files, admin TLSFiles, access string, insecure, local bool) (*security, error) {
+	s := &security{log: log, files: files, admin: admin, access: access, insecure: insecure, local: local}
 	if err := s.reload(); err != nil {
 		return nil, err
 	}
@@ -62,7 +66,7 @@ func (s *security) tlsOn() bool { return s.files.Cert != "" }
 // paths are the files a reload reads.
 func (s *security) paths() []string {
 	var out []string
-	for _, p := range []string{s.files.Cert, s.files.Key, s.files.ClientCA, s.files.CRL, s.access} {
+	for _, p := range []string{s.files.Cert, s.files.Key, s.files.ClientCA, s.files.CRL, s.access, s.admin.Cert, s.admin.Key} {
 		if p != "" {
 			out = append(out, p)
 		}
@@ -91,11 +95,23 @@ func (s *security) reload() error {
 			return s.fail(fmt.Errorf("access rules: %w", err))
 		}
 	}
-	var cfg *tls.Config
+	var cfg, adminCfg *tls.Config
 	if s.tlsOn() {
 		var err error
 		if cfg, err = s.loadTLS(rules); err != nil {
 			return s.fail(err)
+		}
+	}
+	if s.admin.Cert != "" {
+		cert, err := tls.LoadX509KeyPair(s.admin.Cert, s.admin.Key)
+		if err != nil {
+			return s.fail(fmt.Errorf("admin TLS certificate %s with key %s: %w", s.admin.Cert, s.admin.Key, err))
+		}
+		// Tokens or client certificates: a certificate is verified if
+		// given, against the same CA and revocation list as NBD's.
+		adminCfg = &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}, SessionTicketsDisabled: true}
+		if cfg != nil && cfg.ClientCAs != nil {
+			adminCfg.ClientCAs, adminCfg.ClientAuth, adminCfg.VerifyConnection = cfg.ClientCAs, tls.VerifyClientCertIfGiven, cfg.VerifyConnection
 		}
 	}
 	s.stamps = stamps
@@ -104,7 +120,29 @@ func (s *security) reload() error {
 	if cfg != nil {
 		s.cfg.Store(cfg)
 	}
+	if adminCfg != nil {
+		s.adminCfg.Store(adminCfg)
+	}
 	return nil
+}
+
+// adminTLS is the admin listener's TLS config (nil: plain HTTP): each
+// handshake takes the config of the moment.
+func (s *security) adminTLS() *tls.Config {
+	if s.admin.Cert == "" {
+		return nil
+	}
+	return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return s.adminCfg.Load(), nil }}
+}
+
+// checkAdmin refuses an admin API off loopback without TLS, unless
+// --insecure: its token would cross the network in the clear.
+func (s *security) checkAdmin(addr string) error {
+	if addr == "" || s.insecure || s.admin.Cert != "" || localAddress(addr) {
+		return nil
+	}
+	return fmt.Errorf("admin API %s is not on loopback and has no TLS: its token would cross the network in the clear. "+
+		"Give --admin-tls-cert and --admin-tls-key, listen on 127.0.0.1, or add --insecure", addr)
 }
 
 func (s *security) fail(err error) error {

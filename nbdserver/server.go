@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -42,6 +43,9 @@ type Options struct {
 	// loopback (and on all with TLSRequired). TLS.Cert empty: no TLS.
 	TLS         TLSFiles
 	TLSRequired bool
+	// AdminTLS serves the admin API over HTTPS (Cert and Key; client
+	// certificates are verified against TLS.ClientCA).
+	AdminTLS TLSFiles
 	// Access is the access rules file; empty for the defaults (the
 	// server's user and root on this host, a client certificate the
 	// volume of its name).
@@ -52,6 +56,9 @@ type Options struct {
 	// connects may open.
 	SocketMode  os.FileMode
 	SocketGroup string
+	// ScopedSnapshotEvery spaces the snapshots that callers other than
+	// the admin token take of one volume; 0: no limit.
+	ScopedSnapshotEvery time.Duration
 	// Insecure serves a listener off loopback without TLS, or with TLS
 	// but neither client certificates nor rules, and without rules lets
 	// every client use every volume.
@@ -103,18 +110,21 @@ const TokenFile = "admin-token"
 // Server is a running nbdvault server: one repository, its volumes, the
 // NBD listeners that serve them and the admin API that manages them.
 type Server struct {
-	opts    Options
-	log     *slog.Logger
-	repo    chunkstore.Backend
-	store   *chunkstore.Store
-	env     *volume.Env
-	lease   *lease.Lease
-	token   string
-	exports *Exports
-	nbd     *nbd.Server
-	sec     *security
-	metrics *metrics
-	health  *repoHealth
+	opts   Options
+	log    *slog.Logger
+	repo   chunkstore.Backend
+	store  *chunkstore.Store
+	env    *volume.Env
+	lease  *lease.Lease
+	token  string
+	tokens *tokens
+	// snapLimit spaces scoped callers' snapshots (ScopedSnapshotEvery).
+	snapLimit snapshotLimit
+	exports   *Exports
+	nbd       *nbd.Server
+	sec       *security
+	metrics   *metrics
+	health    *repoHealth
 
 	nbdListeners []net.Listener
 	adminL       net.Listener
@@ -186,8 +196,11 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	// Wrong certificates or rules stop the start before the repository
 	// is touched.
-	sec, err := newSecurity(opts.Logger.With("part", "access"), opts.TLS, opts.Access, opts.Insecure, slices.ContainsFunc(opts.Listen, localAddress))
+	sec, err := newSecurity(opts.Logger.With("part", "access"), opts.TLS, opts.AdminTLS, opts.Access, opts.Insecure, slices.ContainsFunc(opts.Listen, localAddress))
 	if err != nil {
+		return nil, err
+	}
+	if err := sec.checkAdmin(opts.Admin); err != nil {
 		return nil, err
 	}
 	s := &Server{opts: opts, log: opts.Logger, sec: sec, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now(),
@@ -230,6 +243,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
+		return nil, err
+	}
+	if s.tokens, err = loadTokens(filepath.Join(opts.Data, TokensFile)); err != nil {
 		return nil, err
 	}
 	cacheBytes := opts.CacheBytes
@@ -455,8 +471,12 @@ func (s *Server) Serve(ctx context.Context) error {
 		hs = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout: time.Minute, IdleTimeout: 10 * time.Minute,
 			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+		l := s.adminL
+		if cfg := s.sec.adminTLS(); cfg != nil {
+			l = tls.NewListener(l, cfg)
+		}
 		wg.Go(func() {
-			if err := hs.Serve(s.adminL); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			if err := hs.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 				fail(fmt.Errorf("admin listener %s: %w", s.adminL.Addr(), err))
 			}
 		})

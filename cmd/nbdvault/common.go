@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"os"
@@ -41,7 +43,19 @@ var (
 		Name: "data", Value: defaultData, EnvVars: []string{"NBDVAULT_DATA"},
 		Usage: "the server's data `folder`, where a CLI on the server's host finds the token",
 	}
-	clientFlags = []cli.Flag{serverFlag, tokenFlag, dataFlag}
+	tlsCAFlag = &cli.StringFlag{
+		Name: "tls-ca", EnvVars: []string{"NBDVAULT_TLS_CA"},
+		Usage: "CA certificate `file` (PEM) to trust for an https:// --server (default: the system's)",
+	}
+	clientCertFlag = &cli.StringFlag{
+		Name: "tls-cert", EnvVars: []string{"NBDVAULT_CLIENT_CERT"},
+		Usage: "client certificate `file` (PEM) to present to an https:// --server: who you are, instead of a token",
+	}
+	clientKeyFlag = &cli.StringFlag{
+		Name: "tls-key", EnvVars: []string{"NBDVAULT_CLIENT_KEY"},
+		Usage: "the private key `file` of --tls-cert",
+	}
+	clientFlags = []cli.Flag{serverFlag, tokenFlag, dataFlag, tlsCAFlag, clientCertFlag, clientKeyFlag}
 
 	// nbdFlag is for the commands that open exports over NBD (restore,
 	// import, mount): where the server's NBD listener is, when the
@@ -63,8 +77,12 @@ func nbdAddressOf(c *cli.Context, cl *api.Client) (string, error) {
 
 // adminClient returns a client for the server the flags name.
 func adminClient(c *cli.Context) (*api.Client, error) {
+	tlsCfg, err := clientTLS(c)
+	if err != nil {
+		return nil, err
+	}
 	token := strings.TrimSpace(c.String(tokenFlag.Name))
-	if token == "" {
+	if token == "" && (tlsCfg == nil || len(tlsCfg.Certificates) == 0) {
 		path := filepath.Join(c.String(dataFlag.Name), tokenFileName)
 		data, err := os.ReadFile(path)
 		switch {
@@ -79,7 +97,41 @@ func adminClient(c *cli.Context) (*api.Client, error) {
 	if err != nil {
 		return nil, usageErrorf("%v", err)
 	}
+	if tlsCfg != nil {
+		cl.UseTLS(tlsCfg)
+	}
 	return cl, nil
+}
+
+// clientTLS reads --tls-ca, --tls-cert and --tls-key; nil when none is
+// given.
+func clientTLS(c *cli.Context) (*tls.Config, error) {
+	ca, cert, key := c.String(tlsCAFlag.Name), c.String(clientCertFlag.Name), c.String(clientKeyFlag.Name)
+	if ca == "" && cert == "" && key == "" {
+		return nil, nil
+	}
+	cfg := &tls.Config{MinVersion: tls.VersionTLS12}
+	if ca != "" {
+		b, err := os.ReadFile(ca)
+		if err != nil {
+			return nil, usageErrorf("--tls-ca: %v", err)
+		}
+		cfg.RootCAs = x509.NewCertPool()
+		if !cfg.RootCAs.AppendCertsFromPEM(b) {
+			return nil, usageErrorf("--tls-ca %s: no PEM certificate in it", ca)
+		}
+	}
+	if (cert == "") != (key == "") {
+		return nil, usageErrorf("--tls-cert and --tls-key go together")
+	}
+	if cert != "" {
+		pair, err := tls.LoadX509KeyPair(cert, key)
+		if err != nil {
+			return nil, usageErrorf("--tls-cert %s, --tls-key %s: %v", cert, key, err)
+		}
+		cfg.Certificates = []tls.Certificate{pair}
+	}
+	return cfg, nil
 }
 
 // dialExport opens export on the NBD server at addr, for restore and

@@ -37,6 +37,7 @@ func newApp() *cli.App {
 			pruneCommand(),
 			gcCommand(),
 			verifyCommand(),
+			tokenCommand(),
 			statusCommand(),
 			restoreCommand(),
 			importCommand(),
@@ -107,7 +108,7 @@ const (
 	exitFailure     = 1 // any error not listed below
 	exitUsage       = 2 // a wrong flag or argument
 	exitNotFound    = 3 // no such volume or snapshot
-	exitAuth        = 4 // the server refused the token
+	exitAuth        = 4 // the server refused the token, or its scope does not cover the request
 	exitUnreachable = 5 // no server answered
 	exitConflict    = 6 // it exists already, or is not sealed yet
 	exitDamaged     = 7 // the volume's data is damaged: the message says what to do
@@ -134,11 +135,11 @@ func exitCode(err error) int {
 		return exitUsage
 	case errors.Is(err, api.ErrNotFound):
 		return exitNotFound
-	case errors.Is(err, api.ErrUnauthorized):
+	case errors.Is(err, api.ErrUnauthorized), errors.Is(err, api.ErrForbidden):
 		return exitAuth
 	case errors.Is(err, api.ErrUnreachable):
 		return exitUnreachable
-	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed), errors.Is(err, api.ErrProtected), errors.Is(err, transfer.ErrExists),
+	case errors.Is(err, api.ErrExists), errors.Is(err, api.ErrNotSealed), errors.Is(err, api.ErrTooSoon), errors.Is(err, api.ErrProtected), errors.Is(err, transfer.ErrExists),
 		errors.Is(err, mount.ErrClaimed), errors.Is(err, mount.ErrMountPoint):
 		return exitConflict
 	case errors.Is(err, api.ErrDamaged):

@@ -81,6 +81,11 @@ func serveCommand() *cli.Command {
 				Usage: "`group` (name or number) of unix: listeners (default: the server's)"},
 			&cli.BoolFlag{Name: "insecure", EnvVars: []string{"NBDVAULT_INSECURE"},
 				Usage: "serve NBD off loopback without TLS (or with TLS but neither client certificates nor rules), and without --access let everyone open every volume"},
+			&cli.StringFlag{Name: "admin-tls-cert", EnvVars: []string{"NBDVAULT_ADMIN_TLS_CERT"},
+				Usage: "serve the admin API over HTTPS with this certificate `file` (PEM); client certificates are checked against --tls-client-ca"},
+			&cli.StringFlag{Name: "admin-tls-key", EnvVars: []string{"NBDVAULT_ADMIN_TLS_KEY"}, Usage: "the private key `file` of --admin-tls-cert"},
+			&cli.DurationFlag{Name: "scoped-snapshot-interval", Value: 10 * time.Minute, EnvVars: []string{"NBDVAULT_SCOPED_SNAPSHOT_INTERVAL"},
+				Usage: "callers other than the admin token (scoped tokens, client certificates) may take a snapshot of a volume at most once this `long`; 0: no limit"},
 			&cli.StringFlag{Name: "check-access", Usage: "check a rules `file` and print what it gives, then exit (nothing starts)"},
 		},
 		Action: serve,
@@ -136,6 +141,12 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	if (c.String("admin-tls-cert") == "") != (c.String("admin-tls-key") == "") {
+		return usageErrorf("--admin-tls-cert and --admin-tls-key go together: give both")
+	}
+	if c.Duration("scoped-snapshot-interval") < 0 {
+		return usageErrorf("--scoped-snapshot-interval: want a duration such as 10m, or 0 for no limit")
+	}
 	socketMode, err := strconv.ParseUint(c.String("socket-mode"), 8, 32)
 	if err != nil || socketMode == 0 || socketMode > 0o777 {
 		return usageErrorf("--socket-mode %q: want an octal mode such as 0660 or 0600", c.String("socket-mode"))
@@ -158,29 +169,31 @@ func serve(c *cli.Context) error {
 	logger.Info("memory budget", "max_memory", formatSize(maxMemory), "nbd_buffers", formatSize(maxMemory/2),
 		"cache", formatSize(cmp.Or(cache, maxMemory/4)), "go_memory_limit", formatSize(debug.SetMemoryLimit(-1)))
 	srv, err := nbdserver.Open(c.Context, nbdserver.Options{
-		Data:               c.String("data"),
-		Repo:               c.String("repo"),
-		Listen:             listen,
-		Admin:              c.String("admin"),
-		Logger:             logger,
-		CheckpointInterval: c.Duration("checkpoint-interval"),
-		LogLimit:           logLimit,
-		JournalRetention:   journalRetention,
-		CacheBytes:         cache,
-		RepoTimeout:        c.Duration("repo-timeout"),
-		LeaseTTL:           c.Duration("lease-ttl"),
-		GCInterval:         c.Duration("gc-interval"),
-		MaxMemory:          maxMemory,
-		ReplyTimeout:       c.Duration("reply-timeout"),
-		VerifyEvery:        c.Duration("verify-every"),
-		VerifySubset:       c.String("verify-read-data-subset"),
-		TLS:                tlsFiles,
-		TLSRequired:        c.Bool("tls-required"),
-		Access:             c.String("access"),
-		Insecure:           c.Bool("insecure"),
-		SocketMode:         os.FileMode(socketMode),
-		SocketGroup:        c.String("socket-group"),
-		Version:            version,
+		Data:                c.String("data"),
+		Repo:                c.String("repo"),
+		Listen:              listen,
+		Admin:               c.String("admin"),
+		Logger:              logger,
+		CheckpointInterval:  c.Duration("checkpoint-interval"),
+		LogLimit:            logLimit,
+		JournalRetention:    journalRetention,
+		CacheBytes:          cache,
+		RepoTimeout:         c.Duration("repo-timeout"),
+		LeaseTTL:            c.Duration("lease-ttl"),
+		GCInterval:          c.Duration("gc-interval"),
+		MaxMemory:           maxMemory,
+		ReplyTimeout:        c.Duration("reply-timeout"),
+		VerifyEvery:         c.Duration("verify-every"),
+		VerifySubset:        c.String("verify-read-data-subset"),
+		TLS:                 tlsFiles,
+		TLSRequired:         c.Bool("tls-required"),
+		Access:              c.String("access"),
+		Insecure:            c.Bool("insecure"),
+		SocketMode:          os.FileMode(socketMode),
+		AdminTLS:            nbdserver.TLSFiles{Cert: c.String("admin-tls-cert"), Key: c.String("admin-tls-key")},
+		ScopedSnapshotEvery: c.Duration("scoped-snapshot-interval"),
+		SocketGroup:         c.String("socket-group"),
+		Version:             version,
 	})
 	if err != nil {
 		return fmt.Errorf("cannot start: %w", err)

@@ -401,12 +401,18 @@ func (e *Error) Is(target error) bool {
 // Error codes, with the sentinels to test for them with errors.Is.
 var (
 	ErrUnauthorized = &Error{Code: "unauthorized", Status: 401}
-	ErrNotFound     = &Error{Code: "not_found", Status: 404}
-	ErrExists       = &Error{Code: "exists", Status: 409}
-	ErrNotSealed    = &Error{Code: "not_sealed", Status: 409}
-	ErrProtected    = &Error{Code: "protected", Status: 409}
-	ErrInvalid      = &Error{Code: "invalid", Status: 400}
-	ErrUnavailable  = &Error{Code: "unavailable", Status: 503}
+	// ErrForbidden: the caller is known but its token's scope (or its
+	// certificate's rules) does not cover the request.
+	ErrForbidden = &Error{Code: "forbidden", Status: 403}
+	// ErrTooSoon: a scoped caller asked for a snapshot sooner than the
+	// server allows it another.
+	ErrTooSoon     = &Error{Code: "too_soon", Status: 429}
+	ErrNotFound    = &Error{Code: "not_found", Status: 404}
+	ErrExists      = &Error{Code: "exists", Status: 409}
+	ErrNotSealed   = &Error{Code: "not_sealed", Status: 409}
+	ErrProtected   = &Error{Code: "protected", Status: 409}
+	ErrInvalid     = &Error{Code: "invalid", Status: 400}
+	ErrUnavailable = &Error{Code: "unavailable", Status: 503}
 	// ErrDamaged: the volume's data is damaged; the message says what to
 	// do.
 	ErrDamaged  = &Error{Code: "damaged", Status: 409}
@@ -420,3 +426,29 @@ func Errorf(code *Error, format string, args ...any) *Error {
 
 // ErrUnreachable: no server answered at the address.
 var ErrUnreachable = errors.New("cannot reach the nbdvault server")
+
+// Token scopes, each allowing what the one before it does: status reads
+// a volume's status and snapshots, snapshot also takes snapshots of it
+// (rate-limited), push also reads its chunk IDs (nbdvault client push).
+const (
+	ScopeStatus   = "status"
+	ScopeSnapshot = "snapshot"
+	ScopePush     = "push"
+)
+
+// CreateToken is the body of POST /v1/tokens.
+type CreateToken struct {
+	Scope  string `json:"scope"`
+	Volume string `json:"volume"`
+}
+
+// Token is a scoped token as GET /v1/tokens lists it; Token (the secret)
+// only in the answer to its creation, once.
+type Token struct {
+	ID       string     `json:"id"`
+	Scope    string     `json:"scope"`
+	Volume   string     `json:"volume"`
+	Created  time.Time  `json:"created"`
+	LastUsed *time.Time `json:"last_used,omitempty"`
+	Token    string     `json:"token,omitempty"`
+}

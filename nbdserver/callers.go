@@ -1,0 +1,201 @@
+package nbdserver
+
+import (
+	"crypto/subtle"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/nbdvault/nbdvault/nbdserver/api"
+)
+
+// action is what an admin endpoint needs; each allows the ones before it.
+type action int
+
+const (
+	actStatus   action = iota // read a volume's status and snapshots
+	actSnapshot               // take a snapshot of it
+	actPush                   // read its chunk IDs (client push)
+	actAdmin                  // everything else: create, delete, prune, gc, tokens, metrics
+)
+
+var actionNames = []string{"read the status of", "take snapshots of", "push to", "administer"}
+
+// scopeAction is what a token scope allows.
+func scopeAction(scope string) action {
+	switch scope {
+	case api.ScopeSnapshot:
+		return actSnapshot
+	case api.ScopePush:
+		return actPush
+	}
+	return actStatus
+}
+
+// modeAction is what an access rule's mode allows on the admin API.
+func modeAction(m accessMode) (action, bool) {
+	switch m {
+	case modeAdmin:
+		return actAdmin, true
+	case modeRW:
+		return actPush, true
+	case modeRO, modeSnapshots:
+		return actStatus, true
+	}
+	return 0, false
+}
+
+// caller is who an admin request comes from: the admin token, a scoped
+// token (for one volume), or a verified client certificate (the access
+// rules decide, as on NBD).
+type caller struct {
+	admin bool
+	token *tokenRecord
+	cert  *peer
+}
+
+type callerKey struct{}
+
+func (c *caller) String() string {
+	switch {
+	case c.admin:
+		return "the admin token"
+	case c.token != nil:
+		return fmt.Sprintf("token %s (scope %s on volume %q)", c.token.ID, c.token.Scope, c.token.Volume)
+	}
+	return c.cert.String()
+}
+
+// scoped says whether the caller is anything less than admin.
+func (c *caller) scoped() bool { return !c.admin }
+
+// callerOf finds who sent r, or nil.
+func (s *Server) callerOf(r *http.Request) *caller {
+	if tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+		if subtle.ConstantTimeCompare([]byte(tok), []byte(s.token)) == 1 {
+			return &caller{admin: true}
+		}
+		if rec, ok := s.tokens.lookup(tok); ok {
+			return &caller{token: &rec}
+		}
+		return nil // a wrong token is refused even with a certificate
+	}
+	if r.TLS != nil {
+		if name, dn := certName(r.TLS); name != "" {
+			return &caller{cert: &peer{cert: name, dn: dn, uid: -1}}
+		}
+	}
+	return nil
+}
+
+// may says whether c may do a on volume vol ("" for an endpoint of no
+// volume: the status and list endpoints show a scoped caller only its
+// volumes; others need admin).
+func (s *Server) may(c *caller, a action, vol string) error {
+	if c.admin {
+		return nil
+	}
+	if vol == "" && a == actStatus {
+		return nil // filtered by visible
+	}
+	var allowed action
+	var ok bool
+	switch {
+	case c.token != nil:
+		allowed, ok = scopeAction(c.token.Scope), vol != "" && vol == c.token.Volume
+	default:
+		// For endpoints of no volume, the rules that hold for every volume.
+		mode, _ := s.sec.rules.Load().mode(c.cert, cmpOr(vol, "*"))
+		allowed, ok = modeAction(mode)
+	}
+	if !ok || a > allowed {
+		what := "the repository"
+		if vol != "" {
+			what = fmt.Sprintf("volume %q", vol)
+		}
+		return api.Errorf(api.ErrForbidden, "%s may not %s %s", c, actionNames[a], what)
+	}
+	return nil
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+// permit checks the caller of r against what an endpoint needs.
+func (s *Server) permit(r *http.Request, a action) error {
+	c, _ := r.Context().Value(callerKey{}).(*caller)
+	if c == nil {
+		return api.Errorf(api.ErrUnauthorized, "no caller")
+	}
+	return s.may(c, a, r.PathValue("vol"))
+}
+
+// visible says whether the caller of r may see volume vol in listings.
+func (s *Server) visible(r *http.Request, vol string) bool {
+	c, _ := r.Context().Value(callerKey{}).(*caller)
+	return c != nil && s.may(c, actStatus, vol) == nil
+}
+
+// callerOfRequest is the caller authorize found.
+func callerOfRequest(r *http.Request) *caller {
+	c, _ := r.Context().Value(callerKey{}).(*caller)
+	return c
+}
+
+// snapshotLimit spaces the snapshots scoped callers take of each volume:
+// a source host that is broken into cannot flood a volume with snapshots
+// that push the older ones out of a keep-last policy.
+type snapshotLimit struct {
+	mu   sync.Mutex
+	last map[string]time.Time
+}
+
+// take says whether a scoped snapshot of vol may be taken now (and
+// counts it), or how long until one may.
+func (l *snapshotLimit) take(vol string, every time.Duration) (time.Duration, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.last == nil {
+		l.last = map[string]time.Time{}
+	}
+	if wait := every - time.Since(l.last[vol]); wait > 0 {
+		return wait, false
+	}
+	l.last[vol] = time.Now()
+	return 0, true
+}
+
+func (s *Server) listTokens(r *http.Request) (int, any, error) {
+	return http.StatusOK, s.tokens.list(), nil
+}
+
+func (s *Server) createToken(r *http.Request) (int, any, error) {
+	var req api.CreateToken
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	if _, err := s.volumeOf(req.Volume); err != nil && req.Volume != "" {
+		return 0, nil, err
+	}
+	t, err := s.tokens.create(req.Scope, req.Volume)
+	if err != nil {
+		return 0, nil, err
+	}
+	s.log.Info("token created", "id", t.ID, "scope", t.Scope, "volume", t.Volume)
+	return http.StatusCreated, t, nil
+}
+
+func (s *Server) revokeToken(r *http.Request) (int, any, error) {
+	id := r.PathValue("id")
+	if err := s.tokens.revoke(id); err != nil {
+		return 0, nil, err
+	}
+	s.log.Info("token revoked", "id", id)
+	return http.StatusNoContent, nil, nil
+}
