@@ -333,7 +333,33 @@ func (m *Machine) run(timeout time.Duration, script string) (string, int) {
 // s) fails requests the server does not answer in time.
 func (m *Machine) AttachNBD(t testing.TB, port, export string) string {
 	t.Helper()
-	script := fmt.Sprintf(`set -e
+	return m.attachNBD(t, port, export, "")
+}
+
+// AttachNBDTLS is AttachNBD over TLS: nbd-client presents the client
+// certificate in the guest folder dir (client-cert.pem, client-key.pem)
+// and checks the server's against dir/ca-cert.pem and the name
+// localhost.
+func (m *Machine) AttachNBDTLS(t testing.TB, port, export, dir string) string {
+	t.Helper()
+	return m.attachNBD(t, port, export, fmt.Sprintf("-certfile %[1]s/client-cert.pem -keyfile %[1]s/client-key.pem -cacertfile %[1]s/ca-cert.pem -tlshostname localhost", shellQuote(dir)))
+}
+
+// TryAttachNBD is AttachNBD that returns nbd-client's output and exit
+// status instead of failing the test, for attaches that must fail.
+func (m *Machine) TryAttachNBD(t testing.TB, port, export string) (string, int) {
+	t.Helper()
+	return m.Run(t, m.attachScript(port, export, ""))
+}
+
+func (m *Machine) attachNBD(t testing.TB, port, export, flags string) string {
+	out := strings.TrimSpace(m.MustRun(t, m.attachScript(port, export, flags)))
+	lines := strings.Split(out, "\n")
+	return lines[len(lines)-1]
+}
+
+func (m *Machine) attachScript(port, export, flags string) string {
+	return fmt.Sprintf(`set -e
 port=%s; export=%s
 modprobe nbd
 vm-name-ports
@@ -361,11 +387,8 @@ while [ ! -S $sock ]; do
 	i=$((i + 1)); [ $i -lt 100 ] || { echo "socat did not listen on $sock"; cat /run/socat-$port.log; exit 1; }
 	usleep 50000
 done
-nbd-client -N "$export" -u $sock $dev -b 4096 -t 60 >/run/nbd-client-$port.log 2>&1 || { cat /run/nbd-client-$port.log /run/socat-$port.log; exit 1; }
-echo $dev`, shellQuote(port), shellQuote(export))
-	out := strings.TrimSpace(m.MustRun(t, script))
-	lines := strings.Split(out, "\n")
-	return lines[len(lines)-1]
+nbd-client -N "$export" -u $sock $dev -b 4096 -t 60 %s >/run/nbd-client-$port.log 2>&1 || { cat /run/nbd-client-$port.log /run/socat-$port.log; exit 1; }
+echo $dev`, shellQuote(port), shellQuote(export), flags)
 }
 
 // DetachNBD disconnects an NBD device AttachNBD returned.

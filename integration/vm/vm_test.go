@@ -81,6 +81,12 @@ blockdev --flushbufs `+dev)
 // returns the sockets by name, ready for vm.Options.Ports.
 func startServer(t *testing.T, names ...string) (*servertest.Server, map[string]string) {
 	t.Helper()
+	return startServerArgs(t, nil, names...)
+}
+
+// startServerArgs is startServer with more serve flags.
+func startServerArgs(t *testing.T, extra []string, names ...string) (*servertest.Server, map[string]string) {
+	t.Helper()
 	dir, err := os.MkdirTemp("", "nbdvault-sock-")
 	require.NoError(t, err)
 	t.Cleanup(func() { os.RemoveAll(dir) })
@@ -90,7 +96,7 @@ func startServer(t *testing.T, names ...string) (*servertest.Server, map[string]
 		socks[n] = filepath.Join(dir, n+".sock")
 		args = append(args, "--listen", "unix:"+socks[n])
 	}
-	return servertest.Start(t, servertest.Options{Args: args}), socks
+	return servertest.Start(t, servertest.Options{Args: append(args, extra...)}), socks
 }
 
 // readHead reads the whole head of vol with our NBD client.
