@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -82,13 +83,16 @@ func adminClient(c *cli.Context) (*api.Client, error) {
 		return nil, err
 	}
 	token := strings.TrimSpace(c.String(tokenFlag.Name))
-	if token == "" && (tlsCfg == nil || len(tlsCfg.Certificates) == 0) {
+	if token == "" {
+		// A client certificate may say who calls instead (over https).
+		withCert := tlsCfg != nil && len(tlsCfg.Certificates) > 0
 		path := filepath.Join(c.String(dataFlag.Name), tokenFileName)
 		data, err := os.ReadFile(path)
 		switch {
+		case errors.Is(err, os.ErrNotExist) && withCert:
 		case errors.Is(err, os.ErrNotExist):
 			return nil, usageErrorf("no admin token: %s does not exist (pass --token or NBDVAULT_TOKEN, or --data with the server's data folder)", path)
-		case err != nil:
+		case err != nil && !withCert:
 			return nil, fmt.Errorf("reading the admin token: %w", err)
 		}
 		token = strings.TrimSpace(string(data))
@@ -134,13 +138,34 @@ func clientTLS(c *cli.Context) (*tls.Config, error) {
 	return cfg, nil
 }
 
-// dialExport opens export on the NBD server at addr, for restore and
-// import.
-func dialExport(ctx context.Context, addr, export string) (*client.Conn, error) {
-	conn, err := client.Dial(ctx, addr, client.Options{Export: export})
+// dialExport opens export on the NBD server at addr, for restore, import
+// and push: over TLS when --tls-ca or --tls-cert is given, checking the
+// server's certificate against the host name of addr (localhost for a
+// Unix socket).
+func dialExport(ctx context.Context, c *cli.Context, addr, export string) (*client.Conn, error) {
+	opts := client.Options{Export: export}
+	cfg, err := clientTLS(c)
+	if err != nil {
+		return nil, err
+	}
+	if cfg != nil {
+		opts.TLS = cfg.Clone()
+		opts.TLS.ServerName = "localhost"
+		if host, _, err := net.SplitHostPort(addr); err == nil && !strings.HasPrefix(addr, "unix:") {
+			opts.TLS.ServerName = host
+		}
+	}
+	conn, err := client.Dial(ctx, addr, opts)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
+		}
+		var oe *client.OptionError
+		switch {
+		case errors.As(err, &oe) && oe.Reply == nbd.RepErrTLSReqd:
+			return nil, fmt.Errorf("cannot open %s over NBD at %s: the server requires TLS: give --tls-ca FILE (the CA of its certificate) and, for access by certificate, --tls-cert and --tls-key", export, addr)
+		case errors.As(err, &oe) && oe.Reply == nbd.RepErrPolicy: // the message says who and why
+			return nil, fmt.Errorf("cannot open %s over NBD at %s: %w", export, addr, err)
 		}
 		return nil, fmt.Errorf("cannot open %s over NBD at %s: %w (is that the server's NBD address from this host? --nbd HOST:PORT sets it)", export, addr, err)
 	}

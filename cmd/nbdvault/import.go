@@ -72,7 +72,7 @@ func importVolume(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	conn, err := dialExport(ctx, addr, vol)
+	conn, err := dialExport(ctx, c, addr, vol)
 	if err != nil {
 		return err
 	}

@@ -101,7 +101,7 @@ func push(c *cli.Context) error {
 	}
 	var nbdConns []*client.Conn
 	for range conns {
-		conn, err := dialExport(ctx, addr, vol)
+		conn, err := dialExport(ctx, c, addr, vol)
 		if err != nil {
 			return err
 		}

@@ -78,7 +78,7 @@ func restore(c *cli.Context) error {
 		return err
 	}
 	export := vol + "@" + s.ID
-	conn, err := dialExport(ctx, addr, export)
+	conn, err := dialExport(ctx, c, addr, export)
 	if err != nil {
 		return err
 	}
