@@ -1,6 +1,8 @@
 package integration
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"fmt"
 	"net"
 	"os"
@@ -116,7 +118,7 @@ cert:revoked  *        rw
 	// Anything else is refused by policy, saying who and why, whether the
 	// volume exists or not.
 	for _, tc := range []struct{ export, certs, msg string }{
-		{"web", dbDir, `cert:db may not use volume "web": no rule in ` + rules + ` gives it that volume`},
+		{"web", dbDir, `cert:db may not use volume "web": no access rule gives it that volume`},
 		{"nosuch", dbDir, `cert:db may not use volume "nosuch"`},
 		{"db", restoreDir, `cert:restore may not use the head of volume "db", only its snapshots`},
 	} {
@@ -181,6 +183,29 @@ cert:revoked  *        rw
 		time.Minute, time.Second, "the broken rules file is noticed:\n%s", s.Log())
 	assert.Contains(t, s.Metrics(), "nbdvault_tls_reload_failing 1")
 	nbdtest.MustRun(t, cmdTimeout, nbdinfo, "--size", uri("web", dbDir))
+
+	// A revocation list that names db's certificate, dropped in and
+	// reloaded, closes its open connection and refuses new ones. (The
+	// rules file is mended first: a reload is all or nothing.)
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db web rw\n"), 0o644))
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dbDir, "client-cert.pem"), filepath.Join(dbDir, "client-key.pem"))
+	require.NoError(t, err)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	c, err := client.Dial(t.Context(), s.NBD, client.Options{Export: "web",
+		TLS: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}, ServerName: "127.0.0.1"}})
+	require.NoError(t, err)
+	defer c.Close()
+	require.NoError(t, c.ReadAt(t.Context(), make([]byte, 4096), 0))
+	dbCert, err := x509.ParseCertificate(pair.Certificate[0])
+	require.NoError(t, err)
+	testcerts.Write(t, filepath.Join(serverDir, "ca-crl.pem"), ca.CRL(t, revoked, &testcerts.Pair{Cert: dbCert}))
+	require.NoError(t, syscall.Kill(s.PID(), syscall.SIGHUP))
+	require.Eventually(t, func() bool { return strings.Contains(s.Log(), "its certificate is no longer accepted") },
+		time.Minute, 100*time.Millisecond, "%s", s.Log())
+	assert.Error(t, c.ReadAt(t.Context(), make([]byte, 4096), 0), "the revoked certificate's connection is closed")
+	r = libnbdRun(t, nbdinfo, "--size", uri("web", dbDir))
+	assert.NotEqual(t, 0, r.ExitCode, "and it cannot connect again:\n%s", r)
 }
 
 // TestNBDAccessDefaults is the issue's reproduction: without a rules file

@@ -47,7 +47,7 @@ func TestCLIErrors(t *testing.T) {
 		code int
 		msg  string
 	}{
-		{"wrong token", []string{"volume", "list"}, []string{"NBDVAULT_TOKEN=0123456789abcdef0123"}, exitAuth, "refused the admin token"},
+		{"wrong token", []string{"volume", "list"}, []string{"NBDVAULT_TOKEN=0123456789abcdef0123"}, exitAuth, "refused the token"},
 		{"unknown volume", []string{"volume", "show", "db"}, nil, exitNotFound, `volume "db": no such volume (volumes: web)`},
 		{"unknown snapshot", []string{"snapshot", "delete", "web@nope"}, nil, exitNotFound, `snapshot "nope" of volume "web"`},
 		{"malformed size", []string{"volume", "create", "db", "--size", "12Q"}, nil, exitUsage, `size "12Q"`},

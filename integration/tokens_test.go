@@ -40,6 +40,10 @@ func TestScopedTokens(t *testing.T) {
 	r = as(tok, "snapshot", "create", "db")
 	assert.Equal(t, 6, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stderr, `may take a snapshot of "db" once every 1h0m0s (serve --scoped-snapshot-interval): try again in`)
+	// Keeping a point in time is a snapshot too: spaced alike.
+	r = as(tok, "snapshot", "create", "db", "--from", time.Now().UTC().Format(time.RFC3339))
+	assert.Equal(t, 6, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "once every 1h0m0s")
 	snaps, err := s.API().Snapshots(t.Context(), "db")
 	require.NoError(t, err)
 	assert.Len(t, snaps, 1, "one snapshot taken")
@@ -103,6 +107,14 @@ func TestScopedTokens(t *testing.T) {
 	s.Restart()
 	assert.True(t, as(push, "status").OK(), "tokens outlive a restart")
 	assert.Equal(t, 4, as(tok, "status").ExitCode, "and so do revocations")
+
+	// Deleting a volume revokes its tokens: a new volume of that name is
+	// not theirs.
+	s.MustCLI("volume", "delete", "db", "--force")
+	s.MustCLI("volume", "create", "db", "--size", "1M")
+	r = as(push, "status")
+	assert.Equal(t, 4, r.ExitCode, "%s", r)
+	assert.NotContains(t, s.MustCLI("token", "list").Stdout, "push")
 }
 
 // TestAdminTLS: the admin API over HTTPS. The CLI trusts the server with
@@ -148,4 +160,14 @@ func TestAdminTLS(t *testing.T) {
 		assert.Contains(t, r.Stderr, "cert:db may not", "%v", args)
 	}
 	assert.Contains(t, s.Log(), `by=cert:db`)
+
+	// A certificate whose volume does not exist learns nothing of the
+	// others from the not-found.
+	ghostDir := testcerts.ClientDir(t, filepath.Join(dir, "ghost"), ca, ca.Client(t, "ghost"))
+	ghost := []string{"NBDVAULT_TLS_CA=" + caFile, "NBDVAULT_CLIENT_CERT=" + filepath.Join(ghostDir, "client-cert.pem"),
+		"NBDVAULT_CLIENT_KEY=" + filepath.Join(ghostDir, "client-key.pem"), "NBDVAULT_DATA=/nonexistent"}
+	r = cli(ghost, "volume", "show", "ghost")
+	assert.Equal(t, 3, r.ExitCode, "%s", r)
+	assert.NotContains(t, r.Stderr, "web", "%s", r)
+	assert.NotContains(t, r.Stderr, "db", "%s", r)
 }

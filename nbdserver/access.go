@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/asn1"
 	"fmt"
 	"net"
 	"os"
@@ -138,14 +140,19 @@ func parseAccessRule(line int, who, volumes, mode string) (accessRule, error) {
 // defaultAccessRules are the rules without a rules file: the server's
 // own user and root may use every volume (they could read the state
 // folder anyway), a client certificate the volume of its own name; with
-// insecure, everyone everything, as before there were rules.
+// insecure, also every client that is neither a user of this host nor
+// a certificate (a remote plaintext client), as before there were
+// rules. Other users of this host never get anything by default.
 func defaultAccessRules(insecure bool) *accessRules {
-	if insecure {
-		return &accessRules{source: "the defaults with --insecure", anonymousAllowed: true,
-			rules: []accessRule{{who: "*", kind: "any", volumes: "*", mode: modeRW}}}
-	}
 	self := strconv.Itoa(os.Getuid())
 	rs := &accessRules{source: "the defaults (the server's user and root on this host, a certificate its own volume; --access FILE gives others)"}
+	if insecure {
+		rs.source = "the defaults with --insecure (the server's user and root on this host, a certificate its own volume, and any remote client without one every volume)"
+		defer func() {
+			rs.rules = append(rs.rules, accessRule{who: "anonymous", kind: "anonymous", volumes: "*", mode: modeRW})
+			rs.anonymousAllowed = true
+		}()
+	}
 	rs.rules = append(rs.rules, accessRule{who: "uid:" + self, kind: "uid", pattern: self, volumes: "*", mode: modeRW})
 	if self != "0" {
 		rs.rules = append(rs.rules, accessRule{who: "uid:0", kind: "uid", pattern: "0", volumes: "*", mode: modeRW})
@@ -182,6 +189,13 @@ func (r *accessRule) matches(p *peer, vol string) bool {
 		return false
 	}
 	if r.volumes == selfVolume {
+		// The name of the identity this rule matched.
+		switch r.kind {
+		case "uid", "gid":
+			return p.user != "" && vol == p.user
+		case "cert", "dn":
+			return vol == p.cert
+		}
 		return vol == p.name()
 	}
 	ok, _ := path.Match(r.volumes, vol)
@@ -199,14 +213,29 @@ func (rs *accessRules) mode(p *peer, vol string) (accessMode, *accessRule) {
 	return modeNone, nil
 }
 
+// modeEverywhere is what the rules give p on the repository as a whole:
+// the first rule for p whose volume pattern is "*" itself (not a
+// pattern that happens to match the name "*").
+func (rs *accessRules) modeEverywhere(p *peer) accessMode {
+	for i := range rs.rules {
+		if r := &rs.rules[i]; r.volumes == "*" && r.matches(p, "*") {
+			return r.mode
+		}
+	}
+	return modeNone
+}
+
 // peer is who an NBD client is: a verified certificate's name and
 // subject, a local user, both, or neither (anonymous).
 type peer struct {
-	cert string   // the certificate's first URI SAN, DNS SAN, or CN; "" without one
-	dn   string   // its subject, RFC 2253
-	uid  int      // a local client's user, -1 if not local or not found
-	user string   // that user's name, if known
-	gids []string // its primary and supplementary groups
+	cert string // the certificate's first URI SAN, DNS SAN, or CN; "" without one
+	dn   string // its subject, RFC 2253
+	// chain is the certificate and intermediates it sent, verified at
+	// the handshake, kept to verify again after a reload.
+	chain []*x509.Certificate
+	uid   int      // a local client's user, -1 if not local or not found
+	user  string   // that user's name, if known
+	gids  []string // its primary and supplementary groups
 }
 
 func (p *peer) name() string {
@@ -228,6 +257,8 @@ func (p *peer) String() string {
 	return "anonymous"
 }
 
+var oidCommonName = asn1.ObjectIdentifier{2, 5, 4, 3}
+
 // certName is what a verified client certificate is called: its first URI
 // SAN, else its first DNS SAN, else its common name.
 func certName(cs *tls.ConnectionState) (name, dn string) {
@@ -235,6 +266,15 @@ func certName(cs *tls.ConnectionState) (name, dn string) {
 		return "", ""
 	}
 	leaf := cs.VerifiedChains[0][0]
+	cns := 0
+	for _, n := range leaf.Subject.Names {
+		if n.Type.Equal(oidCommonName) {
+			cns++
+		}
+	}
+	if cns > 1 {
+		return "", "" // which one names it is for the CA to say, not us
+	}
 	switch {
 	case len(leaf.URIs) > 0:
 		name = leaf.URIs[0].String()
@@ -251,6 +291,9 @@ func certName(cs *tls.ConnectionState) (name, dn string) {
 func identify(nc net.Conn, cs *tls.ConnectionState) *peer {
 	p := &peer{uid: -1}
 	p.cert, p.dn = certName(cs)
+	if p.cert != "" {
+		p.chain = cs.PeerCertificates
+	}
 	if uid, ok := peerUID(nc); ok {
 		p.uid = uid
 		if u, err := user.LookupId(strconv.Itoa(uid)); err == nil {
@@ -268,21 +311,36 @@ func identify(nc net.Conn, cs *tls.ConnectionState) *peer {
 type access struct {
 	p     *peer
 	rules *atomic.Pointer[accessRules]
+	// check, if set, verifies the client's certificate again once a
+	// reload replaced it (new CAs, a new revocation list); verified is
+	// the check it last passed.
+	check    *atomic.Pointer[certCheck]
+	verified atomic.Pointer[certCheck]
 }
 
-func (a access) String() string { return a.p.String() }
+func (a *access) String() string { return a.p.String() }
 
 // Allow implements nbd.Identity: a volume's head needs rw; a snapshot or
-// point in time ro; a snapshot alone, snapshots.
-func (a access) Allow(name string, e *nbd.Export) error {
+// point in time ro; a snapshot alone, snapshots. A certificate that the
+// CAs or revocation list in force no longer accept allows nothing.
+func (a *access) Allow(name string, e *nbd.Export) error {
+	if a.p.cert != "" && a.check != nil {
+		if c := a.check.Load(); c != nil && a.verified.Load() != c {
+			if err := c.verify(a.p.chain); err != nil {
+				return fmt.Errorf("%s: its certificate is no longer accepted: %v", a.p, err)
+			}
+			a.verified.Store(c)
+		}
+	}
 	rs := a.rules.Load()
 	vol, _, at := strings.Cut(name, "@")
 	mode, r := rs.mode(a.p, vol)
-	why := "no rule in " + rs.source + " gives it that volume"
+	// The client is told which rule, not where the rules live.
+	why := "no access rule gives it that volume"
 	if r != nil {
-		why = fmt.Sprintf("%q gives it %s", r.who+" "+r.volumes+" "+r.mode.String(), r.mode)
+		why = fmt.Sprintf("the default rule %q gives it %s", r.who+" "+r.volumes+" "+r.mode.String(), r.mode)
 		if r.line > 0 {
-			why = fmt.Sprintf("line %d of %s gives it %s", r.line, rs.source, r.mode)
+			why = fmt.Sprintf("line %d of the access rules gives it %s", r.line, r.mode)
 		}
 	}
 	switch {

@@ -49,12 +49,12 @@ anonymous           public    ro
 	}{
 		{peer{cert: "db1", uid: -1}, "db-1", nil, ""},
 		{peer{cert: "db1", uid: -1}, "db-1@x", snap, ""},
-		{peer{cert: "db1", uid: -1}, "web", nil, `cert:db1 may not use volume "web": no rule in rules gives it that volume`},
-		{peer{cert: "restore", uid: -1}, "db-1", nil, `cert:restore may not use the head of volume "db-1", only its snapshots (line 4 of rules gives it ro): open db-1@SNAPSHOT`},
+		{peer{cert: "db1", uid: -1}, "web", nil, `cert:db1 may not use volume "web": no access rule gives it that volume`},
+		{peer{cert: "restore", uid: -1}, "db-1", nil, `cert:restore may not use the head of volume "db-1", only its snapshots (line 4 of the access rules gives it ro): open db-1@SNAPSHOT`},
 		{peer{cert: "restore", uid: -1}, "db-1@x", snap, ""},
 		{peer{cert: "restore", uid: -1}, "db-1@2026-12-01T10:00:00Z", checkpoint, ""},
 		{peer{cert: "audit", uid: -1}, "db-1@x", nil, ""},
-		{peer{cert: "audit", uid: -1}, "db-1@2026-12-01T10:00:00Z", checkpoint, `cert:audit may not use points in time of volume "db-1", only its snapshots (line 5 of rules gives it snapshots)`},
+		{peer{cert: "audit", uid: -1}, "db-1@2026-12-01T10:00:00Z", checkpoint, `cert:audit may not use points in time of volume "db-1", only its snapshots (line 5 of the access rules gives it snapshots)`},
 		{peer{cert: "x", dn: "CN=ops,O=Example", uid: -1}, "anything", nil, ""},
 		{peer{cert: "x", dn: "CN=evil\\,O=Example", uid: -1}, "anything", nil, `cert:x may not use volume "anything"`},
 		{peer{uid: 0, user: "root"}, "anything", nil, ""},
@@ -67,7 +67,7 @@ anonymous           public    ro
 		{peer{uid: -1}, "db-1@s", nil, `anonymous may not use volume "db-1"`},
 		{peer{uid: 1000}, "public@s", nil, `uid:1000 may not use volume "public"`},
 	} {
-		err := access{p: &tc.p, rules: rules}.Allow(tc.export, tc.e)
+		err := (&access{p: &tc.p, rules: rules}).Allow(tc.export, tc.e)
 		if tc.why == "" {
 			assert.NoError(t, err, "%s on %s", &tc.p, tc.export)
 		} else if assert.Error(t, err, "%s on %s", &tc.p, tc.export) {
@@ -108,14 +108,14 @@ func TestDefaultAccess(t *testing.T) {
 	var p atomic.Pointer[accessRules]
 	p.Store(defaultAccessRules(false))
 	self := os.Getuid()
-	assert.NoError(t, access{&peer{uid: self}, &p}.Allow("db", nil))
-	assert.NoError(t, access{&peer{uid: 0}, &p}.Allow("db", nil))
-	assert.NoError(t, access{&peer{cert: "db", uid: -1}, &p}.Allow("db", nil))
-	assert.Error(t, access{&peer{cert: "db", uid: -1}, &p}.Allow("web", nil))
-	assert.Error(t, access{&peer{uid: 65534}, &p}.Allow("db", nil))
-	assert.Error(t, access{&peer{uid: -1}, &p}.Allow("db", nil))
+	assert.NoError(t, (&access{p: &peer{uid: self}, rules: &p}).Allow("db", nil))
+	assert.NoError(t, (&access{p: &peer{uid: 0}, rules: &p}).Allow("db", nil))
+	assert.NoError(t, (&access{p: &peer{cert: "db", uid: -1}, rules: &p}).Allow("db", nil))
+	assert.Error(t, (&access{p: &peer{cert: "db", uid: -1}, rules: &p}).Allow("web", nil))
+	assert.Error(t, (&access{p: &peer{uid: 65534}, rules: &p}).Allow("db", nil))
+	assert.Error(t, (&access{p: &peer{uid: -1}, rules: &p}).Allow("db", nil))
 	p.Store(defaultAccessRules(true))
-	assert.NoError(t, access{&peer{uid: -1}, &p}.Allow("db", nil))
+	assert.NoError(t, (&access{p: &peer{uid: -1}, rules: &p}).Allow("db", nil))
 }
 
 type fakeListener struct {
@@ -143,7 +143,7 @@ func TestCheckListeners(t *testing.T) {
 		{&security{}, []net.Listener{any6}, "NBD listener [::]:10809 is not on loopback and has no TLS"},
 		{&security{insecure: true}, []net.Listener{remote}, ""},
 		{&security{files: TLSFiles{Cert: "c"}}, []net.Listener{remote}, "has TLS but no --tls-client-ca and no --access rules"},
-		{&security{files: TLSFiles{Cert: "c", ClientCA: "ca"}}, []net.Listener{remote}, ""},
+		{&security{files: TLSFiles{Cert: "c"}, current: TLSFiles{Cert: "c", ClientCA: "ca"}}, []net.Listener{remote}, ""},
 		{&security{files: TLSFiles{Cert: "c"}, access: "rules"}, []net.Listener{remote}, ""},
 	} {
 		err := tc.s.checkListeners(tc.ls, nil)
@@ -152,10 +152,6 @@ func TestCheckListeners(t *testing.T) {
 		} else if assert.Error(t, err) {
 			assert.Contains(t, err.Error(), tc.want)
 		}
-	}
-	for addr, want := range map[string]bool{"unix:/x": true, "127.0.0.1:1": true, "[::1]:1": true, "localhost:1": true,
-		"0.0.0.0:1": false, ":1": false, "192.0.2.7:1": false, "backup.example:1": false} {
-		assert.Equal(t, want, localAddress(addr), addr)
 	}
 }
 
@@ -215,7 +211,7 @@ func FuzzAccessRules(f *testing.F) {
 		var p atomic.Pointer[accessRules]
 		p.Store(rs)
 		for _, who := range []*peer{{uid: -1}, {cert: "db", dn: "CN=a,O=b", uid: -1}, {uid: 0, gids: []string{"0"}}} {
-			_ = access{who, &p}.Allow("db@x", nil)
+			_ = (&access{p: who, rules: &p}).Allow("db@x", nil)
 		}
 		_ = rs.describe()
 	})

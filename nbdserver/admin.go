@@ -37,6 +37,10 @@ func (s *Server) adminHandler() http.Handler {
 			r.Body = http.MaxBytesReader(w, r.Body, maxBodyBytes) // a body without a length
 			status, out, err := h(r)
 			if err != nil {
+				if c := callerOfRequest(r); c.scoped() && errors.Is(apiError(err), api.ErrNotFound) {
+					// Not the server's message: it lists what exists.
+					err = api.Errorf(api.ErrNotFound, "%s %s: not found", r.Method, r.URL.Path)
+				}
 				writeError(w, err)
 				if status := apiError(err).Status; status >= 500 && r.Context().Err() == nil {
 					s.log.Warn("admin request failed", "method", r.Method, "path", r.URL.Path, "error", err)
@@ -343,6 +347,13 @@ func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
 	if err := s.DeleteVolume(r.Context(), name); err != nil {
 		return 0, nil, err
 	}
+	// Its tokens go with it: they must not open a later volume of the
+	// same name.
+	if n, err := s.tokens.revokeVolume(name); err != nil {
+		s.log.Error("the volume's tokens could not be revoked: revoke them with nbdvault token revoke", "volume", name, "error", err)
+	} else if n > 0 {
+		s.log.Info("revoked the deleted volume's tokens", "volume", name, "tokens", n)
+	}
 	return http.StatusNoContent, nil, nil
 }
 
@@ -419,6 +430,15 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 	if err != nil {
 		return 0, nil, err
 	}
+	// Scoped callers' snapshots are spaced, kept points in time too: each
+	// counts against a keep-last policy.
+	c := callerOfRequest(r)
+	if c.scoped() && s.opts.ScopedSnapshotEvery > 0 {
+		if wait, ok := s.snapLimit.take(v.Config().Name, s.opts.ScopedSnapshotEvery); !ok {
+			return 0, nil, api.Errorf(api.ErrTooSoon, "%s may take a snapshot of %q once every %s (serve --scoped-snapshot-interval): try again in %s",
+				c, v.Config().Name, s.opts.ScopedSnapshotEvery, wait.Round(time.Second))
+		}
+	}
 	if req.From != "" {
 		if err := s.writable(r.Context()); err != nil {
 			return 0, nil, err
@@ -427,20 +447,14 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 		if err != nil {
 			return 0, nil, err
 		}
-		s.log.Info("point in time kept as a snapshot", "volume", v.Config().Name, "from", req.From, "id", si.ID, "label", si.Label)
+		s.log.Info("point in time kept as a snapshot", "volume", v.Config().Name, "from", req.From, "id", si.ID, "label", si.Label, "by", c.String())
 		return http.StatusCreated, snapshotInfo(v, si), nil
-	}
-	if c := callerOfRequest(r); c.scoped() && s.opts.ScopedSnapshotEvery > 0 {
-		if wait, ok := s.snapLimit.take(v.Config().Name, s.opts.ScopedSnapshotEvery); !ok {
-			return 0, nil, api.Errorf(api.ErrTooSoon, "%s may take a snapshot of %q once every %s (serve --scoped-snapshot-interval): try again in %s",
-				c, v.Config().Name, s.opts.ScopedSnapshotEvery, wait.Round(time.Second))
-		}
 	}
 	si, err := v.Snapshot(r.Context(), req.Label)
 	if err != nil {
 		return 0, nil, err
 	}
-	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label, "by", callerOfRequest(r).String())
+	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label, "by", c.String())
 	return http.StatusCreated, snapshotInfo(v, si), nil
 }
 

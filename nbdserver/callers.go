@@ -60,6 +60,8 @@ type callerKey struct{}
 
 func (c *caller) String() string {
 	switch {
+	case c.admin && c.cert != nil:
+		return c.cert.String() + " (admin)"
 	case c.admin:
 		return "the admin token"
 	case c.token != nil:
@@ -71,20 +73,29 @@ func (c *caller) String() string {
 // scoped says whether the caller is anything less than admin.
 func (c *caller) scoped() bool { return !c.admin }
 
-// callerOf finds who sent r, or nil.
+// callerOf finds who sent r, or nil. A certificate speaks for a request
+// without an Authorization header only: a header that is there and
+// wrong (or not a bearer token) is refused, certificate or not.
 func (s *Server) callerOf(r *http.Request) *caller {
-	if tok, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+	if h := r.Header.Get("Authorization"); h != "" {
+		scheme, tok, _ := strings.Cut(h, " ")
+		if !strings.EqualFold(scheme, "Bearer") {
+			return nil
+		}
 		if subtle.ConstantTimeCompare([]byte(tok), []byte(s.token)) == 1 {
 			return &caller{admin: true}
 		}
 		if rec, ok := s.tokens.lookup(tok); ok {
 			return &caller{token: &rec}
 		}
-		return nil // a wrong token is refused even with a certificate
+		return nil
 	}
 	if r.TLS != nil {
 		if name, dn := certName(r.TLS); name != "" {
-			return &caller{cert: &peer{cert: name, dn: dn, uid: -1}}
+			p := &peer{cert: name, dn: dn, uid: -1}
+			// A certificate the rules make admin of everything is the
+			// admin token's equal.
+			return &caller{cert: p, admin: s.sec.rules.Load().modeEverywhere(p) == modeAdmin}
 		}
 	}
 	return nil
@@ -105,9 +116,11 @@ func (s *Server) may(c *caller, a action, vol string) error {
 	switch {
 	case c.token != nil:
 		allowed, ok = scopeAction(c.token.Scope), vol != "" && vol == c.token.Volume
+	case vol == "":
+		// Endpoints of no volume: the rules for every volume.
+		allowed, ok = modeAction(s.sec.rules.Load().modeEverywhere(c.cert))
 	default:
-		// For endpoints of no volume, the rules that hold for every volume.
-		mode, _ := s.sec.rules.Load().mode(c.cert, cmpOr(vol, "*"))
+		mode, _ := s.sec.rules.Load().mode(c.cert, vol)
 		allowed, ok = modeAction(mode)
 	}
 	if !ok || a > allowed {
@@ -118,13 +131,6 @@ func (s *Server) may(c *caller, a action, vol string) error {
 		return api.Errorf(api.ErrForbidden, "%s may not %s %s", c, actionNames[a], what)
 	}
 	return nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }
 
 // permit checks the caller of r against what an endpoint needs.

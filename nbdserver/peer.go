@@ -65,17 +65,23 @@ func scanTCPTable(file string, client, server netip.AddrPort) (int, bool) {
 	sc := bufio.NewScanner(f)
 	sc.Scan() // the header
 	for sc.Scan() {
-		// sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
+		// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
 		fields := strings.Fields(sc.Text())
-		if len(fields) < 8 {
+		if len(fields) < 10 {
 			continue
 		}
 		l, ok1 := parseProcAddr(fields[1])
 		r, ok2 := parseProcAddr(fields[2])
-		if ok1 && ok2 && l == client && r == server {
-			uid, err := strconv.Atoi(fields[7])
-			return uid, err == nil
+		if !ok1 || !ok2 || l != client || r != server {
+			continue
 		}
+		// Only an open socket has its owner: one closed (TIME_WAIT and
+		// the like, inode 0) shows uid 0, which is not who connected.
+		if fields[3] != "01" || fields[9] == "0" {
+			return 0, false
+		}
+		uid, err := strconv.Atoi(fields[7])
+		return uid, err == nil
 	}
 	return 0, false
 }

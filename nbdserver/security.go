@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -11,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/user"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,9 +24,44 @@ import (
 
 // TLSFiles are the PEM files of NBD's TLS: the server's certificate and
 // key, and optionally the CA that signs client certificates and its
-// revocation list.
+// revocation list. Dir, if set, is a --tls-certificates folder: its
+// ca-cert.pem and ca-crl.pem are used when ClientCA and CRL are empty,
+// looked for again at every reload (a CRL dropped in later counts).
 type TLSFiles struct {
 	Cert, Key, ClientCA, CRL string
+	Dir                      string
+}
+
+// resolved are f with the folder's optional files that exist now.
+func (f TLSFiles) resolved() TLSFiles {
+	if f.Dir == "" {
+		return f
+	}
+	for _, o := range []struct {
+		to   *string
+		name string
+	}{{&f.ClientCA, "ca-cert.pem"}, {&f.CRL, "ca-crl.pem"}} {
+		if p := filepath.Join(f.Dir, o.name); *o.to == "" {
+			if _, err := os.Stat(p); err == nil {
+				*o.to = p
+			}
+		}
+	}
+	return f
+}
+
+// stamp is what tells a file changed: its mtime and size (zero: missing).
+type stamp struct {
+	mtime time.Time
+	size  int64
+}
+
+func stampOf(p string) stamp {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return stamp{}
+	}
+	return stamp{fi.ModTime(), fi.Size()}
 }
 
 // security holds what decides who may use the NBD listeners: the TLS
@@ -38,22 +75,24 @@ type security struct {
 	admin    TLSFiles
 	access   string // the rules file, "" for the defaults
 	insecure bool
-	// local: some listener is on loopback or a Unix socket, where users
-	// are known without certificates.
-	local bool
+	// current are files as the last good reload resolved them.
+	current TLSFiles
 
 	cfg      atomic.Pointer[tls.Config]
 	adminCfg atomic.Pointer[tls.Config]
 	rules    atomic.Pointer[accessRules]
+	// check verifies client certificates again after a reload (nil
+	// without a client CA).
+	check atomic.Pointer[certCheck]
 
-	mu      sync.Mutex           // one reload at a time; guards stamps
-	stamps  map[string]time.Time // the files' mtimes at the last reload
+	mu      sync.Mutex       // one reload at a time; guards stamps and current
+	stamps  map[string]stamp // the files at the last reload
 	failing atomic.Pointer[error]
 	expires atomic.Int64 // the server certificate's NotAfter, Unix seconds
 }
 
-func newSecurity(log *slog.Logger, files, admin TLSFiles, access string, insecure, local bool) (*security, error) {
-	s := &security{log: log, files: files, admin: admin, access: access, insecure: insecure, local: local}
+func newSecurity(log *slog.Logger, files, admin TLSFiles, access string, insecure bool) (*security, error) {
+	s := &security{log: log, files: files, admin: admin, access: access, insecure: insecure}
 	if err := s.reload(); err != nil {
 		return nil, err
 	}
@@ -63,13 +102,17 @@ func newSecurity(log *slog.Logger, files, admin TLSFiles, access string, insecur
 // tlsOn says whether TLS is configured.
 func (s *security) tlsOn() bool { return s.files.Cert != "" }
 
-// paths are the files a reload reads.
+// paths are the files a reload reads, and the folder's optional ones
+// whether they exist or not.
 func (s *security) paths() []string {
 	var out []string
 	for _, p := range []string{s.files.Cert, s.files.Key, s.files.ClientCA, s.files.CRL, s.access, s.admin.Cert, s.admin.Key} {
 		if p != "" {
 			out = append(out, p)
 		}
+	}
+	if d := s.files.Dir; d != "" {
+		out = append(out, filepath.Join(d, "ca-cert.pem"), filepath.Join(d, "ca-crl.pem"))
 	}
 	return out
 }
@@ -79,12 +122,11 @@ func (s *security) paths() []string {
 func (s *security) reload() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	stamps := map[string]time.Time{}
+	stamps := map[string]stamp{}
 	for _, p := range s.paths() {
-		if fi, err := os.Stat(p); err == nil {
-			stamps[p] = fi.ModTime()
-		}
+		stamps[p] = stampOf(p)
 	}
+	files := s.files.resolved()
 	rules := defaultAccessRules(s.insecure)
 	if s.access != "" {
 		b, err := os.ReadFile(s.access)
@@ -96,9 +138,11 @@ func (s *security) reload() error {
 		}
 	}
 	var cfg, adminCfg *tls.Config
+	var check *certCheck
+	var expires time.Time
 	if s.tlsOn() {
 		var err error
-		if cfg, err = s.loadTLS(rules); err != nil {
+		if cfg, check, expires, err = s.loadTLS(files, rules); err != nil {
 			return s.fail(err)
 		}
 	}
@@ -114,11 +158,15 @@ func (s *security) reload() error {
 			adminCfg.ClientCAs, adminCfg.ClientAuth, adminCfg.VerifyConnection = cfg.ClientCAs, tls.VerifyClientCertIfGiven, cfg.VerifyConnection
 		}
 	}
-	s.stamps = stamps
+	s.stamps, s.current = stamps, files
 	s.failing.Store(nil)
+	if !expires.IsZero() {
+		s.expires.Store(expires.Unix())
+	}
 	s.rules.Store(rules)
 	if cfg != nil {
 		s.cfg.Store(cfg)
+		s.check.Store(check)
 	}
 	if adminCfg != nil {
 		s.adminCfg.Store(adminCfg)
@@ -135,10 +183,11 @@ func (s *security) adminTLS() *tls.Config {
 	return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return s.adminCfg.Load(), nil }}
 }
 
-// checkAdmin refuses an admin API off loopback without TLS, unless
-// --insecure: its token would cross the network in the clear.
-func (s *security) checkAdmin(addr string) error {
-	if addr == "" || s.insecure || s.admin.Cert != "" || localAddress(addr) {
+// checkAdmin refuses an admin API listener l (given as addr) off
+// loopback without TLS, unless --insecure: its token would cross the
+// network in the clear.
+func (s *security) checkAdmin(l net.Listener, addr string) error {
+	if s.insecure || s.admin.Cert != "" || localListener(l) {
 		return nil
 	}
 	return fmt.Errorf("admin API %s is not on loopback and has no TLS: its token would cross the network in the clear. "+
@@ -154,49 +203,84 @@ func (s *security) fail(err error) error {
 // session tickets (every connection's identity comes from a full
 // handshake), client certificates verified against the client CA and
 // its revocation list.
-func (s *security) loadTLS(rules *accessRules) (*tls.Config, error) {
-	cert, err := tls.LoadX509KeyPair(s.files.Cert, s.files.Key)
+func (s *security) loadTLS(files TLSFiles, rules *accessRules) (*tls.Config, *certCheck, time.Time, error) {
+	var expires time.Time
+	cert, err := tls.LoadX509KeyPair(files.Cert, files.Key)
 	if err != nil {
-		return nil, fmt.Errorf("TLS certificate %s with key %s: %w", s.files.Cert, s.files.Key, err)
+		return nil, nil, expires, fmt.Errorf("TLS certificate %s with key %s: %w", files.Cert, files.Key, err)
 	}
 	cfg := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{cert}, SessionTicketsDisabled: true}
 	if leaf := cert.Leaf; leaf != nil {
-		s.expires.Store(leaf.NotAfter.Unix())
+		expires = leaf.NotAfter
 	}
-	if s.files.ClientCA == "" {
-		return cfg, nil
+	if files.ClientCA == "" {
+		return cfg, nil, expires, nil
 	}
-	cas, err := readCerts(s.files.ClientCA)
+	cas, err := readCerts(files.ClientCA)
 	if err != nil {
-		return nil, fmt.Errorf("TLS client CA %s: %w", s.files.ClientCA, err)
+		return nil, nil, expires, fmt.Errorf("TLS client CA %s: %w", files.ClientCA, err)
 	}
 	cfg.ClientCAs = x509.NewCertPool()
 	for _, ca := range cas {
 		cfg.ClientCAs.AddCert(ca)
 	}
-	// Clients must present a certificate unless something is given to
-	// clients without one (a rule for anonymous, users on this host).
+	// Clients must present a certificate unless a rule gives clients
+	// without one something; on loopback and Unix sockets the user is
+	// known without one (serverTLS picks per listener).
 	cfg.ClientAuth = tls.RequireAndVerifyClientCert
-	if rules.anonymousAllowed || s.local {
+	if rules.anonymousAllowed {
 		cfg.ClientAuth = tls.VerifyClientCertIfGiven
 	}
-	if s.files.CRL != "" {
-		revoked, err := readCRL(s.files.CRL, cas)
-		if err != nil {
-			return nil, fmt.Errorf("TLS revocation list %s: %w", s.files.CRL, err)
+	check := &certCheck{pool: cfg.ClientCAs, crl: files.CRL}
+	if files.CRL != "" {
+		var stale []string
+		if check.revoked, stale, err = readCRL(files.CRL, cas); err != nil {
+			return nil, nil, expires, fmt.Errorf("TLS revocation list %s: %w", files.CRL, err)
 		}
-		cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-			for _, chain := range cs.VerifiedChains {
-				for _, c := range chain {
-					if revoked[string(c.RawIssuer)+"/"+c.SerialNumber.String()] {
-						return fmt.Errorf("certificate %q (serial %s) is revoked by %s", c.Subject, c.SerialNumber, s.files.CRL)
-					}
-				}
+		for _, iss := range stale {
+			s.log.Warn("a TLS revocation list is past its next update: publish a new one", "file", files.CRL, "issuer", iss)
+		}
+		cfg.VerifyConnection = func(cs tls.ConnectionState) error { return check.revokedIn(cs.VerifiedChains) }
+	}
+	return cfg, check, expires, nil
+}
+
+// certCheck verifies client certificates against the client CAs and
+// their revocation list: at the handshake (the CRL part), and again for
+// each open connection once a reload changes either.
+type certCheck struct {
+	pool    *x509.CertPool
+	revoked map[string]bool // "issuer/serial"
+	crl     string
+}
+
+// revokedIn fails if a certificate of any chain is revoked.
+func (c *certCheck) revokedIn(chains [][]*x509.Certificate) error {
+	for _, chain := range chains {
+		for _, cert := range chain {
+			if c.revoked[string(cert.RawIssuer)+"/"+cert.SerialNumber.String()] {
+				return fmt.Errorf("certificate %q (serial %s) is revoked by %s", cert.Subject, cert.SerialNumber, c.crl)
 			}
-			return nil
 		}
 	}
-	return cfg, nil
+	return nil
+}
+
+// verify checks a client's chain (leaf first, as it sent it) as the
+// handshake did, now.
+func (c *certCheck) verify(chain []*x509.Certificate) error {
+	if len(chain) == 0 {
+		return errors.New("no certificate")
+	}
+	opts := x509.VerifyOptions{Roots: c.pool, Intermediates: x509.NewCertPool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+	for _, ic := range chain[1:] {
+		opts.Intermediates.AddCert(ic)
+	}
+	chains, err := chain[0].Verify(opts)
+	if err != nil {
+		return err
+	}
+	return c.revokedIn(chains)
 }
 
 func readCerts(file string) ([]*x509.Certificate, error) {
@@ -225,14 +309,16 @@ func readCerts(file string) ([]*x509.Certificate, error) {
 	return out, nil
 }
 
-// readCRL reads PEM revocation lists, each checked against the CA that
-// signed it, into a set of "issuer/serial".
-func readCRL(file string, cas []*x509.Certificate) (map[string]bool, error) {
+// readCRL reads PEM revocation lists, each checked against the client
+// CA that signed it (and names it as issuer), into a set of
+// "CA subject/serial"; stale names the issuers of lists past their next
+// update.
+func readCRL(file string, cas []*x509.Certificate) (revoked map[string]bool, stale []string, err error) {
 	b, err := os.ReadFile(file)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	revoked := map[string]bool{}
+	revoked = map[string]bool{}
 	n := 0
 	for {
 		var blk *pem.Block
@@ -244,27 +330,30 @@ func readCRL(file string, cas []*x509.Certificate) (map[string]bool, error) {
 		}
 		rl, err := x509.ParseRevocationList(blk.Bytes)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		var signed bool
+		var signer *x509.Certificate
 		for _, ca := range cas {
-			if rl.CheckSignatureFrom(ca) == nil {
-				signed = true
+			if bytes.Equal(rl.RawIssuer, ca.RawSubject) && rl.CheckSignatureFrom(ca) == nil {
+				signer = ca
 				break
 			}
 		}
-		if !signed {
-			return nil, fmt.Errorf("revocation list of %q is not signed by a client CA", rl.Issuer)
+		if signer == nil {
+			return nil, nil, fmt.Errorf("revocation list of %q is not signed by a client CA", rl.Issuer)
 		}
 		for _, e := range rl.RevokedCertificateEntries {
-			revoked[string(rl.RawIssuer)+"/"+e.SerialNumber.String()] = true
+			revoked[string(signer.RawSubject)+"/"+e.SerialNumber.String()] = true
+		}
+		if !rl.NextUpdate.IsZero() && time.Now().After(rl.NextUpdate) {
+			stale = append(stale, rl.Issuer.String())
 		}
 		n++
 	}
 	if n == 0 {
-		return nil, errors.New("no PEM revocation list (X509 CRL) in it")
+		return nil, nil, errors.New("no PEM revocation list (X509 CRL) in it")
 	}
-	return revoked, nil
+	return revoked, stale, nil
 }
 
 // changed says whether a file differs from the last reload, or the last
@@ -276,8 +365,7 @@ func (s *security) changed() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, p := range s.paths() {
-		fi, err := os.Stat(p)
-		if err != nil || !fi.ModTime().Equal(s.stamps[p]) {
+		if st, was := stampOf(p), s.stamps[p]; !st.mtime.Equal(was.mtime) || st.size != was.size {
 			return true
 		}
 	}
@@ -286,21 +374,34 @@ func (s *security) changed() bool {
 
 // identify implements nbd.Server.Identify.
 func (s *security) identify(nc net.Conn, cs *tls.ConnectionState) nbd.Identity {
-	return access{p: identify(nc, cs), rules: &s.rules}
+	return &access{p: identify(nc, cs), rules: &s.rules, check: &s.check}
 }
 
 // serverTLS is the nbd.Server's TLS config: each handshake takes the
-// config of the moment.
+// config of the moment. On loopback and Unix sockets a certificate is
+// optional (the user is known without one); elsewhere required unless a
+// rule gives clients without one something.
 func (s *security) serverTLS() *tls.Config {
 	if !s.tlsOn() {
 		return nil
 	}
-	return &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) { return s.cfg.Load(), nil }}
+	return &tls.Config{GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		cfg := s.cfg.Load()
+		if cfg.ClientAuth == tls.RequireAndVerifyClientCert && hello.Conn != nil && localAddr(hello.Conn.LocalAddr()) {
+			cfg = cfg.Clone()
+			cfg.ClientAuth = tls.VerifyClientCertIfGiven
+		}
+		return cfg, nil
+	}}
 }
 
 // localListener says whether a listener only takes clients of this host.
-func localListener(l net.Listener) bool {
-	switch a := l.Addr().(type) {
+func localListener(l net.Listener) bool { return localAddr(l.Addr()) }
+
+// localAddr says whether a listening address is a Unix socket or on
+// loopback.
+func localAddr(a net.Addr) bool {
+	switch a := a.(type) {
 	case *net.UnixAddr:
 		return true
 	case *net.TCPAddr:
@@ -328,7 +429,7 @@ func (s *security) checkListeners(ls []net.Listener, names []string) error {
 			return fmt.Errorf("NBD listener %s is not on loopback and has no TLS: anyone who reaches it could read and overwrite every volume. "+
 				"Give --tls-cert and --tls-key (or --tls-certificates DIR) with --tls-client-ca for client certificates, "+
 				"listen on 127.0.0.1 or unix:PATH, or add --insecure to serve it in the clear anyway", name)
-		case s.files.ClientCA == "" && s.access == "":
+		case s.current.ClientCA == "" && s.access == "":
 			return fmt.Errorf("NBD listener %s has TLS but no --tls-client-ca and no --access rules: any client could open every volume. "+
 				"Give --tls-client-ca (each certificate opens the volume of its name) or --access FILE, or add --insecure", name)
 		}
@@ -345,23 +446,6 @@ func (rs *accessRules) describe() string {
 	}
 	b.WriteString("  (anything else)            none\n")
 	return b.String()
-}
-
-// localAddress says whether a listen address as users write it takes
-// clients of this host only: unix:PATH, localhost or a loopback IP.
-func localAddress(addr string) bool {
-	if strings.HasPrefix(addr, "unix:") {
-		return true
-	}
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return false
-	}
-	if host == "localhost" {
-		return true
-	}
-	ip := net.ParseIP(host)
-	return ip != nil && ip.IsLoopback()
 }
 
 // securityPoll is how often the TLS files and the rules file are checked

@@ -196,11 +196,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	// Wrong certificates or rules stop the start before the repository
 	// is touched.
-	sec, err := newSecurity(opts.Logger.With("part", "access"), opts.TLS, opts.AdminTLS, opts.Access, opts.Insecure, slices.ContainsFunc(opts.Listen, localAddress))
+	sec, err := newSecurity(opts.Logger.With("part", "access"), opts.TLS, opts.AdminTLS, opts.Access, opts.Insecure)
 	if err != nil {
-		return nil, err
-	}
-	if err := sec.checkAdmin(opts.Admin); err != nil {
 		return nil, err
 	}
 	s := &Server{opts: opts, log: opts.Logger, sec: sec, vols: map[string]*served{}, failed: map[string]error{}, busy: map[string]bool{}, exports: NewExports(), started: time.Now(),
@@ -308,7 +305,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 			return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
 		}
 		s.nbdListeners = append(s.nbdListeners, l)
-		if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		// An abstract socket (unix:@NAME) has no file to give a mode:
+		// the access rules alone decide.
+		if path, ok := strings.CutPrefix(addr, "unix:"); ok && !strings.HasPrefix(path, "@") {
 			if err := socketAccess(path, opts.SocketMode, opts.SocketGroup); err != nil {
 				return nil, fmt.Errorf("NBD listener %s: %w", addr, err)
 			}
@@ -317,7 +316,10 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if err := s.sec.checkListeners(s.nbdListeners, opts.Listen); err != nil {
 		return nil, err
 	}
-	s.log.Info("NBD access", "rules", s.sec.rules.Load().source, "tls", s.sec.tlsOn(), "client_certificates", opts.TLS.ClientCA != "")
+	s.log.Info("NBD access", "rules", s.sec.rules.Load().source, "tls", s.sec.tlsOn(), "client_certificates", s.sec.current.ClientCA != "")
+	if opts.Insecure && opts.Access == "" {
+		s.log.Warn("--insecure without --access: any client that is neither a user of this host nor a certificate may open every volume")
+	}
 	if opts.Insecure {
 		for _, l := range s.nbdListeners {
 			if !localListener(l) && (!s.sec.tlsOn() || opts.Access == "") {
@@ -328,6 +330,9 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if opts.Admin != "" {
 		if s.adminL, err = net.Listen("tcp", opts.Admin); err != nil {
 			return nil, fmt.Errorf("admin listener %s: %w", opts.Admin, err)
+		}
+		if err := s.sec.checkAdmin(s.adminL, opts.Admin); err != nil {
+			return nil, err
 		}
 	}
 	return s, nil

@@ -118,6 +118,22 @@ func (t *tokens) revoke(id string) error {
 	return nil
 }
 
+// revokeVolume removes every token for volume vol and says how many.
+func (t *tokens) revokeVolume(vol string) (int, error) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	recs := slices.DeleteFunc(slices.Clone(t.recs), func(r tokenRecord) bool { return r.Volume == vol })
+	n := len(t.recs) - len(recs)
+	if n == 0 {
+		return 0, nil
+	}
+	if err := t.save(recs); err != nil {
+		return 0, err
+	}
+	t.recs = recs
+	return n, nil
+}
+
 func (t *tokens) save(recs []tokenRecord) error {
 	b, err := json.MarshalIndent(recs, "", "  ")
 	if err != nil {

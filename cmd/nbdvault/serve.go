@@ -168,6 +168,11 @@ func serve(c *cli.Context) error {
 	}
 	logger.Info("memory budget", "max_memory", formatSize(maxMemory), "nbd_buffers", formatSize(maxMemory/2),
 		"cache", formatSize(cmp.Or(cache, maxMemory/4)), "go_memory_limit", formatSize(debug.SetMemoryLimit(-1)))
+	// SIGHUP reloads; one during the start (which may take a while on
+	// S3) must not end the process, and is served once it is up.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	srv, err := nbdserver.Open(c.Context, nbdserver.Options{
 		Data:                c.String("data"),
 		Repo:                c.String("repo"),
@@ -198,9 +203,6 @@ func serve(c *cli.Context) error {
 	if err != nil {
 		return fmt.Errorf("cannot start: %w", err)
 	}
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	go func() {
 		for range hup {
 			_, _ = srv.Reload() // it logs what it did
@@ -224,12 +226,7 @@ func tlsFlags(c *cli.Context) (nbdserver.TLSFiles, error) {
 				return f, usageErrorf("--tls-certificates %s: %v (the folder needs server-cert.pem and server-key.pem)", dir, err)
 			}
 		}
-		if p := filepath.Join(dir, "ca-cert.pem"); exists(p) {
-			f.ClientCA = p
-		}
-		if p := filepath.Join(dir, "ca-crl.pem"); exists(p) {
-			f.CRL = p
-		}
+		f.Dir = dir // ca-cert.pem and ca-crl.pem are looked for at every reload
 	}
 	f.Cert = cmp.Or(c.String("tls-cert"), f.Cert)
 	f.Key = cmp.Or(c.String("tls-key"), f.Key)
@@ -240,15 +237,10 @@ func tlsFlags(c *cli.Context) (nbdserver.TLSFiles, error) {
 		return f, usageErrorf("--tls-cert and --tls-key go together: give both, or --tls-certificates DIR")
 	case f.Cert == "" && (f.ClientCA != "" || f.CRL != "" || c.Bool("tls-required")):
 		return f, usageErrorf("--tls-client-ca, --tls-crl and --tls-required need TLS: give --tls-cert and --tls-key, or --tls-certificates DIR")
-	case f.CRL != "" && f.ClientCA == "":
+	case f.CRL != "" && f.ClientCA == "" && f.Dir == "":
 		return f, usageErrorf("--tls-crl revokes client certificates: give --tls-client-ca too")
 	}
 	return f, nil
-}
-
-func exists(p string) bool {
-	_, err := os.Stat(p)
-	return err == nil
 }
 
 // minMaxMemory is the least --max-memory: one 32 MiB request and a

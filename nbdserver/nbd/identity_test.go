@@ -115,3 +115,53 @@ func TestServeWithRequireTLS(t *testing.T) {
 		assert.Equal(t, want, w.optReply().typ, sock)
 	}
 }
+
+// gate is an Identity whose first check of an opened export waits until
+// released, and which allows what allow lists at the time of each call.
+type gate struct {
+	allow   *atomic.Pointer[[]string]
+	reached chan struct{}
+	release chan struct{}
+	waited  atomic.Bool
+}
+
+func (g *gate) String() string { return "gate" }
+func (g *gate) Allow(name string, e *Export) error {
+	ok := false
+	for _, n := range *g.allow.Load() {
+		ok = ok || n == name
+	}
+	if e != nil && g.waited.CompareAndSwap(false, true) {
+		close(g.reached)
+		<-g.release
+	}
+	if !ok {
+		return fmt.Errorf("gate: not %q", name)
+	}
+	return nil
+}
+
+// TestRecheckDuringGo: rules that change while a GO is between its last
+// check and transmission still reach the connection (Recheck sees it and
+// closes it), so no client slips into transmission under old rules.
+func TestRecheckDuringGo(t *testing.T) {
+	var allow atomic.Pointer[[]string]
+	allow.Store(&[]string{"a"})
+	g := &gate{allow: &allow, reached: make(chan struct{}), release: make(chan struct{})}
+	srv := &Server{Exports: NewExportMap(&Export{Name: "a", Backend: NewMem(1 << 20)}),
+		Identify: func(net.Conn, *tls.ConnectionState) Identity { return g }}
+	sock := startServer(t, srv)
+	w := dialWire(t, sock)
+	w.greet(FlagCFixedNewstyle)
+	w.option(OptGo, goData("a"))
+	<-g.reached // the GO passed the check before the lookup and waits in the last one
+	allow.Store(&[]string{})
+	closed := srv.Recheck()
+	close(g.release)
+	assert.Len(t, closed, 1, "Recheck sees the connection in its GO")
+	_, err := w.c.Read(make([]byte, 1<<10))
+	for err == nil {
+		_, err = w.c.Read(make([]byte, 1<<10))
+	}
+	assert.Error(t, err, "the connection is closed")
+}

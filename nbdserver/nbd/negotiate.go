@@ -182,15 +182,19 @@ func (n *negotiator) lookup(name string) (*Export, bool) {
 }
 
 // allow asks the connection's Identity whether it may use export name
-// (e nil: before the lookup).
+// (e nil: before the lookup). With Server.Identify set, a connection it
+// gave no Identity may use nothing.
 func (n *negotiator) allow(name string, e *Export) error {
 	n.c.mu.Lock()
 	id := n.c.id
 	n.c.mu.Unlock()
-	if id == nil {
-		return nil
+	switch {
+	case id != nil:
+		return id.Allow(name, e)
+	case n.c.srv.Identify != nil:
+		return errors.New("this client could not be identified")
 	}
-	return id.Allow(name, e)
+	return nil
 }
 
 // refused logs a refusal by the Identity and answers opt with
@@ -214,6 +218,7 @@ func (n *negotiator) exportName(name string) (*session, error) {
 	if !ok {
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: no export %q", name)
 	}
+	n.c.setExport(e) // before the last check: Recheck sees it from here on
 	if err := n.allow(name, e); err != nil {
 		n.logRefused(err)
 		return nil, fmt.Errorf("NBD_OPT_EXPORT_NAME: %w", err)
@@ -349,7 +354,14 @@ func (n *negotiator) infoGo(opt uint32, data []byte) (*session, error) {
 	if !ok {
 		return nil, n.replyError(opt, RepErrUnknown, "no export %q on this server", name)
 	}
+	if opt == OptGo {
+		// Before the last check, so that a Recheck from here on sees the
+		// connection: the rules cannot change unseen between the check
+		// and transmission.
+		n.c.setExport(e)
+	}
 	if err := n.allow(name, e); err != nil {
+		n.c.setExport(nil)
 		return nil, n.refused(opt, err)
 	}
 	s := n.session(e, name)

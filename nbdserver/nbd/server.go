@@ -261,7 +261,7 @@ func (s *Server) Recheck() []string {
 		id, e := c.id, c.export
 		c.mu.Unlock()
 		if id == nil || e == nil {
-			continue // still negotiating: checked when it opens an export
+			continue // no export yet: its last check comes after this Recheck's rules
 		}
 		if err := id.Allow(e.Name, e); err != nil {
 			c.close()
@@ -324,6 +324,12 @@ func newConn(s *Server, nc net.Conn) *conn {
 		br:     bufio.NewReaderSize(nc, connBufSize),
 		bw:     bufio.NewWriterSize(nc, connBufSize),
 	}
+}
+
+func (c *conn) setExport(e *Export) {
+	c.mu.Lock()
+	c.export = e
+	c.mu.Unlock()
 }
 
 func (c *conn) setIdentity(id Identity) {
