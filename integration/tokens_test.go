@@ -1,10 +1,15 @@
 package integration
 
 import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -160,6 +165,35 @@ func TestAdminTLS(t *testing.T) {
 		assert.Contains(t, r.Stderr, "cert:db may not", "%v", args)
 	}
 	assert.Contains(t, s.Log(), `by=cert:db`)
+
+	// A kept-alive connection whose certificate a new revocation list
+	// names is closed on the reload: the next request redials and is
+	// refused.
+	pair, err := tls.LoadX509KeyPair(filepath.Join(dbDir, "client-cert.pem"), filepath.Join(dbDir, "client-key.pem"))
+	require.NoError(t, err)
+	pool := x509.NewCertPool()
+	pool.AddCert(ca.Cert)
+	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, Certificates: []tls.Certificate{pair}}}}
+	get := func() error {
+		resp, err := hc.Get(https + "/v1/volumes/db")
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		_, _ = io.Copy(io.Discard, resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			return fmt.Errorf("status %s", resp.Status)
+		}
+		return nil
+	}
+	require.NoError(t, get())
+	dbCert, err := x509.ParseCertificate(pair.Certificate[0])
+	require.NoError(t, err)
+	testcerts.Write(t, filepath.Join(serverDir, "ca-crl.pem"), ca.CRL(t, &testcerts.Pair{Cert: dbCert}))
+	require.NoError(t, syscall.Kill(s.PID(), syscall.SIGHUP))
+	require.Eventually(t, func() bool { return strings.Contains(s.Log(), "admin API connection closed") },
+		time.Minute, 100*time.Millisecond, "%s", s.Log())
+	assert.Error(t, get(), "the revoked certificate gets no answer")
 
 	// A certificate whose volume does not exist learns nothing of the
 	// others from the not-found.

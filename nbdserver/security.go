@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -462,8 +463,66 @@ func (s *Server) Reload() ([]string, error) {
 		return nil, err
 	}
 	closed := s.nbd.Recheck()
+	closed = append(closed, s.adminConns.recheck(s.sec.check.Load(), s.log)...)
 	s.log.Info("reloaded the TLS certificates and access rules", "rules", s.sec.rules.Load().source, "connections_closed", len(closed))
 	return closed, nil
+}
+
+// adminConns tracks the admin API's TLS connections (http.Server's
+// ConnState), so that a reload can close those whose client certificate
+// the new CAs or revocation list refuse: a kept-alive connection would
+// otherwise go on for as long as it is used.
+type adminConns struct {
+	mu    sync.Mutex
+	conns map[*tls.Conn]struct{}
+}
+
+func (a *adminConns) track(c net.Conn, st http.ConnState) {
+	tc, ok := c.(*tls.Conn)
+	if !ok {
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	switch st {
+	case http.StateActive, http.StateIdle:
+		// From the first request on, the handshake is done:
+		// ConnectionState will not wait for one.
+		if a.conns == nil {
+			a.conns = map[*tls.Conn]struct{}{}
+		}
+		a.conns[tc] = struct{}{}
+	case http.StateClosed, http.StateHijacked:
+		delete(a.conns, tc)
+	}
+}
+
+// recheck closes the connections whose client certificate check refuses
+// now, and says which.
+func (a *adminConns) recheck(check *certCheck, log *slog.Logger) []string {
+	if check == nil {
+		return nil
+	}
+	a.mu.Lock()
+	conns := make([]*tls.Conn, 0, len(a.conns))
+	for c := range a.conns {
+		conns = append(conns, c)
+	}
+	a.mu.Unlock()
+	var closed []string
+	for _, c := range conns {
+		cs := c.ConnectionState()
+		if !cs.HandshakeComplete || len(cs.PeerCertificates) == 0 {
+			continue
+		}
+		if err := check.verify(cs.PeerCertificates); err != nil {
+			c.Close()
+			name, _ := certName(&cs)
+			log.Warn("admin API connection closed: its certificate is no longer accepted", "remote", c.RemoteAddr().String(), "identity", "cert:"+name, "why", err)
+			closed = append(closed, fmt.Sprintf("admin API cert:%s from %s: %v", name, c.RemoteAddr(), err))
+		}
+	}
+	return closed
 }
 
 // pollSecurity reloads when a TLS or rules file changes, until ctx ends.

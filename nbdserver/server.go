@@ -120,6 +120,9 @@ type Server struct {
 	tokens *tokens
 	// snapLimit spaces scoped callers' snapshots (ScopedSnapshotEvery).
 	snapLimit snapshotLimit
+	// adminConns are the admin API's open TLS connections, checked again
+	// after a reload.
+	adminConns adminConns
 	exports   *Exports
 	nbd       *nbd.Server
 	sec       *security
@@ -475,7 +478,8 @@ func (s *Server) Serve(ctx context.Context) error {
 		// snapshot waits for a mirror to settle between two requests).
 		hs = &http.Server{Handler: s.adminHandler(), ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout: time.Minute, IdleTimeout: 10 * time.Minute,
-			ErrorLog: slog.NewLogLogger(s.log.Handler(), slog.LevelWarn)}
+			ErrorLog:  slog.NewLogLogger(s.log.Handler(), slog.LevelWarn),
+			ConnState: s.adminConns.track}
 		l := s.adminL
 		if cfg := s.sec.adminTLS(); cfg != nil {
 			l = tls.NewListener(l, cfg)
