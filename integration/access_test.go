@@ -319,6 +319,20 @@ func TestNBDAccessReload(t *testing.T) {
 	require.NoError(t, c.WriteAt(t.Context(), []byte("before"), 0, false))
 	require.NoError(t, c.Flush(t.Context()))
 
+	// Checked first: the open connection is the one it would close.
+	candidate := filepath.Join(t.TempDir(), "candidate")
+	require.NoError(t, os.WriteFile(candidate, []byte(me+" web rw\n"), 0o644))
+	r := s.MustCLI("access", "check", candidate)
+	assert.Contains(t, r.Stdout, "1 rules")
+	assert.Contains(t, r.Stdout, "closes 1 open NBD connection")
+	assert.Contains(t, r.Stdout, `may not use volume "db"`)
+	require.NoError(t, os.WriteFile(candidate, []byte(me+" * rw\n"), 0o644))
+	assert.Contains(t, s.MustCLI("access", "check", candidate).Stdout, "closes no open NBD connection")
+	require.NoError(t, os.WriteFile(candidate, []byte(me+" * rwx\n"), 0o644))
+	r = s.CLI("access", "check", candidate)
+	assert.Equal(t, 2, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "line 1")
+
 	require.NoError(t, os.WriteFile(rules, []byte(me+" web rw\n"), 0o644))
 	require.NoError(t, syscall.Kill(s.PID(), syscall.SIGHUP))
 	require.Eventually(t, func() bool {

@@ -66,6 +66,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("POST /v1/volumes/{vol}/prune", actAdmin, s.prune)
 	handle("POST /v1/gc", actAdmin, s.collect)
 	handle("POST /v1/verify", actAdmin, s.verify)
+	handle("POST /v1/access/check", actAdmin, s.checkAccess)
 	handle("GET /v1/tokens", actAdmin, s.listTokens)
 	handle("POST /v1/tokens", actAdmin, s.createToken)
 	handle("DELETE /v1/tokens/{id}", actAdmin, s.revokeToken)

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/nbdvault/nbdvault/nbdserver/api"
@@ -204,4 +205,31 @@ func (s *Server) revokeToken(r *http.Request) (int, any, error) {
 	}
 	s.log.Info("token revoked", "id", id)
 	return http.StatusNoContent, nil, nil
+}
+
+// checkAccess parses rules as a reload would and lists the open NBD
+// connections they would close: check before you reload, since closing a
+// mirror leg's connection fails the leg.
+func (s *Server) checkAccess(r *http.Request) (int, any, error) {
+	var req api.CheckAccess
+	if err := decode(r, &req); err != nil {
+		return 0, nil, err
+	}
+	rs, err := parseAccessRules("the rules", []byte(req.Rules))
+	if err != nil {
+		return 0, nil, fmt.Errorf("%w: %v", errInvalid, err)
+	}
+	var next atomic.Pointer[accessRules]
+	next.Store(rs)
+	out := api.AccessCheck{Rules: len(rs.rules), Closes: []api.RefusedAttached{}}
+	for _, a := range s.nbd.Attached() {
+		cur, ok := a.Identity.(*access)
+		if !ok {
+			continue
+		}
+		if err := (&access{p: cur.p, rules: &next}).Allow(a.Export.Name, a.Export); err != nil {
+			out.Closes = append(out.Closes, api.RefusedAttached{Identity: cur.p.String(), Remote: a.Remote, Export: a.Export.Name, Why: err.Error()})
+		}
+	}
+	return http.StatusOK, out, nil
 }

@@ -452,3 +452,23 @@ type Token struct {
 	LastUsed *time.Time `json:"last_used,omitempty"`
 	Token    string     `json:"token,omitempty"`
 }
+
+// CheckAccess is the body of POST /v1/access/check: a rules file's text.
+type CheckAccess struct {
+	Rules string `json:"rules"`
+}
+
+// AccessCheck is what new access rules would do: how many rules parsed,
+// and the open NBD connections a reload to them would close.
+type AccessCheck struct {
+	Rules  int               `json:"rules"`
+	Closes []RefusedAttached `json:"closes"`
+}
+
+// RefusedAttached is an open NBD connection that rules would refuse.
+type RefusedAttached struct {
+	Identity string `json:"identity"`
+	Remote   string `json:"remote"`
+	Export   string `json:"export"`
+	Why      string `json:"why"`
+}

@@ -73,6 +73,13 @@ func (c *Client) RevokeToken(ctx context.Context, id string) error {
 	return c.do(ctx, http.MethodDelete, "/v1/tokens/"+url.PathEscape(id), nil, nil)
 }
 
+// CheckAccess asks what the rules file text rules would do to the open
+// NBD connections.
+func (c *Client) CheckAccess(ctx context.Context, rules string) (AccessCheck, error) {
+	var out AccessCheck
+	return out, c.do(ctx, http.MethodPost, "/v1/access/check", CheckAccess{Rules: rules}, &out)
+}
+
 // Server is the address the client talks to.
 func (c *Client) Server() string {
 	if c.unix != "" {

@@ -243,6 +243,34 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Attachment is a client in transmission: who, from where, on what.
+type Attachment struct {
+	Identity Identity
+	Remote   string
+	Export   *Export
+}
+
+// Attached lists the clients that have an export open (and the one
+// opening it), for a caller that asks what new rules would do to them.
+func (s *Server) Attached() []Attachment {
+	st := &s.state
+	st.mu.Lock()
+	conns := make([]*conn, 0, len(st.conns))
+	for c := range st.conns {
+		conns = append(conns, c)
+	}
+	st.mu.Unlock()
+	var out []Attachment
+	for _, c := range conns {
+		c.mu.Lock()
+		if c.id != nil && c.export != nil {
+			out = append(out, Attachment{Identity: c.id, Remote: c.remote, Export: c.export})
+		}
+		c.mu.Unlock()
+	}
+	return out
+}
+
 // Recheck asks each attached client's Identity again whether it may use
 // its export (after the rules behind it changed) and closes the
 // connections it no longer allows, at once. It returns what it closed,
