@@ -123,11 +123,11 @@ type Server struct {
 	// adminConns are the admin API's open TLS connections, checked again
 	// after a reload.
 	adminConns adminConns
-	exports   *Exports
-	nbd       *nbd.Server
-	sec       *security
-	metrics   *metrics
-	health    *repoHealth
+	exports    *Exports
+	nbd        *nbd.Server
+	sec        *security
+	metrics    *metrics
+	health     *repoHealth
 
 	nbdListeners []net.Listener
 	adminL       net.Listener
