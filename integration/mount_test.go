@@ -183,6 +183,12 @@ type mountRig struct {
 
 func startMountRig(t *testing.T) *mountRig {
 	t.Helper()
+	return startMountRigWith(t, servertest.Options{})
+}
+
+// startMountRigWith is startMountRig with a server started with opts.
+func startMountRigWith(t *testing.T, opts servertest.Options) *mountRig {
+	t.Helper()
 	nbdtest.RequireRoot(t, "nbdvault mount sets up loop devices and mounts")
 	if _, err := os.Stat("/dev/fuse"); err != nil {
 		nbdtest.Unavailable(t, fmt.Errorf("FUSE is not available (%v): load the fuse module", err))
@@ -194,7 +200,7 @@ func startMountRig(t *testing.T) *mountRig {
 	require.NoError(t, err)
 	m := &mountRig{t: t, runDir: run, tools: tools}
 	t.Cleanup(m.cleanUp)
-	m.s = servertest.Start(t, servertest.Options{})
+	m.s = servertest.Start(t, opts)
 	return m
 }
 

@@ -59,6 +59,10 @@ type State struct {
 	Loop      string `json:"loop,omitempty"` // /dev/loopN
 	FSType    string `json:"fs_type,omitempty"`
 	Options   string `json:"options,omitempty"` // what DIR was mounted with
+	// Command, if set, is what nbdfuse runs to reach the export (its
+	// --command: an NBD server on stdin/stdout) instead of URI: a relay
+	// that opens it over TLS.
+	Command []string `json:"command,omitempty"`
 
 	folder string // RUN/mounts/HASH: the state file, nbdfuse's pid file and log, FuseDir
 }
@@ -332,7 +336,11 @@ func (st *State) startNBDFuse(ctx context.Context, nbdfuse string) error {
 		return err
 	}
 	defer logf.Close()
-	cmd := exec.Command(nbdfuse, "--readonly", "-P", st.pidPath(), st.FuseDir, st.URI)
+	args := []string{"--readonly", "-P", st.pidPath(), st.FuseDir, st.URI}
+	if len(st.Command) > 0 {
+		args = append(append(args[:4:4], "--command"), st.Command...)
+	}
+	cmd := exec.Command(nbdfuse, args...)
 	// A file, not a pipe: nbdfuse must not hold a pipe our caller waits on.
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = newSessionAttr()

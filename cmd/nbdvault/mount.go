@@ -94,6 +94,30 @@ func mountAction(c *cli.Context) error {
 	}
 	export := vol + "@" + s.ID
 	st := mount.New(runDir, dir, export, addr, kernel)
+	if cfg, err := clientTLS(c); err != nil {
+		return err
+	} else if cfg != nil {
+		// nbdfuse takes no TLS files in a URI: it runs this binary as a
+		// relay that opens the export over TLS. The kernel's NBD driver
+		// has no TLS at all.
+		if kernel {
+			return usageErrorf("mount over TLS needs nbdfuse, and this host has the kernel's NBD driver, which cannot speak TLS: restore the snapshot with nbdvault restore --tls-ca … and mount the file")
+		}
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		st.Command = []string{self, "client", "relay", "--nbd", addr, "--export", export}
+		for _, f := range []string{tlsCAFlag.Name, clientCertFlag.Name, clientKeyFlag.Name} {
+			if v := c.String(f); v != "" {
+				abs, err := filepath.Abs(v)
+				if err != nil {
+					return err
+				}
+				st.Command = append(st.Command, "--"+f, abs)
+			}
+		}
+	}
 	if err := st.Claim(); errors.Is(err, mount.ErrClaimed) {
 		return cli.Exit(fmt.Sprintf("nbdvault already mounted something on %s: run nbdvault umount %s first", dir, dir), exitConflict)
 	} else if err != nil {

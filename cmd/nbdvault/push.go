@@ -20,7 +20,7 @@ func clientCommand() *cli.Command {
 	return &cli.Command{
 		Name:        "client",
 		Usage:       "tools for the source host",
-		Subcommands: []*cli.Command{attachCommand(), detachCommand(), mirrorCommand(), clientSnapshotCommand(), pushCommand()},
+		Subcommands: []*cli.Command{attachCommand(), detachCommand(), mirrorCommand(), clientSnapshotCommand(), pushCommand(), relayCommand()},
 	}
 }
 
