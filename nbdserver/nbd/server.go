@@ -250,9 +250,9 @@ type Attachment struct {
 	Export   *Export
 }
 
-// Attached lists the clients that have an export open (and the one
-// opening it), for a caller that asks what new rules would do to them.
-func (s *Server) Attached() []Attachment {
+// attached are the connections with an Identity and an export (open, or
+// in the GO that opens it), with their conn.
+func (s *Server) attached() ([]Attachment, []*conn) {
 	st := &s.state
 	st.mu.Lock()
 	conns := make([]*conn, 0, len(st.conns))
@@ -261,13 +261,21 @@ func (s *Server) Attached() []Attachment {
 	}
 	st.mu.Unlock()
 	var out []Attachment
+	var with []*conn
 	for _, c := range conns {
 		c.mu.Lock()
-		if c.id != nil && c.export != nil {
-			out = append(out, Attachment{Identity: c.id, Remote: c.remote, Export: c.export})
+		if c.id != nil && c.export != nil { // without an export, its last check comes after any new rules
+			out, with = append(out, Attachment{Identity: c.id, Remote: c.remote, Export: c.export}), append(with, c)
 		}
 		c.mu.Unlock()
 	}
+	return out, with
+}
+
+// Attached lists the clients that have an export open (and the one
+// opening it), for a caller that asks what new rules would do to them.
+func (s *Server) Attached() []Attachment {
+	out, _ := s.attached()
 	return out
 }
 
@@ -276,26 +284,13 @@ func (s *Server) Attached() []Attachment {
 // connections it no longer allows, at once. It returns what it closed,
 // one line each: who, which export, why.
 func (s *Server) Recheck() []string {
-	st := &s.state
-	st.mu.Lock()
-	conns := make([]*conn, 0, len(st.conns))
-	for c := range st.conns {
-		conns = append(conns, c)
-	}
-	st.mu.Unlock()
+	as, conns := s.attached()
 	var closed []string
-	for _, c := range conns {
-		c.mu.Lock()
-		id, e := c.id, c.export
-		c.mu.Unlock()
-		if id == nil || e == nil {
-			continue // no export yet: its last check comes after this Recheck's rules
-		}
-		if err := id.Allow(e.Name, e); err != nil {
-			c.close()
-			line := fmt.Sprintf("%s from %s using %s: %v", id, c.remote, e.Name, err)
-			s.logger().Warn("nbd connection closed: the access rules no longer allow it", "remote", c.remote, "identity", id.String(), "export", e.Name, "why", err)
-			closed = append(closed, line)
+	for i, a := range as {
+		if err := a.Identity.Allow(a.Export.Name, a.Export); err != nil {
+			conns[i].close()
+			s.logger().Warn("nbd connection closed: the access rules no longer allow it", "remote", a.Remote, "identity", a.Identity.String(), "export", a.Export.Name, "why", err)
+			closed = append(closed, fmt.Sprintf("%s from %s using %s: %v", a.Identity, a.Remote, a.Export.Name, err))
 		}
 	}
 	return closed
