@@ -146,18 +146,16 @@ func parseAccessRule(line int, who, volumes, mode string) (accessRule, error) {
 func defaultAccessRules(insecure bool) *accessRules {
 	self := strconv.Itoa(os.Getuid())
 	rs := &accessRules{source: "the defaults (the server's user and root on this host, a certificate its own volume; --access FILE gives others)"}
-	if insecure {
-		rs.source = "the defaults with --insecure (the server's user and root on this host, a certificate its own volume, and any remote client without one every volume)"
-		defer func() {
-			rs.rules = append(rs.rules, accessRule{who: "anonymous", kind: "anonymous", volumes: "*", mode: modeRW})
-			rs.anonymousAllowed = true
-		}()
-	}
 	rs.rules = append(rs.rules, accessRule{who: "uid:" + self, kind: "uid", pattern: self, volumes: "*", mode: modeRW})
 	if self != "0" {
 		rs.rules = append(rs.rules, accessRule{who: "uid:0", kind: "uid", pattern: "0", volumes: "*", mode: modeRW})
 	}
 	rs.rules = append(rs.rules, accessRule{who: "cert:*", kind: "cert", pattern: "*", volumes: selfVolume, mode: modeRW})
+	if insecure {
+		rs.source = "the defaults with --insecure (the server's user and root on this host, a certificate its own volume, and any remote client without one every volume)"
+		rs.rules = append(rs.rules, accessRule{who: "anonymous", kind: "anonymous", volumes: "*", mode: modeRW})
+		rs.anonymousAllowed = true
+	}
 	return rs
 }
 

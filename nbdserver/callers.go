@@ -136,7 +136,7 @@ func (s *Server) may(c *caller, a action, vol string) error {
 
 // permit checks the caller of r against what an endpoint needs.
 func (s *Server) permit(r *http.Request, a action) error {
-	c, _ := r.Context().Value(callerKey{}).(*caller)
+	c := callerOfRequest(r)
 	if c == nil {
 		return api.Errorf(api.ErrUnauthorized, "no caller")
 	}
@@ -145,7 +145,7 @@ func (s *Server) permit(r *http.Request, a action) error {
 
 // visible says whether the caller of r may see volume vol in listings.
 func (s *Server) visible(r *http.Request, vol string) bool {
-	c, _ := r.Context().Value(callerKey{}).(*caller)
+	c := callerOfRequest(r)
 	return c != nil && s.may(c, actStatus, vol) == nil
 }
 
