@@ -45,6 +45,8 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzUnchecked -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzPackFooter -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzFrame -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzSealed -fuzztime $(FUZZTIME) ./chunkstore/
+	go test -run '^$$' -fuzz FuzzKeyFile -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/

@@ -58,7 +58,7 @@ func FuzzFramed(f *testing.F) {
 				}
 			}
 		}
-		got, err := c.decodeFramed(obj, id, h)
+		got, err := c.decodeFramed(obj, id, h, nil)
 		if err != nil {
 			return
 		}

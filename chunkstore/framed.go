@@ -2,6 +2,7 @@ package chunkstore
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 )
 
@@ -25,10 +26,17 @@ import (
 // N = P / F ≥ 2. A chunk whose length is not such a multiple of F is a
 // version 1 object (codec.go).
 const (
-	framedVersion   = 2
-	framedHeaderLen = 12
-	frameEntryLen   = 4 + 32
-	frameRaw        = 1 << 31
+	framedVersion = 2
+	// framedSealedVersion is a framed chunk of an encrypted repository:
+	// the same 12-byte header with this version, then the table (its
+	// entries) as one sealed unit, then each frame's stored bytes as one
+	// sealed unit (crypt.go). Reads open the table, then keep it in the
+	// cache as a version 2 table with this version byte, whose frames
+	// each take sealOverhead bytes more.
+	framedSealedVersion = 4
+	framedHeaderLen     = 12
+	frameEntryLen       = 4 + 32
+	frameRaw            = 1 << 31
 
 	// FrameBits is log2 of the frame size new chunks are stored with:
 	// 64 KiB, so a 4 KiB read that misses the cache fetches, decompresses
@@ -41,6 +49,7 @@ const (
 // frameTable is a framed object's header and table, checked for shape
 // (checkTable proves it against the chunk ID).
 type frameTable struct {
+	sealed bool     // framedSealedVersion: each frame is a sealed unit
 	plain  int64    // P
 	size   int64    // F
 	stored []uint32 // per frame, with frameRaw
@@ -63,36 +72,55 @@ func framable(p int64, fbits uint) (int, bool) {
 	return int(p / f), true
 }
 
-// parseTable reads the header and table at the start of b (at least the
-// table; b may hold more of the object). It checks the shape only: stored
-// lengths within what a frame may take, and the version.
-func parseTable(b []byte) (*frameTable, error) {
+// framedHeader checks the 12-byte header at the start of b (of any framed
+// version) and returns its frame count.
+func framedHeader(b []byte) (int, error) {
 	if len(b) < framedHeaderLen {
-		return nil, fmt.Errorf("object of %d bytes is shorter than a framed header", len(b))
+		return 0, fmt.Errorf("object of %d bytes is shorter than a framed header", len(b))
 	}
 	if b[0] != codecMagic0 || b[1] != codecMagic1 {
-		return nil, fmt.Errorf("bad magic %q", b[:2])
-	}
-	if b[2] != framedVersion {
-		return nil, fmt.Errorf("format version %d, not %d (framed)", b[2], framedVersion)
+		return 0, fmt.Errorf("bad magic %q", b[:2])
 	}
 	if b[3] != 0 || b[9] != 0 || b[10] != 0 || b[11] != 0 {
-		return nil, fmt.Errorf("reserved header bytes are not zero")
+		return 0, fmt.Errorf("reserved header bytes are not zero")
 	}
 	p := int64(binary.LittleEndian.Uint32(b[4:]))
 	fbits := uint(b[8])
 	if fbits < minFrameBits || fbits > maxFrameBits {
-		return nil, fmt.Errorf("frame size 2^%d is outside 2^%d..2^%d", fbits, minFrameBits, maxFrameBits)
+		return 0, fmt.Errorf("frame size 2^%d is outside 2^%d..2^%d", fbits, minFrameBits, maxFrameBits)
 	}
 	n, ok := framable(p, fbits)
 	if !ok {
-		return nil, fmt.Errorf("plaintext length %d is not 2 or more frames of %d (at most %d)", p, 1<<fbits, MaxChunkSize)
+		return 0, fmt.Errorf("plaintext length %d is not 2 or more frames of %d (at most %d)", p, 1<<fbits, MaxChunkSize)
+	}
+	return n, nil
+}
+
+// parseTable reads the header and table at the start of b (at least the
+// table; b may hold more of the object). It checks the shape only: stored
+// lengths within what a frame may take, and the version. A table of
+// version framedSealedVersion is one openTable returned, never an
+// object's bytes as read.
+func parseTable(b []byte) (*frameTable, error) {
+	n, err := framedHeader(b)
+	if err != nil {
+		return nil, err
+	}
+	if b[2] != framedVersion && b[2] != framedSealedVersion {
+		return nil, fmt.Errorf("format version %d, not %d (framed)", b[2], framedVersion)
 	}
 	if len(b) < tableLen(n) {
 		return nil, fmt.Errorf("a table of %d frames needs %d bytes, %d given", n, tableLen(n), len(b))
 	}
-	t := &frameTable{plain: p, size: 1 << fbits, stored: make([]uint32, n), cvs: make([]cv, n), offs: make([]int64, n+1)}
+	p := int64(binary.LittleEndian.Uint32(b[4:]))
+	fbits := uint(b[8])
+	t := &frameTable{sealed: b[2] == framedSealedVersion, plain: p, size: 1 << fbits, stored: make([]uint32, n), cvs: make([]cv, n), offs: make([]int64, n+1)}
 	off := int64(tableLen(n))
+	var unit int64 // what sealing adds to each frame, and to the table
+	if t.sealed {
+		unit = sealOverhead
+		off += unit
+	}
 	for i := range n {
 		e := b[framedHeaderLen+i*frameEntryLen:]
 		s := binary.LittleEndian.Uint32(e)
@@ -104,7 +132,7 @@ func parseTable(b []byte) (*frameTable, error) {
 		}
 		t.stored[i], t.cvs[i] = s, cvFromBytes(e[4:])
 		t.offs[i] = off
-		off += int64(s &^ frameRaw)
+		off += int64(s&^frameRaw) + unit
 	}
 	t.offs[n] = off
 	return t, nil
@@ -180,7 +208,7 @@ func checkTable(t *frameTable, id ID, h Hasher) error {
 	if !ok {
 		return fmt.Errorf("a framed object, and the store's hasher (%s) is not BLAKE3", h.Scheme())
 	}
-	if got := treeRoot(t.cvs, key, flags); got != id {
+	if got := finishRoot(h, treeRoot(t.cvs, key, flags)); got != id {
 		return fmt.Errorf("its frame table folds into %s", got)
 	}
 	return nil
@@ -196,9 +224,23 @@ func checkFrame(t *frameTable, i int, plain []byte, h Hasher) error {
 }
 
 // decodeFramed returns the verified plaintext of the whole framed object
-// obj of chunk id: every frame against its CV, the CVs against id.
-func (c *codec) decodeFramed(obj []byte, id ID, h Hasher) ([]byte, error) {
-	t, err := parseTable(obj)
+// obj of chunk id: every frame against its CV, the CVs against id. An
+// encrypted repository's store (keys set) reads sealed objects only, a
+// plain one plain objects only.
+func (c *codec) decodeFramed(obj []byte, id ID, h Hasher, keys *Keys) ([]byte, error) {
+	table := obj
+	switch {
+	case len(obj) > 2 && obj[2] == framedSealedVersion && keys == nil:
+		return nil, errors.New(errNoKey)
+	case len(obj) > 2 && obj[2] == framedSealedVersion:
+		var err error
+		if table, err = keys.openTable(id, obj); err != nil {
+			return nil, err
+		}
+	case keys != nil:
+		return nil, fmt.Errorf("not sealed (format version %d), in an encrypted repository: written by someone without its key", obj[2])
+	}
+	t, err := parseTable(table)
 	if err != nil {
 		return nil, err
 	}
@@ -211,7 +253,11 @@ func (c *codec) decodeFramed(obj []byte, id ID, h Hasher) ([]byte, error) {
 	plain := make([]byte, t.plain)
 	for i := range t.frames() {
 		dst := plain[int64(i)*t.size : int64(i+1)*t.size]
-		if err := c.decodeFrame(t, i, obj[t.offs[i]:t.offs[i+1]], dst); err != nil {
+		stored, err := keys.openFrame(t, id, i, obj[t.offs[i]:t.offs[i+1]])
+		if err != nil {
+			return nil, err
+		}
+		if err := c.decodeFrame(t, i, stored, dst); err != nil {
 			return nil, err
 		}
 		if err := checkFrame(t, i, dst, h); err != nil {
@@ -219,6 +265,72 @@ func (c *codec) decodeFramed(obj []byte, id ID, h Hasher) ([]byte, error) {
 		}
 	}
 	return plain, nil
+}
+
+// openTable opens the sealed table of the framedSealedVersion object
+// that b starts with (b holds at least sealedTableLen bytes of it) and
+// returns it as parseTable reads it: the header, then the entries.
+func (k *Keys) openTable(id ID, b []byte) ([]byte, error) {
+	n, err := framedHeader(b)
+	if err != nil {
+		return nil, err
+	}
+	end := sealedTableLen(n)
+	if len(b) < end {
+		return nil, fmt.Errorf("a sealed table of %d frames needs %d bytes, %d given", n, end, len(b))
+	}
+	entries, err := k.open(kindTable, Key(id), uint64(b[8]), uint64(n), b[framedHeaderLen:end])
+	if err != nil {
+		return nil, fmt.Errorf("frame table: %w", err)
+	}
+	if len(entries) != n*frameEntryLen {
+		return nil, fmt.Errorf("frame table: %d bytes of entries for %d frames", len(entries), n)
+	}
+	out := make([]byte, 0, tableLen(n))
+	out = append(out, b[:framedHeaderLen]...)
+	return append(out, entries...), nil
+}
+
+// sealedTableLen is a sealed framed object's header and table length.
+func sealedTableLen(n int) int { return tableLen(n) + sealOverhead }
+
+// openFrame returns the stored bytes of frame i of chunk id from span,
+// its bytes in the object: span itself when the table is not sealed.
+func (k *Keys) openFrame(t *frameTable, id ID, i int, span []byte) ([]byte, error) {
+	if !t.sealed {
+		return span, nil
+	}
+	if k == nil {
+		return nil, errors.New(errNoKey)
+	}
+	b, err := k.open(kindFrame, Key(id), uint64(i), uint64(t.frames()), span)
+	if err != nil {
+		return nil, fmt.Errorf("frame %d: %w", i, err)
+	}
+	return b, nil
+}
+
+// sealFramed returns the framedSealedVersion object of obj, a version 2
+// object of chunk id, in a buffer from bufPool.
+func (k *Keys) sealFramed(id ID, obj []byte) *[]byte {
+	t, err := parseTable(obj)
+	if err != nil {
+		panic("chunkstore: sealFramed of a bad table: " + err.Error()) // encodeFramed made it
+	}
+	n := t.frames()
+	bp := bufPool.Get().(*[]byte)
+	if need := len(obj) + (n+1)*sealOverhead; cap(*bp) < need {
+		*bp = make([]byte, 0, need)
+	}
+	out := append((*bp)[:0], obj[:framedHeaderLen]...)
+	out[2] = framedSealedVersion
+	key := Key(id)
+	out = k.seal(out, kindTable, key, uint64(obj[8]), uint64(n), obj[framedHeaderLen:tableLen(n)])
+	for i := range n {
+		out = k.seal(out, kindFrame, key, uint64(i), uint64(n), obj[t.offs[i]:t.offs[i+1]])
+	}
+	*bp = out
+	return bp
 }
 
 // frameCVs returns the CVs of plain's frames of 1<<fbits (n of them) and
@@ -230,5 +342,5 @@ func frameCVs(plain []byte, fbits uint, n int, h Hasher) ([]cv, ID) {
 	for i := range cvs {
 		cvs[i] = frameCV(plain[i*f:(i+1)*f], i, key, flags)
 	}
-	return cvs, treeRoot(cvs, key, flags)
+	return cvs, finishRoot(h, treeRoot(cvs, key, flags))
 }

@@ -300,7 +300,7 @@ func TestFrameTableKeyNotPlantable(t *testing.T) {
 	id, err := s.Put(ctx, data)
 	require.NoError(t, err)
 	for _, prefix := range []string{"nbdvault-frame-table\n", "nbdvault 2026-12-01 chunk frame table"} {
-		pb := s.NewPack()
+		pb := s.NewPack("pack")
 		ref, err := pb.Add(append([]byte(prefix), id[:]...))
 		require.NoError(t, err)
 		require.NoError(t, s.PutPack(ctx, "packs/planted", pb.Finish()))

@@ -47,7 +47,8 @@ const (
 
 	// maxFrameStored bounds a frame's stored bytes: the codec keeps a frame
 	// raw when zstd does not shrink it, so it is never longer than that.
-	maxFrameStored = headerLen + MaxFrameSize
+	// A sealed frame takes sealedHeaderLen+sealOverhead bytes more.
+	maxFrameStored = headerLen + MaxFrameSize + sealedHeaderLen + sealOverhead
 	// minFrameEntry is the fewest footer bytes a frame takes (two one-byte
 	// uvarints and its hash), so a count can be checked against the bytes
 	// left before anything is allocated for it.
@@ -84,13 +85,14 @@ func (r FrameRef) check() string {
 // PackBuilder builds a pack in memory. It is not safe for concurrent use.
 type PackBuilder struct {
 	s        *Store
+	key      string // where the pack goes: sealed frames are bound to it
 	buf      []byte
 	frames   []FrameRef
 	finished bool
 }
 
-// NewPack starts a pack built in memory.
-func (s *Store) NewPack() *PackBuilder { return &PackBuilder{s: s} }
+// NewPack starts a pack built in memory, to be written at key.
+func (s *Store) NewPack(key string) *PackBuilder { return &PackBuilder{s: s, key: key} }
 
 // Add encodes plain as the next frame (compressed as the store compresses
 // chunks, raw when zstd does not shrink it) and returns where it is. plain
@@ -111,14 +113,19 @@ func (b *PackBuilder) Add(plain []byte) (FrameRef, error) {
 		return FrameRef{}, fmt.Errorf("add frame: the pack already holds %d frames, the most one may", len(b.frames))
 	}
 	obj := b.s.codec.encode(plain)
+	off := len(b.buf)
+	if k := b.s.keys; k != nil {
+		b.buf = k.sealObject(b.buf, kindPackFrame, b.key, uint64(off), *obj)
+	} else {
+		b.buf = append(b.buf, *obj...)
+	}
+	bufPool.Put(obj)
 	ref := FrameRef{
-		Off:   int64(len(b.buf)),
-		Len:   uint32(len(*obj)),
+		Off:   int64(off),
+		Len:   uint32(len(b.buf) - off),
 		Plain: uint32(len(plain)),
 		Sum:   b.s.hasher.Sum(plain),
 	}
-	b.buf = append(b.buf, *obj...)
-	bufPool.Put(obj)
 	b.frames = append(b.frames, ref)
 	return ref, nil
 }
@@ -137,9 +144,29 @@ func (b *PackBuilder) Finish() []byte {
 		panic("chunkstore: Finish of a finished pack")
 	}
 	b.finished = true
-	out := appendPackFooter(b.buf, b.frames)
+	var out []byte
+	if k := b.s.keys; k != nil {
+		out = k.sealFooter(b.buf, b.key, appendPackFooter(nil, b.frames))
+	} else {
+		out = appendPackFooter(b.buf, b.frames)
+	}
 	b.buf, b.frames = nil, nil
 	return out
+}
+
+// A sealed pack's footer is the plain footer from its magic to its
+// checksum as one sealed unit (kindFooter, at the footer's offset) behind
+// the magic packSealedMagic, then the trailer as in a plain pack.
+const packSealedMagic = "NVPS"
+
+// sealFooter appends to pack the sealed form of footer, a plain footer
+// and trailer made for it by appendPackFooter.
+func (k *Keys) sealFooter(pack []byte, key string, footer []byte) []byte {
+	start := len(pack)
+	out := append(pack, packSealedMagic...)
+	out = k.seal(out, kindFooter, key, uint64(start), 0, footer[:len(footer)-packTrailerLen])
+	out = binary.LittleEndian.AppendUint32(out, uint32(len(out)-start))
+	return append(out, packTrailerMagic...)
 }
 
 // appendPackFooter appends the footer and trailer of frames to pack.
@@ -165,7 +192,11 @@ func appendPackFooter(pack []byte, frames []FrameRef) []byte {
 // MaxFrameSize. Anything else is an error matching ErrCorrupt. The frames'
 // content is not read: GetFrame verifies that. Used by verify and repair
 // tools.
-func DecodePackFooter(pack []byte) ([]FrameRef, error) {
+func DecodePackFooter(pack []byte) ([]FrameRef, error) { return decodePackFooter(pack, nil, "") }
+
+// decodePackFooter is DecodePackFooter of the pack at key, sealed if keys
+// is not nil.
+func decodePackFooter(pack []byte, keys *Keys, key string) ([]FrameRef, error) {
 	corrupt := func(format string, args ...any) ([]FrameRef, error) {
 		return nil, fmt.Errorf("pack footer: %w: %s", ErrCorrupt, fmt.Sprintf(format, args...))
 	}
@@ -182,7 +213,22 @@ func DecodePackFooter(pack []byte) ([]FrameRef, error) {
 		return corrupt("footer length %d does not fit in a pack of %d bytes", n, len(pack))
 	}
 	start := end - int(n)
-	body, sum := pack[start:end-packSumLen], pack[end-packSumLen:end]
+	footer := pack[start:end]
+	switch {
+	case keys == nil && string(footer[:len(packSealedMagic)]) == packSealedMagic:
+		return corrupt("%s", errNoKey)
+	case keys != nil && string(footer[:len(packSealedMagic)]) != packSealedMagic:
+		return corrupt("not sealed, in an encrypted repository: written by someone without its key")
+	case keys != nil:
+		var err error
+		if footer, err = keys.open(kindFooter, key, uint64(start), 0, footer[len(packSealedMagic):]); err != nil {
+			return corrupt("%s", err.Error())
+		}
+		if len(footer) < minFooterLen {
+			return corrupt("a sealed footer of %d bytes", len(footer))
+		}
+	}
+	body, sum := footer[:len(footer)-packSumLen], footer[len(footer)-packSumLen:]
 	if blake3.Sum256(body) != [packSumLen]byte(sum) {
 		return corrupt("checksum mismatch: the footer was damaged, or the pack cut short or extended")
 	}
@@ -243,7 +289,7 @@ func (s *Store) PutPack(ctx context.Context, key string, pack []byte) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if _, err := DecodePackFooter(pack); err != nil {
+	if _, err := decodePackFooter(pack, s.keys, key); err != nil {
 		return fmt.Errorf("put pack %s: %w", key, err)
 	}
 	if err := s.backend.Put(ctx, key, pack); err != nil {
@@ -317,6 +363,15 @@ func (s *Store) GetFrame(ctx context.Context, key string, ref FrameRef) ([]byte,
 
 // openFrame decodes obj and checks that it is the frame ref names.
 func (s *Store) openFrame(key string, ref FrameRef, obj []byte) ([]byte, error) {
+	switch {
+	case s.keys == nil && isSealed(obj):
+		return nil, frameCorrupt(key, ref, errNoKey)
+	case s.keys != nil:
+		var err error
+		if obj, err = s.keys.openObject(kindPackFrame, key, uint64(ref.Off), obj); err != nil {
+			return nil, frameCorrupt(key, ref, err.Error())
+		}
+	}
 	// Compare the header's length first, so a frame's decoding allocates
 	// at most what its ref allows.
 	if len(obj) >= headerLen {

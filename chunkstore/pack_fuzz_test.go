@@ -12,7 +12,7 @@ import (
 
 // fuzzPack is a real pack to seed the fuzzers with, and its frames.
 func fuzzPack(tb testing.TB, s *Store) ([]byte, []FrameRef) {
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	var refs []FrameRef
 	for _, p := range [][]byte{textFrame(1, 2000), randomFrame(2, 300), {9}, make([]byte, 1000)} {
 		ref, err := pb.Add(p)
@@ -53,7 +53,7 @@ func FuzzPackFooter(f *testing.F) {
 	}
 	pack, _ := fuzzPack(f, s)
 	f.Add(pack)
-	f.Add(s.NewPack().Finish())
+	f.Add(s.NewPack("pack").Finish())
 	f.Add(pack[:len(pack)-1])
 	f.Add([]byte("NVPK\x01\x00NVPF"))
 	f.Fuzz(func(t *testing.T, pack []byte) {

@@ -93,7 +93,7 @@ func mixedPack(t *testing.T, s *Store) (pack []byte, plains [][]byte, refs []Fra
 			plains = append(plains, textFrame(uint64(100+i), n))
 		}
 	}
-	b := s.NewPack()
+	b := s.NewPack("pack")
 	var end int64
 	for i, p := range plains {
 		ref, err := b.Add(p)
@@ -176,7 +176,7 @@ func TestFrameCache(t *testing.T) {
 	ctx := context.Background()
 	rb := &ranges{Backend: NewMem()}
 	s := newPackStore(t, rb, Options{})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	plain := textFrame(1, 64<<10)
 	ref, err := pb.Add(plain)
 	require.NoError(t, err)
@@ -215,7 +215,7 @@ func TestFrameFlight(t *testing.T) {
 	ctx := context.Background()
 	rb := &ranges{Backend: NewMem(), hold: make(chan struct{})}
 	s := newPackStore(t, rb, Options{})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	plain := randomFrame(1, 64<<10)
 	ref, err := pb.Add(plain)
 	require.NoError(t, err)
@@ -257,7 +257,7 @@ func TestFrameCorrupt(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			b := open(t)
 			s := newPackStore(t, b, Options{CacheBytes: -1})
-			pb := s.NewPack()
+			pb := s.NewPack("pack")
 			var refs []FrameRef
 			for _, p := range [][]byte{textFrame(1, 200<<10), randomFrame(2, 100<<10), {7}} {
 				ref, err := pb.Add(p)
@@ -313,7 +313,7 @@ func TestFrameWrongRef(t *testing.T) {
 	ctx := context.Background()
 	rb := &ranges{Backend: NewMem()}
 	s := newPackStore(t, rb, Options{CacheBytes: -1})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	var refs []FrameRef
 	for _, p := range [][]byte{textFrame(1, 8<<10), randomFrame(2, 8<<10), textFrame(3, 8<<10), randomFrame(4, 8<<10)} {
 		ref, err := pb.Add(p)
@@ -379,7 +379,7 @@ func TestFrameKeyedHasher(t *testing.T) {
 	b := NewMem()
 	h := NewKeyedBLAKE3([32]byte{7})
 	s := newPackStore(t, b, Options{Hasher: h})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	plain := textFrame(1, 4096)
 	ref, err := pb.Add(plain)
 	require.NoError(t, err)
@@ -397,7 +397,7 @@ func TestFrameMissingPack(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			b := open(t)
 			s := newPackStore(t, b, Options{CacheBytes: -1})
-			pb := s.NewPack()
+			pb := s.NewPack("pack")
 			ref, err := pb.Add(textFrame(1, 4096))
 			require.NoError(t, err)
 			_, err = s.GetFrame(ctx, "packs/none", ref)
@@ -419,7 +419,7 @@ func TestFrameMissingPack(t *testing.T) {
 
 func TestFrameCancelled(t *testing.T) {
 	s := newPackStore(t, NewMem(), Options{})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	ref, err := pb.Add([]byte("x"))
 	require.NoError(t, err)
 	require.NoError(t, s.PutPack(context.Background(), "packs/a", pb.Finish()))
@@ -459,12 +459,12 @@ func footerEntry(stored, plain uint64) []byte {
 func TestPackFooter(t *testing.T) {
 	s := newPackStore(t, NewMem(), Options{})
 
-	empty := s.NewPack().Finish()
+	empty := s.NewPack("pack").Finish()
 	frames, err := DecodePackFooter(empty)
 	require.NoError(t, err)
 	assert.Empty(t, frames, "a pack may hold no frames")
 
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	var refs []FrameRef
 	for _, p := range [][]byte{textFrame(1, 3000), randomFrame(2, 500), {1}} {
 		ref, err := pb.Add(p)
@@ -526,7 +526,7 @@ func TestPackBuilderRejects(t *testing.T) {
 	ctx := context.Background()
 	b := NewMem()
 	s := newPackStore(t, b, Options{})
-	pb := s.NewPack()
+	pb := s.NewPack("pack")
 	for what, p := range map[string][]byte{
 		"nil":       nil,
 		"empty":     {},

@@ -195,23 +195,34 @@ func (s *Store) frameTable(ctx context.Context, id ID, size int64) (*frameTable,
 // is not framed, or too short to be, is notFramed: Get reads it whole and
 // tells a version 1 object from damage.
 func (s *Store) fetchTable(ctx context.Context, id ID, n int) ([]byte, error) {
+	version, length := byte(framedVersion), tableLen
+	if s.keys != nil {
+		version, length = framedSealedVersion, sealedTableLen
+	}
 	for range 2 {
 		s.stats.backendGets.Add(1)
-		b, err := s.backend.GetRange(ctx, Key(id), 0, int64(tableLen(n)))
+		b, err := s.backend.GetRange(ctx, Key(id), 0, int64(length(n)))
 		switch {
 		case errors.Is(err, ErrCorrupt):
 			return notFramed, nil
 		case err != nil:
 			return nil, fmt.Errorf("get chunk %s: %w", id, err)
-		case b[2] != framedVersion:
+		case b[2] != version:
 			return notFramed, nil
 		}
-		t, err := parseTable(b)
+		m, err := framedHeader(b)
+		if err == nil && m != n {
+			n = m // another frame size than this nbdvault writes
+			continue
+		}
+		if err == nil && s.keys != nil {
+			b, err = s.keys.openTable(id, b)
+		}
+		var t *frameTable
+		if err == nil {
+			t, err = parseTable(b)
+		}
 		if err != nil {
-			if m, ok := framable(int64(binary.LittleEndian.Uint32(b[4:])), uint(b[8])); ok && m != n && b[8] >= minFrameBits && b[8] <= maxFrameBits {
-				n = m // another frame size than this nbdvault writes
-				continue
-			}
 			s.stats.bad.Add(1)
 			return nil, &CorruptError{ID: id, Reason: "frame table: " + err.Error()}
 		}
@@ -241,7 +252,10 @@ func (s *Store) fetchFrames(ctx context.Context, id ID, t *frameTable, lo, hi in
 	out := make([][]byte, hi-lo+1)
 	for i := lo; i <= hi; i++ {
 		plain := make([]byte, t.size)
-		err := s.codec.decodeFrame(t, i, obj[t.offs[i]-start:t.offs[i+1]-start], plain)
+		stored, err := s.keys.openFrame(t, id, i, obj[t.offs[i]-start:t.offs[i+1]-start])
+		if err == nil {
+			err = s.codec.decodeFrame(t, i, stored, plain)
+		}
 		if err == nil {
 			err = checkFrame(t, i, plain, s.hasher)
 		}

@@ -29,6 +29,10 @@ type Options struct {
 	// whole, as version 1 objects (as nbdvault did before repository
 	// format 4). Reads decode either.
 	FrameBits int
+	// Keys, if set, make this an encrypted repository's store: chunk IDs
+	// by Keys.Hasher (Hasher is ignored), and every chunk and pack frame
+	// sealed (crypt.go). Such a store reads sealed objects only.
+	Keys *Keys
 	// Written, if set, is told the ID and stored size (the encoded
 	// object's length) of every chunk object a Put is about to write
 	// (after Has found it absent and the chunk is encoded, before the
@@ -45,6 +49,7 @@ const DefaultCacheBytes = 256 << 20
 type Store struct {
 	backend Backend
 	hasher  Hasher
+	keys    *Keys // Options.Keys: nil for a plain repository
 	codec   *codec
 	cache   *lru
 	flight  flight[[]byte]
@@ -90,6 +95,9 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if opts.Hasher == nil {
 		opts.Hasher = BLAKE3{}
 	}
+	if opts.Keys != nil {
+		opts.Hasher = opts.Keys.Hasher()
+	}
 	opts.CompressionLevel = cmp.Or(opts.CompressionLevel, zstd.SpeedDefault)
 	switch {
 	case opts.CacheBytes == 0:
@@ -118,7 +126,7 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if _, _, ok := treeKey(opts.Hasher); !ok {
 		fbits = 0 // frames are verified through BLAKE3's tree
 	}
-	return &Store{backend: b, hasher: opts.Hasher, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits, written: opts.Written}, nil
+	return &Store{backend: b, hasher: opts.Hasher, keys: opts.Keys, codec: c, cache: newLRU(opts.CacheBytes), fbits: fbits, written: opts.Written}, nil
 }
 
 // Uncached returns a store over the same backend, with the same IDs and
@@ -127,7 +135,7 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 // It only reads: a Put through it is refused, since a collection neither
 // tracks nor records it.
 func (s *Store) Uncached() *Store {
-	return &Store{backend: s.backend, hasher: s.hasher, codec: s.codec, cache: newLRU(0), fbits: s.fbits, readOnly: true}
+	return &Store{backend: s.backend, hasher: s.hasher, keys: s.keys, codec: s.codec, cache: newLRU(0), fbits: s.fbits, readOnly: true}
 }
 
 // Backend returns the backend the store writes to.
@@ -190,12 +198,7 @@ func (s *Store) Put(ctx context.Context, data []byte) (ID, error) {
 		s.stats.dedupHits.Add(1)
 		return id, nil
 	}
-	var obj *[]byte
-	if cvs != nil {
-		obj = s.codec.encodeFramed(data, s.fbits, cvs)
-	} else {
-		obj = s.codec.encode(data)
-	}
+	obj := s.encode(id, data, cvs)
 	defer bufPool.Put(obj)
 	size := int64(len(*obj))
 	if s.written != nil {
@@ -247,16 +250,42 @@ func (s *Store) Get(ctx context.Context, id ID) ([]byte, error) {
 	})
 }
 
+// encode returns the object of chunk id, whose plaintext is data (and
+// whose frames' CVs are cvs, if it is stored framed), in a buffer from
+// bufPool: sealed if the store has keys.
+func (s *Store) encode(id ID, data []byte, cvs []cv) *[]byte {
+	if cvs != nil {
+		obj := s.codec.encodeFramed(data, s.fbits, cvs)
+		if s.keys == nil {
+			return obj
+		}
+		defer bufPool.Put(obj)
+		return s.keys.sealFramed(id, *obj)
+	}
+	obj := s.codec.encode(data)
+	if s.keys == nil {
+		return obj
+	}
+	defer bufPool.Put(obj)
+	bp := bufPool.Get().(*[]byte)
+	*bp = s.keys.sealObject((*bp)[:0], kindChunk, Key(id), 0, *obj)
+	return bp
+}
+
 // open decodes obj and checks that it is chunk id.
 func (s *Store) open(id ID, obj []byte) ([]byte, error) {
-	if len(obj) > 2 && obj[2] == framedVersion {
-		data, err := s.codec.decodeFramed(obj, id, s.hasher)
+	if len(obj) > 2 && (obj[2] == framedVersion || obj[2] == framedSealedVersion) {
+		data, err := s.codec.decodeFramed(obj, id, s.hasher, s.keys)
 		if err != nil {
 			return nil, &CorruptError{ID: id, Reason: err.Error()}
 		}
 		return data, nil
 	}
-	data, err := s.codec.decode(obj)
+	inner, err := s.keys.openChunk(id, obj)
+	if err != nil {
+		return nil, &CorruptError{ID: id, Reason: err.Error()}
+	}
+	data, err := s.codec.decode(inner)
 	if err != nil {
 		return nil, &CorruptError{ID: id, Reason: err.Error()}
 	}
@@ -264,6 +293,18 @@ func (s *Store) open(id ID, obj []byte) ([]byte, error) {
 		return nil, &CorruptError{ID: id, Reason: "content hashes to " + got.String()}
 	}
 	return data, nil
+}
+
+// openChunk returns the version 1 object inside obj, the whole object of
+// chunk id: obj itself in a plain repository (k nil).
+func (k *Keys) openChunk(id ID, obj []byte) ([]byte, error) {
+	switch {
+	case k == nil && isSealed(obj):
+		return nil, errors.New(errNoKey)
+	case k == nil:
+		return obj, nil
+	}
+	return k.openObject(kindChunk, Key(id), 0, obj)
 }
 
 // Has reports whether chunk id is in the backend. The zero ID is always

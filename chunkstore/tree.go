@@ -21,7 +21,7 @@ type cv [8]uint32
 // false for a Hasher that is not BLAKE3 (its chunks are not framed).
 func treeKey(h Hasher) (*[8]uint32, uint32, bool) {
 	switch h := h.(type) {
-	case BLAKE3:
+	case BLAKE3, *MACBLAKE3: // the MAC is of the root (finishRoot)
 		return &guts.IV, 0, true
 	case *KeyedBLAKE3:
 		return &h.words, guts.FlagKeyedHash, true

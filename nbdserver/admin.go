@@ -359,6 +359,11 @@ func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
 }
 
 func (s *Server) chunkIDs(r *http.Request) (int, any, error) {
+	if s.keys != nil {
+		// IDs of what a client just wrote, next to a listing of the
+		// bucket, would confirm content in any volume.
+		return 0, nil, fmt.Errorf("%w: the repository is encrypted, and its chunk IDs are not handed out; client push compares chunks through POST /v1/volumes/{vol}/chunks/compare", errInvalid)
+	}
 	v, err := s.volumeOf(r.PathValue("vol"))
 	if err != nil {
 		return 0, nil, err

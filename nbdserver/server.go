@@ -3,6 +3,7 @@ package nbdserver
 import (
 	"cmp"
 	"context"
+	"crypto/hmac"
 	"crypto/rand"
 	"crypto/tls"
 	"encoding/hex"
@@ -63,7 +64,19 @@ type Options struct {
 	// but neither client certificates nor rules, and without rules lets
 	// every client use every volume.
 	Insecure bool
-	Logger   *slog.Logger
+	// Encrypt makes the repository encrypted when this start creates it
+	// (docs/architecture.md, "Encryption at rest, as built"). An existing
+	// repository is opened as it is, encrypted or not.
+	Encrypt bool
+	// Password returns the password of an encrypted repository and says
+	// where it came from; it is asked only when one is needed.
+	// PasswordGiven says that the user gave one (a flag, the
+	// environment): a repository that is not encrypted is then refused,
+	// since a config stripped of its encryption would otherwise have the
+	// server write plaintext.
+	Password      func() (pw []byte, from string, err error)
+	PasswordGiven bool
+	Logger        *slog.Logger
 	// Passed to every volume; zero takes the engine's defaults.
 	CheckpointInterval time.Duration
 	LogLimit           int64
@@ -114,6 +127,7 @@ type Server struct {
 	log    *slog.Logger
 	repo   chunkstore.Backend
 	store  *chunkstore.Store
+	keys   *chunkstore.Keys // an encrypted repository's; nil if it is not
 	env    *volume.Env
 	lease  *lease.Lease
 	token  string
@@ -232,12 +246,28 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	// From here on the repository is written only while the lease is
 	// confirmed (docs/architecture.md, "Fencing through outages").
 	s.repo = s.lease.Fence(s.repo)
-	rc, err := checkRepoConfig(ctx, s.repo, s.log)
+	stateDir := filepath.Join(opts.Data, "state")
+	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: lastKey(stateDir)}
+	rc, keys, err := checkRepoConfig(ctx, s.repo, s.log, enc)
 	if err != nil {
 		return nil, err
 	}
-	if err := bindState(filepath.Join(opts.Data, "state"), rc.ID, s.repo.Location()); err != nil {
+	if err := bindState(stateDir, rc.ID, s.repo.Location()); err != nil {
 		return nil, err
+	}
+	if err := bindKeys(stateDir, keys, s.repo.Location()); err != nil {
+		return nil, err
+	}
+	if keys != nil && enc.opened != enc.firstKey {
+		if err := fsync.WriteFile(filepath.Join(stateDir, "key"), []byte(enc.opened+"\n")); err != nil {
+			return nil, fmt.Errorf("state folder: %w", err)
+		}
+	}
+	if keys != nil {
+		// Every object but those a store seals itself (chunks, packs)
+		// and those read before the keys (config, keys, lease).
+		s.repo = chunkstore.NewSealed(s.repo, keys)
+		s.keys = keys
 	}
 	if err := checkLeaseLost(filepath.Join(opts.Data, "state")); err != nil {
 		return nil, err
@@ -268,7 +298,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 				"repository", s.repo.Location())
 		}
 	}
-	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes, Written: inv.Written}); err != nil {
+	if s.store, err = chunkstore.NewStore(s.repo, chunkstore.Options{CacheBytes: cacheBytes, Written: inv.Written, Keys: keys}); err != nil {
 		return nil, err
 	}
 	s.env = &volume.Env{
@@ -818,6 +848,9 @@ type repoConfig struct {
 	Created time.Time `json:"created"`
 	// Upgrading: an upgrade from format 1 began and has not finished.
 	Upgrading bool `json:"upgrading,omitempty"`
+	// Encryption: the repository is encrypted (its chunk IDs are then
+	// repoChunkIDMAC).
+	Encryption *repoEncryption `json:"encryption,omitempty"`
 	// Sum is the config's checksum (chunkstore.CheckConfig); it must be
 	// the last member.
 	Sum string `json:"sum,omitempty"`
@@ -832,9 +865,54 @@ const (
 	// chunk objects may be framed (chunkstore/framed.go; raised from 3
 	// at start, nothing rewritten, so that an older nbdvault refuses the
 	// repository rather than fail on reads of framed chunks).
-	repoFormat  = 4
-	repoChunkID = "blake3-256"
+	repoFormat     = 4
+	repoChunkID    = "blake3-256"
+	repoChunkIDMAC = "blake3-256-mac"
+	repoCipher     = "xchacha20-poly1305"
 )
+
+// repoEncryption is the config's account of an encrypted repository. Its
+// MAC, with a key derived from the master key, covers the security
+// parameters: whoever can write the bucket can change the config, but
+// not these without the key.
+type repoEncryption struct {
+	Cipher string `json:"cipher"`
+	Keyset string `json:"keyset"`
+	MAC    string `json:"mac"`
+}
+
+// params are what the MAC covers: the repository, its ID scheme, the
+// cipher and the keyset.
+func (c repoConfig) params() string {
+	e := c.Encryption
+	return "id=" + c.ID + "\x00chunk_id=" + c.ChunkID + "\x00cipher=" + e.Cipher + "\x00keyset=" + e.Keyset
+}
+
+// checkMAC checks the config's MAC with keys.
+func (c repoConfig) checkMAC(k *chunkstore.Keys) error {
+	if c.Encryption.Keyset != hex.EncodeToString(ksOf(k)) {
+		return errors.New("its keyset is not the config's")
+	}
+	if !hmac.Equal([]byte(k.ConfigMAC(c.params())), []byte(c.Encryption.MAC)) {
+		return errors.New("it unwraps, but the config's MAC does not check with it: the config was changed, or the key was planted")
+	}
+	return nil
+}
+
+func ksOf(k *chunkstore.Keys) []byte {
+	ks := k.Keyset()
+	return ks[:]
+}
+
+// encryption is what checkRepoConfig needs of Options to open or create
+// an encrypted repository.
+type encryption struct {
+	create        bool // Options.Encrypt
+	password      func() ([]byte, string, error)
+	passwordGiven bool
+	firstKey      string // the key that opened it last time (state folder)
+	opened        string // set by checkRepoConfig: the key that opened it
+}
 
 // someObject is the key of an object of a repository's volumes or
 // chunks, if it holds any ("" if not).
@@ -858,7 +936,59 @@ func someObject(ctx context.Context, repo chunkstore.Backend) (string, error) {
 
 // checkRepoConfig writes a new repository's config, or checks that an
 // existing one is a format this server reads. Called with the lease held.
-func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logger) (repoConfig, error) {
+//
+// An encrypted repository's keys are opened with the password and
+// checked against the config's MAC before anything else is read; a
+// repository that is not encrypted is refused when a password was given
+// or when it holds keys (its config lost its encryption).
+func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logger, enc *encryption) (repoConfig, *chunkstore.Keys, error) {
+	c, err := readRepoConfig(ctx, repo, log, enc)
+	if err != nil {
+		return c, nil, err
+	}
+	if c.Encryption == nil {
+		ids, err := chunkstore.KeyIDs(ctx, repo)
+		switch {
+		case err != nil:
+			return c, nil, fmt.Errorf("repository %s: list its keys: %w", repo.Location(), err)
+		case len(ids) > 0:
+			return c, nil, fmt.Errorf("repository %s holds keys (%s%s) but its config says it is not encrypted: the config was changed or replaced; restore it from a copy of the repository (nbdvault does not write plaintext into an encrypted repository)",
+				repo.Location(), chunkstore.KeysPrefix, ids[0])
+		case enc.create || enc.passwordGiven:
+			return c, nil, fmt.Errorf("repository %s is not encrypted, yet a password or --encrypt was given: start without them to use it as it is (an existing repository cannot be encrypted; make a new one with --encrypt)",
+				repo.Location())
+		}
+		return c, nil, nil
+	}
+	if c.ChunkID != repoChunkIDMAC || c.Encryption.Cipher != repoCipher {
+		return c, nil, fmt.Errorf("repository %s is encrypted with %s and %s chunk IDs; this nbdvault knows %s and %s: use the nbdvault release that wrote it",
+			repo.Location(), c.Encryption.Cipher, c.ChunkID, repoCipher, repoChunkIDMAC)
+	}
+	if enc.password == nil {
+		return c, nil, fmt.Errorf("repository %s is encrypted: give its password (NBDVAULT_PASSWORD, --password-file, --password-command, or a systemd credential nbdvault-password)", repo.Location())
+	}
+	pw, from, err := enc.password()
+	if err != nil {
+		return c, nil, fmt.Errorf("repository %s is encrypted: %w", repo.Location(), err)
+	}
+	log.Info("opening the repository's keys", "password_from", from)
+	keys, id, err := chunkstore.OpenKeys(ctx, repo, pw, enc.firstKey, c.checkMAC)
+	clear(pw)
+	if err != nil {
+		if errors.Is(err, chunkstore.ErrWrongPassword) {
+			return c, nil, fmt.Errorf("%w; check the password (it came from %s), or use another key's password (nbdvault key list)", err, from)
+		}
+		return c, nil, fmt.Errorf("repository %s: %w", repo.Location(), err)
+	}
+	log.Info("repository keys opened", "key", id, "fingerprint", keys.Fingerprint())
+	enc.opened = id
+	return c, keys, nil
+}
+
+// readRepoConfig writes a new repository's config (and its first key, if
+// it is encrypted), or checks that an existing one is a format this server
+// reads.
+func readRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logger, enc *encryption) (repoConfig, error) {
 	var c repoConfig
 	data, err := repo.Get(ctx, lease.ConfigKey)
 	switch {
@@ -874,7 +1004,15 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 			return c, fmt.Errorf("repository %s has no config but holds objects (%s): its config was lost, or this is not an nbdvault repository; restore config from a copy of the repository (nbdvault does not start a new repository over existing objects)",
 				repo.Location(), k)
 		}
+		if enc.passwordGiven && !enc.create {
+			return c, fmt.Errorf("repository %s is new, and a password was given without --encrypt: give --encrypt to make it encrypted, or no password to make it plain", repo.Location())
+		}
 		c = repoConfig{Format: repoFormat, ChunkID: repoChunkID, Created: time.Now().UTC(), ID: randomHex(16)}
+		if enc.create {
+			if err := newEncryption(ctx, repo, log, &c, enc); err != nil {
+				return c, err
+			}
+		}
 		return c, writeRepoConfig(ctx, repo, c)
 	case err != nil:
 		return c, fmt.Errorf("repository %s: read its config: %w", repo.Location(), err)
@@ -887,11 +1025,13 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 		return c, fmt.Errorf("repository %s: its config is unreadable (%v): damaged, or not an nbdvault repository; restore it from a copy of the repository",
 			repo.Location(), err)
 	}
-	if c.ChunkID != repoChunkID || c.Format < 1 || c.Format > repoFormat {
+	if (c.ChunkID != repoChunkID && (c.ChunkID != repoChunkIDMAC || c.Encryption == nil)) || c.Format < 1 || c.Format > repoFormat {
 		return c, fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads formats 1 to %d with %s: use the nbdvault release that wrote it",
 			repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
 	}
 	switch {
+	case c.Encryption != nil && (c.Format != repoFormat || c.Upgrading):
+		return c, fmt.Errorf("repository %s: an encrypted repository of format %d: its config was changed; restore it from a copy of the repository", repo.Location(), c.Format)
 	case c.Format >= 2 && !summed:
 		return c, fmt.Errorf("repository %s: its config has no checksum (%w): damaged, or changed by hand; restore it from a copy of the repository",
 			repo.Location(), chunkstore.ErrCorrupt)
@@ -929,6 +1069,49 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 	return c, writeRepoConfig(ctx, repo, c)
 }
 
+// newEncryption makes a new repository's master key, wraps it with the
+// password in its first key object, and says so in c. The key is written
+// (and read back) before the config: a crash between the two leaves a key
+// that no config names, which the next start passes over.
+func newEncryption(ctx context.Context, repo chunkstore.Backend, log *slog.Logger, c *repoConfig, enc *encryption) error {
+	if enc.password == nil {
+		return fmt.Errorf("repository %s: --encrypt needs a password (NBDVAULT_PASSWORD, --password-file, --password-command, or a terminal)", repo.Location())
+	}
+	pw, from, err := enc.password()
+	if err != nil {
+		return fmt.Errorf("repository %s: --encrypt: %w", repo.Location(), err)
+	}
+	defer clear(pw)
+	master, keyset := chunkstore.NewMasterKey()
+	defer clear(master)
+	kf, err := chunkstore.WrapKey(master, keyset, pw, chunkstore.DefaultKDF, "made by serve --encrypt")
+	if err != nil {
+		return err
+	}
+	id := chunkstore.NewKeyID()
+	if err := repo.Put(ctx, chunkstore.KeysPrefix+id, kf.Marshal()); err != nil {
+		return fmt.Errorf("repository %s: write its first key: %w", repo.Location(), err)
+	}
+	data, err := repo.Get(ctx, chunkstore.KeysPrefix+id)
+	if err == nil {
+		_, err = chunkstore.ParseKeyFile(data)
+	}
+	if err != nil {
+		return fmt.Errorf("repository %s: read its first key back: %w", repo.Location(), err)
+	}
+	keys, err := chunkstore.NewKeys(master, keyset)
+	if err != nil {
+		return err
+	}
+	c.ChunkID = repoChunkIDMAC
+	c.Encryption = &repoEncryption{Cipher: repoCipher, Keyset: hex.EncodeToString(keyset[:])}
+	c.Encryption.MAC = keys.ConfigMAC(c.params())
+	enc.opened = id
+	log.Warn("a new encrypted repository: its data cannot be read without a password that opens one of its keys; keep the password safe, and add a second one (nbdvault key add)",
+		"repository", repo.Location(), "key", id, "password_from", from)
+	return nil
+}
+
 // writeRepoConfig writes the config with its checksum.
 func writeRepoConfig(ctx context.Context, repo chunkstore.Backend, c repoConfig) error {
 	c.Sum = chunkstore.SumConfigPlaceholder
@@ -960,6 +1143,45 @@ func bindState(dir, id, location string) error {
 			dir, have, location, id, dir)
 	}
 	return nil
+}
+
+// bindKeys ties the state folder to the repository's master key (by its
+// fingerprint), or to its being unencrypted: a repository whose config
+// lost its encryption, or whose keys were replaced by someone else's, is
+// refused instead of written to.
+func bindKeys(dir string, keys *chunkstore.Keys, location string) error {
+	path := filepath.Join(dir, "encryption")
+	want := "none"
+	if keys != nil {
+		want = "fingerprint " + keys.Fingerprint()
+	}
+	data, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+		return fsync.WriteFile(path, []byte(want+"\n"))
+	case err != nil:
+		return fmt.Errorf("state folder: %w", err)
+	}
+	have := strings.TrimSpace(string(data))
+	if have == want {
+		return nil
+	}
+	if want == "none" {
+		return fmt.Errorf("repository %s is not encrypted, but the state folder %s belongs to an encrypted one (%s): its config lost its encryption; restore the config from a copy of the repository",
+			location, dir, have)
+	}
+	return fmt.Errorf("repository %s opened with a master key (fingerprint %s) other than the one the state folder %s was written with (%s): its keys or config were replaced; restore them from a copy of the repository",
+		location, keys.Fingerprint(), dir, strings.TrimPrefix(have, "fingerprint "))
+}
+
+// lastKey is the ID of the key that opened the repository last time, if
+// the state folder remembers it.
+func lastKey(dir string) string {
+	data, err := os.ReadFile(filepath.Join(dir, "key"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(data))
 }
 
 func randomHex(n int) string {

@@ -49,7 +49,7 @@ func (w *packWriter) current() string {
 		var r [4]byte
 		_, _ = rand.Read(r[:])
 		w.key = fmt.Sprintf("%s%016x-%s", journalPrefix(w.v.cfg.Name), w.seq, hex.EncodeToString(r[:]))
-		w.b = w.v.store.NewPack()
+		w.b = w.v.store.NewPack(w.key)
 	}
 	return w.key
 }

@@ -35,6 +35,11 @@ func TestVolumeModelMinIO(t *testing.T) {
 			return chunkstore.NewRetry(m.Backend(t), chunkstore.DefaultRetryPolicy)
 		}, 1, 600)
 	})
+	t.Run("encrypted", func(t *testing.T) {
+		runModel(t, func(t *testing.T) chunkstore.Backend {
+			return encrypted(t, chunkstore.NewRetry(m.Backend(t), chunkstore.DefaultRetryPolicy))
+		}, 1)
+	})
 }
 
 // TestVolumeModelSeaweedFS runs it on SeaweedFS, a second S3 server.

@@ -71,7 +71,7 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 		m: model{head: make([]byte, size), snaps: map[string][]byte{}}, r: rand.New(rand.NewPCG(seed, 7))}
 	g.openInventory()
 	var err error
-	g.store, err = chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20, Written: g.written})
+	g.store, err = chunkstore.NewStore(repo, chunkstore.Options{CacheBytes: 8 << 20, Written: g.written, Keys: keysOf(repo)})
 	require.NoError(t, err)
 	g.v, err = Create(context.Background(), g.env(), Config{Name: "vol", Size: size, ChunkSize: chunkSize})
 	require.NoError(t, err)
@@ -202,7 +202,7 @@ func (g *rig) reopen() {
 		// A new store (an empty cache) that writes chunks framed or
 		// whole, in turn: the volume reads both.
 		var err error
-		g.store, err = chunkstore.NewStore(g.repo, chunkstore.Options{CacheBytes: 8 << 20, FrameBits: g.frameBits[g.reopens%len(g.frameBits)],
+		g.store, err = chunkstore.NewStore(g.repo, chunkstore.Options{CacheBytes: 8 << 20, FrameBits: g.frameBits[g.reopens%len(g.frameBits)], Keys: keysOf(g.repo),
 			Written: g.written})
 		require.NoError(g.t, err)
 	}
@@ -573,6 +573,29 @@ func (g *rig) checkSpace(s *Space, what string) {
 
 func TestVolumeModelMem(t *testing.T) {
 	runModel(t, func(*testing.T) chunkstore.Backend { return chunkstore.NewMem() }, 6)
+}
+
+// keysOf returns the keys of an encrypted repository's backend (nil for
+// a plain one): its store seals with them too.
+func keysOf(repo chunkstore.Backend) *chunkstore.Keys {
+	if s, ok := repo.(*chunkstore.Sealed); ok {
+		return s.Keys()
+	}
+	return nil
+}
+
+// encrypted returns repo as an encrypted repository's backend.
+func encrypted(t *testing.T, repo chunkstore.Backend) chunkstore.Backend {
+	master, keyset := chunkstore.NewMasterKey()
+	keys, err := chunkstore.NewKeys(master, keyset)
+	require.NoError(t, err)
+	return chunkstore.NewSealed(repo, keys)
+}
+
+// TestVolumeModelEncrypted runs the model test on an encrypted
+// repository: every object sealed, chunk IDs by MAC.
+func TestVolumeModelEncrypted(t *testing.T) {
+	runModel(t, func(t *testing.T) chunkstore.Backend { return encrypted(t, chunkstore.NewMem()) }, 3)
 }
 
 func TestVolumeModelLocal(t *testing.T) {
