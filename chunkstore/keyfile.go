@@ -245,5 +245,5 @@ func OpenKeys(ctx context.Context, b Backend, password []byte, first string, che
 	for _, p := range problems {
 		msg += "; " + p
 	}
-	return nil, "", fmt.Errorf("%s: %w", msg, ErrWrongPassword)
+	return nil, "", fmt.Errorf("%w: %s", ErrWrongPassword, msg)
 }

@@ -910,8 +910,9 @@ type encryption struct {
 	create        bool // Options.Encrypt
 	password      func() ([]byte, string, error)
 	passwordGiven bool
-	firstKey      string // the key that opened it last time (state folder)
-	opened        string // set by checkRepoConfig: the key that opened it
+	firstKey      string           // the key that opened it last time (state folder)
+	opened        string           // set by checkRepoConfig: the key that opened it
+	made          *chunkstore.Keys // set by newEncryption: the new repository's keys
 }
 
 // someObject is the key of an object of a repository's volumes or
@@ -963,6 +964,9 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 	if c.ChunkID != repoChunkIDMAC || c.Encryption.Cipher != repoCipher {
 		return c, nil, fmt.Errorf("repository %s is encrypted with %s and %s chunk IDs; this nbdvault knows %s and %s: use the nbdvault release that wrote it",
 			repo.Location(), c.Encryption.Cipher, c.ChunkID, repoCipher, repoChunkIDMAC)
+	}
+	if enc.made != nil { // this start made it
+		return c, enc.made, nil
 	}
 	if enc.password == nil {
 		return c, nil, fmt.Errorf("repository %s is encrypted: give its password (NBDVAULT_PASSWORD, --password-file, --password-command, or a systemd credential nbdvault-password)", repo.Location())
@@ -1106,8 +1110,8 @@ func newEncryption(ctx context.Context, repo chunkstore.Backend, log *slog.Logge
 	c.ChunkID = repoChunkIDMAC
 	c.Encryption = &repoEncryption{Cipher: repoCipher, Keyset: hex.EncodeToString(keyset[:])}
 	c.Encryption.MAC = keys.ConfigMAC(c.params())
-	enc.opened = id
-	log.Warn("a new encrypted repository: its data cannot be read without a password that opens one of its keys; keep the password safe, and add a second one (nbdvault key add)",
+	enc.opened, enc.made = id, keys
+	log.Warn("a new encrypted repository: its data cannot be read without a password that opens one of its keys; keep the password safe",
 		"repository", repo.Location(), "key", id, "password_from", from)
 	return nil
 }

@@ -258,6 +258,11 @@ func (s *Server) URI(export string) string {
 	return "nbd://" + s.NBD + "/" + export
 }
 
+// ServeArgs and ServeEnv are how this server is started: `nbdvault
+// ServeArgs…` with ServeEnv added to the environment.
+func (s *Server) ServeArgs() []string { return s.args() }
+func (s *Server) ServeEnv() []string  { return s.opts.Env }
+
 // Env is what a CLI command needs to reach this server.
 func (s *Server) Env() []string {
 	return []string{"NBDVAULT_SERVER=" + s.Admin, "NBDVAULT_DATA=" + s.Data}
