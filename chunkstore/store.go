@@ -156,6 +156,16 @@ func (s *Store) Sum(data []byte) ID {
 	return s.hasher.Sum(data)
 }
 
+// IDOfHash returns the ID of a chunk whose BLAKE3-256 is h: h itself in
+// a plain repository, its MAC in an encrypted one. Only for stores whose
+// IDs are one of the two.
+func (s *Store) IDOfHash(h ID) ID {
+	if m, ok := s.hasher.(*MACBLAKE3); ok {
+		return m.MAC(h)
+	}
+	return h
+}
+
 // Scheme names how the store makes IDs (its Hasher's scheme).
 func (s *Store) Scheme() string { return s.hasher.Scheme() }
 

@@ -123,6 +123,9 @@ func TestEncryptedRepository(t *testing.T) {
 	}
 	s.Restart()
 	assert.True(t, bytes.Equal(want, readNBD(t, s, "db")), "the head reads back after a restart")
+	_, err = s.API().ChunkIDs(t.Context(), "db", 0, 4)
+	require.Error(t, err, "an encrypted repository's chunk IDs are not handed out")
+	assert.Contains(t, err.Error(), "chunks/compare")
 
 	// A chunk's object swapped for another's: an error, never its bytes.
 	var ids []string

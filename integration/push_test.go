@@ -17,10 +17,18 @@ import (
 // TestClientPush: a first push sends the image; after 1% of it changes,
 // a second sends only the chunks that changed (as the server counts the
 // bytes written), before and after the volume is sealed, and the head
-// and the snapshot equal the image each time.
+// and the snapshot equal the image each time. In an encrypted repository
+// too, where the server compares the client's hashes with its MACed IDs.
 func TestClientPush(t *testing.T) {
+	t.Run("plain", func(t *testing.T) { testClientPush(t, servertest.Options{}) })
+	t.Run("encrypted", func(t *testing.T) {
+		testClientPush(t, servertest.Options{Args: []string{"--encrypt"}, Env: []string{"NBDVAULT_PASSWORD=push test"}})
+	})
+}
+
+func testClientPush(t *testing.T, opts servertest.Options) {
 	const size = 32 << 20
-	s := servertest.Start(t, servertest.Options{})
+	s := servertest.Start(t, opts)
 	s.MustCLI("volume", "create", "host", "--size", "40M", "--chunk-size", "64K")
 	img := filepath.Join(t.TempDir(), "disk.img")
 	data := nbdtest.RandomBytes(7, size)

@@ -58,6 +58,7 @@ func (s *Server) adminHandler() http.Handler {
 	handle("DELETE /v1/volumes/{vol}", actAdmin, s.deleteVolume)
 	handle("POST /v1/volumes/{vol}/recover", actAdmin, s.recoverVolume)
 	handle("GET /v1/volumes/{vol}/chunks", actPush, s.chunkIDs)
+	handle("POST /v1/volumes/{vol}/chunks/compare", actPush, s.compareChunks)
 	handle("GET /v1/volumes/{vol}/snapshots", actStatus, s.listSnapshots)
 	handle("POST /v1/volumes/{vol}/snapshots", actSnapshot, s.createSnapshot)
 	handle("GET /v1/volumes/{vol}/snapshots/{snap}", actStatus, s.getSnapshot)
@@ -356,6 +357,52 @@ func (s *Server) deleteVolume(r *http.Request) (int, any, error) {
 		s.log.Info("revoked the deleted volume's tokens", "volume", name, "tokens", n)
 	}
 	return http.StatusNoContent, nil, nil
+}
+
+// compareChunks answers which of a volume's chunks differ from those a
+// client hashed (api.ChunkCompare): the hash of an encrypted repository's
+// chunk is MACed into its ID here, so the key never leaves the server.
+func (s *Server) compareChunks(r *http.Request) (int, any, error) {
+	v, err := s.volumeOf(r.PathValue("vol"))
+	if err != nil {
+		return 0, nil, err
+	}
+	var req api.ChunkCompare
+	if err := json.NewDecoder(http.MaxBytesReader(nil, r.Body, 80*api.MaxChunkIDs)).Decode(&req); err != nil {
+		return 0, nil, fmt.Errorf("%w: the body is not a chunk comparison: %v", errInvalid, err)
+	}
+	if cs := v.Config().ChunkSize; req.Hash != api.CompareHash || req.ChunkSize != cs {
+		return 0, nil, fmt.Errorf("%w: the server compares %q hashes of chunks of %d bytes, not %q of %d: use a matching nbdvault release",
+			errInvalid, api.CompareHash, cs, req.Hash, req.ChunkSize)
+	}
+	if len(req.Sums) == 0 || len(req.Sums) > api.MaxChunkIDs {
+		return 0, nil, fmt.Errorf("%w: compare 1 to %d chunks at once, not %d", errInvalid, api.MaxChunkIDs, len(req.Sums))
+	}
+	ids, err := v.ChunkIDs(r.Context(), req.First, len(req.Sums))
+	if err != nil {
+		if errors.Is(err, volume.ErrOutOfRange) {
+			err = fmt.Errorf("%w: %v", errInvalid, err)
+		}
+		return 0, nil, err
+	}
+	if len(ids) != len(req.Sums) {
+		return 0, nil, fmt.Errorf("%w: chunks %d to %d are past the volume's end", errInvalid, req.First, req.First+uint64(len(req.Sums))-1)
+	}
+	out := api.ChunkDiff{First: req.First, Differ: []int{}}
+	for i, sum := range req.Sums {
+		var id chunkstore.ID
+		if sum != "" {
+			h, err := chunkstore.ParseID(sum)
+			if err != nil {
+				return 0, nil, fmt.Errorf("%w: sum %d: %v", errInvalid, i, err)
+			}
+			id = s.store.IDOfHash(h)
+		}
+		if id != ids[i] {
+			out.Differ = append(out.Differ, i)
+		}
+	}
+	return http.StatusOK, out, nil
 }
 
 func (s *Server) chunkIDs(r *http.Request) (int, any, error) {

@@ -14,20 +14,21 @@ import (
 	"github.com/nbdvault/nbdvault/client"
 )
 
-// ChunkIDScheme names the chunk IDs Push compares: BLAKE3-256 of each
-// chunk, zero-padded, as the repository's "blake3-256"; an all-zero chunk
-// has the ID "".
-const ChunkIDScheme = "blake3-256"
+// ChunkHash names the hashes Push compares: BLAKE3-256 of each chunk,
+// zero-padded to the chunk size; an all-zero chunk has the hash "".
+const ChunkHash = "blake3-256"
 
-// ChunkIDs returns the volume's chunk IDs from chunk first on, as hex (""
-// for a hole), at most count of them and at least one.
-type ChunkIDs func(ctx context.Context, first uint64, count int) ([]string, error)
+// Compare tells which of the volume's chunks from chunk first on differ
+// from chunks whose hashes (hex, ChunkHash) are sums: their indexes in
+// sums, in order. The server compares, so that an encrypted repository's
+// chunk IDs never leave it.
+type Compare func(ctx context.Context, first uint64, sums []string) (differ []int, err error)
 
 // PushOptions tune a Push.
 type PushOptions struct {
-	ChunkSize int64    // the volume's
-	IDs       ChunkIDs // the volume's chunk IDs
-	Batch     int      // the most IDs asked for at once
+	ChunkSize int64   // the volume's
+	Compare   Compare // compares the source's chunks with the volume's
+	Batch     int     // the most chunks compared at once
 	// Progress, if set, is told of the bytes of the source compared.
 	Progress func(n int64)
 }
@@ -43,7 +44,7 @@ type PushResult struct {
 // chunks whose ID differs from the volume's over conns (each with many
 // requests in flight), then flushes every connection.
 func Push(ctx context.Context, conns []*client.Conn, src *os.File, size int64, o PushOptions) (PushResult, error) {
-	p := &pusher{ids: o.IDs, batch: max(o.Batch, 1), src: src, size: size, cs: o.ChunkSize, conns: conns, progress: o.Progress}
+	p := &pusher{cmp: o.Compare, batch: max(o.Batch, 1), src: src, size: size, cs: o.ChunkSize, conns: conns, progress: o.Progress}
 	if p.progress == nil {
 		p.progress = func(int64) {}
 	}
@@ -54,7 +55,7 @@ func Push(ctx context.Context, conns []*client.Conn, src *os.File, size int64, o
 // pusher compares the source's chunks with the volume's and writes those
 // that differ over several connections.
 type pusher struct {
-	ids      ChunkIDs
+	cmp      Compare
 	batch    int
 	src      *os.File
 	size, cs int64
@@ -74,7 +75,7 @@ type pushPiece struct {
 
 func (p *pusher) run(ctx context.Context) error {
 	perConn := InFlight(p.cs)
-	pool := NewBufPool(perConn*len(p.conns)+1, p.cs)
+	pool := NewBufPool(perConn*len(p.conns)+2, p.cs) // and one compare hashes with
 	work := make(chan *pushPiece, perConn)
 	g, gctx := errgroup.WithContext(ctx) // ends with Wait: flush below on ctx
 	g.Go(func() error {
@@ -106,47 +107,51 @@ func (p *pusher) run(ctx context.Context) error {
 	return nil
 }
 
-// compare reads the source chunk by chunk, in runs of as many chunks as
-// one answer of the admin API gives, and queues the chunks whose ID
-// differs from the volume's.
+// compare hashes the source in runs of as many chunks as one request to
+// the admin API compares, and queues the chunks that differ from the
+// volume's, read again (the source's pages are likely still cached).
 func (p *pusher) compare(ctx context.Context, pool *BufPool, work chan<- *pushPiece) error {
 	total := uint64((p.size + p.cs - 1) / p.cs)
+	buf, err := pool.Get(ctx)
+	if err != nil {
+		return err
+	}
 	for first := uint64(0); first < total; {
 		count := int(min(total-first, uint64(p.batch)))
-		ids, err := p.ids(ctx, first, count)
-		if err != nil {
-			return fmt.Errorf("the volume's chunk IDs: %w", err)
-		}
-		if len(ids) == 0 || len(ids) > count {
-			return fmt.Errorf("asked for %d of the volume's chunk IDs from chunk %d, got %d", count, first, len(ids))
-		}
-		count = len(ids)
-		for i, want := range ids {
-			buf, err := pool.Get(ctx)
-			if err != nil {
+		sums := make([]string, count)
+		for i := range sums {
+			off := int64(first+uint64(i)) * p.cs
+			if err := p.read(buf, off); err != nil {
 				return err
 			}
+			p.progress(min(p.cs, p.size-off))
+			if !IsZero(buf) {
+				sum := blake3.Sum256(buf)
+				sums[i] = hex.EncodeToString(sum[:])
+			}
+		}
+		differ, err := p.cmp(ctx, first, sums)
+		if err != nil {
+			return fmt.Errorf("compare with the volume's chunks: %w", err)
+		}
+		last := -1
+		for _, i := range differ {
+			if i <= last || i >= count {
+				return fmt.Errorf("the server's comparison of chunks %d to %d names chunk %d out of order", first, first+uint64(count)-1, first+uint64(i))
+			}
+			last = i
 			off := int64(first+uint64(i)) * p.cs
 			n := min(p.cs, p.size-off)
-			if _, err := io.ReadFull(io.NewSectionReader(p.src, off, n), buf[:n]); err != nil {
-				return fmt.Errorf("read %s at %d: %w", p.src.Name(), off, err)
-			}
-			clear(buf[n:]) // the volume's last chunk counts zero-padded
-			p.progress(n)
-			zero := IsZero(buf)
-			have := ""
-			if !zero {
-				sum := blake3.Sum256(buf)
-				have = hex.EncodeToString(sum[:])
-			}
-			if have == want {
-				pool.Put(buf)
-				continue
-			}
-			pc := &pushPiece{off: off, n: n, data: buf[:n]}
-			if zero {
-				pool.Put(buf)
-				pc.data = nil
+			pc := &pushPiece{off: off, n: n}
+			if sums[i] != "" {
+				b, err := pool.Get(ctx)
+				if err != nil {
+					return err
+				}
+				if err := p.read(b, off); err != nil {
+					return err
+				}
+				pc.data = b[:n]
 			}
 			select {
 			case work <- pc:
@@ -156,6 +161,18 @@ func (p *pusher) compare(ctx context.Context, pool *BufPool, work chan<- *pushPi
 		}
 		first += uint64(count)
 	}
+	pool.Put(buf)
+	return nil
+}
+
+// read fills buf (a chunk) with the source's chunk at off, zero-padded
+// past its end: the volume's last chunk counts so.
+func (p *pusher) read(buf []byte, off int64) error {
+	n := min(p.cs, p.size-off)
+	if _, err := io.ReadFull(io.NewSectionReader(p.src, off, n), buf[:n]); err != nil {
+		return fmt.Errorf("read %s at %d: %w", p.src.Name(), off, err)
+	}
+	clear(buf[n:])
 	return nil
 }
 

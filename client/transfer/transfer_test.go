@@ -92,28 +92,30 @@ func TestPush(t *testing.T) {
 	require.NoError(t, err)
 	clear(want[4<<20 : 5<<20])
 
-	ids := func(ctx context.Context, first uint64, count int) ([]string, error) {
-		var out []string
-		for c := first; c < first+uint64(count); c++ {
+	compare := func(ctx context.Context, first uint64, sums []string) ([]int, error) {
+		var differ []int
+		for i, want := range sums {
 			buf := make([]byte, cs)
-			require.NoError(t, mem.ReadAt(ctx, buf, int64(c)*cs))
-			if IsZero(buf) {
-				out = append(out, "")
-				continue
+			require.NoError(t, mem.ReadAt(ctx, buf, int64(first+uint64(i))*cs))
+			have := ""
+			if !IsZero(buf) {
+				sum := blake3.Sum256(buf)
+				have = hex.EncodeToString(sum[:])
 			}
-			sum := blake3.Sum256(buf)
-			out = append(out, hex.EncodeToString(sum[:]))
+			if have != want {
+				differ = append(differ, i)
+			}
 		}
-		return out, nil
+		return differ, nil
 	}
 	conns := []*client.Conn{serve(t, mem), serve(t, mem)}
-	res, err := Push(ctx, conns, src, size, PushOptions{ChunkSize: cs, IDs: ids, Batch: 4})
+	res, err := Push(ctx, conns, src, size, PushOptions{ChunkSize: cs, Compare: compare, Batch: 4})
 	require.NoError(t, err)
 	require.True(t, bytes.Equal(want, readAll(t, mem)), "the volume after the push")
 	assert.EqualValues(t, PushResult{Changed: 2, Zeroed: 1, Sent: cs}, res)
 
 	// Nothing differs now: nothing is sent.
-	res, err = Push(ctx, conns, src, size, PushOptions{ChunkSize: cs, IDs: ids, Batch: 4})
+	res, err = Push(ctx, conns, src, size, PushOptions{ChunkSize: cs, Compare: compare, Batch: 4})
 	require.NoError(t, err)
 	assert.Zero(t, res.Changed)
 }

@@ -109,20 +109,13 @@ func push(c *cli.Context) error {
 		nbdConns = append(nbdConns, conn)
 	}
 	cs := v.ChunkSize
-	ids := func(ctx context.Context, first uint64, count int) ([]string, error) {
-		ids, err := cl.ChunkIDs(ctx, vol, first, count)
-		if err != nil {
-			return nil, err
-		}
-		if ids.Hash != transfer.ChunkIDScheme || ids.ChunkSize != cs {
-			return nil, fmt.Errorf("the server names chunks with %q in chunks of %d bytes; this client hashes with %q in chunks of %d: use a matching nbdvault release",
-				ids.Hash, ids.ChunkSize, transfer.ChunkIDScheme, cs)
-		}
-		return ids.IDs, nil
+	compare := func(ctx context.Context, first uint64, sums []string) ([]int, error) {
+		d, err := cl.CompareChunks(ctx, vol, api.ChunkCompare{ChunkSize: cs, Hash: transfer.ChunkHash, First: first, Sums: sums})
+		return d.Differ, err
 	}
 	p := newProgress("pushing "+from+" to "+vol, srcSize)
 	start := time.Now()
-	res, err := transfer.Push(ctx, nbdConns, src, srcSize, transfer.PushOptions{ChunkSize: cs, IDs: ids, Batch: api.MaxChunkIDs, Progress: p.add})
+	res, err := transfer.Push(ctx, nbdConns, src, srcSize, transfer.PushOptions{ChunkSize: cs, Compare: compare, Batch: api.MaxChunkIDs, Progress: p.add})
 	if err != nil {
 		stopProgress(p)
 		return fmt.Errorf("push to %s failed: %w; what was sent is in the volume's head: push again to finish", vol, err)

@@ -286,7 +286,29 @@ type ChunkIDs struct {
 	IDs []string `json:"ids"`
 }
 
-// MaxChunkIDs is the most IDs one request returns.
+// ChunkCompare asks which of a volume's chunks from First on differ from
+// chunks whose hashes are Sums (hex; "" for a chunk of zeros), hashed with
+// Hash ("blake3-256") in chunks of ChunkSize (the last one zero-padded).
+// The server compares: an encrypted repository's IDs never leave it.
+type ChunkCompare struct {
+	ChunkSize int64    `json:"chunk_size"`
+	Hash      string   `json:"hash"`
+	First     uint64   `json:"first"`
+	Sums      []string `json:"sums"`
+}
+
+// CompareHash is the one Hash a ChunkCompare may name.
+const CompareHash = "blake3-256"
+
+// ChunkDiff answers a ChunkCompare: the indexes in Sums of the chunks
+// that differ, in order.
+type ChunkDiff struct {
+	First  uint64 `json:"first"`
+	Differ []int  `json:"differ"`
+}
+
+// MaxChunkIDs is the most IDs one request returns, and the most chunks one
+// comparison compares.
 const MaxChunkIDs = 16384
 
 // GC is the body of POST /v1/gc.

@@ -237,6 +237,13 @@ func (c *Client) ChunkIDs(ctx context.Context, vol string, first uint64, count i
 	return ids, c.do(ctx, "GET", path, nil, &ids)
 }
 
+// CompareChunks tells which of vol's chunks from chunk first differ from
+// chunks whose hashes are sums (api.ChunkCompare).
+func (c *Client) CompareChunks(ctx context.Context, vol string, cmp ChunkCompare) (ChunkDiff, error) {
+	var d ChunkDiff
+	return d, c.do(ctx, "POST", "/v1/volumes/"+url.PathEscape(vol)+"/chunks/compare", cmp, &d)
+}
+
 // WaitSealed polls until snapshot snap of vol is sealed, calling progress
 // (if not nil) with the volume's state after every poll.
 func (c *Client) WaitSealed(ctx context.Context, vol, snap string, progress func(Volume)) (Snapshot, error) {
