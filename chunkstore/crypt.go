@@ -1,6 +1,7 @@
 package chunkstore
 
 import (
+	"bytes"
 	"context"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -59,6 +60,7 @@ const (
 // master key with HKDF-SHA256 (the keyset ID as salt). Safe for
 // concurrent use.
 type Keys struct {
+	master      []byte // kept to wrap it again with another password (Wrap)
 	keyset      [KeysetSize]byte
 	aead        cipher.AEAD
 	id          *MACBLAKE3
@@ -79,7 +81,7 @@ func NewKeys(master []byte, keyset [KeysetSize]byte) (*Keys, error) {
 		}
 		return [32]byte(b)
 	}
-	k := &Keys{keyset: keyset}
+	k := &Keys{master: bytes.Clone(master), keyset: keyset}
 	seal := derive("seal")
 	var err error
 	if k.aead, err = chacha20poly1305.NewX(seal[:]); err != nil {
@@ -90,6 +92,11 @@ func NewKeys(master []byte, keyset [KeysetSize]byte) (*Keys, error) {
 	k.state = derive("state")
 	k.fingerprint = derive("fingerprint")
 	return k, nil
+}
+
+// Wrap wraps the master key with password in a new key object.
+func (k *Keys) Wrap(password []byte, params KDF, label string) (*KeyFile, error) {
+	return WrapKey(k.master, k.keyset, password, params, label)
 }
 
 // Keyset returns the keyset ID the keys were derived for.

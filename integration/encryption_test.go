@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"strings"
+	"slices"
 	"testing"
 	"time"
 
@@ -51,6 +52,19 @@ func objectsHolding(t *testing.T, b chunkstore.Backend, prefix string, needle []
 		return nil
 	}))
 	return found, n
+}
+
+// objectSet is every object of b but the lease, with its size.
+func objectSet(t *testing.T, b chunkstore.Backend) map[string]int64 {
+	t.Helper()
+	out := map[string]int64{}
+	require.NoError(t, b.ListSizes(context.Background(), "", func(k string, n int64) error {
+		if !strings.HasPrefix(k, "locks/") {
+			out[k] = n
+		}
+		return nil
+	}))
+	return out
 }
 
 func countObjects(t *testing.T, b chunkstore.Backend, prefix string) int {
@@ -127,6 +141,66 @@ func TestEncryptedRepository(t *testing.T) {
 	require.Error(t, err, "an encrypted repository's chunk IDs are not handed out")
 	assert.Contains(t, err.Error(), "chunks/compare")
 
+	// Keys: a second password, a changed one, a removed one.
+	keyCLI := func(env ...string) *nbdtest.Result {
+		return nbdtest.RunEnv(t, time.Minute, append(s.Env(), env...), bin, "key", "list")
+	}
+	assert.Regexp(t, `(?m)^[0-9a-f]{16}\s.*made by serve --encrypt\s+yes$`, keyCLI().Stdout)
+	run := func(env []string, args ...string) *nbdtest.Result {
+		return nbdtest.RunEnv(t, 2*time.Minute, append(s.Env(), env...), bin, args...)
+	}
+	r := run([]string{"NBDVAULT_PASSWORD=wrong", "NBDVAULT_NEW_PASSWORD=second"}, "key", "add")
+	assert.Equal(t, exitAuth, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "opens with this password")
+	r = run([]string{"NBDVAULT_PASSWORD=" + pw, "NBDVAULT_NEW_PASSWORD=second"}, "key", "add", "--label", "second")
+	require.Equal(t, 0, r.ExitCode, "%s", r)
+	before := objectSet(t, bucket)
+	r = run([]string{"NBDVAULT_PASSWORD=" + pw, "NBDVAULT_NEW_PASSWORD=third"}, "key", "passwd")
+	require.Equal(t, 0, r.ExitCode, "%s", r)
+	after := objectSet(t, bucket)
+	var gone, added []string
+	for k := range before {
+		if _, ok := after[k]; !ok {
+			gone = append(gone, k)
+		}
+	}
+	for k, size := range after {
+		if was, ok := before[k]; !ok {
+			added = append(added, k)
+		} else {
+			assert.Equal(t, was, size, "%s is as it was", k)
+		}
+	}
+	assert.Len(t, gone, 1, "key passwd deletes one object")
+	assert.Len(t, added, 1, "and writes one")
+	for _, k := range append(gone, added...) {
+		assert.True(t, strings.HasPrefix(k, chunkstore.KeysPrefix), "%s is a key", k)
+	}
+	out := keyCLI().Stdout
+	t.Logf("nbdvault key list\n%s", out)
+	assert.Equal(t, 3, strings.Count(out, "\n"), "two keys: the second, and the one that replaced the first")
+	var second string
+	for _, line := range strings.Split(out, "\n") {
+		if strings.Contains(line, "second") {
+			second = strings.Fields(line)[0]
+		}
+	}
+	require.NotEmpty(t, second)
+	r = run(nil, "key", "remove", second)
+	require.Equal(t, 0, r.ExitCode, "%s", r)
+	last := strings.Fields(strings.Split(keyCLI().Stdout, "\n")[1])[0]
+	r = run(nil, "key", "remove", last)
+	assert.NotEqual(t, 0, r.ExitCode, "%s", r)
+	assert.Contains(t, r.Stderr, "last")
+
+	// The old password no longer opens it; the new one does.
+	require.Equal(t, 0, s.Stop(), s.Log())
+	r = nbdtest.RunEnv(t, time.Minute, append(env, "NBDVAULT_PASSWORD="+pw), bin, s.ServeArgs()...)
+	assert.Contains(t, r.Stderr, "wrong password: no key in")
+	s = servertest.Start(t, servertest.Options{Data: s.Data, Repo: s.ServeArgs()[slices.Index(s.ServeArgs(), "--repo")+1],
+		Env: append(env, "NBDVAULT_PASSWORD=third")})
+	assert.True(t, bytes.Equal(want, readNBD(t, s, "db@first")), "the snapshot reads with the new password")
+
 	// A chunk's object swapped for another's: an error, never its bytes.
 	var ids []string
 	require.NoError(t, bucket.List(t.Context(), "chunks/", func(k string) error { ids = append(ids, k); return nil }))
@@ -136,7 +210,7 @@ func TestEncryptedRepository(t *testing.T) {
 	for _, k := range ids[1:] {
 		require.NoError(t, bucket.Put(t.Context(), k, a))
 	}
-	r := s.CLI("verify", "--read-data")
+	r = s.CLI("verify", "--read-data")
 	assert.NotEqual(t, 0, r.ExitCode, "%s", r)
 	assert.Contains(t, r.Stdout+r.Stderr, "does not open with this repository's key")
 }

@@ -128,6 +128,8 @@ type Server struct {
 	repo   chunkstore.Backend
 	store  *chunkstore.Store
 	keys   *chunkstore.Keys // an encrypted repository's; nil if it is not
+	keyMu  sync.Mutex       // one key change at a time
+	keyID  string           // the key that opened it at this start
 	env    *volume.Env
 	lease  *lease.Lease
 	token  string
@@ -267,7 +269,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		// Every object but those a store seals itself (chunks, packs)
 		// and those read before the keys (config, keys, lease).
 		s.repo = chunkstore.NewSealed(s.repo, keys)
-		s.keys = keys
+		s.keys, s.keyID = keys, enc.opened
 	}
 	if err := checkLeaseLost(filepath.Join(opts.Data, "state")); err != nil {
 		return nil, err

@@ -38,6 +38,7 @@ func newApp() *cli.App {
 			gcCommand(),
 			verifyCommand(),
 			tokenCommand(),
+			keyCommand(),
 			accessCommand(),
 			statusCommand(),
 			restoreCommand(),

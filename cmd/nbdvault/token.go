@@ -19,7 +19,7 @@ func tokenCommand() *cli.Command {
 			"`nbdvault client snapshot` can take snapshots of its volume and read its status,\n" +
 			"and nothing else: no deletes, no prune, no other volume. Scopes: status (read\n" +
 			"the volume's status and snapshots), snapshot (and take snapshots, at most once\n" +
-			"per serve --scoped-snapshot-interval), push (and read chunk IDs, for\n" +
+			"per serve --scoped-snapshot-interval), push (and compare chunks, for\n" +
 			"nbdvault client push). The server keeps only each token's SHA-256.",
 		Subcommands: []*cli.Command{
 			{

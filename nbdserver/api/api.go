@@ -297,6 +297,25 @@ type ChunkCompare struct {
 	Sums      []string `json:"sums"`
 }
 
+// Key is one of an encrypted repository's keys: one password's wrap of
+// its master key (never the key itself).
+type Key struct {
+	ID      string    `json:"id"`
+	Created time.Time `json:"created"`
+	Host    string    `json:"host,omitempty"`
+	Label   string    `json:"label,omitempty"`
+	// Opened: the key that opened the repository at this start.
+	Opened bool `json:"opened,omitempty"`
+}
+
+// AddKey adds a password (NewPassword), given one that opens a key
+// already (Password): a token alone does not make keys.
+type AddKey struct {
+	Password    string `json:"password"`
+	NewPassword string `json:"new_password"`
+	Label       string `json:"label,omitempty"`
+}
+
 // CompareHash is the one Hash a ChunkCompare may name.
 const CompareHash = "blake3-256"
 

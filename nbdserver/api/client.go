@@ -237,6 +237,30 @@ func (c *Client) ChunkIDs(ctx context.Context, vol string, first uint64, count i
 	return ids, c.do(ctx, "GET", path, nil, &ids)
 }
 
+// Keys lists an encrypted repository's keys.
+func (c *Client) Keys(ctx context.Context) ([]Key, error) {
+	var out []Key
+	return out, c.do(ctx, "GET", "/v1/keys", nil, &out)
+}
+
+// AddKey adds a password to an encrypted repository.
+func (c *Client) AddKey(ctx context.Context, req AddKey) (Key, error) {
+	var out Key
+	return out, c.do(ctx, "POST", "/v1/keys", req, &out)
+}
+
+// ChangePassword replaces the key that req.Password opens by one for
+// req.NewPassword: the new key is written, then the old one deleted.
+func (c *Client) ChangePassword(ctx context.Context, req AddKey) (Key, error) {
+	var out Key
+	return out, c.do(ctx, "POST", "/v1/keys/passwd", req, &out)
+}
+
+// RemoveKey deletes a key; the last one is refused.
+func (c *Client) RemoveKey(ctx context.Context, id string) error {
+	return c.do(ctx, "DELETE", "/v1/keys/"+url.PathEscape(id), nil, nil)
+}
+
 // CompareChunks tells which of vol's chunks from chunk first differ from
 // chunks whose hashes are sums (api.ChunkCompare).
 func (c *Client) CompareChunks(ctx context.Context, vol string, cmp ChunkCompare) (ChunkDiff, error) {
