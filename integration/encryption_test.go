@@ -3,8 +3,8 @@ package integration
 import (
 	"bytes"
 	"context"
-	"strings"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
