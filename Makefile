@@ -49,6 +49,7 @@ fuzz:
 	go test -run '^$$' -fuzz FuzzKeyFile -fuzztime $(FUZZTIME) ./chunkstore/
 	go test -run '^$$' -fuzz FuzzManifest -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
+	go test -run '^$$' -fuzz FuzzSealedLogReplay -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzIndexPage -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzDeltaTop -fuzztime $(FUZZTIME) ./nbdserver/volume/
 	go test -run '^$$' -fuzz FuzzDeltaPage -fuzztime $(FUZZTIME) ./nbdserver/volume/

@@ -3,6 +3,9 @@ package integration
 import (
 	"bytes"
 	"context"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -54,6 +57,29 @@ func objectsHolding(t *testing.T, b chunkstore.Backend, prefix string, needle []
 	return found, n
 }
 
+// filesHolding returns the files under dir whose bytes hold needle.
+func filesHolding(t *testing.T, dir string, needle []byte) []string {
+	t.Helper()
+	var found []string
+	n := 0
+	require.NoError(t, filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		n++
+		if bytes.Contains(b, needle) {
+			found = append(found, path)
+		}
+		return nil
+	}))
+	require.NotZero(t, n)
+	return found
+}
+
 // objectSet is every object of b but the lease, with its size.
 func objectSet(t *testing.T, b chunkstore.Backend) map[string]int64 {
 	t.Helper()
@@ -85,9 +111,13 @@ func TestEncryptedRepository(t *testing.T) {
 		Env: []string{"NBDVAULT_PASSWORD=" + pw}})
 	data := secretText()
 	marker := []byte("nbdvault-plaintext-marker")
-	for _, vol := range []string{"db", "copy"} {
+	for i, vol := range []string{"db", "copy"} {
 		s.MustCLI("volume", "create", vol, "--size", "4M", "--chunk-size", "64K")
 		writeNBD(t, s, vol, data, 1<<20)
+		if i == 0 {
+			// The write log on the server's disk holds it now, sealed.
+			assert.Empty(t, filesHolding(t, s.Data, marker), "files of the data folder holding the plaintext")
+		}
 		s.MustCLI("snapshot", "create", vol, "--label", "first", "--wait")
 	}
 	assert.Contains(t, s.Log(), "a new encrypted repository")

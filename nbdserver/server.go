@@ -304,7 +304,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	s.env = &volume.Env{
-		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"), Inventory: inv,
+		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"), Inventory: inv, Keys: keys,
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		UploadMemory: opts.MaxMemory / 4,
 		Logger:       s.log.With("part", "upload"),

@@ -30,7 +30,8 @@ import (
 //	offset size  field
 //	0      4     magic "NVLG"
 //	4      1     type (RecordWrite, RecordZero, RecordMark)
-//	5      3     reserved, zero
+//	5      1     flags: recordSealed (logseal.go), else zero
+//	6      2     reserved, zero
 //	8      8     sequence number, one more than the record before
 //	16     8     offset in the volume
 //	24     8     length in the volume (a zero record's may be huge)
@@ -104,7 +105,8 @@ var ErrLogCorrupt = errors.New("write log damaged")
 // Log is an append-only write log. Append may be called from many
 // goroutines; appends are serialized, so sequence order is log order.
 type Log struct {
-	dir string
+	dir  string
+	seal *logSeal // an encrypted repository's: every record's data sealed
 
 	mu       sync.Mutex // guards the fields below and appends
 	segs     []*segment // open segments, oldest first; the last takes appends
@@ -144,6 +146,9 @@ type logOpen struct {
 	// recover cuts the log at its first damage, moving what follows into
 	// a folder beside it, instead of failing with ErrLogCorrupt.
 	recover bool
+	// seal, if set, seals every record written and requires every record
+	// read to be sealed.
+	seal *logSeal
 }
 
 // LogCut describes where replay cut a log: a torn tail, or (when
@@ -166,7 +171,7 @@ func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	l := &Log{dir: dir, nextSeq: o.first}
+	l := &Log{dir: dir, nextSeq: o.first, seal: o.seal}
 	l.syncC.L = &l.syncMu
 	names, err := segmentNames(dir)
 	if err != nil {
@@ -307,7 +312,7 @@ func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(
 					from = off + recordHeaderLen + int64(dataLen)
 				}
 			}
-			_, found, err := nextGoodRecord(f, from, size, l.nextSeq)
+			_, found, err := l.nextGoodRecord(f, from, size, l.nextSeq)
 			if err != nil {
 				return fail(err)
 			}
@@ -354,7 +359,7 @@ func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(
 	l.nextSeq = first
 	var data []byte
 	for off < size {
-		rec, dataLen, why, err := readRecord(f, off, size, &data)
+		rec, dataLen, why, err := l.readRecord(f, off, size, &data)
 		if err != nil {
 			return fail(err)
 		}
@@ -365,7 +370,7 @@ func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(
 			return cut(why)
 		}
 		n := recordHeaderLen + int64(dataLen)
-		if err := fn(rec, Pos{Segment: first, Off: off + recordHeaderLen, Rec: off, RecLen: int64(dataLen)}); err != nil {
+		if err := fn(rec, Pos{Segment: first, Off: off + recordHeaderLen, Rec: off, RecLen: int64(len(rec.Data))}); err != nil {
 			return fail(err)
 		}
 		l.nextSeq++
@@ -407,6 +412,42 @@ func readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen u
 	return rec, dataLen, "", nil
 }
 
+// readRecord is readRecord with the record's data opened, in a log that
+// seals them. dataLen is what the data takes in the file. A whole record
+// (its CRC good) that is sealed where the log is not, or the other way
+// round, or that does not open, is an error matching ErrLogCorrupt, never
+// a why: it is no torn write, and a log read with the wrong key (or none)
+// must not be cut as if it were.
+func (l *Log) readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen uint32, why string, err error) {
+	rec, dataLen, why, err = readRecord(f, off, size, buf)
+	if why != "" || err != nil {
+		return rec, dataLen, why, err
+	}
+	var hdr [recordHeaderLen]byte
+	if _, err := f.ReadAt(hdr[:], off); err != nil {
+		return rec, 0, "", err
+	}
+	bad := func(why string) (Record, uint32, string, error) {
+		return rec, 0, "", fmt.Errorf("%w: %s at offset %d, record %d: %s", ErrLogCorrupt, f.Name(), off, rec.Seq, why)
+	}
+	switch sealed := hdr[5] == recordSealed; {
+	case sealed && l.seal == nil:
+		return bad("a sealed record, in the log of a volume opened without its repository's key")
+	case !sealed && l.seal != nil:
+		return bad("a record that is not sealed, in an encrypted repository's log: written by someone without its key")
+	case sealed:
+		plain, err := l.seal.open(hdr[:], rec.Data)
+		if err != nil {
+			return bad(err.Error())
+		}
+		rec.Data = plain
+		if len(plain) == 0 {
+			rec.Data = nil // as a plain log's empty data
+		}
+	}
+	return rec, dataLen, "", nil
+}
+
 func recordCRC(hdr, data []byte) uint32 {
 	return crc32.Update(crc32.Checksum(hdr[:36], crcTable), crcTable, data)
 }
@@ -417,7 +458,7 @@ var magicBytes = binary.LittleEndian.AppendUint32(nil, recordMagic)
 // nextGoodRecord looks in [from, size) of f for a good record numbered
 // minSeq or later, by its magic. It tells damage (good records after a bad
 // one) from a torn tail (nothing good after it).
-func nextGoodRecord(f *os.File, from, size int64, minSeq uint64) (int64, bool, error) {
+func (l *Log) nextGoodRecord(f *os.File, from, size int64, minSeq uint64) (int64, bool, error) {
 	const window = 1 << 20
 	buf := make([]byte, window+len(magicBytes)-1)
 	var data []byte
@@ -432,7 +473,7 @@ func nextGoodRecord(f *os.File, from, size int64, minSeq uint64) (int64, bool, e
 				break
 			}
 			cand := at + int64(i+k)
-			rec, _, why, err := readRecord(f, cand, size, &data)
+			rec, _, why, err := l.readRecord(f, cand, size, &data)
 			if err != nil {
 				return 0, false, err
 			}
@@ -457,11 +498,11 @@ func (l *Log) moveAside(c *LogCut, f *os.File, later []uint64) error {
 	countGood := func(f *os.File, from, size int64) error {
 		var data []byte
 		for at := from; at < size; {
-			cand, ok, err := nextGoodRecord(f, at, size, 0)
+			cand, ok, err := l.nextGoodRecord(f, at, size, 0)
 			if err != nil || !ok {
 				return err
 			}
-			rec, dataLen, _, err := readRecord(f, cand, size, &data)
+			rec, dataLen, _, err := l.readRecord(f, cand, size, &data)
 			if err != nil {
 				return err
 			}
@@ -533,15 +574,23 @@ func parseHeader(h []byte) (Record, uint32, error) {
 		Length: int64(binary.LittleEndian.Uint64(h[24:])),
 	}
 	dataLen := binary.LittleEndian.Uint32(h[32:])
+	plainLen := int64(dataLen)
+	if h[5] == recordSealed {
+		plainLen -= logSealOverhead
+	}
 	switch {
+	case h[5] > recordSealed || h[6] != 0 || h[7] != 0:
+		return Record{}, 0, errors.New("reserved header bytes are not zero")
+	case plainLen < 0:
+		return Record{}, 0, fmt.Errorf("sealed record data of %d bytes", dataLen)
 	case rec.Type < RecordWrite || rec.Type > RecordMark:
 		return Record{}, 0, fmt.Errorf("unknown record type %d", rec.Type)
 	case dataLen > maxRecordData:
 		return Record{}, 0, fmt.Errorf("record data length %d too large", dataLen)
 	case rec.Offset < 0 || rec.Length < 0:
 		return Record{}, 0, errors.New("negative offset or length")
-	case rec.Type == RecordWrite && int64(dataLen) != rec.Length:
-		return Record{}, 0, fmt.Errorf("write of %d bytes carries %d", rec.Length, dataLen)
+	case rec.Type == RecordWrite && plainLen != rec.Length:
+		return Record{}, 0, fmt.Errorf("write of %d bytes carries %d", rec.Length, plainLen)
 	}
 	return rec, dataLen, nil
 }
@@ -612,10 +661,11 @@ func (l *Log) appendBatchLocked(recs []Record, apply func(i int, seq uint64, pos
 	seg := l.segs[len(l.segs)-1]
 	hdrs := make([]byte, recordHeaderLen*len(recs))
 	iov := make([][]byte, 0, 2*len(recs))
+	stored := make([]int64, len(recs)) // each record's data in the file (pwriteAll consumes iov)
 	total := int64(0)
 	for i, rec := range recs {
-		if len(rec.Data) > maxRecordData {
-			return fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData)
+		if len(rec.Data) > maxRecordData-logSealOverhead {
+			return fmt.Errorf("record of %d bytes exceeds %d", len(rec.Data), maxRecordData-logSealOverhead)
 		}
 		hdr := hdrs[i*recordHeaderLen : (i+1)*recordHeaderLen]
 		binary.LittleEndian.PutUint32(hdr[0:], recordMagic)
@@ -623,10 +673,17 @@ func (l *Log) appendBatchLocked(recs []Record, apply func(i int, seq uint64, pos
 		binary.LittleEndian.PutUint64(hdr[8:], l.nextSeq+uint64(i))
 		binary.LittleEndian.PutUint64(hdr[16:], uint64(rec.Offset))
 		binary.LittleEndian.PutUint64(hdr[24:], uint64(rec.Length))
-		binary.LittleEndian.PutUint32(hdr[32:], uint32(len(rec.Data)))
-		binary.LittleEndian.PutUint32(hdr[36:], recordCRC(hdr, rec.Data))
-		iov = append(iov, hdr, rec.Data)
-		total += recordHeaderLen + int64(len(rec.Data))
+		data := rec.Data
+		if l.seal != nil {
+			hdr[5] = recordSealed
+			binary.LittleEndian.PutUint32(hdr[32:], uint32(len(rec.Data)+logSealOverhead))
+			data = l.seal.seal(hdr, rec.Data)
+		}
+		binary.LittleEndian.PutUint32(hdr[32:], uint32(len(data)))
+		binary.LittleEndian.PutUint32(hdr[36:], recordCRC(hdr, data))
+		iov = append(iov, hdr, data)
+		stored[i] = int64(len(data))
+		total += recordHeaderLen + stored[i]
 	}
 	if err := pwriteAll(seg.f, iov, seg.size); err != nil {
 		// Leave no partial record behind: the next append goes where
@@ -646,7 +703,7 @@ func (l *Log) appendBatchLocked(recs []Record, apply func(i int, seq uint64, pos
 		pos := Pos{Segment: seg.first, Off: at + recordHeaderLen, Rec: at, RecLen: n}
 		l.nextSeq++
 		l.appended++
-		at += recordHeaderLen + n
+		at += recordHeaderLen + stored[i]
 		if apply != nil {
 			apply(i, seq, pos)
 		}
@@ -807,11 +864,15 @@ func (l *Log) ReadAt(p []byte, pos Pos) error {
 	}
 	var hdr [recordHeaderLen]byte
 	data := p
-	if int64(len(p)) != pos.RecLen {
-		// Part of a record: read all of it, to check it.
-		bp := recordBuf(pos.RecLen)
+	stored := pos.RecLen // the record's data in the file
+	if l.seal != nil {
+		stored += logSealOverhead
+	}
+	if int64(len(p)) != stored {
+		// Part of a record, or a sealed one: read all of it, to check it.
+		bp := recordBuf(stored)
 		defer putRecordBuf(bp)
-		data = (*bp)[:pos.RecLen]
+		data = (*bp)[:stored]
 	}
 	if err := preadAll(f, [][]byte{hdr[:], data}, pos.Rec); err != nil {
 		return fmt.Errorf("write log %s: read record at offset %d: %w", f.Name(), pos.Rec, err)
@@ -819,10 +880,15 @@ func (l *Log) ReadAt(p []byte, pos Pos) error {
 	rec, dataLen, err := parseHeader(hdr[:])
 	switch {
 	case err != nil:
-	case int64(dataLen) != pos.RecLen:
-		err = fmt.Errorf("record of %d bytes where %d were written", dataLen, pos.RecLen)
+	case int64(dataLen) != stored:
+		err = fmt.Errorf("record of %d bytes where %d were written", dataLen, stored)
 	case recordCRC(hdr[:], data) != binary.LittleEndian.Uint32(hdr[36:]):
 		err = errors.New("CRC mismatch")
+	case (hdr[5] == recordSealed) != (l.seal != nil):
+		err = errors.New("sealed where the log is not, or the other way round")
+	case l.seal != nil:
+		// Opened in place: the buffer is the whole record's, not p.
+		data, err = l.seal.open(hdr[:], data)
 	}
 	if err != nil {
 		return fmt.Errorf("%w: %s at offset %d (record %d): %v", ErrLogCorrupt, f.Name(), pos.Rec, rec.Seq, err)
@@ -834,11 +900,13 @@ func (l *Log) ReadAt(p []byte, pos Pos) error {
 }
 
 // recordBufs holds buffers for whole records read to check a part of
-// them: up to RecordGrain, the size of records written now.
-var recordBufs = sync.Pool{New: func() any { b := make([]byte, RecordGrain); return &b }}
+// them: up to RecordGrain, the size of records written now, sealed or not.
+var recordBufs = sync.Pool{New: func() any { b := make([]byte, recordBufLen); return &b }}
+
+const recordBufLen = RecordGrain + logSealOverhead
 
 func recordBuf(n int64) *[]byte {
-	if n > RecordGrain {
+	if n > recordBufLen {
 		b := make([]byte, n)
 		return &b
 	}
@@ -846,7 +914,7 @@ func recordBuf(n int64) *[]byte {
 }
 
 func putRecordBuf(b *[]byte) {
-	if cap(*b) == RecordGrain {
+	if cap(*b) == recordBufLen {
 		recordBufs.Put(b)
 	}
 }

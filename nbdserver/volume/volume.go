@@ -176,6 +176,10 @@ type Env struct {
 	RepoID   string
 	Store    *chunkstore.Store
 	StateDir string
+	// Keys are an encrypted repository's (nil for a plain one): each
+	// volume's write log seals its records with their state key
+	// (logseal.go).
+	Keys *chunkstore.Keys
 	// Inventory, if set, names the chunk objects the repository holds,
 	// with their stored sizes (OpenInventory), so that CollectGarbage lists them only when it
 	// cannot be trusted. Store must report its Puts to it
@@ -422,7 +426,11 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		}
 		return v.apply(r, pos)
 	}
-	log, err := openLog(dir, logOpen{first: v.base.Seq + 1, recover: recover}, replay)
+	lo := logOpen{first: v.base.Seq + 1, recover: recover}
+	if env.Keys != nil {
+		lo.seal = newLogSeal(env.Keys.StateKey(), name)
+	}
+	log, err := openLog(dir, lo, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
 	}

@@ -81,7 +81,7 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 
 func (g *rig) env() *Env {
 	return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir, JournalRetention: g.retention, clock: func() time.Time { return g.now },
-		Inventory: g.inv.Load()}
+		Inventory: g.inv.Load(), Keys: keysOf(g.repo)}
 }
 
 // openInventory opens the chunk inventory, as a server does at start
