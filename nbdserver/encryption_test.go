@@ -1,0 +1,98 @@
+package nbdserver
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"regexp"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+	"github.com/nbdvault/nbdvault/nbdserver/lease"
+)
+
+func pw(s string) func() ([]byte, string, error) {
+	return func() ([]byte, string, error) { return []byte(s), "test", nil }
+}
+
+// The config of an encrypted repository cannot be downgraded or replaced
+// by whoever writes the bucket: each way is refused at start, before
+// anything is read or written.
+func TestEncryptedConfigRefusals(t *testing.T) {
+	ctx := context.Background()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	mem := chunkstore.NewMem()
+	c, keys, err := checkRepoConfig(ctx, mem, log, &encryption{create: true, password: pw("right")})
+	require.NoError(t, err)
+	require.NotNil(t, keys)
+	assert.Equal(t, repoChunkIDMAC, c.ChunkID)
+	good, err := mem.Get(ctx, lease.ConfigKey)
+	require.NoError(t, err)
+
+	_, k, err := checkRepoConfig(ctx, mem, log, &encryption{password: pw("right")})
+	require.NoError(t, err, "it opens again")
+	assert.Equal(t, keys.Fingerprint(), k.Fingerprint())
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{password: pw("wrong")})
+	require.ErrorIs(t, err, chunkstore.ErrWrongPassword)
+	assert.Regexp(t, `^wrong password: no key in mem:/keys/ opens with this password \(1 tried\); check the password \(it came from test\)`, err.Error())
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{})
+	assert.ErrorContains(t, err, "is encrypted: give its password")
+
+	put := func(doc string) {
+		t.Helper()
+		data, err := chunkstore.SumConfig([]byte(doc))
+		require.NoError(t, err)
+		require.NoError(t, mem.Put(ctx, lease.ConfigKey, data))
+	}
+	edit := func(from, to string) string {
+		return regexp.MustCompile(from).ReplaceAllString(regexp.MustCompile(`"sum": "[0-9a-f]{64}"`).ReplaceAllString(string(good), `"sum": "`+chunkstore.SumConfigPlaceholder+`"`), to)
+	}
+	// Stripped of its encryption (keys still there).
+	stripped := regexp.MustCompile(`(?s),\s*"encryption": \{.*?\}`).ReplaceAllString(edit(`"chunk_id": "blake3-256-mac"`, `"chunk_id": "blake3-256"`), "")
+	require.NotContains(t, stripped, "encryption")
+	put(stripped)
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{})
+	assert.ErrorContains(t, err, "holds keys (keys/", "a plain config over keys")
+	put(edit(`(?s),\s*"encryption": \{.*?\}`, ""))
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{})
+	assert.ErrorContains(t, err, "blake3-256-mac chunk IDs", "MAC IDs without encryption")
+	// Another keyset, or another ID scheme: the MAC does not check.
+	put(edit(`"keyset": "[0-9a-f]+"`, `"keyset": "00000000000000000000000000000000"`))
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{password: pw("right")})
+	assert.ErrorContains(t, err, "its keyset is not the config's")
+	put(edit(`"mac": "[0-9a-f]+"`, `"mac": "00"`))
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{password: pw("right")})
+	assert.ErrorContains(t, err, "the config's MAC does not check")
+	put(edit(`"chunk_id": "blake3-256-mac"`, `"chunk_id": "blake3-256"`))
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{password: pw("right")})
+	assert.ErrorContains(t, err, "chunk IDs")
+	require.NoError(t, mem.Put(ctx, lease.ConfigKey, good))
+
+	// A plain repository: no password, no --encrypt over it.
+	plain := chunkstore.NewMem()
+	_, _, err = checkRepoConfig(ctx, plain, log, &encryption{passwordGiven: true, password: pw("x")})
+	assert.ErrorContains(t, err, "a password was given without --encrypt", "a new repository")
+	_, k, err = checkRepoConfig(ctx, plain, log, &encryption{})
+	require.NoError(t, err)
+	assert.Nil(t, k)
+	_, _, err = checkRepoConfig(ctx, plain, log, &encryption{passwordGiven: true, password: pw("x")})
+	assert.ErrorContains(t, err, "is not encrypted, yet a password or --encrypt was given")
+	_, _, err = checkRepoConfig(ctx, plain, log, &encryption{create: true, password: pw("x")})
+	assert.ErrorContains(t, err, "is not encrypted, yet a password or --encrypt was given")
+
+	// The state folder remembers: a repository that is no longer
+	// encrypted, or opens to another master key, is refused.
+	dir := t.TempDir()
+	require.NoError(t, bindKeys(dir, keys, "mem:"))
+	require.NoError(t, bindKeys(dir, keys, "mem:"))
+	assert.ErrorContains(t, bindKeys(dir, nil, "mem:"), "is not encrypted, but the state folder")
+	_, other, err := checkRepoConfig(ctx, chunkstore.NewMem(), log, &encryption{create: true, password: pw("right")})
+	require.NoError(t, err)
+	assert.ErrorContains(t, bindKeys(dir, other, "mem:"), "opened with a master key (fingerprint")
+	plainDir := t.TempDir()
+	require.NoError(t, bindKeys(plainDir, nil, "mem:"))
+	assert.Error(t, bindKeys(plainDir, keys, "mem:"), "a plain repository's state folder")
+}
