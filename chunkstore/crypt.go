@@ -169,6 +169,39 @@ func (k *Keys) openObject(kind byte, key string, pos uint64, obj []byte) ([]byte
 	return k.open(kind, key, pos, 0, obj[sealedHeaderLen:])
 }
 
+// LooksSealed reports whether obj is, by its header, an encrypted
+// repository's object: a sealed unit or a sealed framed chunk. (Packs end
+// with their sealed footer instead.)
+func LooksSealed(obj []byte) bool {
+	return isSealed(obj) || (len(obj) >= 3 && obj[0] == codecMagic0 && obj[1] == codecMagic1 && obj[2] == framedSealedVersion)
+}
+
+// SealedAsItShould reports whether obj, the object at key of an encrypted
+// repository, is sealed as that kind of object is: the config, keys and
+// lease not at all, chunks as sealed chunk objects, journal packs with a
+// sealed footer, everything else whole (kind 6). For tests and checks.
+func SealedAsItShould(key string, obj []byte) bool {
+	switch {
+	case key == "config", strings.HasPrefix(key, "keys/"), strings.HasPrefix(key, "locks/"):
+		return true
+	case strings.HasPrefix(key, "chunks/"):
+		return LooksSealed(obj) && (obj[2] == framedSealedVersion || obj[3] == kindChunk)
+	case !SealsWhole(key):
+		return sealedPack(obj) && isSealed(obj) && obj[3] == kindPackFrame
+	}
+	return isSealed(obj) && obj[3] == kindObject
+}
+
+// sealedPack reports whether pack ends with a sealed footer.
+func sealedPack(pack []byte) bool {
+	if len(pack) < packTrailerLen+len(packSealedMagic) {
+		return false
+	}
+	n := int(binary.LittleEndian.Uint32(pack[len(pack)-packTrailerLen:]))
+	start := len(pack) - packTrailerLen - n
+	return n >= len(packSealedMagic) && start >= 0 && string(pack[start:start+len(packSealedMagic)]) == packSealedMagic
+}
+
 // isSealed reports whether obj starts as a sealed object does.
 func isSealed(obj []byte) bool {
 	return len(obj) >= 3 && obj[0] == codecMagic0 && obj[1] == codecMagic1 && obj[2] == sealedVersion
@@ -244,6 +277,11 @@ func SealsWhole(key string) bool {
 
 func (s *Sealed) Put(ctx context.Context, key string, data []byte) error {
 	if !SealsWhole(key) {
+		// What a store seals itself must come sealed: a new kind of
+		// object written here in plaintext would go out as it is.
+		if (strings.HasPrefix(key, "chunks/") && !LooksSealed(data)) || (strings.HasPrefix(key, "volumes/") && !sealedPack(data)) {
+			return &KeyError{Op: "put", Key: key, Err: errors.New("refused: not sealed, in an encrypted repository (a bug: every object there is sealed)")}
+		}
 		return s.next.Put(ctx, key, data)
 	}
 	obj := s.keys.sealObject(make([]byte, 0, sealedHeaderLen+sealOverhead+len(data)), kindObject, key, 0, data)

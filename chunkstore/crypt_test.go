@@ -234,6 +234,15 @@ func TestSealedBackend(t *testing.T) {
 	require.ErrorIs(t, err, ErrCorrupt, "a plain object where a sealed one belongs")
 	_, err = sb.GetRange(ctx, "volumes/db/snapshots/1", 0, 4)
 	require.Error(t, err)
+
+	// What a store seals itself must come sealed (review L6).
+	require.ErrorContains(t, sb.Put(ctx, "chunks/ab/abcd", []byte("plain chunk")), "not sealed")
+	plainPack := newPackStore(t, NewMem(), Options{}).NewPack("volumes/db/journal/1-a")
+	_, err = plainPack.Add([]byte("plain frame"))
+	require.NoError(t, err)
+	require.ErrorContains(t, sb.Put(ctx, "volumes/db/journal/1-a", plainPack.Finish()), "not sealed")
+	_, err = NewStore(sb, Options{})
+	require.Error(t, err, "a store over a sealed backend without its keys")
 }
 
 // FuzzSealed feeds an encrypted store's readers any object: a chunk read
@@ -275,8 +284,9 @@ func FuzzSealed(f *testing.F) {
 			}
 		}
 		if tab, err := keys.openTable(ids[1], obj); err == nil {
+			// Only the sealer's own table opens; it parses.
 			if _, err := parseTable(tab); err != nil {
-				t.Logf("an opened table that does not parse: %v", err)
+				t.Fatalf("an opened table that does not parse: %v", err)
 			}
 		}
 		if len(obj) <= int(ref.Len) {

@@ -2,6 +2,7 @@ package chunkstore
 
 import (
 	"context"
+	"crypto/cipher"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"golang.org/x/crypto/argon2"
@@ -40,12 +42,15 @@ var DefaultKDF = KDF{Time: 3, MemoryKiB: 64 << 10, Threads: 4}
 // what a start can afford (so a planted key cannot stall one).
 var (
 	minKDF = KDF{Time: 2, MemoryKiB: 19 << 10, Threads: 1}
-	maxKDF = KDF{Time: 16, MemoryKiB: 1 << 20, Threads: 16}
+	maxKDF = KDF{Time: 10, MemoryKiB: 256 << 10, Threads: 16}
 )
 
 // maxKeysTried bounds how many key objects a start unwraps (each costs
-// an Argon2id run).
-const maxKeysTried = 20
+// an Argon2id run), and maxKeysRead how many it reads.
+const (
+	maxKeysTried = 20
+	maxKeysRead  = 100
+)
 
 // KeyFile is one password's wrap of the master key.
 type KeyFile struct {
@@ -99,7 +104,7 @@ func WrapKey(master []byte, keyset [KeysetSize]byte, password []byte, params KDF
 	}
 	_, _ = rand.Read(f.Salt)
 	_, _ = rand.Read(f.Nonce)
-	aead, err := chacha20poly1305.NewX(f.kek(password))
+	aead, err := f.aead(password)
 	if err != nil {
 		return nil, err
 	}
@@ -116,8 +121,12 @@ func (p KDF) check() error {
 	return nil
 }
 
-func (f *KeyFile) kek(password []byte) []byte {
-	return argon2.IDKey(password, f.Salt, f.Params.Time, f.Params.MemoryKiB, f.Params.Threads, chacha20poly1305.KeySize)
+// aead returns the cipher of the key-encryption key password derives; the
+// derived key is cleared (the cipher keeps its own schedule).
+func (f *KeyFile) aead(password []byte) (cipher.AEAD, error) {
+	kek := argon2.IDKey(password, f.Salt, f.Params.Time, f.Params.MemoryKiB, f.Params.Threads, chacha20poly1305.KeySize)
+	defer clear(kek)
+	return chacha20poly1305.NewX(kek)
 }
 
 // ParseKeyFile decodes and checks a key object (it does not unwrap it).
@@ -163,7 +172,7 @@ func (f *KeyFile) Unwrap(password []byte) (*Keys, error) {
 	if err != nil {
 		return nil, err
 	}
-	aead, err := chacha20poly1305.NewX(f.kek(password))
+	aead, err := f.aead(password)
 	if err != nil {
 		return nil, err
 	}
@@ -171,6 +180,7 @@ func (f *KeyFile) Unwrap(password []byte) (*Keys, error) {
 	if err != nil {
 		return nil, ErrWrongPassword
 	}
+	defer clear(master) // NewKeys keeps its own copy
 	return NewKeys(master, ks)
 }
 
@@ -191,12 +201,16 @@ func KeyIDs(ctx context.Context, b Backend) ([]string, error) {
 	return ids, err
 }
 
-// OpenKeys unwraps the master key of the repository b with password,
-// trying the key with ID first (if any; a state folder remembers which key
-// worked) and then the others, at most maxKeysTried in all. check, if
+// OpenKeys unwraps the master key of the repository b with password. It
+// tries the key with ID first (if any; a state folder remembers which key
+// worked), then keys made with this nbdvault's parameters, then the
+// others: at most maxKeysTried unwraps and maxKeysRead reads, so that keys
+// planted in the bucket can slow a start down only so much. check, if
 // set, must accept the keys (the config's MAC): a key that unwraps but
-// fails it is a planted one, and the next is tried. It returns the keys
-// and the ID of the key object that opened them.
+// fails it is passed over, and if no key passes, the error says that the
+// password is right and the config or keys are not (it does not match
+// ErrWrongPassword). It returns the keys and the ID of the key object that
+// opened them.
 func OpenKeys(ctx context.Context, b Backend, password []byte, first string, check func(*Keys) error) (*Keys, string, error) {
 	ids, err := KeyIDs(ctx, b)
 	if err != nil {
@@ -208,18 +222,24 @@ func OpenKeys(ctx context.Context, b Backend, password []byte, first string, che
 	if i := slices.Index(ids, first); i > 0 {
 		ids[0], ids[i] = ids[i], ids[0]
 	}
+	// Read them (bounded), then order: the remembered one, then those of
+	// the default parameters, then the rest.
+	type candidate struct {
+		id string
+		f  *KeyFile
+	}
+	var cands []candidate
 	var problems []string
-	tried := 0
-	for _, id := range ids {
-		if tried == maxKeysTried {
-			problems = append(problems, fmt.Sprintf("%d more keys not tried", len(ids)-tried))
+	for i, id := range ids {
+		if i == maxKeysRead {
+			problems = append(problems, fmt.Sprintf("%d more keys not read", len(ids)-i))
 			break
 		}
 		data, err := b.Get(ctx, KeysPrefix+id)
+		if errors.Is(err, ErrNotFound) {
+			continue
+		}
 		if err != nil {
-			if errors.Is(err, ErrNotFound) {
-				continue
-			}
 			return nil, "", fmt.Errorf("read key %s: %w", id, err)
 		}
 		f, err := ParseKeyFile(data)
@@ -227,23 +247,51 @@ func OpenKeys(ctx context.Context, b Backend, password []byte, first string, che
 			problems = append(problems, fmt.Sprintf("key %s: %v", id, err))
 			continue
 		}
+		cands = append(cands, candidate{id, f})
+	}
+	slices.SortStableFunc(cands, func(x, y candidate) int {
+		rank := func(c candidate) int {
+			switch {
+			case c.id == first:
+				return 0
+			case c.f.Params == DefaultKDF:
+				return 1
+			}
+			return 2
+		}
+		return rank(x) - rank(y)
+	})
+	tried := 0
+	var refused []string // keys the password opens that check refuses
+	for _, c := range cands {
+		if tried == maxKeysTried {
+			problems = append(problems, fmt.Sprintf("%d more keys not tried", len(cands)-tried))
+			break
+		}
 		tried++
-		k, err := f.Unwrap(password)
+		k, err := c.f.Unwrap(password)
 		if errors.Is(err, ErrWrongPassword) {
 			continue
 		}
 		if err == nil && check != nil {
-			err = check(k)
+			if err = check(k); err != nil {
+				refused = append(refused, fmt.Sprintf("key %s: %v", c.id, err))
+				continue
+			}
 		}
 		if err != nil {
-			problems = append(problems, fmt.Sprintf("key %s: %v", id, err))
+			problems = append(problems, fmt.Sprintf("key %s: %v", c.id, err))
 			continue
 		}
-		return k, id, nil
+		return k, c.id, nil
+	}
+	if len(refused) > 0 {
+		return nil, "", fmt.Errorf("the password opens a key of %s, but the repository's config does not check with it (%s): the config was changed, or the key was planted; restore the config and keys/ from a copy of the repository",
+			b.Location(), strings.Join(refused, "; "))
 	}
 	msg := fmt.Sprintf("no key in %s/%s opens with this password (%d tried)", b.Location(), KeysPrefix, tried)
-	for _, p := range problems {
-		msg += "; " + p
+	if len(problems) > 0 {
+		msg += "; " + strings.Join(problems, "; ")
 	}
 	return nil, "", fmt.Errorf("%w: %s", ErrWrongPassword, msg)
 }

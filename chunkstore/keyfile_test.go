@@ -3,6 +3,8 @@ package chunkstore
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"testing"
 
@@ -21,7 +23,9 @@ func TestKeyFiles(t *testing.T) {
 	for _, pw := range []string{"first password", "second password"} {
 		f, err := WrapKey(master, keyset, []byte(pw), DefaultKDF, "test")
 		require.NoError(t, err)
-		assert.NotContains(t, string(f.Marshal()), string(master), "the master key is not in the key object")
+		for _, enc := range []string{base64.StdEncoding.EncodeToString(master), hex.EncodeToString(master), string(master)} {
+			assert.NotContains(t, string(f.Marshal()), enc, "the master key is not in the key object")
+		}
 		require.NoError(t, mem.Put(ctx, KeysPrefix+NewKeyID(), f.Marshal()))
 	}
 	for _, pw := range []string{"first password", "second password"} {
@@ -33,6 +37,10 @@ func TestKeyFiles(t *testing.T) {
 	_, _, err = OpenKeys(ctx, mem, []byte("wrong"), "", nil)
 	require.ErrorIs(t, err, ErrWrongPassword)
 	assert.Contains(t, err.Error(), "no key in mem:/keys/ opens with this password (2 tried)")
+	// A password that opens a key the config refuses is not "wrong".
+	_, _, err = OpenKeys(ctx, mem, []byte("first password"), "", func(*Keys) error { return ErrCorrupt })
+	require.NotErrorIs(t, err, ErrWrongPassword)
+	assert.ErrorContains(t, err, "the config was changed, or the key was planted")
 
 	// A key that unwraps but that the config's MAC refuses is passed over.
 	other, otherSet := NewMasterKey()

@@ -98,6 +98,9 @@ func NewStore(b Backend, opts Options) (*Store, error) {
 	if opts.Keys != nil {
 		opts.Hasher = opts.Keys.Hasher()
 	}
+	if sb, ok := b.(*Sealed); ok && opts.Keys != sb.Keys() {
+		return nil, errors.New("a store over an encrypted repository's backend needs its keys (Options.Keys)")
+	}
 	opts.CompressionLevel = cmp.Or(opts.CompressionLevel, zstd.SpeedDefault)
 	switch {
 	case opts.CacheBytes == 0:

@@ -382,6 +382,17 @@ func (s *Server) compareChunks(r *http.Request) (int, any, error) {
 	if len(req.Sums) == 0 || len(req.Sums) > api.MaxChunkIDs {
 		return 0, nil, fmt.Errorf("%w: compare 1 to %d chunks at once, not %d", errInvalid, api.MaxChunkIDs, len(req.Sums))
 	}
+	sums := make([]chunkstore.ID, len(req.Sums)) // parsed before any work
+	for i, sum := range req.Sums {
+		if sum == "" {
+			continue
+		}
+		h, err := chunkstore.ParseID(sum)
+		if err != nil {
+			return 0, nil, fmt.Errorf("%w: sum %d: %v", errInvalid, i, err)
+		}
+		sums[i] = s.store.IDOfHash(h)
+	}
 	ids, err := v.ChunkIDs(r.Context(), req.First, len(req.Sums))
 	if err != nil {
 		if errors.Is(err, volume.ErrOutOfRange) {
@@ -393,15 +404,7 @@ func (s *Server) compareChunks(r *http.Request) (int, any, error) {
 		return 0, nil, fmt.Errorf("%w: chunks %d to %d are past the volume's end", errInvalid, req.First, req.First+uint64(len(req.Sums))-1)
 	}
 	out := api.ChunkDiff{First: req.First, Differ: []int{}}
-	for i, sum := range req.Sums {
-		var id chunkstore.ID
-		if sum != "" {
-			h, err := chunkstore.ParseID(sum)
-			if err != nil {
-				return 0, nil, fmt.Errorf("%w: sum %d: %v", errInvalid, i, err)
-			}
-			id = s.store.IDOfHash(h)
-		}
+	for i, id := range sums {
 		if id != ids[i] {
 			out.Differ = append(out.Differ, i)
 		}

@@ -71,6 +71,41 @@ func TestEncryptedConfigRefusals(t *testing.T) {
 	assert.ErrorContains(t, err, "chunk IDs")
 	require.NoError(t, mem.Put(ctx, lease.ConfigKey, good))
 
+	// Stripped, and its keys deleted, on a host without state (review
+	// H1): the sealed objects give it away. With state, the state does,
+	// before anything is written (review M4: a format 1 config would be
+	// upgraded in place).
+	store, err := chunkstore.NewStore(chunkstore.NewSealed(mem, keys), chunkstore.Options{Keys: keys})
+	require.NoError(t, err)
+	_, err = store.Put(ctx, []byte("a chunk of the encrypted repository"))
+	require.NoError(t, err)
+	ids, err := chunkstore.KeyIDs(ctx, mem)
+	require.NoError(t, err)
+	for _, id := range ids {
+		require.NoError(t, mem.Delete(ctx, chunkstore.KeysPrefix+id))
+	}
+	put(stripped)
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{})
+	assert.ErrorContains(t, err, "holds encrypted objects (chunks/")
+	old := regexp.MustCompile(`"format": 4`).ReplaceAllString(stripped, `"format": 1`)
+	put(old)
+	before, err := mem.Get(ctx, lease.ConfigKey)
+	require.NoError(t, err)
+	_, _, err = checkRepoConfig(ctx, mem, log, &encryption{stateSays: "fingerprint " + keys.Fingerprint()})
+	assert.ErrorContains(t, err, "the state folder belongs to an encrypted one")
+	after, err := mem.Get(ctx, lease.ConfigKey)
+	require.NoError(t, err)
+	assert.Equal(t, before, after, "a refused start writes nothing")
+
+	// A serve --encrypt cut between its key and its config (review L1).
+	cut := chunkstore.NewMem()
+	require.NoError(t, cut.Put(ctx, chunkstore.KeysPrefix+"0123456789abcdef", []byte("{}")))
+	_, _, err = checkRepoConfig(ctx, cut, log, &encryption{})
+	assert.ErrorContains(t, err, "a serve --encrypt was cut short")
+	_, k, err = checkRepoConfig(ctx, cut, log, &encryption{create: true, password: pw("right")})
+	require.NoError(t, err, "the retry with --encrypt passes the orphan key over")
+	require.NotNil(t, k)
+
 	// A plain repository: no password, no --encrypt over it.
 	plain := chunkstore.NewMem()
 	_, _, err = checkRepoConfig(ctx, plain, log, &encryption{passwordGiven: true, password: pw("x")})

@@ -249,7 +249,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	// confirmed (docs/architecture.md, "Fencing through outages").
 	s.repo = s.lease.Fence(s.repo)
 	stateDir := filepath.Join(opts.Data, "state")
-	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: lastKey(stateDir)}
+	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: lastKey(stateDir),
+		stateSays: stateEncryption(stateDir)}
 	rc, keys, err := checkRepoConfig(ctx, s.repo, s.log, enc)
 	if err != nil {
 		return nil, err
@@ -915,6 +916,7 @@ type encryption struct {
 	firstKey      string           // the key that opened it last time (state folder)
 	opened        string           // set by checkRepoConfig: the key that opened it
 	made          *chunkstore.Keys // set by newEncryption: the new repository's keys
+	stateSays     string           // the state folder's "encryption" file, if any
 }
 
 // someObject is the key of an object of a repository's volumes or
@@ -922,7 +924,7 @@ type encryption struct {
 func someObject(ctx context.Context, repo chunkstore.Backend) (string, error) {
 	errFound := errors.New("found")
 	var found string
-	for _, prefix := range []string{"volumes/", "chunks/"} {
+	for _, prefix := range []string{"volumes/", "chunks/", chunkstore.KeysPrefix} {
 		err := repo.List(ctx, prefix, func(k string) error {
 			found = k
 			return errFound
@@ -950,18 +952,10 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 		return c, nil, err
 	}
 	if c.Encryption == nil {
-		ids, err := chunkstore.KeyIDs(ctx, repo)
-		switch {
-		case err != nil:
-			return c, nil, fmt.Errorf("repository %s: list its keys: %w", repo.Location(), err)
-		case len(ids) > 0:
-			return c, nil, fmt.Errorf("repository %s holds keys (%s%s) but its config says it is not encrypted: the config was changed or replaced; restore it from a copy of the repository (nbdvault does not write plaintext into an encrypted repository)",
-				repo.Location(), chunkstore.KeysPrefix, ids[0])
-		case enc.create || enc.passwordGiven:
-			return c, nil, fmt.Errorf("repository %s is not encrypted, yet a password or --encrypt was given: start without them to use it as it is (an existing repository cannot be encrypted; make a new one with --encrypt)",
-				repo.Location())
-		}
-		return c, nil, nil
+		return c, nil, nil // checkPlain passed
+	}
+	if enc.stateSays == "none" {
+		return c, nil, fmt.Errorf("repository %s says it is encrypted, but the state folder belongs to a repository that is not: its config or keys were replaced; restore them from a copy of the repository", repo.Location())
 	}
 	if c.ChunkID != repoChunkIDMAC || c.Encryption.Cipher != repoCipher {
 		return c, nil, fmt.Errorf("repository %s is encrypted with %s and %s chunk IDs; this nbdvault knows %s and %s: use the nbdvault release that wrote it",
@@ -991,6 +985,70 @@ func checkRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Log
 	return c, keys, nil
 }
 
+// checkPlain checks that a repository whose config says it is not
+// encrypted is not one whose config lost its encryption: one that holds
+// keys, or sealed objects (someone deleted the keys too), or whose state
+// folder remembers a master key, is refused; so is a password given for
+// it.
+func checkPlain(ctx context.Context, repo chunkstore.Backend, enc *encryption) error {
+	ids, err := chunkstore.KeyIDs(ctx, repo)
+	switch {
+	case err != nil:
+		return fmt.Errorf("repository %s: list its keys: %w", repo.Location(), err)
+	case len(ids) > 0:
+		return fmt.Errorf("repository %s holds keys (%s%s) but its config says it is not encrypted: the config was changed or replaced; restore it from a copy of the repository (nbdvault does not write plaintext into an encrypted repository)",
+			repo.Location(), chunkstore.KeysPrefix, ids[0])
+	case strings.HasPrefix(enc.stateSays, "fingerprint "):
+		return fmt.Errorf("repository %s says it is not encrypted, but the state folder belongs to an encrypted one (%s): its config lost its encryption; restore the config and keys from a copy of the repository",
+			repo.Location(), enc.stateSays)
+	}
+	if k, err := sealedObject(ctx, repo); err != nil {
+		return fmt.Errorf("repository %s: look for encrypted objects: %w", repo.Location(), err)
+	} else if k != "" {
+		return fmt.Errorf("repository %s holds encrypted objects (%s) but its config says it is not encrypted and it has no keys: its config and keys were changed or deleted; restore them from a copy of the repository (nbdvault does not write plaintext into an encrypted repository)",
+			repo.Location(), k)
+	}
+	if enc.create || enc.passwordGiven {
+		return fmt.Errorf("repository %s is not encrypted, yet a password or --encrypt was given: start without them to use it as it is (an existing repository cannot be encrypted; make a new one with --encrypt)",
+			repo.Location())
+	}
+	return nil
+}
+
+// sealedObject returns the key of a sealed object among the first volume
+// record and the first chunk of repo, or "": two reads tell an encrypted
+// repository from a plain one, since every object of one is sealed.
+func sealedObject(ctx context.Context, repo chunkstore.Backend) (string, error) {
+	errFound := errors.New("found")
+	for _, prefix := range []string{"volumes/", "chunks/"} {
+		var first string
+		err := repo.List(ctx, prefix, func(k string) error {
+			if prefix == "chunks/" || strings.HasSuffix(k, "/volume") {
+				first = k
+				return errFound
+			}
+			return nil
+		})
+		if err != nil && !errors.Is(err, errFound) {
+			return "", err
+		}
+		if first == "" {
+			continue
+		}
+		obj, err := repo.Get(ctx, first)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			continue
+		}
+		if err != nil {
+			return "", err
+		}
+		if chunkstore.LooksSealed(obj) {
+			return first, nil
+		}
+	}
+	return "", nil
+}
+
 // readRepoConfig writes a new repository's config (and its first key, if
 // it is encrypted), or checks that an existing one is a format this server
 // reads.
@@ -1005,6 +1063,13 @@ func readRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logg
 		k, err := someObject(ctx, repo)
 		if err != nil {
 			return c, fmt.Errorf("repository %s: look for objects before making it a repository: %w", repo.Location(), err)
+		}
+		if strings.HasPrefix(k, chunkstore.KeysPrefix) {
+			if !enc.create {
+				return c, fmt.Errorf("repository %s holds a key (%s) but no config: a serve --encrypt was cut short; start again with --encrypt (the key is passed over), or delete %s%s to start it plain",
+					repo.Location(), k, repo.Location()+"/", chunkstore.KeysPrefix)
+			}
+			k = "" // an orphan key of a cut --encrypt: passed over
 		}
 		if k != "" {
 			return c, fmt.Errorf("repository %s has no config but holds objects (%s): its config was lost, or this is not an nbdvault repository; restore config from a copy of the repository (nbdvault does not start a new repository over existing objects)",
@@ -1034,6 +1099,13 @@ func readRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logg
 	if (c.ChunkID != repoChunkID && (c.ChunkID != repoChunkIDMAC || c.Encryption == nil)) || c.Format < 1 || c.Format > repoFormat {
 		return c, fmt.Errorf("repository %s has format %d with %s chunk IDs; this nbdvault reads formats 1 to %d with %s: use the nbdvault release that wrote it",
 			repo.Location(), c.Format, c.ChunkID, repoFormat, repoChunkID)
+	}
+	// Before anything is written (an upgrade, a raised format): a config
+	// that says plain must be one.
+	if c.Encryption == nil {
+		if err := checkPlain(ctx, repo, enc); err != nil {
+			return c, err
+		}
 	}
 	switch {
 	case c.Encryption != nil && (c.Format != repoFormat || c.Upgrading):
@@ -1178,6 +1250,16 @@ func bindKeys(dir string, keys *chunkstore.Keys, location string) error {
 	}
 	return fmt.Errorf("repository %s opened with a master key (fingerprint %s) other than the one the state folder %s was written with (%s): its keys or config were replaced; restore them from a copy of the repository",
 		location, keys.Fingerprint(), dir, strings.TrimPrefix(have, "fingerprint "))
+}
+
+// stateEncryption is what the state folder says of its repository's
+// encryption (bindKeys), or "".
+func stateEncryption(dir string) string {
+	data, err := os.ReadFile(filepath.Join(dir, "encryption"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(data))
 }
 
 // lastKey is the ID of the key that opened the repository last time, if

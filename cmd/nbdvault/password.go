@@ -32,10 +32,10 @@ func passwordOf(c *cli.Context, what string, isNew bool) func() ([]byte, string,
 	}
 }
 
-// passwordGiven reports whether the user gave a password: a flag, or the
-// environment (a terminal prompt or a systemd credential is only asked for
-// when one is needed).
+// passwordGiven reports whether the user gave a password: a flag, the
+// environment or a systemd credential (a terminal prompt is only asked
+// for when one is needed: keep --encrypt in a unit that types it).
 func passwordGiven(c *cli.Context) bool {
 	_, env := os.LookupEnv(password.DefaultEnv)
-	return c.String("password-file") != "" || c.String("password-command") != "" || env
+	return c.String("password-file") != "" || c.String("password-command") != "" || env || password.CredentialGiven()
 }

@@ -102,8 +102,10 @@ func (s Source) read(what string, isNew bool) ([]byte, string, error) {
 	case s.File != "" && s.Command != "":
 		return nil, "", fmt.Errorf("--password-file and --password-command were both given for %s: give only one", what)
 	case s.File != "":
+		os.Unsetenv(env) // not used, and not to be inherited by anything either
 		return fromFile(what, s.File, "file "+s.File)
 	case s.Command != "":
+		os.Unsetenv(env)
 		return fromCommand(what, s.Command)
 	}
 	if v, ok := os.LookupEnv(env); ok {
@@ -139,6 +141,17 @@ func (e *noPasswordError) Error() string {
 }
 
 func (e *noPasswordError) Is(target error) bool { return target == ErrNoPassword }
+
+// CredentialGiven reports whether systemd gave the process the credential
+// nbdvault-password.
+func CredentialGiven() bool {
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" {
+		return false
+	}
+	_, err := os.Stat(filepath.Join(dir, Credential))
+	return err == nil
+}
 
 // FileWarning returns "" or a sentence for the caller to log when password
 // file path is a regular file open to its group or to others.

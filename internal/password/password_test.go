@@ -270,11 +270,14 @@ func TestOrder(t *testing.T) {
 	pw, _, err := Source{File: file}.Read(what)
 	require.NoError(t, err)
 	require.Equal(t, "from file", string(pw))
-	require.Equal(t, "from env", os.Getenv(DefaultEnv), "an unused variable is left alone")
+	_, set := os.LookupEnv(DefaultEnv)
+	require.False(t, set, "an unused variable is removed too: nothing inherits it")
 
+	t.Setenv(DefaultEnv, "from env")
 	pw, _, err = Source{Command: "echo from command"}.Read(what)
 	require.NoError(t, err)
 	require.Equal(t, "from command", string(pw))
+	t.Setenv(DefaultEnv, "from env")
 
 	for _, want := range []string{"from env", "from systemd", "from terminal"} {
 		pw, _, err = Source{}.Read(what)

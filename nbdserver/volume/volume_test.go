@@ -3,6 +3,7 @@ package volume
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -468,6 +469,7 @@ func runModel(t *testing.T, repo func(t *testing.T) chunkstore.Backend, seeds in
 			runs, deleted := stopGC()
 			require.NoError(t, g.v.SealAll(context.Background()))
 			g.check("after sealing everything", true)
+			g.checkSealed()
 			for _, s := range g.v.Snapshots() {
 				assert.True(t, s.Sealed, "snapshot %s sealed", s.ID)
 			}
@@ -582,6 +584,30 @@ func keysOf(repo chunkstore.Backend) *chunkstore.Keys {
 		return s.Keys()
 	}
 	return nil
+}
+
+// checkSealed checks that every object of an encrypted repository is
+// sealed as its kind should be (review M2: nothing else would notice a
+// kind of object going out in plaintext).
+func (g *rig) checkSealed() {
+	sb, ok := g.repo.(*chunkstore.Sealed)
+	if !ok {
+		return
+	}
+	raw := sb.Unwrap()
+	ctx := context.Background()
+	n := 0
+	require.NoError(g.t, raw.List(ctx, "", func(k string) error {
+		obj, err := raw.Get(ctx, k)
+		if errors.Is(err, chunkstore.ErrNotFound) {
+			return nil
+		}
+		require.NoError(g.t, err)
+		n++
+		assert.True(g.t, chunkstore.SealedAsItShould(k, obj), "%s is not sealed as it should be: % x", k, obj[:min(len(obj), 8)])
+		return nil
+	}))
+	assert.NotZero(g.t, n)
 }
 
 // encrypted returns repo as an encrypted repository's backend.
