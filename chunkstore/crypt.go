@@ -155,18 +155,33 @@ func (k *Keys) open(kind byte, key string, pos, count uint64, unit []byte) ([]by
 	return plain, nil
 }
 
+// openInPlace is open, decrypting into unit's own bytes (the caller owns
+// unit and uses nothing of it but the plaintext returned): no copy and
+// no allocation on the read path.
+func (k *Keys) openInPlace(kind byte, key string, pos, count uint64, unit []byte) ([]byte, error) {
+	if len(unit) < sealOverhead {
+		return nil, fmt.Errorf("sealed unit of %d bytes is shorter than its nonce and tag", len(unit))
+	}
+	ct := unit[nonceSize:]
+	plain, err := k.aead.Open(ct[:0], unit[:nonceSize], ct, k.aad(kind, key, pos, count))
+	if err != nil {
+		return nil, errors.New("it does not open with this repository's key: damaged, or written elsewhere (another object, place or repository)")
+	}
+	return plain, nil
+}
+
 // sealObject appends the sealed object ("NV", 3, kind, unit) of plain.
 func (k *Keys) sealObject(dst []byte, kind byte, key string, pos uint64, plain []byte) []byte {
 	dst = append(dst, codecMagic0, codecMagic1, sealedVersion, kind)
 	return k.seal(dst, kind, key, pos, 0, plain)
 }
 
-// openObject opens a sealed object of kind.
+// openObject opens a sealed object of kind, in place (openInPlace).
 func (k *Keys) openObject(kind byte, key string, pos uint64, obj []byte) ([]byte, error) {
 	if err := sealedHeader(obj, kind); err != nil {
 		return nil, err
 	}
-	return k.open(kind, key, pos, 0, obj[sealedHeaderLen:])
+	return k.openInPlace(kind, key, pos, 0, obj[sealedHeaderLen:])
 }
 
 // LooksSealed reports whether obj is, by its header, an encrypted

@@ -295,7 +295,8 @@ func (k *Keys) openTable(id ID, b []byte) ([]byte, error) {
 func sealedTableLen(n int) int { return tableLen(n) + sealOverhead }
 
 // openFrame returns the stored bytes of frame i of chunk id from span,
-// its bytes in the object: span itself when the table is not sealed.
+// its bytes in the object: span itself when the table is not sealed,
+// else opened in place (the caller owns span).
 func (k *Keys) openFrame(t *frameTable, id ID, i int, span []byte) ([]byte, error) {
 	if !t.sealed {
 		return span, nil
@@ -303,7 +304,7 @@ func (k *Keys) openFrame(t *frameTable, id ID, i int, span []byte) ([]byte, erro
 	if k == nil {
 		return nil, errors.New(errNoKey)
 	}
-	b, err := k.open(kindFrame, Key(id), uint64(i), uint64(t.frames()), span)
+	b, err := k.openInPlace(kindFrame, Key(id), uint64(i), uint64(t.frames()), span)
 	if err != nil {
 		return nil, fmt.Errorf("frame %d: %w", i, err)
 	}
