@@ -503,19 +503,31 @@ func (s *Server) createSnapshot(r *http.Request) (int, any, error) {
 		if err := s.writable(r.Context()); err != nil {
 			return 0, nil, err
 		}
-		si, err := v.KeepPoint(r.Context(), req.From, req.Label)
+		si, err := v.KeepPointBy(r.Context(), req.From, req.Label, takenBy(c))
 		if err != nil {
 			return 0, nil, err
 		}
 		s.log.Info("point in time kept as a snapshot", "volume", v.Config().Name, "from", req.From, "id", si.ID, "label", si.Label, "by", c.String())
 		return http.StatusCreated, snapshotInfo(v, si), nil
 	}
-	si, err := v.Snapshot(r.Context(), req.Label)
+	si, err := v.SnapshotBy(r.Context(), req.Label, takenBy(c))
 	if err != nil {
 		return 0, nil, err
 	}
 	s.log.Info("snapshot taken", "volume", v.Config().Name, "id", si.ID, "label", si.Label, "by", c.String())
 	return http.StatusCreated, snapshotInfo(v, si), nil
+}
+
+// takenBy is what a snapshot's manifest records of the caller that took
+// it: nothing for the admin token, else who (volume.Manifest.By).
+func takenBy(c *caller) string {
+	switch {
+	case !c.scoped():
+		return ""
+	case c.token != nil:
+		return "token:" + c.token.ID
+	}
+	return c.String()
 }
 
 func (s *Server) deleteSnapshot(r *http.Request) (int, any, error) {
@@ -699,6 +711,6 @@ func snapshotInfo(v *volume.Volume, si volume.SnapshotInfo) api.Snapshot {
 	if si.Damaged != nil {
 		out.Damaged = si.Damaged.Error()
 	}
-	out.Protected = si.Protected
+	out.Protected, out.TakenBy = si.Protected, si.By
 	return out
 }

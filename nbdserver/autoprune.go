@@ -1,6 +1,7 @@
 package nbdserver
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"time"
@@ -15,6 +16,10 @@ import (
 // now. Marks never go back in time, so after a step back of the clock
 // the new snapshots are dated just after the last one.
 const clockSkew = 5 * time.Minute
+
+// DefaultAutoPruneMinAge is Options.AutoPruneMinAge's default: a week,
+// the window in which an attack on a source host cannot undo history.
+const DefaultAutoPruneMinAge = 7 * 24 * time.Hour
 
 // DefaultGCInterval is Options.GCInterval's default.
 const DefaultGCInterval = 10 * time.Minute
@@ -83,7 +88,13 @@ func (s *Server) applyRetention(name string) {
 	res := autoPrune{time: time.Now()}
 	var ds []volume.PruneDecision
 	if res.err = s.writable(s.runCtx); res.err == nil {
-		ds, res.err = v.Prune(s.runCtx, p, volume.PruneOptions{Loc: time.Local, InUse: s.inUse(name), NotAfter: time.Now().Add(clockSkew)})
+		minAge := cmp.Or(s.opts.AutoPruneMinAge, DefaultAutoPruneMinAge)
+		if minAge < 0 {
+			minAge = 0
+		}
+		now := time.Now()
+		ds, res.err = v.Prune(s.runCtx, p, volume.PruneOptions{Loc: time.Local, InUse: s.inUse(name), NotAfter: now.Add(clockSkew),
+			YoungBy: minAge, Now: now})
 	}
 	for _, d := range ds {
 		switch {

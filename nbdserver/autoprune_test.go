@@ -96,3 +96,77 @@ func TestRetentionAfterSeal(t *testing.T) {
 	assert.Nil(t, v.Retention)
 	snap(s1, s5, s6)
 }
+
+// The automatic prune leaves the snapshots a scoped token took until
+// they are --auto-prune-min-age old, whatever the policy: a source host
+// broken into cannot push the volume's history out by taking snapshots.
+// The admin's snapshots go by the policy as ever, and a prune by hand
+// (the admin's) decides alone.
+func TestAutoPruneLeavesYoungScopedSnapshots(t *testing.T) {
+	ctx := context.Background()
+	s, err := Open(ctx, Options{Data: filepath.Join(t.TempDir(), "data"), Listen: []string{"127.0.0.1:0"},
+		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler), GCInterval: time.Hour})
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(ctx)
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(runCtx) }()
+	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
+	hs := httptest.NewServer(s.adminHandler())
+	t.Cleanup(hs.Close)
+	admin, err := api.NewClient(hs.URL, s.token)
+	require.NoError(t, err)
+	_, err = admin.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
+	require.NoError(t, err)
+	_, err = admin.SetRetention(ctx, "db", api.Policy{Last: 1})
+	require.NoError(t, err)
+	tok, err := s.tokens.create(api.ScopeSnapshot, "db")
+	require.NoError(t, err)
+	host, err := api.NewClient(hs.URL, tok.Token)
+	require.NoError(t, err)
+
+	ids := func() []string {
+		ss, err := admin.Snapshots(ctx, "db")
+		require.NoError(t, err)
+		var out []string
+		for _, s := range ss {
+			if s.Kind == "" {
+				out = append(out, s.ID)
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	// snap takes a snapshot and waits for the prune after its seal: the
+	// one whose count of kept and removed snapshots covers it, which then
+	// must have left exactly want and it.
+	snap := func(cl *api.Client, want ...string) string {
+		t.Helper()
+		si, err := cl.CreateSnapshot(ctx, "db", "")
+		require.NoError(t, err)
+		want = append(want, si.ID)
+		slices.Sort(want)
+		require.Eventually(t, func() bool {
+			v, err := admin.Volume(ctx, "db")
+			require.NoError(t, err)
+			p := v.Status.LastPrune
+			ss, err := admin.Snapshot(ctx, "db", si.ID)
+			return err == nil && ss.Sealed && p != nil && p.Time.After(ss.Time) && p.Kept == len(want)
+		}, time.Minute, 20*time.Millisecond, "the prune after %s's seal", si.ID)
+		assert.Equal(t, want, ids())
+		return si.ID
+	}
+	a := snap(admin)
+	h1 := snap(host)     // a goes: keep-last 1
+	h2 := snap(host, h1) // h1 stays: taken by the host, young
+	h3 := snap(host, h1, h2)
+	b := snap(admin, h1, h2, h3)
+	// The prune counted may have run before b's seal (b then counted as
+	// kept, unsealed): the one after it must not change anything either.
+	want := []string{h1, h2, h3, b}
+	slices.Sort(want)
+	assert.Never(t, func() bool { return !slices.Equal(ids(), want) }, 2*time.Second, 50*time.Millisecond)
+	si, err := admin.Snapshot(ctx, "db", h1)
+	require.NoError(t, err)
+	assert.Equal(t, "token:"+tok.ID, si.TakenBy)
+	assert.NotContains(t, ids(), a)
+}

@@ -108,7 +108,12 @@ type Options struct {
 	// policy) the server collects garbage at most this often, so that a
 	// burst of deletes is one sweep. Default DefaultGCInterval.
 	GCInterval time.Duration
-	Version    string
+	// AutoPruneMinAge: the automatic prune (a volume's stored policy)
+	// leaves snapshots taken by scoped callers until they are this old,
+	// so that a source host broken into cannot push its volume's history
+	// out with snapshots. Zero: DefaultAutoPruneMinAge; negative: none.
+	AutoPruneMinAge time.Duration
+	Version         string
 }
 
 // Defaults of Options.RepoTimeout and Options.LeaseTTL.

@@ -44,6 +44,8 @@ func serveCommand() *cli.Command {
 					"they keep what was written meanwhile in the repository; 0 keeps none"},
 			&cli.DurationFlag{Name: "gc-interval", Value: nbdserver.DefaultGCInterval, EnvVars: []string{"NBDVAULT_GC_INTERVAL"},
 				Usage: "after volumes' stored retention policies remove snapshots, collect garbage at most once this `long`, so that a burst of deletes is one sweep"},
+			&cli.DurationFlag{Name: "auto-prune-min-age", Value: nbdserver.DefaultAutoPruneMinAge, EnvVars: []string{"NBDVAULT_AUTO_PRUNE_MIN_AGE"},
+				Usage: "volumes' stored retention policies leave snapshots taken by scoped tokens and certificates until they are this `old`, so that a source host broken into cannot push history out with snapshots; 0: no minimum"},
 			&cli.StringFlag{Name: "log-limit", Value: "8G", EnvVars: []string{"NBDVAULT_LOG_LIMIT"},
 				Usage: "write log `size` per volume past which writes wait for the uploader"},
 			&cli.StringFlag{Name: "cache", EnvVars: []string{"NBDVAULT_CACHE"},
@@ -192,6 +194,7 @@ func serve(c *cli.Context) error {
 		RepoTimeout:         c.Duration("repo-timeout"),
 		LeaseTTL:            c.Duration("lease-ttl"),
 		GCInterval:          c.Duration("gc-interval"),
+		AutoPruneMinAge:     autoPruneMinAge(c),
 		MaxMemory:           maxMemory,
 		ReplyTimeout:        c.Duration("reply-timeout"),
 		VerifyEvery:         c.Duration("verify-every"),
@@ -295,4 +298,13 @@ func memoryLimit(maxMemory, cache int64) int64 {
 		return maxMemory
 	}
 	return maxMemory - maxMemory/4 + cache
+}
+
+// autoPruneMinAge is --auto-prune-min-age as nbdserver.Options takes it:
+// 0 there is the default, so "no minimum" is negative.
+func autoPruneMinAge(c *cli.Context) time.Duration {
+	if d := c.Duration("auto-prune-min-age"); d > 0 {
+		return d
+	}
+	return -1
 }

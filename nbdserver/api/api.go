@@ -135,6 +135,9 @@ type Snapshot struct {
 	Kind string `json:"kind,omitempty"`
 	// Protected: delete and prune leave it until it is unprotected.
 	Protected bool `json:"protected,omitempty"`
+	// TakenBy is who took it, when not the admin token or the server: a
+	// scoped token ("token:ID") or a certificate ("cert:NAME").
+	TakenBy string `json:"taken_by,omitempty"`
 	// Used is the stored bytes only this snapshot references: what
 	// deleting it alone frees (once the point-in-time window no longer
 	// keeps its state). Used does not sum: deleting several frees also

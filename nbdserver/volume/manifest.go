@@ -112,6 +112,11 @@ type Manifest struct {
 	// Protected: a snapshot that neither delete nor prune removes until
 	// it is unprotected (Volume.Protect).
 	Protected bool `json:"protected,omitempty"`
+	// By is who took the snapshot when it was not the admin (token or
+	// certificate) or the server: "token:ID", "cert:NAME". The automatic
+	// prune leaves such snapshots alone while they are young, so that a
+	// source host broken into cannot push history out with snapshots.
+	By string `json:"by,omitempty"`
 }
 
 func volumeKey(name string) string { return volumePrefix(name) + "volume" }

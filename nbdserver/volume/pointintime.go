@@ -397,6 +397,12 @@ func (v *Volume) remember(c *cut, m *Manifest) {
 // data is copied: the snapshot's manifest is the checkpoint's, under the
 // same ID. A point still in the write log is refused with ErrNotSealed.
 func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInfo, error) {
+	return v.KeepPointBy(ctx, from, label, "")
+}
+
+// KeepPointBy is KeepPoint for a caller other than the admin, by
+// (Manifest.By).
+func (v *Volume) KeepPointBy(ctx context.Context, from, label, by string) (SnapshotInfo, error) {
 	g := v.env.gc()
 	g.marking.RLock() // a failed put deletes what it may have stored
 	defer g.marking.RUnlock()
@@ -421,7 +427,7 @@ func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInf
 		return SnapshotInfo{}, fmt.Errorf("checkpoint %s of volume %q: %w: it left the retention window", si.ID, v.cfg.Name, ErrNoSnapshot)
 	}
 	keep := *m
-	keep.Kind, keep.Label = KindSnapshot, label
+	keep.Kind, keep.Label, keep.By = KindSnapshot, label, by
 	key := manifestKey(v.cfg.Name, KindSnapshot, keep.ID)
 	// Listed before it is written: a put that fails may still have
 	// stored it, and the sweep must count what it names. Listing it also
@@ -447,5 +453,5 @@ func (v *Volume) KeepPoint(ctx context.Context, from, label string) (SnapshotInf
 		v.mu.Unlock()
 		return SnapshotInfo{}, fmt.Errorf("keep %s of volume %q as a snapshot: %w", si.ID, v.cfg.Name, err)
 	}
-	return SnapshotInfo{ID: keep.ID, Kind: KindSnapshot, Label: label, Time: keep.Time, Size: keep.Size, Sealed: true}, nil
+	return SnapshotInfo{ID: keep.ID, Kind: KindSnapshot, Label: label, Time: keep.Time, Size: keep.Size, Sealed: true, By: by}, nil
 }

@@ -39,6 +39,11 @@ type PruneOptions struct {
 	// that was ahead, or stepped back since) would make them remove the
 	// snapshots taken now.
 	NotAfter time.Time
+	// YoungBy, if set, keeps the snapshots taken by a caller other than
+	// the admin (SnapshotInfo.By) until they are this old, counting from
+	// Now: the server's automatic prune (serve --auto-prune-min-age).
+	YoungBy time.Duration
+	Now     time.Time
 }
 
 // ErrFutureSnapshot: a snapshot is dated after PruneOptions.NotAfter.
@@ -87,6 +92,9 @@ func (v *Volume) Prune(ctx context.Context, p retention.Policy, opts PruneOption
 			if why := opts.InUse(d.ID); why != "" {
 				pd.Keep, pd.Reasons = true, []string{why}
 			}
+		}
+		if si := pd.SnapshotInfo; !pd.Keep && opts.YoungBy > 0 && si.By != "" && si.Time.After(opts.Now.Add(-opts.YoungBy)) {
+			pd.Keep, pd.Reasons = true, []string{fmt.Sprintf("taken by %s less than %s ago", si.By, opts.YoungBy)}
 		}
 		out = append(out, pd)
 	}

@@ -332,7 +332,7 @@ func (v *Volume) Snapshots() []SnapshotInfo {
 	defer v.mu.RUnlock()
 	out := make([]SnapshotInfo, 0, len(v.snaps))
 	for _, s := range v.snaps {
-		out = append(out, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Protected: s.Protected, Damaged: s.damage})
+		out = append(out, SnapshotInfo{ID: s.ID, Kind: KindSnapshot, Label: s.Label, Time: s.Time, Size: s.Size, Sealed: s.sealed, Protected: s.Protected, By: s.By, Damaged: s.damage})
 	}
 	return out
 }

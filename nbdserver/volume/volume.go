@@ -130,6 +130,9 @@ type mark struct {
 	Kind  Kind      `json:"kind"`
 	Label string    `json:"label,omitempty"`
 	Time  time.Time `json:"time"`
+	// By is who took a snapshot, when not the admin or the server
+	// (Manifest.By).
+	By string `json:"by,omitempty"`
 	// Size is the volume's size when the mark was made; a volume can grow
 	// after it. Zero in marks of older logs: then the volume's size.
 	Size int64 `json:"size,omitempty"`
@@ -153,6 +156,8 @@ type SnapshotInfo struct {
 	Sealed bool
 	// Protected: delete and prune leave it (Volume.Protect).
 	Protected bool
+	// By is who took it, when not the admin or the server (Manifest.By).
+	By string
 	// Damaged is why the snapshot's manifest cannot be trusted; such a
 	// snapshot is listed but not readable.
 	Damaged error
@@ -561,7 +566,7 @@ func (v *Volume) apply(r Record, pos Pos) error {
 		if m.Kind == KindSnapshot {
 			v.snaps = append(v.snaps, &snapshot{Manifest: Manifest{
 				ID: m.ID, Kind: m.Kind, Volume: v.cfg.Name, Label: m.Label, Time: m.Time,
-				Size: m.Size, ChunkSize: v.cfg.ChunkSize, Seq: m.seq,
+				Size: m.Size, ChunkSize: v.cfg.ChunkSize, Seq: m.seq, By: m.By,
 			}})
 		}
 	}
@@ -732,7 +737,14 @@ func (v *Volume) Flush(ctx context.Context) error { return v.log.Sync() }
 // the call and none after. It is readable at once and sealed once the
 // uploader has stored it. The label, if any, must be unique in the volume.
 func (v *Volume) Snapshot(ctx context.Context, label string) (SnapshotInfo, error) {
-	return v.mark(KindSnapshot, label)
+	return v.mark(KindSnapshot, label, "")
+}
+
+// SnapshotBy is Snapshot for a caller other than the admin (a scoped
+// token, a certificate), by, which its manifest records: the server's
+// automatic prune leaves such snapshots alone for a while (PruneOptions).
+func (v *Volume) SnapshotBy(ctx context.Context, label, by string) (SnapshotInfo, error) {
+	return v.mark(KindSnapshot, label, by)
 }
 
 // Checkpoint closes the open layer so the uploader can store it, if it has
@@ -744,7 +756,7 @@ func (v *Volume) Checkpoint(ctx context.Context) (bool, error) {
 	if empty {
 		return false, nil
 	}
-	_, err := v.mark(KindCheckpoint, "")
+	_, err := v.mark(KindCheckpoint, "", "")
 	return err == nil, err
 }
 
@@ -767,13 +779,13 @@ func (v *Volume) checkLabel(label string) error {
 	return nil
 }
 
-func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
+func (v *Volume) mark(kind Kind, label, by string) (SnapshotInfo, error) {
 	v.markMu.Lock()
 	defer v.markMu.Unlock()
 	if err := v.checkLabel(label); err != nil {
 		return SnapshotInfo{}, err
 	}
-	m := mark{Kind: kind, Label: label}
+	m := mark{Kind: kind, Label: label, By: by}
 	var applyErr error
 	_, err := v.log.AppendMark(func(seq uint64) []byte {
 		// The time, too, under the append lock: every write acknowledged
@@ -809,7 +821,7 @@ func (v *Volume) mark(kind Kind, label string) (SnapshotInfo, error) {
 	// AppendMark made the mark durable before its ID is handed out, and
 	// started the next layer in a segment of its own.
 	v.nudge()
-	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: m.Size}, nil
+	return SnapshotInfo{ID: m.ID, Label: label, Time: m.Time, Size: m.Size, By: by}, nil
 }
 
 func maxTime(a, b time.Time) time.Time {
