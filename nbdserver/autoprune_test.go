@@ -21,19 +21,9 @@ import (
 // does one an NBD client has open, until it is closed.
 func TestRetentionAfterSeal(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(ctx, Options{Data: filepath.Join(t.TempDir(), "data"), Listen: []string{"127.0.0.1:0"},
-		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler), GCInterval: time.Hour})
-	require.NoError(t, err)
-	runCtx, stop := context.WithCancel(ctx)
-	served := make(chan error, 1)
-	go func() { served <- s.Serve(runCtx) }()
-	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
-	hs := httptest.NewServer(s.adminHandler())
-	t.Cleanup(hs.Close)
-	cl, err := api.NewClient(hs.URL, s.token)
-	require.NoError(t, err)
+	s, _, cl := serveForPrune(t)
 
-	_, err = cl.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
+	_, err := cl.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
 	require.NoError(t, err)
 	_, err = cl.SetRetention(ctx, "db", api.Policy{Last: -3})
 	require.ErrorIs(t, err, api.ErrInvalid)
@@ -104,18 +94,8 @@ func TestRetentionAfterSeal(t *testing.T) {
 // (the admin's) decides alone.
 func TestAutoPruneLeavesYoungScopedSnapshots(t *testing.T) {
 	ctx := context.Background()
-	s, err := Open(ctx, Options{Data: filepath.Join(t.TempDir(), "data"), Listen: []string{"127.0.0.1:0"},
-		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler), GCInterval: time.Hour})
-	require.NoError(t, err)
-	runCtx, stop := context.WithCancel(ctx)
-	served := make(chan error, 1)
-	go func() { served <- s.Serve(runCtx) }()
-	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
-	hs := httptest.NewServer(s.adminHandler())
-	t.Cleanup(hs.Close)
-	admin, err := api.NewClient(hs.URL, s.token)
-	require.NoError(t, err)
-	_, err = admin.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
+	s, hs, admin := serveForPrune(t)
+	_, err := admin.CreateVolume(ctx, api.CreateVolume{Name: "db", Size: 8 << 20})
 	require.NoError(t, err)
 	_, err = admin.SetRetention(ctx, "db", api.Policy{Last: 1})
 	require.NoError(t, err)
@@ -169,4 +149,22 @@ func TestAutoPruneLeavesYoungScopedSnapshots(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, "token:"+tok.ID, si.TakenBy)
 	assert.NotContains(t, ids(), a)
+}
+
+// serveForPrune runs a server for the retention tests, with its admin
+// API on a test HTTP server and a client of it with the admin token.
+func serveForPrune(t *testing.T) (*Server, *httptest.Server, *api.Client) {
+	t.Helper()
+	s, err := Open(context.Background(), Options{Data: filepath.Join(t.TempDir(), "data"), Listen: []string{"127.0.0.1:0"},
+		Admin: "127.0.0.1:0", Logger: slog.New(slog.DiscardHandler), GCInterval: time.Hour})
+	require.NoError(t, err)
+	runCtx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(runCtx) }()
+	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
+	hs := httptest.NewServer(s.adminHandler())
+	t.Cleanup(hs.Close)
+	cl, err := api.NewClient(hs.URL, s.token)
+	require.NoError(t, err)
+	return s, hs, cl
 }

@@ -95,19 +95,30 @@ func (s *Server) newKey(ctx context.Context, password, label string) (api.Key, e
 	return api.Key{ID: id, Created: f.Created, Host: f.Host, Label: f.Label}, nil
 }
 
-func (s *Server) addKey(r *http.Request) (int, any, error) {
-	if err := s.encrypted(); err != nil {
-		return 0, nil, err
-	}
+// keyRequest decodes a key change and returns it with the ID of the key
+// its current password opens, holding keyMu (the caller unlocks it).
+func (s *Server) keyRequest(r *http.Request) (api.AddKey, string, error) {
 	var req api.AddKey
+	if err := s.encrypted(); err != nil {
+		return req, "", err
+	}
 	if err := decode(r, &req); err != nil {
-		return 0, nil, err
+		return req, "", err
 	}
 	s.keyMu.Lock()
-	defer s.keyMu.Unlock()
-	if _, err := s.openedBy(r.Context(), req.Password); err != nil {
+	id, err := s.openedBy(r.Context(), req.Password)
+	if err != nil {
+		s.keyMu.Unlock()
+	}
+	return req, id, err
+}
+
+func (s *Server) addKey(r *http.Request) (int, any, error) {
+	req, _, err := s.keyRequest(r)
+	if err != nil {
 		return 0, nil, err
 	}
+	defer s.keyMu.Unlock()
 	k, err := s.newKey(r.Context(), req.NewPassword, req.Label)
 	if err != nil {
 		return 0, nil, err
@@ -119,19 +130,11 @@ func (s *Server) addKey(r *http.Request) (int, any, error) {
 // changePassword writes the new key, then deletes the one the old
 // password opened: a crash between leaves both working, never none.
 func (s *Server) changePassword(r *http.Request) (int, any, error) {
-	if err := s.encrypted(); err != nil {
-		return 0, nil, err
-	}
-	var req api.AddKey
-	if err := decode(r, &req); err != nil {
-		return 0, nil, err
-	}
-	s.keyMu.Lock()
-	defer s.keyMu.Unlock()
-	old, err := s.openedBy(r.Context(), req.Password)
+	req, old, err := s.keyRequest(r)
 	if err != nil {
 		return 0, nil, err
 	}
+	defer s.keyMu.Unlock()
 	label := req.Label
 	if label == "" {
 		if data, err := s.repo.Get(r.Context(), chunkstore.KeysPrefix+old); err == nil {

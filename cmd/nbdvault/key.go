@@ -84,31 +84,13 @@ func keyPasswords(c *cli.Context) (api.AddKey, error) {
 	return req, nil
 }
 
-func keyAdd(c *cli.Context) error {
-	if err := needArgs(c, 0, ""); err != nil {
-		return err
-	}
-	cl, err := adminClient(c)
-	if err != nil {
-		return err
-	}
-	req, err := keyPasswords(c)
-	if err != nil {
-		return err
-	}
-	req.Label = c.String("label")
-	k, err := cl.AddKey(c.Context, req)
-	if err != nil {
-		return err
-	}
-	if c.Bool("json") {
-		return printJSON(k)
-	}
-	fmt.Printf("added key %s\n", k.ID)
-	return nil
-}
+func keyAdd(c *cli.Context) error { return keyChange(c, false) }
 
-func keyPasswd(c *cli.Context) error {
+func keyPasswd(c *cli.Context) error { return keyChange(c, true) }
+
+// keyChange adds a password, or (passwd) replaces the key a current one
+// opens.
+func keyChange(c *cli.Context, passwd bool) error {
 	if err := needArgs(c, 0, ""); err != nil {
 		return err
 	}
@@ -120,14 +102,24 @@ func keyPasswd(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
-	k, err := cl.ChangePassword(c.Context, req)
+	var k api.Key
+	if passwd {
+		k, err = cl.ChangePassword(c.Context, req)
+	} else {
+		req.Label = c.String("label")
+		k, err = cl.AddKey(c.Context, req)
+	}
 	if err != nil {
 		return err
 	}
 	if c.Bool("json") {
 		return printJSON(k)
 	}
-	fmt.Printf("changed the password: key %s replaces the one it opened\n", k.ID)
+	if passwd {
+		fmt.Printf("changed the password: key %s replaces the one it opened\n", k.ID)
+	} else {
+		fmt.Printf("added key %s\n", k.ID)
+	}
 	return nil
 }
 
