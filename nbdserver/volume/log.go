@@ -381,9 +381,14 @@ func (l *Log) replaySegment(first uint64, later []uint64, recover bool, fn func(
 }
 
 // readRecord reads the record at off of a file of the given size into
-// *buf (grown as needed). A record that is not whole and good gets why,
-// saying what is wrong; err is for I/O errors only.
-func readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen uint32, why string, err error) {
+// *buf (grown as needed), and opens its data in a log that seals them.
+// dataLen is what the data takes in the file. A record that is not whole
+// and good gets why, saying what is wrong; err is for I/O errors, and for
+// a whole record (its CRC good) that is sealed where the log is not, or
+// the other way round, or that does not open: an error matching
+// ErrLogCorrupt, never a why, since it is no torn write, and a log read
+// with the wrong key (or none) must not be cut as if it were.
+func (l *Log) readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen uint32, why string, err error) {
 	var hdr [recordHeaderLen]byte
 	if size-off < recordHeaderLen {
 		return rec, 0, "short record header", nil
@@ -409,24 +414,6 @@ func readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen u
 		return rec, 0, "CRC mismatch", nil
 	}
 	rec.Data = data
-	return rec, dataLen, "", nil
-}
-
-// readRecord is readRecord with the record's data opened, in a log that
-// seals them. dataLen is what the data takes in the file. A whole record
-// (its CRC good) that is sealed where the log is not, or the other way
-// round, or that does not open, is an error matching ErrLogCorrupt, never
-// a why: it is no torn write, and a log read with the wrong key (or none)
-// must not be cut as if it were.
-func (l *Log) readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, dataLen uint32, why string, err error) {
-	rec, dataLen, why, err = readRecord(f, off, size, buf)
-	if why != "" || err != nil {
-		return rec, dataLen, why, err
-	}
-	var hdr [recordHeaderLen]byte
-	if _, err := f.ReadAt(hdr[:], off); err != nil {
-		return rec, 0, "", err
-	}
 	bad := func(why string) (Record, uint32, string, error) {
 		return rec, 0, "", fmt.Errorf("%w: %s at offset %d, record %d: %s", ErrLogCorrupt, f.Name(), off, rec.Seq, why)
 	}
@@ -436,7 +423,7 @@ func (l *Log) readRecord(f *os.File, off, size int64, buf *[]byte) (rec Record, 
 	case !sealed && l.seal != nil:
 		return bad("a record that is not sealed, in an encrypted repository's log: written by someone without its key")
 	case sealed:
-		plain, err := l.seal.open(hdr[:], rec.Data)
+		plain, err := l.seal.open(hdr[:], data)
 		if err != nil {
 			return bad(err.Error())
 		}
