@@ -145,25 +145,26 @@ func (k *Keys) seal(dst []byte, kind byte, key string, pos, count uint64, plain 
 
 // open returns the plaintext of unit, in a new slice.
 func (k *Keys) open(kind byte, key string, pos, count uint64, unit []byte) ([]byte, error) {
-	if len(unit) < sealOverhead {
-		return nil, fmt.Errorf("sealed unit of %d bytes is shorter than its nonce and tag", len(unit))
-	}
-	plain, err := k.aead.Open(nil, unit[:nonceSize], unit[nonceSize:], k.aad(kind, key, pos, count))
-	if err != nil {
-		return nil, errors.New("it does not open with this repository's key: damaged, or written elsewhere (another object, place or repository)")
-	}
-	return plain, nil
+	return k.openTo(nil, kind, key, pos, count, unit)
 }
 
 // openInPlace is open, decrypting into unit's own bytes (the caller owns
 // unit and uses nothing of it but the plaintext returned): no copy and
 // no allocation on the read path.
 func (k *Keys) openInPlace(kind byte, key string, pos, count uint64, unit []byte) ([]byte, error) {
+	var dst []byte
+	if len(unit) >= nonceSize {
+		dst = unit[nonceSize:nonceSize] // the ciphertext's own storage
+	}
+	return k.openTo(dst, kind, key, pos, count, unit)
+}
+
+// openTo appends the plaintext of unit to dst.
+func (k *Keys) openTo(dst []byte, kind byte, key string, pos, count uint64, unit []byte) ([]byte, error) {
 	if len(unit) < sealOverhead {
 		return nil, fmt.Errorf("sealed unit of %d bytes is shorter than its nonce and tag", len(unit))
 	}
-	ct := unit[nonceSize:]
-	plain, err := k.aead.Open(ct[:0], unit[:nonceSize], ct, k.aad(kind, key, pos, count))
+	plain, err := k.aead.Open(dst, unit[:nonceSize], unit[nonceSize:], k.aad(kind, key, pos, count))
 	if err != nil {
 		return nil, errors.New("it does not open with this repository's key: damaged, or written elsewhere (another object, place or repository)")
 	}
