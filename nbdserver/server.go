@@ -254,8 +254,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	// confirmed (docs/architecture.md, "Fencing through outages").
 	s.repo = s.lease.Fence(s.repo)
 	stateDir := filepath.Join(opts.Data, "state")
-	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: lastKey(stateDir),
-		stateSays: stateEncryption(stateDir)}
+	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: stateFile(stateDir, "key"),
+		stateSays: stateFile(stateDir, "encryption")}
 	rc, keys, err := checkRepoConfig(ctx, s.repo, s.log, enc)
 	if err != nil {
 		return nil, err
@@ -1257,20 +1257,11 @@ func bindKeys(dir string, keys *chunkstore.Keys, location string) error {
 		location, keys.Fingerprint(), dir, strings.TrimPrefix(have, "fingerprint "))
 }
 
-// stateEncryption is what the state folder says of its repository's
-// encryption (bindKeys), or "".
-func stateEncryption(dir string) string {
-	data, err := os.ReadFile(filepath.Join(dir, "encryption"))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(string(data))
-}
-
-// lastKey is the ID of the key that opened the repository last time, if
-// the state folder remembers it.
-func lastKey(dir string) string {
-	data, err := os.ReadFile(filepath.Join(dir, "key"))
+// stateFile is the content of the state folder's small file name
+// ("encryption", bindKeys; "key", the key that opened the repository last
+// time), trimmed, or "" if there is none.
+func stateFile(dir, name string) string {
+	data, err := os.ReadFile(filepath.Join(dir, name))
 	if err != nil {
 		return ""
 	}
