@@ -393,11 +393,8 @@ func (s *Server) compareChunks(r *http.Request) (int, any, error) {
 		}
 		sums[i] = s.store.IDOfHash(h)
 	}
-	ids, err := v.ChunkIDs(r.Context(), req.First, len(req.Sums))
+	ids, err := headChunkIDs(r.Context(), v, req.First, len(req.Sums))
 	if err != nil {
-		if errors.Is(err, volume.ErrOutOfRange) {
-			err = fmt.Errorf("%w: %v", errInvalid, err)
-		}
 		return 0, nil, err
 	}
 	if len(ids) != len(req.Sums) {
@@ -410,6 +407,16 @@ func (s *Server) compareChunks(r *http.Request) (int, any, error) {
 		}
 	}
 	return http.StatusOK, out, nil
+}
+
+// headChunkIDs is v.ChunkIDs, with a range past the volume's end the
+// caller's mistake (invalid).
+func headChunkIDs(ctx context.Context, v *volume.Volume, first uint64, count int) ([]chunkstore.ID, error) {
+	ids, err := v.ChunkIDs(ctx, first, count)
+	if errors.Is(err, volume.ErrOutOfRange) {
+		err = fmt.Errorf("%w: %v", errInvalid, err)
+	}
+	return ids, err
 }
 
 func (s *Server) chunkIDs(r *http.Request) (int, any, error) {
@@ -428,11 +435,8 @@ func (s *Server) chunkIDs(r *http.Request) (int, any, error) {
 	if err1 != nil || err2 != nil || count < 0 || count > api.MaxChunkIDs {
 		return 0, nil, fmt.Errorf("%w: want ?first=CHUNK&count=N with N at most %d", errInvalid, api.MaxChunkIDs)
 	}
-	ids, err := v.ChunkIDs(r.Context(), first, count)
+	ids, err := headChunkIDs(r.Context(), v, first, count)
 	if err != nil {
-		if errors.Is(err, volume.ErrOutOfRange) {
-			err = fmt.Errorf("%w: %v", errInvalid, err)
-		}
 		return 0, nil, err
 	}
 	out := api.ChunkIDs{ChunkSize: v.Config().ChunkSize, Hash: s.store.Scheme(), First: first, IDs: make([]string, len(ids))}
