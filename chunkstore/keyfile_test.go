@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -113,4 +114,26 @@ func FuzzKeyFile(f *testing.F) {
 		}
 		_ = bytes.Clone(k.Wrapped)
 	})
+}
+
+// More keys than a start unwraps, planted under IDs that sort first and
+// with other parameters, do not hide the real key: keys made with this
+// nbdvault's parameters are tried first (review L3).
+func TestOpenKeysPlantedFirst(t *testing.T) {
+	ctx := context.Background()
+	mem := NewMem()
+	master, keyset := NewMasterKey()
+	cheap := KDF{Time: minKDF.Time, MemoryKiB: minKDF.MemoryKiB, Threads: 1}
+	for i := range maxKeysTried + 1 {
+		other, otherSet := NewMasterKey()
+		f, err := WrapKey(other, otherSet, []byte("planted"), cheap, "")
+		require.NoError(t, err)
+		require.NoError(t, mem.Put(ctx, KeysPrefix+fmt.Sprintf("%04d", i), f.Marshal()))
+	}
+	f, err := WrapKey(master, keyset, []byte("right"), DefaultKDF, "")
+	require.NoError(t, err)
+	require.NoError(t, mem.Put(ctx, KeysPrefix+"ffff", f.Marshal()))
+	_, id, err := OpenKeys(ctx, mem, []byte("right"), "", nil)
+	require.NoError(t, err)
+	assert.Equal(t, "ffff", id)
 }
