@@ -198,14 +198,14 @@ func LooksSealed(obj []byte) bool {
 // sealed footer, everything else whole (kind 6). For tests and checks.
 func SealedAsItShould(key string, obj []byte) bool {
 	switch {
-	case key == "config", strings.HasPrefix(key, "keys/"), strings.HasPrefix(key, "locks/"):
-		return true
+	case SealsWhole(key):
+		return isSealed(obj) && obj[3] == kindObject
 	case strings.HasPrefix(key, "chunks/"):
 		return LooksSealed(obj) && (obj[2] == framedSealedVersion || obj[3] == kindChunk)
-	case !SealsWhole(key):
+	case strings.HasPrefix(key, "volumes/"): // a journal pack
 		return sealedPack(obj) && isSealed(obj) && obj[3] == kindPackFrame
 	}
-	return isSealed(obj) && obj[3] == kindObject
+	return true // the config, keys and the lease: read before the keys
 }
 
 // sealedPack reports whether pack ends with a sealed footer.
