@@ -271,7 +271,7 @@ func (s *Server) recoverVolume(r *http.Request) (int, any, error) {
 	if cut != nil {
 		out = api.Recovery{
 			Volume: name, Damaged: true, Segment: cut.Segment, Offset: cut.Offset, Record: cut.Seq, Why: cut.Why,
-			BytesCut: cut.Bytes, RecordsCut: cut.Records, MovedTo: cut.MovedTo,
+			BytesCut: cut.Bytes, RecordsCut: cut.Records, MovedTo: cut.MovedTo, Forked: cut.Forked,
 		}
 		for _, si := range cut.LostSnapshots() {
 			out.SnapshotsLost = append(out.SnapshotsLost, api.Snapshot{Volume: name, ID: si.ID, Label: si.Label, Time: si.Time.UTC(), Size: si.Size})

@@ -244,7 +244,18 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	s.health = &repoHealth{log: s.log}
 	s.repo = s.metrics.countRequests(s.repo, s.health)
 	s.log.Info("opening the repository", "repository", s.repo.Location())
-	if s.lease, err = lease.Acquire(ctx, s.repo, opts.LeaseTTL); err != nil {
+	stateDir := filepath.Join(opts.Data, "state")
+	// The ID is this folder's before any lease record names it, so every
+	// manifest a server on this folder writes names one of its holders.
+	holders, err := volume.OpenHolders(stateDir)
+	if err != nil {
+		return nil, err
+	}
+	usedBefore, holderID := holders.Used(), lease.NewID()
+	if err := holders.Add(holderID); err != nil {
+		return nil, err
+	}
+	if s.lease, err = lease.AcquireAs(ctx, s.repo, opts.LeaseTTL, holderID); err != nil {
 		if errors.Is(err, chunkstore.ErrUnavailable) {
 			return nil, fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then start again", s.repo.Location(), err)
 		}
@@ -253,7 +264,10 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	// From here on the repository is written only while the lease is
 	// confirmed (docs/architecture.md, "Fencing through outages").
 	s.repo = s.lease.Fence(s.repo)
-	stateDir := filepath.Join(opts.Data, "state")
+	if p := s.lease.PreviousHolder(); p.ID != "" && usedBefore && !holders.Own(p.ID) {
+		s.log.Warn("another server held the repository since this state folder was last used: volumes whose write logs hold writes it never saw are not served until `nbdvault volume recover` moves those logs aside",
+			"other_host", p.Host, "other_pid", p.PID, "other_started", p.Started)
+	}
 	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: stateFile(stateDir, "key"),
 		stateSays: stateFile(stateDir, "encryption")}
 	rc, keys, err := checkRepoConfig(ctx, s.repo, s.log, enc)
@@ -311,6 +325,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	}
 	s.env = &volume.Env{
 		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"), Inventory: inv, Keys: keys,
+		Writer: holderID, Holders: holders,
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		UploadMemory: opts.MaxMemory / 4,
 		Logger:       s.log.With("part", "upload"),
@@ -640,6 +655,9 @@ var errDamaged = errors.New("not served")
 
 // nextStep says what to do about a volume that failed with err.
 func nextStep(name string, err error) string {
+	if errors.Is(err, volume.ErrForkedLog) {
+		return fmt.Sprintf("run `nbdvault volume recover %s` to open it as the repository holds it; its write log is moved aside, with the writes another server never had", name)
+	}
 	if errors.Is(err, volume.ErrLogCorrupt) {
 		return fmt.Sprintf("run `nbdvault volume recover %s` to open it at its newest good state; it reports what is lost", name)
 	}

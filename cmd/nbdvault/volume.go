@@ -51,7 +51,7 @@ func volumeCommand() *cli.Command {
 			{Name: "delete", Usage: "delete a volume and all its snapshots", ArgsUsage: "NAME", Action: volumeDelete,
 				Flags: append([]cli.Flag{&cli.BoolFlag{Name: "force", Usage: "delete it even if it has protected snapshots"}}, clientFlags...)},
 			{
-				Name: "recover", Usage: "open a volume whose write log is damaged at its newest good state, and say what is lost",
+				Name: "recover", Usage: "open a volume whose write log is damaged at its newest good state (or holds writes another server's history of it does not have: the log is moved aside), and say what is lost",
 				ArgsUsage: "NAME", Flags: append([]cli.Flag{jsonFlag}, clientFlags...), Action: volumeRecover,
 			},
 		},
@@ -274,17 +274,27 @@ func volumeRecover(c *cli.Context) error {
 		fmt.Printf("volume %s: its write log has no damage; nothing was cut, and it is served\n", r.Volume)
 		return nil
 	}
+	if r.Forked {
+		fmt.Printf("volume %s recovered: its write log held %d records from record %d on that another server's history of the volume does not have (%s)\n", r.Volume, r.RecordsCut, r.Record, r.Why)
+		fmt.Printf("the write log is kept in %s (%s of writes, not in the repository); the volume is served as the repository holds it\n", r.MovedTo, formatSize(r.BytesCut))
+		printLostSnapshots(r.SnapshotsLost)
+		return nil
+	}
 	fmt.Printf("volume %s recovered: its write log was cut at record %d (%s, offset %d: %s)\n", r.Volume, r.Record, r.Segment, r.Offset, r.Why)
 	fmt.Printf("lost: %s of write log holding at least %d records (writes, snapshots and checkpoints) made after that point\n", formatSize(r.BytesCut), r.RecordsCut)
-	for _, s := range r.SnapshotsLost {
+	printLostSnapshots(r.SnapshotsLost)
+	fmt.Printf("what was cut is kept in %s; the volume is served again from its newest good state\n", r.MovedTo)
+	return nil
+}
+
+func printLostSnapshots(lost []api.Snapshot) {
+	for _, s := range lost {
 		label := ""
 		if s.Label != "" {
 			label = " (" + s.Label + ")"
 		}
 		fmt.Printf("lost snapshot: %s%s, taken %s\n", s.ID, label, s.Time.Format(time.RFC3339))
 	}
-	fmt.Printf("what was cut is kept in %s; the volume is served again from its newest good state\n", r.MovedTo)
-	return nil
 }
 
 func printJSON(v any) error {

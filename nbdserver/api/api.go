@@ -257,6 +257,10 @@ type Recovery struct {
 	MovedTo    string `json:"moved_to,omitempty"`
 	// SnapshotsLost are the snapshots whose marks were cut.
 	SnapshotsLost []Snapshot `json:"snapshots_lost,omitempty"`
+	// Forked: the log was not damaged but held writes that another
+	// server's history of the volume does not have (it took the lease
+	// over while this server was down): all of it was moved to MovedTo.
+	Forked bool `json:"forked,omitempty"`
 }
 
 // UpdateVolume is the body of PATCH /v1/volumes/{name}: what to change.

@@ -89,7 +89,8 @@ type Lease struct {
 	version string
 	// previous is the ID of the holder whose record Acquire replaced
 	// ("" if it made the first one).
-	previous string
+	previous       string
+	previousHolder Holder
 
 	// win guards the write window; it is never held across I/O, so a
 	// renewal waiting on the store does not hold writers up.
@@ -154,13 +155,29 @@ func (l *Lease) margin() time.Duration { return l.ttl / 3 }
 // other server held the repository since.
 func (l *Lease) Previous() string { return l.previous }
 
+// PreviousHolder is the whole record Previous names (zero when none).
+func (l *Lease) PreviousHolder() Holder { return l.previousHolder }
+
 // Margin is how much later than its cancellation the store may still
 // apply a write (the lease's assumption): a third of the TTL.
 func (l *Lease) Margin() time.Duration { return l.margin() }
 
+// NewID returns a new random holder ID, for AcquireAs.
+func NewID() string {
+	id := make([]byte, 8)
+	_, _ = rand.Read(id)
+	return hex.EncodeToString(id)
+}
+
 // Acquire takes the repository's lease for ttl (DefaultTTL if zero), or
 // returns a *HeldError naming the server that holds it.
 func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lease, error) {
+	return AcquireAs(ctx, b, ttl, NewID())
+}
+
+// AcquireAs is Acquire with the holder ID id (NewID), which the caller
+// may have recorded before any lease record names it.
+func AcquireAs(ctx context.Context, b chunkstore.Backend, ttl time.Duration, id string) (*Lease, error) {
 	store, ok := chunkstore.AsVersioned(b)
 	if !ok {
 		return nil, fmt.Errorf("repository %s takes no conditional writes, so it cannot hold a lease", b.Location())
@@ -168,11 +185,12 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 	if ttl <= 0 {
 		ttl = DefaultTTL
 	}
+	if id == "" {
+		return nil, errors.New("take the repository lease: no holder ID")
+	}
 	host, _ := os.Hostname()
-	id := make([]byte, 8)
-	_, _ = rand.Read(id)
 	now := time.Now().UTC()
-	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: hex.EncodeToString(id), Host: host, Machine: machineID(), Boot: bootID(), PIDNS: pidNamespace(), PID: os.Getpid(), Started: now}}
+	l := &Lease{backend: b, store: store, ttl: ttl, me: Holder{ID: id, Host: host, Machine: machineID(), Boot: bootID(), PIDNS: pidNamespace(), PID: os.Getpid(), Started: now}}
 
 	for range 5 { // each round loses only to another server that moved first
 		t0 := time.Now()
@@ -215,7 +233,7 @@ func Acquire(ctx context.Context, b chunkstore.Backend, ttl time.Duration) (*Lea
 		l.me.Expires = t0.UTC().Add(ttl)
 		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
 		if err == nil {
-			l.version, l.previous = ver, h.ID
+			l.version, l.previous, l.previousHolder = ver, h.ID, h
 			l.confirm(t0)
 			if live {
 				// The dead holder's last requests may still be applied

@@ -164,6 +164,9 @@ type LogCut struct {
 	MovedTo string
 	Records int
 	Marks   []Record // their data is the mark's payload
+	// Forked: not damage, a log another server's history went on
+	// without (ErrForkedLog); the whole log was moved.
+	Forked bool
 }
 
 // openLog opens and replays the log in dir.

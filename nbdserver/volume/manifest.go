@@ -26,6 +26,9 @@ type Config struct {
 	// made a snapshot sealed (Volume.SetRetention); zero: none, every
 	// snapshot is kept. Records without it (older ones) read as none.
 	Retention retention.Policy `json:"retention,omitzero"`
+	// Writer is the lease holder ID of the server that created the
+	// volume (Env.Writer; empty in older records). Rewrites keep it.
+	Writer string `json:"writer,omitempty"`
 }
 
 // Limits of a volume.
@@ -117,6 +120,10 @@ type Manifest struct {
 	// prune leaves such snapshots alone while they are young, so that a
 	// source host broken into cannot push history out with snapshots.
 	By string `json:"by,omitempty"`
+	// Writer is the lease holder ID of the server whose seal made the
+	// manifest (Env.Writer; empty in older ones). Copies of it (a kept
+	// point, protect) keep it: their content is its seal's.
+	Writer string `json:"writer,omitempty"`
 }
 
 func volumeKey(name string) string { return volumePrefix(name) + "volume" }

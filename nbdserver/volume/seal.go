@@ -105,7 +105,7 @@ func (v *Volume) storeLayer(ctx context.Context, base Manifest, l *layer) (Manif
 	m := Manifest{
 		ID: l.mark.ID, Kind: l.mark.Kind, Volume: v.cfg.Name, Label: l.mark.Label, Time: l.mark.Time,
 		Size: l.mark.Size, ChunkSize: v.cfg.ChunkSize, Root: res.root, Seq: l.mark.seq, Parent: base.ID,
-		Deltas: res.deltas, By: l.mark.By,
+		Deltas: res.deltas, By: l.mark.By, Writer: v.env.Writer,
 	}
 	key := manifestKey(v.cfg.Name, m.Kind, m.ID)
 	if err := putJSON(ctx, v.repo, v.env.RepoID, key, m); err != nil {

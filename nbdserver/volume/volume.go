@@ -190,6 +190,14 @@ type Env struct {
 	// cannot be trusted. Store must report its Puts to it
 	// (chunkstore.Options.Written). Without it every collection lists.
 	Inventory *Inventory
+	// Writer is this server's lease holder ID: every manifest and volume
+	// record it writes names it. Holders are the state folder's (this
+	// one included, before the lease is taken): a volume whose newest
+	// manifest another writer made does not replay the log records no
+	// manifest of this folder's covers (ErrForkedLog). Nil: every writer
+	// counts as this folder's.
+	Writer  string
+	Holders *Holders
 	// CheckpointInterval: after a write, Run makes a checkpoint at most
 	// this long after it, bounding how far the repository lags the
 	// volume. Default 10s.
@@ -267,6 +275,7 @@ func (e *Env) logLimit() int64 {
 func Create(ctx context.Context, env *Env, cfg Config) (*Volume, error) {
 	repo := env.Repo
 	cfg.ChunkSize = cmp.Or(cfg.ChunkSize, DefaultChunkSize)
+	cfg.Writer = env.Writer
 	if cfg.Created.IsZero() {
 		cfg.Created = time.Now().UTC()
 	}
@@ -319,6 +328,19 @@ func Open(ctx context.Context, env *Env, name string) (*Volume, error) {
 // damage).
 func Recover(ctx context.Context, env *Env, name string) (*Volume, *LogCut, error) {
 	v, err := openVolume(ctx, env, name, true)
+	var fe *forkError
+	if errors.As(err, &fe) {
+		// The whole log is another history's fork: moved aside, the
+		// volume opens as the repository holds it.
+		cut, merr := fe.moveAside()
+		if merr != nil {
+			return nil, nil, fmt.Errorf("volume %q: move its write log aside: %w", name, merr)
+		}
+		if v, err = openVolume(ctx, env, name, true); err != nil {
+			return nil, nil, err
+		}
+		return v, cut, nil
+	}
 	if err != nil {
 		return nil, nil, err
 	}
@@ -372,6 +394,7 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		return nil, err
 	}
 	damaged = append(damaged, bad...)
+	fk := newFork(snaps, cuts, damaged)
 	for _, c := range cuts {
 		v.checkpoints = append(v.checkpoints, c)
 		v.cutIDs[c.id] = c
@@ -413,7 +436,10 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 			volumeKey(name), chunkstore.ErrCorrupt, v.cfg.Size, v.base.ID, v.base.Size)
 	}
 	dir := filepath.Join(env.stateDir(name), "log")
-	if firsts, err := segmentNames(dir); err == nil && len(firsts) > 0 && firsts[0] > v.base.Seq+1 {
+	// Written by a server of another state folder: the log's records
+	// are checked against that history, never replayed over it (fork.go).
+	fk.foreign = !env.Holders.Own(v.historyWriter())
+	if firsts, err := segmentNames(dir); err == nil && len(firsts) > 0 && firsts[0] > v.base.Seq+1 && !fk.foreign {
 		// The log starts after what the newest manifest covers: the
 		// manifest that covered the records between is gone or damaged.
 		// Replaying would put later writes on an older state.
@@ -426,8 +452,9 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	}
 	v.layers = []*layer{{extents: newExtentMap()}}
 	replay := func(r Record, pos Pos) error {
-		if r.Seq <= v.base.Seq {
-			return nil // in the repository already
+		fk.see(r)
+		if r.Seq <= v.base.Seq || fk.foreign {
+			return nil // in the repository already, or a fork
 		}
 		return v.apply(r, pos)
 	}
@@ -438,6 +465,12 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	log, err := openLog(dir, lo, replay)
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
+	}
+	if fk.foreign || fk.mismatch != nil {
+		if err := v.checkFork(ctx, fk, dir); err != nil {
+			log.Close()
+			return nil, err
+		}
 	}
 	v.log = log
 	if mustReach > 0 && log.NextSeq() <= mustReach {

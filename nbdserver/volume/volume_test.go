@@ -54,6 +54,9 @@ type rig struct {
 	// (trusted) or after a crash (not), as a server's.
 	inv     atomic.Pointer[Inventory]
 	holders int
+	// hold is the state folder's lease holders: each reopen is a new
+	// one, as a server's start (forks must never be seen here).
+	hold *Holders
 }
 
 // cutModel is a point in time and the bytes it holds.
@@ -82,13 +85,19 @@ func newRig(t *testing.T, repo chunkstore.Backend, size, chunkSize int64, seed u
 
 func (g *rig) env() *Env {
 	return &Env{Repo: g.repo, Store: g.store, StateDir: g.stateDir, JournalRetention: g.retention, clock: func() time.Time { return g.now },
-		Inventory: g.inv.Load(), Keys: keysOf(g.repo)}
+		Inventory: g.inv.Load(), Keys: keysOf(g.repo), Writer: fmt.Sprint("holder", g.holders), Holders: g.hold}
 }
 
 // openInventory opens the chunk inventory, as a server does at start
 // with a new lease that replaced the last one's record.
 func (g *rig) openInventory() {
 	g.holders++
+	if g.hold == nil {
+		var err error
+		g.hold, err = OpenHolders(g.stateDir)
+		require.NoError(g.t, err)
+	}
+	require.NoError(g.t, g.hold.Add(fmt.Sprint("holder", g.holders)))
 	inv, err := OpenInventory(g.stateDir, InventoryOptions{Holder: fmt.Sprint("holder", g.holders), Previous: fmt.Sprint("holder", g.holders-1)})
 	require.NoError(g.t, err)
 	g.inv.Store(inv)

@@ -1,0 +1,169 @@
+package volume
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/chunkstore"
+)
+
+// forkEnv is a server's Env on its own state folder over repo, with the
+// lease holder id added to the folder's holders as a server does.
+func forkEnv(t *testing.T, repo chunkstore.Backend, dir, id string) *Env {
+	t.Helper()
+	store, err := chunkstore.NewStore(repo, chunkstore.Options{})
+	require.NoError(t, err)
+	env := &Env{Repo: repo, Store: store, StateDir: dir, CheckpointInterval: 1 << 62}
+	if id != "" {
+		env.Holders, err = OpenHolders(dir)
+		require.NoError(t, err)
+		require.NoError(t, env.Holders.Add(id))
+		env.Writer = id
+	}
+	return env
+}
+
+// crash ends a volume as kill -9 would: its log stays as it is, nothing
+// is sealed.
+func crash(t *testing.T, v *Volume) {
+	t.Helper()
+	require.NoError(t, v.log.Sync())
+	require.NoError(t, v.log.Close())
+}
+
+func readVolume(t *testing.T, v *Volume) []byte {
+	t.Helper()
+	got := make([]byte, v.Size())
+	require.NoError(t, v.ReadAt(context.Background(), got, 0))
+	return got
+}
+
+// Server A dies with 40 records unsealed; server B, on another state
+// folder, takes over, writes and seals. A, back, must not replay its log
+// over B's history: told by B's writer, or (B of an older version, no
+// writer) by B's manifest numbered among A's records. Recover opens the
+// volume as B left it and keeps A's log aside; what A writes then is its
+// own, after a crash too (the adopted history).
+func TestForkedLog(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		bWriter string // "": a server that keeps no writers
+		// bWrites: B's records before its seal; past A's 41, only the
+		// writer tells the fork.
+		bWrites int
+	}{{"writer", "holderB", 45}, {"marks", "", 1}} {
+		t.Run(tc.name, func(t *testing.T) {
+			ctx := context.Background()
+			repo := chunkstore.NewMem()
+			dirA, dirB := t.TempDir(), t.TempDir()
+			v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+			require.NoError(t, err)
+			_, err = v.Snapshot(ctx, "base")
+			require.NoError(t, err)
+			require.NoError(t, v.SealAll(ctx))
+			for i := range 40 {
+				require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
+			}
+			crash(t, v)
+
+			v, err = Open(ctx, forkEnv(t, repo, dirB, tc.bWriter), "v")
+			require.NoError(t, err)
+			for i := range tc.bWrites {
+				require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), int64(i)*4096, false))
+			}
+			_, err = v.Snapshot(ctx, "b")
+			require.NoError(t, err)
+			require.NoError(t, v.SealAll(ctx))
+			want := readVolume(t, v)
+			require.NoError(t, v.Close())
+
+			envA := forkEnv(t, repo, dirA, "holderA2")
+			_, err = Open(ctx, envA, "v")
+			require.ErrorIs(t, err, ErrForkedLog)
+			assert.Contains(t, err.Error(), "records 2 to 41 of its write log")
+
+			v, cut, err := Recover(ctx, envA, "v")
+			require.NoError(t, err)
+			require.NotNil(t, cut)
+			assert.True(t, cut.Forked)
+			assert.Equal(t, 40, cut.Records)
+			assert.EqualValues(t, 2, cut.Seq)
+			segs, err := os.ReadDir(cut.MovedTo)
+			require.NoError(t, err)
+			assert.NotEmpty(t, segs, "A's records are kept")
+			assert.Equal(t, filepath.Join(dirA, "forked"), filepath.Dir(filepath.Dir(cut.MovedTo)))
+			assert.Equal(t, want, readVolume(t, v), "A serves B's history exactly")
+
+			// A goes on from B's state and crashes before any seal: its
+			// records are its own, and replay.
+			require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x33}, 4096), 1<<20, false))
+			copy(want[1<<20:], bytes.Repeat([]byte{0x33}, 4096))
+			crash(t, v)
+			v, err = Open(ctx, forkEnv(t, repo, dirA, "holderA3"), "v")
+			require.NoError(t, err, "the history A adopted is its own")
+			assert.Equal(t, want, readVolume(t, v))
+			require.NoError(t, v.Close())
+		})
+	}
+}
+
+// A failback with nothing unsealed refuses nothing: A stops with its log
+// sealed, B takes over and seals, A opens at B's state.
+func TestForkFailbackSealed(t *testing.T) {
+	ctx := context.Background()
+	repo := chunkstore.NewMem()
+	dirA, dirB := t.TempDir(), t.TempDir()
+	v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+	require.NoError(t, err)
+	require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), 0, false))
+	_, err = v.Snapshot(ctx, "a")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	require.NoError(t, v.Close())
+
+	v, err = Open(ctx, forkEnv(t, repo, dirB, "holderB"), "v")
+	require.NoError(t, err)
+	require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), 4096, false))
+	_, err = v.Snapshot(ctx, "b")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	want := readVolume(t, v)
+	require.NoError(t, v.Close())
+
+	v, err = Open(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
+	require.NoError(t, err)
+	assert.Equal(t, want, readVolume(t, v))
+	require.NoError(t, v.Close())
+}
+
+// The holders file survives a torn append: a line cut short by a crash
+// (its lease PUT never sent) is dropped, and the next ID is whole.
+func TestHoldersTornLine(t *testing.T) {
+	dir := t.TempDir()
+	h, err := OpenHolders(dir)
+	require.NoError(t, err)
+	assert.False(t, h.Used())
+	require.NoError(t, h.Add("aaaa"))
+	f, err := os.OpenFile(filepath.Join(dir, HoldersFile), os.O_APPEND|os.O_WRONLY, 0)
+	require.NoError(t, err)
+	_, err = f.WriteString("bb\x00\x00")
+	require.NoError(t, err)
+	require.NoError(t, f.Close())
+
+	h, err = OpenHolders(dir)
+	require.NoError(t, err)
+	assert.True(t, h.Own("aaaa"))
+	assert.False(t, h.Own("bb"))
+	require.NoError(t, h.Add("cccc"))
+	h, err = OpenHolders(dir)
+	require.NoError(t, err)
+	assert.True(t, h.Own("aaaa"))
+	assert.True(t, h.Own("cccc"), "the ID after a torn line is read whole")
+	assert.True(t, h.Own(""), "a writer from before writers were kept")
+}
