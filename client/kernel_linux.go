@@ -3,6 +3,7 @@ package client
 import (
 	"cmp"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -47,17 +48,26 @@ const (
 // blockSize is the device's logical block size, 512 to 4096 (0: 512, the
 // kernel's default and most disks'): a mirror leg must match the local
 // disk's, or LVM refuses to mix them.
-func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, blockSize int, timeout time.Duration, ready func()) error {
+//
+// With tlsConfig the handshake starts with NBD_OPT_STARTTLS. The kernel
+// has no TLS, so it is then given one end of a socket pair, and this
+// process pumps bytes between the other end and the TLS connection while
+// the device is attached (nbd-client's TLS proxy); closing either side
+// ends the other. tlsConfig MUST name the server (ServerName) for a Unix
+// socket; for TCP an empty one is the address's host. Without TLS the
+// kernel takes the TCP or Unix socket itself, and nothing is pumped.
+func AttachKernel(ctx context.Context, addr, dev, export string, tlsConfig *tls.Config, readOnly bool, blockSize int, timeout time.Duration, ready func()) error {
 	// A connection closed before the greeting (a server restarting, a
 	// relay reconnecting) is tried again a few times.
 	var nc net.Conn
 	var info KernelExport
 	for attempt := 1; ; attempt++ {
 		var err error
-		if nc, err = dial(ctx, addr, &Options{}); err != nil {
+		opts := Options{TLS: tlsConfig}
+		if nc, err = dial(ctx, addr, &opts); err != nil {
 			return err
 		}
-		if info, err = Handshake(ctx, nc, export); err == nil {
+		if nc, info, err = Handshake(ctx, nc, export, opts.TLS); err == nil {
 			break
 		}
 		if !errors.Is(err, io.EOF) || attempt == 3 || ctx.Err() != nil {
@@ -66,13 +76,25 @@ func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, 
 		time.Sleep(time.Second)
 	}
 	defer nc.Close()
-	fc, ok := nc.(interface{ File() (*os.File, error) })
-	if !ok {
-		return fmt.Errorf("nbd: cannot hand a %T to the kernel", nc)
-	}
-	sock, err := fc.File()
-	if err != nil {
-		return err
+	var sock *os.File
+	var pumped chan error // pump's result, with TLS
+	if tlsConfig != nil {
+		kernelEnd, ours, err := socketPair()
+		if err != nil {
+			return fmt.Errorf("nbd: a socket pair for the kernel's end of TLS: %w", err)
+		}
+		sock, pumped = kernelEnd, make(chan error, 1)
+		go func() { pumped <- pump(ours, nc) }()
+		defer func() { _ = ours.Close() }() // ends the pump, if the kernel did not
+	} else {
+		fc, ok := nc.(interface{ File() (*os.File, error) })
+		if !ok {
+			return fmt.Errorf("nbd: cannot hand a %T to the kernel", nc)
+		}
+		var err error
+		if sock, err = fc.File(); err != nil {
+			return err
+		}
 	}
 	defer sock.Close()
 	f, err := os.OpenFile(dev, os.O_RDWR, 0)
@@ -121,7 +143,31 @@ func AttachKernel(ctx context.Context, addr, dev, export string, readOnly bool, 
 	if err != nil && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
 		return fmt.Errorf("nbd: %s: %w", dev, err)
 	}
+	if pumped != nil {
+		_ = nc.Close() // the kernel let go: end the pump
+		if err := <-pumped; err != nil && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
+			return fmt.Errorf("nbd: %s: the TLS connection to %s: %w", dev, addr, err)
+		}
+	}
 	return nil
+}
+
+// socketPair returns the two ends of a new Unix stream socket pair: one
+// as a file to hand the kernel, the other as a connection.
+func socketPair() (*os.File, net.Conn, error) {
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, err
+	}
+	kernelEnd := os.NewFile(uintptr(fds[0]), "nbd-kernel")
+	f := os.NewFile(uintptr(fds[1]), "nbd-pump")
+	defer f.Close()
+	ours, err := net.FileConn(f) // a dup of fds[1]
+	if err != nil {
+		_ = kernelEnd.Close()
+		return nil, nil, err
+	}
+	return kernelEnd, ours, nil
 }
 
 // waitReady calls ready once dev has its size in sysfs.

@@ -376,3 +376,52 @@ func TestMountOverTLS(t *testing.T) {
 	sameFiles(t, files, mnt, "db@tls mounted over TLS")
 	m.mustCLI("umount", mnt)
 }
+
+// TestAttachTLSRefusals: client attach takes the TLS flags, and each
+// mistake is told what to do before any device is touched (the handshake comes first; this host has no nbd module, so
+// the VM's TestClientAttachOverTLS attaches for real). A handshake that
+// works goes on to the device.
+func TestAttachTLSRefusals(t *testing.T) {
+	dir := t.TempDir()
+	ca := testcerts.NewCA(t, "nbdvault")
+	serverDir := testcerts.ServerDir(t, filepath.Join(dir, "server"), ca.Server(t, time.Time{}, time.Time{}), ca)
+	revoked := ca.Client(t, "revoked")
+	testcerts.Write(t, filepath.Join(serverDir, "ca-crl.pem"), ca.CRL(t, revoked))
+	dbDir := testcerts.ClientDir(t, filepath.Join(dir, "db"), ca, ca.Client(t, "db"))
+	revokedDir := testcerts.ClientDir(t, filepath.Join(dir, "revoked"), ca, revoked)
+	other := testcerts.NewCA(t, "another CA")
+	otherDir := testcerts.ClientDir(t, filepath.Join(dir, "other"), other, other.Client(t, "db"))
+	rules := filepath.Join(dir, "access")
+	require.NoError(t, os.WriteFile(rules, []byte("cert:db db rw\ncert:revoked * rw\n"), 0o644))
+	s := servertest.Start(t, servertest.Options{Args: []string{"--tls-certificates", serverDir, "--tls-required", "--access", rules}})
+	s.MustCLI("volume", "create", "db", "--size", "4M")
+
+	dev := filepath.Join(dir, "nbd0") // no such device: a handshake that works ends there
+	attach := func(certs string, flags ...string) *nbdtest.Result {
+		args := []string{"client", "attach", "--server", s.NBD, "--export", "db"}
+		if certs != "" {
+			args = append(args, "--tls-ca", filepath.Join(certs, "ca-cert.pem"))
+		}
+		return s.CLI(append(append(args, flags...), dev)...)
+	}
+	cert := func(certs string) []string {
+		return []string{"--tls-cert", filepath.Join(certs, "client-cert.pem"), "--tls-key", filepath.Join(certs, "client-key.pem")}
+	}
+	for _, tc := range []struct {
+		what string
+		r    *nbdtest.Result
+		msg  string
+	}{
+		{"plaintext", attach(""), "the server requires TLS: give --tls-ca FILE"},
+		{"another CA", attach(otherDir, cert(dbDir)...),
+			"the server's certificate is not signed by the CA in --tls-ca " + filepath.Join(otherDir, "ca-cert.pem") + ": give --tls-ca with the CA that signed the server's certificate"},
+		{"no certificate", attach(dbDir), `may not use volume "db"`},
+		{"a revoked certificate", attach(dbDir, cert(revokedDir)...),
+			"the server does not accept the client certificate in --tls-cert " + filepath.Join(revokedDir, "client-cert.pem")},
+		{"a certificate the rules let in", attach(dbDir, cert(dbDir)...), "open " + dev + ": no such file or directory (is the nbd module loaded? modprobe nbd)"},
+	} {
+		assert.Equal(t, 1, tc.r.ExitCode, "%s:\n%s", tc.what, tc.r)
+		assert.Contains(t, tc.r.Stderr, "attach db to "+dev+": ", tc.what)
+		assert.Contains(t, tc.r.Stderr, tc.msg, tc.what)
+	}
+}

@@ -138,38 +138,111 @@ func clientTLS(c *cli.Context) (*tls.Config, error) {
 	return cfg, nil
 }
 
+// nbdTLS is the TLS configuration for an export at addr, nil without
+// --tls-ca, --tls-cert and --tls-key: clientTLS, checking the server's
+// certificate against the host name of addr (localhost for a Unix socket).
+func nbdTLS(c *cli.Context, addr string) (*tls.Config, error) {
+	cfg, err := clientTLS(c)
+	if err != nil || cfg == nil {
+		return nil, err
+	}
+	cfg = cfg.Clone()
+	cfg.ServerName = "localhost"
+	if host, _, err := net.SplitHostPort(addr); err == nil && !strings.HasPrefix(addr, "unix:") {
+		cfg.ServerName = host
+	}
+	return cfg, nil
+}
+
+// tlsFileArgs are the --tls-ca, --tls-cert and --tls-key flags given, with
+// absolute paths, for a process this one starts: it may run in another
+// folder, or later.
+func tlsFileArgs(c *cli.Context) ([]string, error) {
+	var args []string
+	for _, f := range []string{tlsCAFlag.Name, clientCertFlag.Name, clientKeyFlag.Name} {
+		if v := c.String(f); v != "" {
+			abs, err := filepath.Abs(v)
+			if err != nil {
+				return nil, err
+			}
+			args = append(args, "--"+f, abs)
+		}
+	}
+	return args, nil
+}
+
 // dialExport opens export on the NBD server at addr, for restore, import
-// and push: over TLS when --tls-ca or --tls-cert is given, checking the
-// server's certificate against the host name of addr (localhost for a
-// Unix socket).
+// and push: over TLS when --tls-ca or --tls-cert is given (nbdTLS).
 func dialExport(ctx context.Context, c *cli.Context, addr, export string) (*client.Conn, error) {
 	opts := client.Options{Export: export}
-	cfg, err := clientTLS(c)
+	cfg, err := nbdTLS(c, addr)
 	if err != nil {
 		return nil, err
 	}
-	if cfg != nil {
-		opts.TLS = cfg.Clone()
-		opts.TLS.ServerName = "localhost"
-		if host, _, err := net.SplitHostPort(addr); err == nil && !strings.HasPrefix(addr, "unix:") {
-			opts.TLS.ServerName = host
-		}
-	}
+	opts.TLS = cfg
 	conn, err := client.Dial(ctx, addr, opts)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		var oe *client.OptionError
-		switch {
-		case errors.As(err, &oe) && oe.Reply == nbd.RepErrTLSReqd:
-			return nil, fmt.Errorf("cannot open %s over NBD at %s: the server requires TLS: give --tls-ca FILE (the CA of its certificate) and, for access by certificate, --tls-cert and --tls-key", export, addr)
-		case errors.As(err, &oe) && oe.Reply == nbd.RepErrPolicy: // the message says who and why
-			return nil, fmt.Errorf("cannot open %s over NBD at %s: %w", export, addr, err)
+		if refused, ok := nbdOpenError(c, export, addr, err); ok {
+			return nil, refused
 		}
 		return nil, fmt.Errorf("cannot open %s over NBD at %s: %w (is that the server's NBD address from this host? --nbd HOST:PORT sets it)", export, addr, err)
 	}
 	return conn, nil
+}
+
+// nbdOpenError says why opening export at addr over NBD failed and what
+// to do, when err is something the flags can fix: TLS required, a
+// certificate one side does not accept, the access rules. ok is false
+// for any other error.
+func nbdOpenError(c *cli.Context, export, addr string, err error) (_ error, ok bool) {
+	var oe *client.OptionError
+	var unknownCA x509.UnknownAuthorityError
+	var wrongName x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	what := fmt.Sprintf("cannot open %s over NBD at %s", export, addr)
+	switch {
+	case errors.As(err, &oe) && oe.Reply == nbd.RepErrTLSReqd:
+		return fmt.Errorf("%s: the server requires TLS: give --tls-ca FILE (the CA of its certificate) and, for access by certificate, --tls-cert and --tls-key", what), true
+	case errors.As(err, &oe) && oe.Reply == nbd.RepErrPolicy: // the message says who and why
+		return fmt.Errorf("%s: %w", what, err), true
+	case errors.As(err, &unknownCA):
+		signer := "a CA this system trusts (no --tls-ca was given)"
+		if ca := c.String(tlsCAFlag.Name); ca != "" {
+			signer = "the CA in --tls-ca " + ca
+		}
+		return fmt.Errorf("%s: the server's certificate is not signed by %s: give --tls-ca with the CA that signed the server's certificate (%w)", what, signer, err), true
+	case errors.As(err, &wrongName):
+		return fmt.Errorf("%s: the server's certificate is not for %q, the name it was reached by (a Unix socket is checked as localhost): reach it by a name its certificate holds (%w)", what, wrongName.Host, err), true
+	case errors.As(err, &invalid):
+		return fmt.Errorf("%s: the server's certificate is not valid: %w (renew it on the server: serve reads new files without a restart)", what, err), true
+	case isCertificateAlert(err):
+		mine := "a connection without a client certificate"
+		if cert := c.String(clientCertFlag.Name); cert != "" {
+			mine = "the client certificate in --tls-cert " + cert
+		}
+		return fmt.Errorf("%s: the server does not accept %s (%w): give --tls-cert and --tls-key with a certificate signed by a CA the server trusts (its --tls-client-ca)", what, mine, err), true
+	}
+	return err, false
+}
+
+// isCertificateAlert reports whether err is a TLS alert from the server
+// refusing the client's certificate (or its absence). crypto/tls returns
+// a remote alert as a *net.OpError "remote error" around an unexported
+// type, so the alert is known by its text.
+func isCertificateAlert(err error) bool {
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "remote error" || oe.Err == nil {
+		return false
+	}
+	switch oe.Err.Error() {
+	case "tls: bad certificate", "tls: unsupported certificate", "tls: revoked certificate", "tls: expired certificate",
+		"tls: unknown certificate", "tls: unknown certificate authority", "tls: certificate required":
+		return true
+	}
+	return false
 }
 
 // closeExport ends an NBD connection; a server that does not answer

@@ -29,7 +29,7 @@ func mirrorCommand() *cli.Command {
 					"start from an empty disk, or restore the data onto the array afterwards.\n" +
 					"--lvm: converts the existing logical volume --device (VG/LV) to raid1 with the volume as\n" +
 					"its second leg; the data is kept and copied to the volume.",
-				Flags: []cli.Flag{
+				Flags: append([]cli.Flag{
 					&cli.StringFlag{Name: "device", Usage: "the local `DEVICE`: a disk or partition for MD, VG/LV with --lvm (required)"},
 					nbdServer, volume,
 					&cli.StringFlag{Name: "md", Value: "/dev/md0", Usage: "the MD `ARRAY` to create"},
@@ -38,7 +38,7 @@ func mirrorCommand() *cli.Command {
 					&cli.StringFlag{Name: "bitmap-chunk", Usage: "the MD bitmap's region `SIZE` (mdadm's default when empty): a reconnect copies whole dirty regions"},
 					&cli.BoolFlag{Name: "destroy-data", Usage: "confirm that creating the MD array may overwrite --device"},
 					timeout, dryRun,
-				},
+				}, nbdTLSFlags...),
 				Action: mirrorCreate,
 			},
 			{
@@ -53,11 +53,11 @@ func mirrorCommand() *cli.Command {
 			{
 				Name:  "reconnect",
 				Usage: "attach the volume again after the NBD leg failed, and re-add it: only the regions the bitmap marks are copied",
-				Flags: []cli.Flag{
+				Flags: append([]cli.Flag{
 					&cli.StringFlag{Name: "md", Value: "/dev/md0", Usage: "the MD `ARRAY`"},
 					nbdServer, volume, timeout, dryRun,
 					&cli.DurationFlag{Name: "wait", Value: time.Minute, Usage: "keep trying to reach the server this `long`"},
-				},
+				}, nbdTLSFlags...),
 				Action: mirrorReconnect,
 			},
 		},
@@ -74,26 +74,35 @@ func runner(dry bool) mirror.Runner {
 }
 
 // attachLeg attaches the volume with the logical block size of local,
-// the mirror's other leg (or, dry, prints how).
+// the mirror's other leg (or, dry, prints how), over TLS when the TLS
+// flags are given.
 func attachLeg(c *cli.Context, dry bool, local string) (string, error) {
 	vol := c.String("volume")
 	if vol == "" {
 		return "", usageErrorf("--volume is required")
+	}
+	if _, err := nbdTLS(c, c.String("server")); err != nil { // the files read, before anything is attached
+		return "", err
+	}
+	tlsArgs, err := tlsFileArgs(c)
+	if err != nil {
+		return "", err
 	}
 	bs, err := mirror.LogicalBlockSize(local)
 	if err != nil {
 		return "", err
 	}
 	if dry {
-		fmt.Println(mirror.ShellLine("nbdvault", []string{"client", "attach", "--server", c.String("server"), "--export", vol,
-			"--timeout", c.Duration("timeout").String(), "--block-size", fmt.Sprint(bs), "/dev/nbd0"}))
+		args := []string{"client", "attach", "--server", c.String("server"), "--export", vol,
+			"--timeout", c.Duration("timeout").String(), "--block-size", fmt.Sprint(bs)}
+		fmt.Println(mirror.ShellLine("nbdvault", append(append(args, tlsArgs...), "/dev/nbd0")))
 		return "/dev/nbd0", nil
 	}
 	dev, err := client.FreeKernelDevice()
 	if err != nil {
 		return "", err
 	}
-	return attachInBackground(c.String("server"), vol, dev, false, bs, c.Duration("timeout"))
+	return attachInBackground(c.String("server"), vol, dev, false, bs, c.Duration("timeout"), tlsArgs)
 }
 
 func mirrorCreate(c *cli.Context) error {

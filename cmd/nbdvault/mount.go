@@ -94,29 +94,22 @@ func mountAction(c *cli.Context) error {
 	}
 	export := vol + "@" + s.ID
 	st := mount.New(runDir, dir, export, addr, kernel)
+	tlsArgs, err := tlsFileArgs(c)
+	if err != nil {
+		return err
+	}
 	if cfg, err := clientTLS(c); err != nil {
 		return err
-	} else if cfg != nil {
+	} else if cfg != nil && !kernel {
 		// nbdfuse takes no TLS files in a URI: it runs this binary as a
-		// relay that opens the export over TLS. The kernel's NBD driver
-		// has no TLS at all.
-		if kernel {
-			return usageErrorf("mount over TLS needs nbdfuse, and this host has the kernel's NBD driver, which cannot speak TLS: restore the snapshot with nbdvault restore --tls-ca … and mount the file")
-		}
+		// relay that opens the export over TLS. (The kernel's NBD driver
+		// is attached as client attach does, which pumps its requests
+		// over TLS.)
 		self, err := os.Executable()
 		if err != nil {
 			return err
 		}
-		st.Command = []string{self, "client", "relay", "--nbd", addr, "--export", export}
-		for _, f := range []string{tlsCAFlag.Name, clientCertFlag.Name, clientKeyFlag.Name} {
-			if v := c.String(f); v != "" {
-				abs, err := filepath.Abs(v)
-				if err != nil {
-					return err
-				}
-				st.Command = append(st.Command, "--"+f, abs)
-			}
-		}
+		st.Command = append([]string{self, "client", "relay", "--nbd", addr, "--export", export}, tlsArgs...)
 	}
 	if err := st.Claim(); errors.Is(err, mount.ErrClaimed) {
 		return cli.Exit(fmt.Sprintf("nbdvault already mounted something on %s: run nbdvault umount %s first", dir, dir), exitConflict)
@@ -125,7 +118,7 @@ func mountAction(c *cli.Context) error {
 	}
 	err = st.SetUp(c.Context, tools, mount.Options{
 		AttachKernel: func(addr, export, dev string) error {
-			_, err := attachInBackground(addr, export, dev, true, 512, time.Minute)
+			_, err := attachInBackground(addr, export, dev, true, 512, time.Minute, tlsArgs)
 			return err
 		},
 		Note: func(msg string) { fmt.Fprintln(os.Stderr, "nbdvault:", msg) },
