@@ -940,6 +940,7 @@ type encryption struct {
 	opened        string           // set by checkRepoConfig: the key that opened it
 	made          *chunkstore.Keys // set by newEncryption: the new repository's keys
 	stateSays     string           // the state folder's "encryption" file, if any
+	label         string           // the first key's label ("": made by serve --encrypt)
 }
 
 // someObject is the key of an object of a repository's volumes or
@@ -1185,7 +1186,7 @@ func newEncryption(ctx context.Context, repo chunkstore.Backend, log *slog.Logge
 	defer clear(pw)
 	master, keyset := chunkstore.NewMasterKey()
 	defer clear(master)
-	kf, err := chunkstore.WrapKey(master, keyset, pw, chunkstore.DefaultKDF, "made by serve --encrypt")
+	kf, err := chunkstore.WrapKey(master, keyset, pw, chunkstore.DefaultKDF, cmp.Or(enc.label, "made by serve --encrypt"))
 	if err != nil {
 		return err
 	}

@@ -32,6 +32,7 @@ func newApp() *cli.App {
 		HideHelpCommand: true,
 		Commands: []*cli.Command{
 			serveCommand(),
+			repoCommand(),
 			volumeCommand(),
 			snapshotCommand(),
 			pruneCommand(),
