@@ -131,3 +131,19 @@ func TestEncryptedConfigRefusals(t *testing.T) {
 	require.NoError(t, bindKeys(plainDir, nil, "mem:"))
 	assert.Error(t, bindKeys(plainDir, keys, "mem:"), "a plain repository's state folder")
 }
+
+// A new repository's password is asked as a new one (a prompt asks it
+// twice), an existing one's as one to check: serve --encrypt on an
+// existing repository does not ask for a new password.
+func TestNewPasswordOnlyForNewRepository(t *testing.T) {
+	ctx := context.Background()
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	mem := chunkstore.NewMem()
+	fail := func() ([]byte, string, error) { t.Fatal("asked the wrong way"); return nil, "", nil }
+	_, keys, err := checkRepoConfig(ctx, mem, log, &encryption{create: true, password: fail, newPassword: pw("right")})
+	require.NoError(t, err)
+	require.NotNil(t, keys)
+	_, keys, err = checkRepoConfig(ctx, mem, log, &encryption{create: true, password: pw("right"), newPassword: fail})
+	require.NoError(t, err, "an existing repository opens with --encrypt, its password asked once")
+	require.NotNil(t, keys)
+}

@@ -75,6 +75,10 @@ type Options struct {
 	// since a config stripped of its encryption would otherwise have the
 	// server write plaintext.
 	Password      func() (pw []byte, from string, err error)
+	// NewPassword, if set, gives the first key's password of a
+	// repository this start makes (Encrypt): a prompt asks it twice.
+	// Nil: Password.
+	NewPassword func() (pw []byte, from string, err error)
 	PasswordGiven bool
 	Logger        *slog.Logger
 	// Passed to every volume; zero takes the engine's defaults.
@@ -268,7 +272,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		s.log.Warn("another server held the repository since this state folder was last used: volumes whose write logs hold writes it never saw are not served until `nbdvault volume recover` moves those logs aside",
 			"other_host", p.Host, "other_pid", p.PID, "other_started", p.Started)
 	}
-	enc := &encryption{create: opts.Encrypt, password: opts.Password, passwordGiven: opts.PasswordGiven, firstKey: stateFile(stateDir, "key"),
+	enc := &encryption{create: opts.Encrypt, password: opts.Password, newPassword: opts.NewPassword, passwordGiven: opts.PasswordGiven, firstKey: stateFile(stateDir, "key"),
 		stateSays: stateFile(stateDir, "encryption")}
 	rc, keys, err := checkRepoConfig(ctx, s.repo, s.log, enc)
 	if err != nil {
@@ -935,6 +939,7 @@ func ksOf(k *chunkstore.Keys) []byte {
 type encryption struct {
 	create        bool // Options.Encrypt
 	password      func() ([]byte, string, error)
+	newPassword   func() ([]byte, string, error) // a new repository's first (nil: password)
 	passwordGiven bool
 	firstKey      string           // the key that opened it last time (state folder)
 	opened        string           // set by checkRepoConfig: the key that opened it
@@ -1176,10 +1181,14 @@ func readRepoConfig(ctx context.Context, repo chunkstore.Backend, log *slog.Logg
 // (and read back) before the config: a crash between the two leaves a key
 // that no config names, which the next start passes over.
 func newEncryption(ctx context.Context, repo chunkstore.Backend, log *slog.Logger, c *repoConfig, enc *encryption) error {
-	if enc.password == nil {
+	ask := enc.newPassword
+	if ask == nil {
+		ask = enc.password
+	}
+	if ask == nil {
 		return fmt.Errorf("repository %s: --encrypt needs a password (NBDVAULT_PASSWORD, --password-file, --password-command, or a terminal)", repo.Location())
 	}
-	pw, from, err := enc.password()
+	pw, from, err := ask()
 	if err != nil {
 		return fmt.Errorf("repository %s: --encrypt: %w", repo.Location(), err)
 	}
