@@ -140,14 +140,20 @@ func AttachKernel(ctx context.Context, addr, dev, export string, tlsConfig *tls.
 	err = unix.IoctlSetInt(fd, nbdDoIt, 0) // serves until disconnected
 	_ = unix.IoctlSetInt(fd, nbdClearQue, 0)
 	_ = unix.IoctlSetInt(fd, nbdClearSock, 0)
-	if err != nil && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
-		return fmt.Errorf("nbd: %s: %w", dev, err)
-	}
+	failed := err != nil && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET)
 	if pumped != nil {
 		_ = nc.Close() // the kernel let go: end the pump
-		if err := <-pumped; err != nil && !errors.Is(err, unix.EPIPE) && !errors.Is(err, unix.ECONNRESET) {
-			return fmt.Errorf("nbd: %s: the TLS connection to %s: %w", dev, addr, err)
+		// The pump's end is often why the kernel let go (a TLS alert, the
+		// server gone): say it with the kernel's error.
+		if perr := <-pumped; perr != nil && !errors.Is(perr, unix.EPIPE) && !errors.Is(perr, unix.ECONNRESET) {
+			if failed {
+				return fmt.Errorf("nbd: %s: %w (the TLS connection to %s: %w)", dev, err, addr, perr)
+			}
+			return fmt.Errorf("nbd: %s: the TLS connection to %s: %w", dev, addr, perr)
 		}
+	}
+	if failed {
+		return fmt.Errorf("nbd: %s: %w", dev, err)
 	}
 	return nil
 }

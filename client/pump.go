@@ -7,10 +7,11 @@ import (
 	"sync"
 )
 
-// pumpBuffer is the size of each direction's buffer in pump: a 1 MiB
-// request (the kernel driver's usual largest write) and its header fit
-// in one.
-const pumpBuffer = 1<<20 + 4<<10
+// pumpBuffer is the size of each direction's buffer in pump. A TLS read
+// returns at most one record (16 KiB); a socket read returns what is
+// queued, and 256 KiB takes a large request in a few reads, each then
+// written to TLS as records of 16 KiB.
+const pumpBuffer = 256 << 10
 
 // pump copies bytes both ways between kernel, the end of a socket pair
 // whose other end the kernel's NBD driver holds, and server, the TLS

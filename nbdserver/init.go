@@ -75,7 +75,10 @@ func InitRepository(ctx context.Context, opts InitOptions) (Initialized, error) 
 	if has, err := repo.Has(ctx, lease.ConfigKey); err != nil {
 		return Initialized{}, fmt.Errorf("repository %s: %w", repo.Location(), err)
 	} else if has {
-		c, _ := readConfigOnly(ctx, repo)
+		c, err := readConfigOnly(ctx, repo)
+		if err != nil {
+			return Initialized{}, fmt.Errorf("%s is %w, but its config does not read (%v): nothing was changed; nbdvault serve --repo %s says more", repo.Location(), ErrInitialized, err, repo.Location())
+		}
 		what := "plain"
 		if c.Encryption != nil {
 			what = "encrypted"

@@ -1,18 +1,15 @@
 package volume
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/nbdvault/nbdvault/internal/fsync"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
-
-	"github.com/nbdvault/nbdvault/chunkstore"
-	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
 // ErrForkedLog: the volume's write log holds writes that no manifest of
@@ -118,16 +115,24 @@ func (v *Volume) adopted() string {
 	return strings.TrimSpace(string(b))
 }
 
-// checkFork decides, once the log is replayed, whether it forks from the
-// repository's history. If not, and the history is another server's, the
-// folder adopts it (before the log takes any record) so that what this
-// server writes on top of it is its own.
-func (v *Volume) checkFork(ctx context.Context, fk *fork, dir string) error {
-	own, err := v.ownSeq(ctx, fk)
-	if err != nil {
-		return err
+// checkFork decides, once the log is replayed (and the segments it
+// would have removed unread were inspected), whether it forks from the
+// repository's history. If not, and the history is another server's,
+// the folder adopts it (before the log takes any record) so that what
+// this server writes on top of it is its own.
+//
+// own is the newest manifest whose mark the log holds: records up to it
+// are in the repository's history; records after it were never sealed
+// (a seal covers up to a mark), or were sealed into a manifest the other
+// server has since expired, which then over-reports the fork and loses
+// nothing. A manifest of this folder's without its mark in the log is
+// older than the log's first record, so it cannot cover any of them.
+func (v *Volume) checkFork(fk *fork, dir string) error {
+	if !fk.foreign && fk.mismatch == nil {
+		return nil
 	}
-	if fk.records > 0 && fk.last > own {
+	own := fk.matched
+	if fk.records > 0 && (fk.last > own || (fk.foreign && fk.last > v.base.Seq)) {
 		return &forkError{fk: fk, own: own, dir: dir, v: v}
 	}
 	if !fk.foreign {
@@ -141,52 +146,6 @@ func (v *Volume) checkFork(ctx context.Context, fk *fork, dir string) error {
 		return fmt.Errorf("volume %q: state folder: %w", v.cfg.Name, err)
 	}
 	return nil
-}
-
-// ownSeq is the newest Seq of this folder's history: the highest of a
-// manifest whose mark the log holds, and of a good manifest a holder of
-// this folder wrote that no record of the log contradicts.
-func (v *Volume) ownSeq(ctx context.Context, fk *fork) (uint64, error) {
-	h := v.env.Holders
-	contradicted := func(seq uint64) bool { return fk.mismatch != nil && seq >= *fk.mismatch }
-	own := fk.matched
-	for _, s := range v.snaps {
-		if s.damage == nil && h.Own(s.Writer) && s.Seq > own && !contradicted(s.Seq) {
-			own = s.Seq
-		}
-	}
-	// Checkpoints, newest first, down to the first this folder wrote:
-	// the listing read only the newest.
-	for i := len(v.checkpoints) - 1; i >= 0; i-- {
-		c := v.checkpoints[i]
-		if c.seq <= own {
-			break
-		}
-		if contradicted(c.seq) {
-			continue
-		}
-		m := c.m
-		if m == nil {
-			key := manifestKey(v.cfg.Name, KindCheckpoint, c.id)
-			data, err := v.repo.Get(ctx, key)
-			if errors.Is(err, chunkstore.ErrNotFound) || errors.Is(err, chunkstore.ErrCorrupt) {
-				continue // expired meanwhile, or damaged: it says nothing of its writer
-			}
-			if err != nil {
-				return 0, fmt.Errorf("volume %q: %w", v.cfg.Name, err)
-			}
-			got, err := decodeManifest(v.env.RepoID, key, v.cfg.Name, KindCheckpoint, v.cfg.ChunkSize, data)
-			if err != nil {
-				continue
-			}
-			m = &got
-		}
-		if h.Own(m.Writer) {
-			own = m.Seq
-			break
-		}
-	}
-	return own, nil
 }
 
 // forkError is ErrForkedLog with what Recover needs to move the log aside.

@@ -3,6 +3,7 @@ package volume
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -57,7 +58,11 @@ func TestForkedLog(t *testing.T) {
 		// bWrites: B's records before its seal; past A's 41, only the
 		// writer tells the fork.
 		bWrites int
-	}{{"writer", "holderB", 45}, {"marks", "", 1}} {
+		// aMark: A's unsealed writes end with a snapshot, so a new
+		// segment follows them, which a plain open removed unread
+		// once B's history numbered past them.
+		aMark bool
+	}{{"writer", "holderB", 45, false}, {"marks", "", 1, false}, {"writer-mark-tail", "holderB", 45, true}, {"marks-mark-tail", "", 1, true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx := context.Background()
 			repo := chunkstore.NewMem()
@@ -69,6 +74,12 @@ func TestForkedLog(t *testing.T) {
 			require.NoError(t, v.SealAll(ctx))
 			for i := range 40 {
 				require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
+			}
+			aRecords := 40
+			if tc.aMark {
+				_, err = v.Snapshot(ctx, "a-unsealed")
+				require.NoError(t, err)
+				aRecords++
 			}
 			crash(t, v)
 
@@ -86,13 +97,17 @@ func TestForkedLog(t *testing.T) {
 			envA := forkEnv(t, repo, dirA, "holderA2")
 			_, err = Open(ctx, envA, "v")
 			require.ErrorIs(t, err, ErrForkedLog)
-			assert.Contains(t, err.Error(), "records 2 to 41 of its write log")
+			assert.Contains(t, err.Error(), fmt.Sprintf("records 2 to %d of its write log", aRecords+1))
 
 			v, cut, err := Recover(ctx, envA, "v")
 			require.NoError(t, err)
 			require.NotNil(t, cut)
 			assert.True(t, cut.Forked)
-			assert.Equal(t, 40, cut.Records)
+			assert.Equal(t, aRecords, cut.Records, "every record A never uploaded is kept")
+			if tc.aMark {
+				require.Len(t, cut.LostSnapshots(), 1)
+				assert.Equal(t, "a-unsealed", cut.LostSnapshots()[0].Label)
+			}
 			assert.EqualValues(t, 2, cut.Seq)
 			segs, err := os.ReadDir(cut.MovedTo)
 			require.NoError(t, err)

@@ -107,6 +107,9 @@ var ErrLogCorrupt = errors.New("write log damaged")
 type Log struct {
 	dir  string
 	seal *logSeal // an encrypted repository's: every record's data sealed
+	// stale: segments openLog kept for inspection, all covered by the
+	// repository if the caller finds no fork (DropStale).
+	stale []string
 
 	mu       sync.Mutex // guards the fields below and appends
 	segs     []*segment // open segments, oldest first; the last takes appends
@@ -149,6 +152,12 @@ type logOpen struct {
 	// seal, if set, seals every record written and requires every record
 	// read to be sealed.
 	seal *logSeal
+	// inspect, if set, is shown the good records of the segments whose
+	// records all come before first, which are then kept (Log.DropStale
+	// removes them) instead of removed unread: until the caller has
+	// checked them against the repository (fork.go) they may be writes
+	// the repository does not have.
+	inspect func(Record)
 }
 
 // LogCut describes where replay cut a log: a torn tail, or (when
@@ -184,7 +193,14 @@ func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 		if i+1 < len(names) && names[i+1] <= o.first {
 			// Every record in it comes before o.first: the repository
 			// holds them. A seal cut short by a crash leaves these.
-			if err := os.Remove(segmentPath(dir, first)); err != nil {
+			path := segmentPath(dir, first)
+			if o.inspect != nil {
+				if err := l.inspectSegment(path, o.inspect); err != nil {
+					l.Close()
+					return nil, err
+				}
+				l.stale = append(l.stale, path)
+			} else if err := os.Remove(path); err != nil {
 				return nil, err
 			}
 			continue
@@ -215,6 +231,42 @@ func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 	}
 	l.keepReserve()
 	return l, nil
+}
+
+// inspectSegment shows fn the good records of the segment at path, up to
+// the first that is not (damage there is of no account: the repository
+// holds what it held).
+func (l *Log) inspectSegment(path string, fn func(Record)) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	var data []byte
+	for off, size := int64(0), fi.Size(); off < size; {
+		rec, dataLen, why, err := l.readRecord(f, off, size, &data)
+		if err != nil || why != "" {
+			return nil
+		}
+		fn(rec)
+		off += recordHeaderLen + int64(dataLen)
+	}
+	return nil
+}
+
+// DropStale removes the segments openLog kept for its inspect function.
+func (l *Log) DropStale() error {
+	for _, path := range l.stale {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	l.stale = nil
+	return nil
 }
 
 // keepReserve makes the reserve file if it is missing and the disk has

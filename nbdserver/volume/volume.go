@@ -458,7 +458,7 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		}
 		return v.apply(r, pos)
 	}
-	lo := logOpen{first: v.base.Seq + 1, recover: recover}
+	lo := logOpen{first: v.base.Seq + 1, recover: recover, inspect: fk.see}
 	if env.Keys != nil {
 		lo.seal = newLogSeal(env.Keys.StateKey(), name)
 	}
@@ -466,11 +466,13 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 	if err != nil {
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
 	}
-	if fk.foreign || fk.mismatch != nil {
-		if err := v.checkFork(ctx, fk, dir); err != nil {
-			log.Close()
-			return nil, err
-		}
+	if err := v.checkFork(fk, dir); err != nil {
+		log.Close()
+		return nil, err
+	}
+	if err := log.DropStale(); err != nil {
+		log.Close()
+		return nil, err
 	}
 	v.log = log
 	if mustReach > 0 && log.NextSeq() <= mustReach {
