@@ -1,0 +1,110 @@
+package nbdserver
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/nbdvault/nbdvault/internal/testcerts"
+)
+
+// writeTLSFiles writes a server certificate of ca for loopback, ca as
+// the client CA, and crl (if any) into a folder, and names them.
+func writeTLSFiles(t *testing.T, ca *testcerts.CA, crl []byte) TLSFiles {
+	t.Helper()
+	dir := t.TempDir()
+	srv := ca.Server(t, time.Time{}, time.Time{})
+	f := TLSFiles{Cert: filepath.Join(dir, "cert.pem"), Key: filepath.Join(dir, "key.pem"), ClientCA: filepath.Join(dir, "ca.pem")}
+	require.NoError(t, os.WriteFile(f.Cert, srv.CertPEM, 0o600))
+	require.NoError(t, os.WriteFile(f.Key, srv.KeyPEM, 0o600))
+	require.NoError(t, os.WriteFile(f.ClientCA, ca.PEM, 0o600))
+	if crl != nil {
+		f.CRL = filepath.Join(dir, "crl.pem")
+		require.NoError(t, os.WriteFile(f.CRL, crl, 0o600))
+	}
+	return f
+}
+
+// localConn is a connection that says it was accepted on local.
+type localConn struct {
+	net.Conn
+	local net.Addr
+}
+
+func (c localConn) LocalAddr() net.Addr { return c.local }
+
+// handshake runs a TLS handshake between a client (with cert, or none)
+// and the server config on a connection accepted at listener, and
+// returns the server's error.
+func handshake(t *testing.T, server *tls.Config, ca *testcerts.CA, cert *testcerts.Pair, listener net.Addr) error {
+	t.Helper()
+	sc, cc := net.Pipe()
+	defer sc.Close()
+	defer cc.Close()
+	roots := x509.NewCertPool()
+	roots.AddCert(ca.Cert)
+	ccfg := &tls.Config{RootCAs: roots, ServerName: "localhost"}
+	if cert != nil {
+		pair, err := tls.X509KeyPair(cert.CertPEM, cert.KeyPEM)
+		require.NoError(t, err)
+		ccfg.Certificates = []tls.Certificate{pair}
+	}
+	client := make(chan struct{})
+	go func() {
+		defer close(client)
+		c := tls.Client(cc, ccfg)
+		if c.Handshake() == nil {
+			// TLS 1.3: the server checks the client's certificate after
+			// the client is done; read until the server answers or closes.
+			_, _ = c.Read(make([]byte, 1))
+		}
+		cc.Close()
+	}()
+	s := tls.Server(localConn{sc, listener}, server)
+	err := s.Handshake()
+	if err == nil {
+		_, err = s.Write([]byte{0}) // let the client's read return
+	}
+	sc.Close()
+	<-client
+	return err
+}
+
+// TestClientCertPerListener: with a client CA and no rule for clients
+// without a certificate, a listener off loopback requires a client
+// certificate; one on loopback or a Unix socket takes a client without
+// one (its user is known otherwise), and with one.
+func TestClientCertPerListener(t *testing.T) {
+	ca := testcerts.NewCA(t, "clients")
+	sec, err := newSecurity(slog.New(slog.DiscardHandler), writeTLSFiles(t, ca, nil), TLSFiles{}, "", false)
+	require.NoError(t, err)
+	require.Equal(t, tls.RequireAndVerifyClientCert, sec.cfg.Load().ClientAuth)
+	server := sec.serverTLS()
+	client := ca.Client(t, "db")
+
+	remote := &net.TCPAddr{IP: net.ParseIP("192.0.2.7"), Port: 10809}
+	any6 := &net.TCPAddr{IP: net.IPv6unspecified, Port: 10809}
+	loop4 := &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 10809}
+	loop6 := &net.TCPAddr{IP: net.IPv6loopback, Port: 10809}
+	sock := &net.UnixAddr{Name: "/run/nbdvault.sock", Net: "unix"}
+
+	for _, l := range []net.Addr{remote, any6} {
+		err := handshake(t, server, ca, nil, l)
+		if assert.Error(t, err, "a client without a certificate on a listener at %s", l) {
+			assert.Contains(t, err.Error(), "client didn't provide a certificate")
+		}
+		assert.NoError(t, handshake(t, server, ca, client, l), "a client with a certificate on %s", l)
+	}
+	for _, l := range []net.Addr{loop4, loop6, sock} {
+		assert.NoError(t, handshake(t, server, ca, nil, l), "a client without a certificate on a listener at %s", l)
+		assert.NoError(t, handshake(t, server, ca, client, l), "a client with a certificate on %s", l)
+	}
+}
