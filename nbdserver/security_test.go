@@ -1,8 +1,11 @@
 package nbdserver
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -106,5 +109,35 @@ func TestClientCertPerListener(t *testing.T) {
 	for _, l := range []net.Addr{loop4, loop6, sock} {
 		assert.NoError(t, handshake(t, server, ca, nil, l), "a client without a certificate on a listener at %s", l)
 		assert.NoError(t, handshake(t, server, ca, client, l), "a client with a certificate on %s", l)
+	}
+}
+
+// TestAbstractSocketWithMode: --socket-mode gives a Unix socket file its
+// mode, and an abstract socket (unix:@NAME), which has no file, is
+// served all the same: the server starts and greets a client on it.
+func TestAbstractSocketWithMode(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "nbd.sock")
+	abstract := fmt.Sprintf("@nbdvault-test-%d-%d", os.Getpid(), time.Now().UnixNano())
+	s, err := Open(context.Background(), Options{Data: filepath.Join(t.TempDir(), "data"),
+		Listen: []string{"unix:" + file, "unix:" + abstract}, SocketMode: 0o600, Logger: slog.New(slog.DiscardHandler)})
+	require.NoError(t, err, "a socket mode with an abstract socket")
+	ctx, stop := context.WithCancel(context.Background())
+	served := make(chan error, 1)
+	go func() { served <- s.Serve(ctx) }()
+	t.Cleanup(func() { stop(); require.NoError(t, <-served) })
+
+	fi, err := os.Stat(file)
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o600), fi.Mode().Perm(), "the socket file has the mode")
+
+	for _, path := range []string{file, abstract} {
+		c, err := net.Dial("unix", path)
+		require.NoError(t, err, path)
+		require.NoError(t, c.SetDeadline(time.Now().Add(time.Minute)))
+		var hello [16]byte
+		_, err = io.ReadFull(c, hello[:])
+		require.NoError(t, err, path)
+		assert.Equal(t, "NBDMAGICIHAVEOPT", string(hello[:]), "the NBD greeting on %s", path)
+		c.Close()
 	}
 }
