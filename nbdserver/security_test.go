@@ -1,12 +1,16 @@
 package nbdserver
 
 import (
+	"bytes"
 	"context"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
@@ -140,4 +144,32 @@ func TestAbstractSocketWithMode(t *testing.T) {
 		assert.Equal(t, "NBDMAGICIHAVEOPT", string(hello[:]), "the NBD greeting on %s", path)
 		c.Close()
 	}
+}
+
+// TestStaleCRLWarns: a revocation list past its next update is still
+// used, with a warning naming it and its issuer; a fresh one loads
+// without.
+func TestStaleCRLWarns(t *testing.T) {
+	ca := testcerts.NewCA(t, "clients")
+	der, err := x509.CreateRevocationList(rand.Reader, &x509.RevocationList{
+		Number: big.NewInt(1), ThisUpdate: time.Now().Add(-48 * time.Hour), NextUpdate: time.Now().Add(-24 * time.Hour),
+	}, ca.Cert, ca.Key)
+	require.NoError(t, err)
+	stale := pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: der})
+
+	load := func(crl []byte) (TLSFiles, string) {
+		var logged bytes.Buffer
+		files := writeTLSFiles(t, ca, crl)
+		_, err := newSecurity(slog.New(slog.NewTextHandler(&logged, nil)), files, TLSFiles{}, "", false)
+		require.NoError(t, err)
+		return files, logged.String()
+	}
+	files, logged := load(stale)
+	assert.Contains(t, logged, "level=WARN")
+	assert.Contains(t, logged, "a TLS revocation list is past its next update")
+	assert.Contains(t, logged, files.CRL)
+	assert.Contains(t, logged, "CN=clients")
+
+	_, logged = load(ca.CRL(t))
+	assert.NotContains(t, logged, "past its next update")
 }
