@@ -74,11 +74,11 @@ type Options struct {
 	// environment): a repository that is not encrypted is then refused,
 	// since a config stripped of its encryption would otherwise have the
 	// server write plaintext.
-	Password      func() (pw []byte, from string, err error)
+	Password func() (pw []byte, from string, err error)
 	// NewPassword, if set, gives the first key's password of a
 	// repository this start makes (Encrypt): a prompt asks it twice.
 	// Nil: Password.
-	NewPassword func() (pw []byte, from string, err error)
+	NewPassword   func() (pw []byte, from string, err error)
 	PasswordGiven bool
 	Logger        *slog.Logger
 	// Passed to every volume; zero takes the engine's defaults.
