@@ -1,16 +1,25 @@
 package nbdserver
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
 	"net"
 	"net/netip"
 	"os"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/nbdvault/nbdvault/internal/testcerts"
 	"github.com/nbdvault/nbdvault/nbdserver/nbd"
 )
 
@@ -215,4 +224,45 @@ func FuzzAccessRules(f *testing.F) {
 		}
 		_ = rs.describe()
 	})
+}
+
+// TestCertWithSeveralCNsHasNoName: a client certificate whose subject
+// holds two common names, and no SAN, is nobody's: neither cert:db nor
+// cert:web, though the CA signed it for client use. One common name
+// names it.
+func TestCertWithSeveralCNsHasNoName(t *testing.T) {
+	ca := testcerts.NewCA(t, "clients")
+	issue := func(subject pkix.Name) *x509.Certificate {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		require.NoError(t, err)
+		der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+			SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: subject,
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+			KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		}, ca.Cert, &key.PublicKey, ca.Key)
+		require.NoError(t, err)
+		leaf, err := x509.ParseCertificate(der)
+		require.NoError(t, err)
+		roots := x509.NewCertPool()
+		roots.AddCert(ca.Cert)
+		_, err = leaf.Verify(x509.VerifyOptions{Roots: roots, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
+		require.NoError(t, err, "the handshake would accept it")
+		return leaf
+	}
+	who := func(leaf *x509.Certificate) string {
+		nc, other := net.Pipe()
+		defer nc.Close()
+		defer other.Close()
+		cs := &tls.ConnectionState{PeerCertificates: []*x509.Certificate{leaf}, VerifiedChains: [][]*x509.Certificate{{leaf, ca.Cert}}}
+		return identify(nc, cs).String()
+	}
+
+	assert.Equal(t, "cert:db", who(issue(pkix.Name{CommonName: "db"})))
+
+	two := issue(pkix.Name{ExtraNames: []pkix.AttributeTypeAndValue{{Type: oidCommonName, Value: "db"}, {Type: oidCommonName, Value: "web"}}})
+	require.Len(t, two.Subject.Names, 2, "both common names are in the certificate")
+	id := who(two)
+	assert.NotEqual(t, "cert:db", id)
+	assert.NotEqual(t, "cert:web", id)
+	assert.Equal(t, "anonymous", id)
 }

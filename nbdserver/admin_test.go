@@ -46,3 +46,23 @@ func TestAdminBodyTooLarge(t *testing.T) {
 	resp, _ = post(bytes.NewReader([]byte(`{"name":"web","size":1048576}`)))
 	assert.Equal(t, http.StatusCreated, resp.StatusCode)
 }
+
+// The admin token counts only as a bearer token: the same token under
+// another scheme (Basic, Token) is 401, as if it were wrong.
+func TestAdminTokenOnlyAsBearer(t *testing.T) {
+	_, s := testAPI(t)
+	get := func(auth string) int {
+		req, err := http.NewRequest("GET", "http://"+s.AdminAddr()+"/v1/tokens", nil)
+		require.NoError(t, err)
+		req.Header.Set("Authorization", auth)
+		resp, err := (&http.Client{Timeout: time.Minute}).Do(req)
+		require.NoError(t, err)
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	assert.Equal(t, http.StatusOK, get("Bearer "+s.token))
+	assert.Equal(t, http.StatusOK, get("bearer "+s.token), "the scheme's case does not matter")
+	for _, scheme := range []string{"Basic", "Token", "Digest"} {
+		assert.Equal(t, http.StatusUnauthorized, get(scheme+" "+s.token), "the admin token as %s", scheme)
+	}
+}

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"encoding/binary"
 	"encoding/hex"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -62,7 +63,13 @@ func scanTCPTable(file string, client, server netip.AddrPort) (int, bool) {
 		return 0, false
 	}
 	defer f.Close()
-	sc := bufio.NewScanner(f)
+	return tcpTableOwner(f, client, server)
+}
+
+// tcpTableOwner reads a table in /proc/net/tcp{,6}'s format for the open
+// socket from client to server, and says its owner.
+func tcpTableOwner(table io.Reader, client, server netip.AddrPort) (int, bool) {
+	sc := bufio.NewScanner(table)
 	sc.Scan() // the header
 	for sc.Scan() {
 		// sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...
