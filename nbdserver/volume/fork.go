@@ -154,6 +154,9 @@ type forkError struct {
 	own uint64
 	dir string
 	v   *Volume
+	// damaged: what a recovery cut from the same log at damage, moved
+	// aside before the fork was found; it goes with the rest.
+	damaged *LogCut
 }
 
 func (e *forkError) Unwrap() error { return ErrForkedLog }
@@ -208,8 +211,20 @@ func (e *forkError) moveAside() (*LogCut, error) {
 			return nil, err
 		}
 	}
+	if d := e.damaged; d != nil && d.MovedTo != "" {
+		// The records after the damage are this fork's too.
+		to := filepath.Join(filepath.Dir(dest), "damaged")
+		if err := os.Rename(d.MovedTo, to); err != nil {
+			return nil, err
+		}
+		for _, dir := range []string{filepath.Dir(dest), filepath.Dir(d.MovedTo)} {
+			if err := fsync.Dir(dir); err != nil {
+				return nil, err
+			}
+		}
+	}
 	var size int64
-	_ = filepath.WalkDir(dest, func(_ string, d fs.DirEntry, err error) error {
+	_ = filepath.WalkDir(filepath.Dir(dest), func(_ string, d fs.DirEntry, err error) error {
 		if err == nil && !d.IsDir() {
 			if fi, err := d.Info(); err == nil {
 				size += fi.Size()
@@ -223,6 +238,12 @@ func (e *forkError) moveAside() (*LogCut, error) {
 			lost = append(lost, r)
 		}
 	}
-	return &LogCut{Seq: e.from(), Why: e.reason(),
-		Bytes: size, MovedTo: dest, Records: int(e.fk.last - e.from() + 1), Marks: lost, Forked: true}, nil
+	cut := &LogCut{Seq: e.from(), Why: e.reason(),
+		Bytes: size, MovedTo: filepath.Dir(dest), Records: int(e.fk.last - e.from() + 1), Marks: lost, Forked: true}
+	if d := e.damaged; d != nil {
+		cut.Records += d.Records
+		cut.Marks = append(cut.Marks, d.Marks...)
+		cut.Why += fmt.Sprintf("; the log was damaged at record %d (%s): what followed is in %s too", d.Seq, d.Why, filepath.Join(filepath.Dir(dest), "damaged"))
+	}
+	return cut, nil
 }

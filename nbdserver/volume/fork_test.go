@@ -109,10 +109,10 @@ func TestForkedLog(t *testing.T) {
 				assert.Equal(t, "a-unsealed", cut.LostSnapshots()[0].Label)
 			}
 			assert.EqualValues(t, 2, cut.Seq)
-			segs, err := os.ReadDir(cut.MovedTo)
+			segs, err := os.ReadDir(filepath.Join(cut.MovedTo, "log"))
 			require.NoError(t, err)
 			assert.NotEmpty(t, segs, "A's records are kept")
-			assert.Equal(t, filepath.Join(dirA, "forked"), filepath.Dir(filepath.Dir(cut.MovedTo)))
+			assert.Equal(t, filepath.Join(dirA, "forked"), filepath.Dir(cut.MovedTo))
 			assert.Equal(t, want, readVolume(t, v), "A serves B's history exactly")
 
 			// A goes on from B's state and crashes before any seal: its
@@ -181,4 +181,48 @@ func TestHoldersTornLine(t *testing.T) {
 	assert.True(t, h.Own("aaaa"))
 	assert.True(t, h.Own("cccc"), "the ID after a torn line is read whole")
 	assert.True(t, h.Own(""), "a writer from before writers were kept")
+}
+
+// A forked log that is damaged too: recover moves both parts, the
+// records before the damage and those a recovery cut after it, to the
+// same folder, and counts them all.
+func TestForkedLogDamaged(t *testing.T) {
+	ctx := context.Background()
+	repo := chunkstore.NewMem()
+	dirA, dirB := t.TempDir(), t.TempDir()
+	v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+	require.NoError(t, err)
+	_, err = v.Snapshot(ctx, "base")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	for i := range 40 { // records 2 to 41, one segment
+		require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
+	}
+	crash(t, v)
+	flipByte(t, segmentPath(filepath.Join(dirA, "volumes", "v", "log"), 2), 18*(recordHeaderLen+4096)+100) // record 20
+
+	v, err = Open(ctx, forkEnv(t, repo, dirB, "holderB"), "v")
+	require.NoError(t, err)
+	require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), 0, false))
+	_, err = v.Snapshot(ctx, "b")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	want := readVolume(t, v)
+	require.NoError(t, v.Close())
+
+	v, cut, err := Recover(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
+	require.NoError(t, err)
+	defer v.Close()
+	assert.True(t, cut.Forked)
+	assert.Equal(t, 39, cut.Records, "18 before the damage, 21 after it")
+	assert.Contains(t, cut.Why, "damaged at record 20")
+	for _, part := range []string{"log", "damaged"} {
+		entries, err := os.ReadDir(filepath.Join(cut.MovedTo, part))
+		require.NoError(t, err, part)
+		assert.NotEmpty(t, entries, part)
+	}
+	leftovers, err := filepath.Glob(filepath.Join(dirA, "volumes", "v", "damaged-*"))
+	require.NoError(t, err)
+	assert.Empty(t, leftovers, "nothing left where volume delete would remove it")
+	assert.Equal(t, want, readVolume(t, v))
 }

@@ -467,6 +467,10 @@ func openVolume(ctx context.Context, env *Env, name string, recover bool) (*Volu
 		return nil, fmt.Errorf("volume %q: write log: %w", name, err)
 	}
 	if err := v.checkFork(fk, dir); err != nil {
+		var fe *forkError
+		if errors.As(err, &fe) {
+			fe.damaged = log.Recovered() // moved aside already: Recover reports both
+		}
 		log.Close()
 		return nil, err
 	}
