@@ -164,6 +164,14 @@ func TestSecondServerRefused(t *testing.T) {
 	assert.Contains(t, r.Stderr, "cannot start")
 	assert.Contains(t, r.Stderr, host)
 	assert.Contains(t, r.Stderr, fmt.Sprint(a.PID()), "names the holder's pid: %s", r)
+	before, err := os.ReadFile(filepath.Join(a.Data, "state", "holders"))
+	require.NoError(t, err)
+	r = nbdtest.Run(t, time.Minute, bin, "serve", "--data", a.Data, "--repo", repo,
+		"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0")
+	assert.Equal(t, 1, r.ExitCode, "%s", r)
+	after, err := os.ReadFile(filepath.Join(a.Data, "state", "holders"))
+	require.NoError(t, err)
+	assert.Equal(t, string(before), string(after), "a refused start leaves no holder ID behind")
 
 	require.Equal(t, 0, a.Stop())
 	b := servertest.Start(t, servertest.Options{Repo: repo})

@@ -260,6 +260,12 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	if s.lease, err = lease.AcquireAs(ctx, s.repo, opts.LeaseTTL, holderID); err != nil {
+		if errors.Is(err, lease.ErrHeld) {
+			// Read as another's: no lease record names this ID.
+			if rerr := holders.Remove(holderID); rerr != nil {
+				s.log.Warn("could not take back this start's lease holder ID", "error", rerr)
+			}
+		}
 		if errors.Is(err, chunkstore.ErrUnavailable) {
 			return nil, fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then start again", s.repo.Location(), err)
 		}

@@ -226,3 +226,23 @@ func TestForkedLogDamaged(t *testing.T) {
 	assert.Empty(t, leftovers, "nothing left where volume delete would remove it")
 	assert.Equal(t, want, readVolume(t, v))
 }
+
+// Remove takes an ID back for good; the others stay.
+func TestHoldersRemove(t *testing.T) {
+	dir := t.TempDir()
+	h, err := OpenHolders(dir)
+	require.NoError(t, err)
+	require.NoError(t, h.Add("aaaa"))
+	require.NoError(t, h.Add("bbbb"))
+	require.NoError(t, h.Remove("bbbb"))
+	require.NoError(t, h.Remove("never"))
+	h, err = OpenHolders(dir)
+	require.NoError(t, err)
+	assert.True(t, h.Own("aaaa"))
+	assert.False(t, h.Own("bbbb"))
+	require.NoError(t, h.Add("cccc"))
+	h, err = OpenHolders(dir)
+	require.NoError(t, err)
+	assert.True(t, h.Own("aaaa"))
+	assert.True(t, h.Own("cccc"))
+}

@@ -90,6 +90,29 @@ func (h *Holders) Add(id string) error {
 	return nil
 }
 
+// Remove takes id back: a start that never wrote a lease record (another
+// server held it) leaves no ID, so restarts in a loop do not grow the
+// file. The file is replaced whole; if that fails (a full disk), id
+// stays, which costs nothing but its line.
+func (h *Holders) Remove(id string) error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.ids[id] {
+		return nil
+	}
+	var kept bytes.Buffer
+	for other := range h.ids {
+		if other != id {
+			kept.WriteString(other + "\n")
+		}
+	}
+	if err := fsync.WriteFile(h.path, kept.Bytes()); err != nil {
+		return fmt.Errorf("state folder: %w", err)
+	}
+	delete(h.ids, id)
+	return nil
+}
+
 // Used reports whether any server has used this folder.
 func (h *Holders) Used() bool {
 	if h == nil {
