@@ -87,10 +87,9 @@ type Lease struct {
 	mu      sync.Mutex
 	me      Holder
 	version string
-	// previous is the ID of the holder whose record Acquire replaced
-	// ("" if it made the first one).
-	previous       string
-	previousHolder Holder
+	// previous is the holder whose record Acquire replaced (zero if it
+	// made the first one).
+	previous Holder
 
 	// win guards the write window; it is never held across I/O, so a
 	// renewal waiting on the store does not hold writers up.
@@ -153,10 +152,10 @@ func (l *Lease) margin() time.Duration { return l.ttl / 3 }
 // when it was acquired, released or expired ("" when there was none): a
 // server that finds its own ID there from its last clean stop knows no
 // other server held the repository since.
-func (l *Lease) Previous() string { return l.previous }
+func (l *Lease) Previous() string { return l.previous.ID }
 
 // PreviousHolder is the whole record Previous names (zero when none).
-func (l *Lease) PreviousHolder() Holder { return l.previousHolder }
+func (l *Lease) PreviousHolder() Holder { return l.previous }
 
 // Margin is how much later than its cancellation the store may still
 // apply a write (the lease's assumption): a third of the TTL.
@@ -233,7 +232,7 @@ func AcquireAs(ctx context.Context, b chunkstore.Backend, ttl time.Duration, id 
 		l.me.Expires = t0.UTC().Add(ttl)
 		ver, err = store.PutIf(ctx, Key, l.encode(), cur)
 		if err == nil {
-			l.version, l.previous, l.previousHolder = ver, h.ID, h
+			l.version, l.previous = ver, h
 			l.confirm(t0)
 			if live {
 				// The dead holder's last requests may still be applied
