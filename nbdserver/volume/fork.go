@@ -1,15 +1,17 @@
 package volume
 
 import (
+	"cmp"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/nbdvault/nbdvault/internal/fsync"
 	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/nbdvault/nbdvault/internal/fsync"
 )
 
 // ErrForkedLog: the volume's write log holds writes that no manifest of
@@ -35,9 +37,13 @@ var ErrForkedLog = errors.New("its write log holds writes the repository's histo
 type fork struct {
 	bySeq map[uint64]string // every manifest listed, good or damaged: Seq to ID
 
-	foreign  bool    // the history's writer is not this folder's
-	mismatch *uint64 // the lowest Seq whose manifest finds no mark of its ID
-	matched  uint64  // the highest Seq whose manifest finds its mark
+	foreign bool // the history's writer is not this folder's
+	// mismatch is the first Seq whose manifest finds no mark of its ID
+	// (0: none; records are numbered from 1). matched is the newest Seq
+	// whose manifest finds its mark: own, the newest of this folder's
+	// history that the log holds.
+	mismatch uint64
+	matched  uint64
 	records  int
 	first    uint64
 	last     uint64
@@ -79,9 +85,8 @@ func (fk *fork) see(r Record) {
 		fk.matched = max(fk.matched, r.Seq)
 		return
 	}
-	if fk.mismatch == nil || r.Seq < *fk.mismatch {
-		seq := r.Seq
-		fk.mismatch = &seq
+	if fk.mismatch == 0 { // records come in order: the first is the lowest
+		fk.mismatch = r.Seq
 	}
 }
 
@@ -128,12 +133,11 @@ func (v *Volume) adopted() string {
 // nothing. A manifest of this folder's without its mark in the log is
 // older than the log's first record, so it cannot cover any of them.
 func (v *Volume) checkFork(fk *fork, dir string) error {
-	if !fk.foreign && fk.mismatch == nil {
+	if !fk.foreign && fk.mismatch == 0 {
 		return nil
 	}
-	own := fk.matched
-	if fk.records > 0 && (fk.last > own || (fk.foreign && fk.last > v.base.Seq)) {
-		return &forkError{fk: fk, own: own, dir: dir, v: v}
+	if fk.records > 0 && (fk.last > fk.matched || (fk.foreign && fk.last > v.base.Seq)) {
+		return &forkError{fk: fk, dir: dir, v: v}
 	}
 	if !fk.foreign {
 		return nil
@@ -151,7 +155,6 @@ func (v *Volume) checkFork(fk *fork, dir string) error {
 // forkError is ErrForkedLog with what Recover needs to move the log aside.
 type forkError struct {
 	fk  *fork
-	own uint64
 	dir string
 	v   *Volume
 	// damaged: what a recovery cut from the same log at damage, moved
@@ -162,7 +165,7 @@ type forkError struct {
 func (e *forkError) Unwrap() error { return ErrForkedLog }
 
 // from is the first record the repository's history does not have.
-func (e *forkError) from() uint64 { return max(e.own+1, e.fk.first) }
+func (e *forkError) from() uint64 { return max(e.fk.matched+1, e.fk.first) }
 
 func (e *forkError) Error() string {
 	return fmt.Sprintf("volume %q: %v: records %d to %d of its write log were acknowledged by a server on this state folder and never uploaded, "+
@@ -179,14 +182,7 @@ func (e *forkError) reason() string {
 	case fk.foreign:
 		return fmt.Sprintf("its record was written by another server (lease holder %s), which created the volume again", w)
 	}
-	return fmt.Sprintf("the repository holds another history of it from record %d on", *fk.mismatchOr(e.from()))
-}
-
-func (fk *fork) mismatchOr(seq uint64) *uint64 {
-	if fk.mismatch != nil {
-		return fk.mismatch
-	}
-	return &seq
+	return fmt.Sprintf("the repository holds another history of it from record %d on", cmp.Or(fk.mismatch, e.from()))
 }
 
 // moveAside renames the log folder to state/forked/VOL-TIME-… and returns
