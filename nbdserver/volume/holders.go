@@ -1,12 +1,12 @@
 package volume
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 
 	"github.com/nbdvault/nbdvault/internal/fsync"
@@ -37,16 +37,9 @@ func OpenHolders(dir string) (*Holders, error) {
 	if err != nil && !os.IsNotExist(err) {
 		return nil, fmt.Errorf("state folder: %w", err)
 	}
-	if i := bytes.LastIndexByte(data, '\n'); i >= 0 {
-		data = data[:i+1]
-	} else {
-		data = nil
-	}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		if id := string(bytes.TrimSpace(sc.Bytes())); id != "" {
-			h.ids[id] = true
-		}
+	whole := data[:bytes.LastIndexByte(data, '\n')+1] // a torn last line left out
+	for _, id := range strings.Fields(string(whole)) {
+		h.ids[id] = true
 	}
 	return h, nil
 }
