@@ -216,7 +216,8 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	if err := CheckVerifySchedule(opts); err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Join(opts.Data, "state"), 0o700); err != nil {
+	stateDir := filepath.Join(opts.Data, "state")
+	if err := os.MkdirAll(stateDir, 0o700); err != nil {
 		return nil, fmt.Errorf("data folder: %w", err)
 	}
 	if opts.Repo == "" {
@@ -248,7 +249,6 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 	s.health = &repoHealth{log: s.log}
 	s.repo = s.metrics.countRequests(s.repo, s.health)
 	s.log.Info("opening the repository", "repository", s.repo.Location())
-	stateDir := filepath.Join(opts.Data, "state")
 	// The ID is this folder's before any lease record names it, so every
 	// manifest a server on this folder writes names one of its holders.
 	holders, err := volume.OpenHolders(stateDir)
@@ -301,7 +301,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		s.repo = chunkstore.NewSealed(s.repo, keys)
 		s.keys, s.keyID = keys, enc.opened
 	}
-	if err := checkLeaseLost(filepath.Join(opts.Data, "state")); err != nil {
+	if err := checkLeaseLost(stateDir); err != nil {
 		return nil, err
 	}
 	if s.token, err = loadToken(filepath.Join(opts.Data, TokenFile)); err != nil {
@@ -315,7 +315,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		cacheBytes = opts.MaxMemory / 4
 	}
 	// Before the first chunk is put; closed after the last (closeAll).
-	inv, err := volume.OpenInventory(filepath.Join(opts.Data, "state"), volume.InventoryOptions{
+	inv, err := volume.OpenInventory(stateDir, volume.InventoryOptions{
 		Holder: s.lease.Holder().ID, Previous: s.lease.Previous(), Margin: s.lease.Margin(), ListAfter: s.lease.OpensAt(),
 		Logger: s.log.With("part", "gc")})
 	if err != nil {
@@ -334,7 +334,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 		return nil, err
 	}
 	s.env = &volume.Env{
-		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: filepath.Join(opts.Data, "state"), Inventory: inv, Keys: keys,
+		Repo: s.repo, RepoID: rc.ID, Store: s.store, StateDir: stateDir, Inventory: inv, Keys: keys,
 		Writer: holderID, Holders: holders,
 		CheckpointInterval: opts.CheckpointInterval, LogLimit: opts.LogLimit, JournalRetention: opts.JournalRetention,
 		UploadMemory: opts.MaxMemory / 4,
