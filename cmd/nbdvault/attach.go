@@ -76,7 +76,7 @@ func attach(c *cli.Context) error {
 			fmt.Println("ready", dev)
 			os.Stdout.Close() // the parent stops waiting
 		})
-		if refused, ok := nbdOpenError(c, export, server, err); err != nil && ok {
+		if refused, ok := nbdOpenError(c, export, server, err); ok {
 			return refused
 		}
 		return err
