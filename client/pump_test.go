@@ -48,24 +48,12 @@ func startTLSNbdvault(t *testing.T, b nbd.Backend) (string, *tls.Config) {
 	cfg := testCA(t, dir)
 	pair, err := tls.LoadX509KeyPair(filepath.Join(dir, "server-cert.pem"), filepath.Join(dir, "server-key.pem"))
 	require.NoError(t, err)
-	sock := filepath.Join(dir, "nbd.sock")
-	l, err := nbd.Listen("unix:" + sock)
-	require.NoError(t, err)
-	srv := &nbd.Server{
+	return serveNbdvault(t, &nbd.Server{
 		Exports:    nbd.NewExportMap(&nbd.Export{Name: "vol", Backend: b}),
 		TLSConfig:  &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12},
 		RequireTLS: true,
 		Logger:     slog.New(slog.DiscardHandler),
-	}
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(l) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		_ = srv.Shutdown(ctx)
-		<-done
-	})
-	return "unix:" + sock, cfg
+	}), cfg
 }
 
 // pumpedConn does what AttachKernel does before NBD_SET_SOCK: the

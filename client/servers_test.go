@@ -65,14 +65,20 @@ func startNbdkit(t *testing.T, args ...string) string {
 // the default export "" and returns its address for Dial.
 func startNbdvault(t *testing.T, b nbd.Backend) string {
 	t.Helper()
+	return serveNbdvault(t, &nbd.Server{
+		Exports: nbd.NewExportMap(&nbd.Export{Name: "", Description: "nbdvault test export", Backend: b}),
+		Logger:  slog.New(slog.DiscardHandler),
+	})
+}
+
+// serveNbdvault runs srv on a Unix socket of its own until the test
+// ends, and returns its address for Dial.
+func serveNbdvault(t *testing.T, srv *nbd.Server) string {
+	t.Helper()
 	sock := filepath.Join(t.TempDir(), "nbd.sock")
 	l, err := nbd.Listen("unix:" + sock)
 	if err != nil {
 		t.Fatal(err)
-	}
-	srv := &nbd.Server{
-		Exports: nbd.NewExportMap(&nbd.Export{Name: "", Description: "nbdvault test export", Backend: b}),
-		Logger:  slog.New(slog.DiscardHandler),
 	}
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(l) }()
