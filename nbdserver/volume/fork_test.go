@@ -45,6 +45,46 @@ func readVolume(t *testing.T, v *Volume) []byte {
 	return got
 }
 
+// aDiesUnsealed is server A on state folder dirA: it makes volume v with
+// a sealed snapshot (record 1), writes records 2 to 41 (and, with
+// mark, an unsealed snapshot as 42), and dies without uploading them.
+func aDiesUnsealed(t *testing.T, repo chunkstore.Backend, dirA string, mark bool) {
+	t.Helper()
+	ctx := context.Background()
+	v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+	require.NoError(t, err)
+	_, err = v.Snapshot(ctx, "base")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	for i := range 40 {
+		require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
+	}
+	if mark {
+		_, err = v.Snapshot(ctx, "a-unsealed")
+		require.NoError(t, err)
+	}
+	crash(t, v)
+}
+
+// bTakesOver is server B (lease holder writer) on state folder dirB: it
+// opens v, writes n records, snapshots and seals them, stops, and
+// returns what v reads.
+func bTakesOver(t *testing.T, repo chunkstore.Backend, dirB, writer string, n int) []byte {
+	t.Helper()
+	ctx := context.Background()
+	v, err := Open(ctx, forkEnv(t, repo, dirB, writer), "v")
+	require.NoError(t, err)
+	for i := range n {
+		require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), int64(i)*4096, false))
+	}
+	_, err = v.Snapshot(ctx, "b")
+	require.NoError(t, err)
+	require.NoError(t, v.SealAll(ctx))
+	want := readVolume(t, v)
+	require.NoError(t, v.Close())
+	return want
+}
+
 // Server A dies with 40 records unsealed; server B, on another state
 // folder, takes over, writes and seals. A, back, must not replay its log
 // over B's history: told by B's writer, or (B of an older version, no
@@ -67,35 +107,15 @@ func TestForkedLog(t *testing.T) {
 			ctx := context.Background()
 			repo := chunkstore.NewMem()
 			dirA, dirB := t.TempDir(), t.TempDir()
-			v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
-			require.NoError(t, err)
-			_, err = v.Snapshot(ctx, "base")
-			require.NoError(t, err)
-			require.NoError(t, v.SealAll(ctx))
-			for i := range 40 {
-				require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
-			}
+			aDiesUnsealed(t, repo, dirA, tc.aMark)
 			aRecords := 40
 			if tc.aMark {
-				_, err = v.Snapshot(ctx, "a-unsealed")
-				require.NoError(t, err)
 				aRecords++
 			}
-			crash(t, v)
-
-			v, err = Open(ctx, forkEnv(t, repo, dirB, tc.bWriter), "v")
-			require.NoError(t, err)
-			for i := range tc.bWrites {
-				require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), int64(i)*4096, false))
-			}
-			_, err = v.Snapshot(ctx, "b")
-			require.NoError(t, err)
-			require.NoError(t, v.SealAll(ctx))
-			want := readVolume(t, v)
-			require.NoError(t, v.Close())
+			want := bTakesOver(t, repo, dirB, tc.bWriter, tc.bWrites)
 
 			envA := forkEnv(t, repo, dirA, "holderA2")
-			_, err = Open(ctx, envA, "v")
+			_, err := Open(ctx, envA, "v")
 			require.ErrorIs(t, err, ErrForkedLog)
 			assert.Contains(t, err.Error(), fmt.Sprintf("records 2 to %d of its write log", aRecords+1))
 
@@ -190,25 +210,9 @@ func TestForkedLogDamaged(t *testing.T) {
 	ctx := context.Background()
 	repo := chunkstore.NewMem()
 	dirA, dirB := t.TempDir(), t.TempDir()
-	v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
-	require.NoError(t, err)
-	_, err = v.Snapshot(ctx, "base")
-	require.NoError(t, err)
-	require.NoError(t, v.SealAll(ctx))
-	for i := range 40 { // records 2 to 41, one segment
-		require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*64<<10, false))
-	}
-	crash(t, v)
+	aDiesUnsealed(t, repo, dirA, false)                                                                    // records 2 to 41, one segment
 	flipByte(t, segmentPath(filepath.Join(dirA, "volumes", "v", "log"), 2), 18*(recordHeaderLen+4096)+100) // record 20
-
-	v, err = Open(ctx, forkEnv(t, repo, dirB, "holderB"), "v")
-	require.NoError(t, err)
-	require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x22}, 4096), 0, false))
-	_, err = v.Snapshot(ctx, "b")
-	require.NoError(t, err)
-	require.NoError(t, v.SealAll(ctx))
-	want := readVolume(t, v)
-	require.NoError(t, v.Close())
+	want := bTakesOver(t, repo, dirB, "holderB", 1)
 
 	v, cut, err := Recover(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
 	require.NoError(t, err)
