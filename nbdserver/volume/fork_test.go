@@ -210,8 +210,8 @@ func TestForkedLogDamaged(t *testing.T) {
 	ctx := context.Background()
 	repo := chunkstore.NewMem()
 	dirA, dirB := t.TempDir(), t.TempDir()
-	aDiesUnsealed(t, repo, dirA, false)                                                                    // records 2 to 41, one segment
-	flipByte(t, segmentPath(filepath.Join(dirA, "volumes", "v", "log"), 2), 18*(recordHeaderLen+4096)+100) // record 20
+	aDiesUnsealed(t, repo, dirA, false) // records 2 to 41, one segment; 20 damaged:
+	flipByte(t, segmentPath(filepath.Join(dirA, "volumes", "v", "log"), 2), 18*(recordHeaderLen+4096)+100)
 	want := bTakesOver(t, repo, dirB, "holderB", 1)
 
 	v, cut, err := Recover(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
@@ -249,4 +249,57 @@ func TestHoldersRemove(t *testing.T) {
 	require.NoError(t, err)
 	assert.True(t, h.Own("aaaa"))
 	assert.True(t, h.Own("cccc"))
+}
+
+// Another server deleted the volume and created it again, with lower
+// sequence numbers than this folder's log: a log with nothing unsealed
+// opens at the new volume (not "a manifest is missing"); one with
+// unsealed writes is a fork, told by the new record's writer when the
+// new volume has no manifest yet.
+func TestForkVolumeCreatedAgain(t *testing.T) {
+	ctx := context.Background()
+	createAgain := func(t *testing.T, repo chunkstore.Backend, dirB string) *Env {
+		envB := forkEnv(t, repo, dirB, "holderB")
+		require.NoError(t, Delete(ctx, envB, "v"))
+		v, err := Create(ctx, envB, Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+		require.NoError(t, err)
+		require.NoError(t, v.Close())
+		return envB
+	}
+
+	t.Run("sealed", func(t *testing.T) {
+		repo := chunkstore.NewMem()
+		dirA := t.TempDir()
+		v, err := Create(ctx, forkEnv(t, repo, dirA, "holderA1"), Config{Name: "v", Size: 4 << 20, ChunkSize: 64 << 10})
+		require.NoError(t, err)
+		for i := range 5 {
+			require.NoError(t, v.WriteAt(ctx, bytes.Repeat([]byte{0x11}, 4096), int64(i)*4096, false))
+		}
+		_, err = v.Snapshot(ctx, "a") // record 6; the log goes on at 7
+		require.NoError(t, err)
+		require.NoError(t, v.SealAll(ctx))
+		require.NoError(t, v.Close())
+
+		createAgain(t, repo, t.TempDir())
+		want := bTakesOver(t, repo, t.TempDir(), "holderB", 1) // sealed at 2
+		v, err = Open(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
+		require.NoError(t, err, "the new volume's history is another's: its lower numbers are no missing manifest")
+		assert.Equal(t, want, readVolume(t, v))
+		require.NoError(t, v.Close())
+	})
+
+	t.Run("unsealed", func(t *testing.T) {
+		repo := chunkstore.NewMem()
+		dirA := t.TempDir()
+		aDiesUnsealed(t, repo, dirA, false)
+		createAgain(t, repo, t.TempDir())
+		_, err := Open(ctx, forkEnv(t, repo, dirA, "holderA2"), "v")
+		require.ErrorIs(t, err, ErrForkedLog)
+		assert.Contains(t, err.Error(), "its record was written by another server (lease holder holderB)")
+		v, cut, err := Recover(ctx, forkEnv(t, repo, dirA, "holderA3"), "v")
+		require.NoError(t, err)
+		assert.Equal(t, 40, cut.Records)
+		assert.Equal(t, make([]byte, 4<<20), readVolume(t, v), "the new, empty volume")
+		require.NoError(t, v.Close())
+	})
 }
