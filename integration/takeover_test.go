@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/nbdvault/nbdvault/integration/servertest"
@@ -40,6 +41,7 @@ func TestTakeoverWhileDown(t *testing.T) {
 	require.Equal(t, 0, b.Stop(), b.Log())
 
 	a.Restart()
+	assert.Contains(t, a.Log(), "another server held the repository since this state folder was last used", "the start says why volumes may be refused")
 	r := a.MustCLI("volume", "list")
 	require.Contains(t, r.Stdout, "DAMAGED", "A refuses v rather than serve a mix of its log and B's history")
 	require.Contains(t, r.Stdout, "records 1 to 40 of its write log")
