@@ -54,22 +54,15 @@ func InitRepository(ctx context.Context, opts InitOptions) (Initialized, error) 
 	}
 	l, err := lease.Acquire(ctx, repo, opts.LeaseTTL)
 	if err != nil {
-		if errors.Is(err, chunkstore.ErrUnavailable) {
-			return Initialized{}, fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then try again", repo.Location(), err)
-		}
-		return Initialized{}, fmt.Errorf("repository %s: %w", repo.Location(), err)
+		return Initialized{}, leaseRefused(repo, err)
 	}
 	defer func() {
 		if err := l.Release(context.WithoutCancel(ctx)); err != nil {
 			log.Warn("could not release the repository lease; a server started on it waits until it expires", "error", err)
 		}
 	}()
-	if wait := time.Until(l.OpensAt()); wait > 0 {
-		select { // a lease taken from a holder that may still write
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return Initialized{}, ctx.Err()
-		}
+	if err := l.WaitOpen(ctx); err != nil { // a lease taken from a holder that may still write
+		return Initialized{}, err
 	}
 	fenced := l.Fence(repo)
 	if has, err := repo.Has(ctx, lease.ConfigKey); err != nil {

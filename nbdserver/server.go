@@ -266,10 +266,7 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 				s.log.Warn("could not take back this start's lease holder ID", "error", rerr)
 			}
 		}
-		if errors.Is(err, chunkstore.ErrUnavailable) {
-			return nil, fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then start again", s.repo.Location(), err)
-		}
-		return nil, fmt.Errorf("repository %s: %w", s.repo.Location(), err)
+		return nil, leaseRefused(s.repo, err)
 	}
 	// From here on the repository is written only while the lease is
 	// confirmed (docs/architecture.md, "Fencing through outages").
@@ -409,14 +406,10 @@ func Open(ctx context.Context, opts Options) (_ *Server, err error) {
 // and saying why, rather than half-doing it or hanging. Snapshots need
 // only the write log and are always taken.
 func (s *Server) writable(ctx context.Context) error {
-	if wait := time.Until(s.lease.OpensAt()); wait > 0 {
-		// Just started, after a holder that may still have writes on the
-		// way: a change waits for them (at most a lease's TTL).
-		select {
-		case <-time.After(wait):
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	// Just started, after a holder that may still have writes on the
+	// way: a change waits for them (at most a lease's TTL).
+	if err := s.lease.WaitOpen(ctx); err != nil {
+		return err
 	}
 	leeway := cmp.Or(s.opts.LeaseTTL, DefaultLeaseTTL) / 6 // a change needs some of the window left
 	until, ok := s.lease.Confirmed()
@@ -429,6 +422,15 @@ func (s *Server) writable(ctx context.Context) error {
 	}
 	return fmt.Errorf("the repository cannot be written now: the lease was last confirmed until %s, and renewals get no answer (uploads are paused): %w; try again once `nbdvault status` shows it reachable",
 		until.UTC().Format(time.RFC3339), chunkstore.ErrUnavailable)
+}
+
+// leaseRefused says why the lease of repo could not be taken, and what to
+// do when the store did not answer.
+func leaseRefused(repo chunkstore.Backend, err error) error {
+	if errors.Is(err, chunkstore.ErrUnavailable) {
+		return fmt.Errorf("repository %s: %w; check that the object store is up and reachable from here, then try again", repo.Location(), err)
+	}
+	return fmt.Errorf("repository %s: %w", repo.Location(), err)
 }
 
 // LeaseLostFile, in the state folder, says that this server lost the

@@ -304,6 +304,21 @@ func (l *Lease) OpensAt() time.Time {
 	return l.openAt
 }
 
+// WaitOpen waits until OpensAt, when the window may open: a holder taken
+// over may have writes on the way until then.
+func (l *Lease) WaitOpen(ctx context.Context) error {
+	wait := time.Until(l.OpensAt())
+	if wait <= 0 {
+		return nil
+	}
+	select {
+	case <-time.After(wait):
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
 // openLocked reports whether the window is open now. Both clocks must
 // agree: Go's monotonic clock stops while the machine is suspended, the
 // wall clock (what other servers judge expiry by) does not.
