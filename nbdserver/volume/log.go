@@ -153,10 +153,10 @@ type logOpen struct {
 	// read to be sealed.
 	seal *logSeal
 	// inspect, if set, is shown the good records of the segments whose
-	// records all come before first, which are then kept (Log.DropStale
-	// removes them) instead of removed unread: until the caller has
-	// checked them against the repository (fork.go) they may be writes
-	// the repository does not have.
+	// records all come before first. Those are kept until Log.DropStale,
+	// not removed unread: until the caller has checked them against the
+	// repository (fork.go) they may be writes the repository does not
+	// have.
 	inspect func(Record)
 }
 
@@ -199,10 +199,8 @@ func openLog(dir string, o logOpen, fn func(Record, Pos) error) (*Log, error) {
 					l.Close()
 					return nil, err
 				}
-				l.stale = append(l.stale, path)
-			} else if err := os.Remove(path); err != nil {
-				return nil, err
 			}
+			l.stale = append(l.stale, path)
 			continue
 		}
 		seg, cut, err := l.replaySegment(first, names[i+1:], o.recover, fn)
