@@ -85,7 +85,6 @@ func newServer(t testing.TB) *Server {
 		t.Fatal(err)
 	}
 	s := &Server{
-		Endpoint:  testenv.FreeAddr(t),
 		AccessKey: "nbdvault-" + testenv.RandomHex(4),
 		SecretKey: testenv.RandomHex(16),
 		Bucket:    "nbdvault-test",
@@ -94,11 +93,11 @@ func newServer(t testing.TB) *Server {
 		dir:       dir,
 		ports:     map[string]int{},
 	}
-	for _, name := range []string{"master", "volume", "filer"} {
-		s.ports[name] = freePort(t)
-		s.ports[name+".grpc"] = freePort(t)
+	names := []string{"master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3.grpc", "s3"}
+	for i, port := range freePorts(t, len(names)) {
+		s.ports[names[i]] = port
 	}
-	s.ports["s3.grpc"] = freePort(t)
+	s.Endpoint = net.JoinHostPort("127.0.0.1", strconv.Itoa(s.ports["s3"]))
 	if err := s.writeIdentities(); err != nil {
 		t.Fatal(err)
 	}
@@ -108,10 +107,22 @@ func newServer(t testing.TB) *Server {
 	return s
 }
 
-func freePort(t testing.TB) int {
-	_, port, _ := net.SplitHostPort(testenv.FreeAddr(t))
-	n, _ := strconv.Atoi(port)
-	return n
+// freePorts returns n distinct free ports of 127.0.0.1: all are held
+// open until each is picked, since a port picked and closed one at a time
+// may be handed out again (CI once gave the master's and the filer's gRPC
+// the same port).
+func freePorts(t testing.TB, n int) []int {
+	t.Helper()
+	ports := make([]int, n)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer l.Close()
+		ports[i] = l.Addr().(*net.TCPAddr).Port
+	}
+	return ports
 }
 
 // writeIdentities gives the S3 gateway one admin identity with the random
