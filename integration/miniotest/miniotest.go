@@ -114,9 +114,14 @@ func Launch(dir string) (*Server, error) {
 
 func (s *Server) start() error {
 	_, port, _ := net.SplitHostPort(s.Endpoint)
-	console, err := testenv.PickAddr()
-	if err != nil {
-		return err
+	// Picked and closed, a port may be handed out again: never the S3
+	// port, or MinIO fails to start (as SeaweedFS's gRPC ports once did).
+	var console string
+	for console == "" || console == s.Endpoint {
+		var err error
+		if console, err = testenv.PickAddr(); err != nil {
+			return err
+		}
 	}
 	logf, err := os.OpenFile(s.logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
